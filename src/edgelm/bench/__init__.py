@@ -1,0 +1,1 @@
+"""Measurement: benchmark runs, statistics, stored history and reports."""

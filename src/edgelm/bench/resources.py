@@ -1,0 +1,135 @@
+"""Sampling what the serving process uses while a scenario runs: RSS, CPU, GPU, energy.
+
+A background thread samples every ``interval_s``; peaks and means go into the scenario. GPU
+figures come from NVML and energy from RAPL only where the machine exposes them, and are left
+empty (not zero) elsewhere, so a report never shows a made-up figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+from types import TracebackType
+
+import psutil
+
+from edgelm.bench.results import ResourceSample
+
+RAPL_FILE = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
+RAPL_RANGE = Path("/sys/class/powercap/intel-rapl:0/max_energy_range_uj")
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+class ResourceSampler:
+    """Context manager: ``with ResourceSampler(pid) as sampler: ...; sampler.result``."""
+
+    def __init__(self, pid: int | None, interval_s: float = 0.1):
+        self.pid = pid
+        self.interval_s = interval_s
+        self.result = ResourceSample()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rss: list[int] = []
+        self._cpu: list[float] = []
+        self._gpu_mem: list[int] = []
+        self._gpu_util: list[float] = []
+        self._energy_start: int | None = None
+
+    def __enter__(self) -> ResourceSampler:
+        self._energy_start = _read_int(RAPL_FILE)
+        if self.pid is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="edgelm-sampler")
+            self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.result = self._summary()
+
+    def _run(self) -> None:
+        try:
+            proc = psutil.Process(self.pid)
+            proc.cpu_percent(None)  # the first call only primes the counter
+        except psutil.Error:
+            return
+        nvml = _Nvml.open()
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    self._rss.append(proc.memory_info().rss)
+                    self._cpu.append(proc.cpu_percent(None))
+                except psutil.Error:
+                    return
+                if nvml is not None:
+                    mem, util = nvml.sample()
+                    self._gpu_mem.append(mem)
+                    self._gpu_util.append(util)
+            with contextlib.suppress(psutil.Error):  # one last sample at the end
+                self._rss.append(proc.memory_info().rss)
+        finally:
+            if nvml is not None:
+                nvml.close()
+
+    def _summary(self) -> ResourceSample:
+        sample = ResourceSample()
+        if self._rss:
+            sample.peak_rss_bytes = max(self._rss)
+        if self._cpu:
+            sample.mean_cpu_percent = round(sum(self._cpu) / len(self._cpu), 1)
+            sample.peak_cpu_percent = round(max(self._cpu), 1)
+        if self._gpu_mem:
+            sample.gpu_peak_memory_bytes = max(self._gpu_mem)
+            sample.gpu_mean_util_percent = round(sum(self._gpu_util) / len(self._gpu_util), 1)
+        end = _read_int(RAPL_FILE)
+        if self._energy_start is not None and end is not None:
+            delta = end - self._energy_start
+            if delta < 0:  # the counter wrapped around
+                delta += _read_int(RAPL_RANGE) or 0
+            sample.energy_joules = round(delta / 1e6, 3)
+            sample.energy_source = "rapl"
+        return sample
+
+
+class _Nvml:
+    """GPU 0 memory and utilisation through NVML, when a driver and pynvml are present."""
+
+    def __init__(self, lib: object, handle: object):
+        self.lib = lib
+        self.handle = handle
+
+    @classmethod
+    def open(cls) -> _Nvml | None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            if pynvml.nvmlDeviceGetCount() == 0:
+                pynvml.nvmlShutdown()
+                return None
+            return cls(pynvml, pynvml.nvmlDeviceGetHandleByIndex(0))
+        except Exception:  # no library, no driver or no device: no GPU figures
+            return None
+
+    def sample(self) -> tuple[int, float]:
+        lib = self.lib
+        mem = lib.nvmlDeviceGetMemoryInfo(self.handle).used  # type: ignore[attr-defined]
+        util = lib.nvmlDeviceGetUtilizationRates(self.handle).gpu  # type: ignore[attr-defined]
+        return int(mem), float(util)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.lib.nvmlShutdown()  # type: ignore[attr-defined]

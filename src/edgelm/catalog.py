@@ -1,0 +1,180 @@
+"""The model catalog: aliases, tiers and sources, read from data files.
+
+The shipped catalog (``edgelm/data/catalog.toml``) lists the models edgelm knows how to fetch.
+Models a user registers (``edgelm model add``) live in ``$EDGELM_HOME/models.toml`` and are
+merged on top, so a user entry can shadow a shipped one without editing the package.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgelm.errors import ConfigError, InvalidRequest, ModelNotFound
+
+Tier = Literal["tiny", "slm", "llm", "custom"]
+ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class PackagedPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    package: str
+    version: str
+    member: str = Field(description="Path of the part's data inside the wheel.")
+
+
+class Source(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["hub", "pypi"]
+    repo: str | None = None
+    file: str | None = None
+    revision: str = "main"
+    parts: list[PackagedPart] = Field(default_factory=list)
+
+
+class CatalogEntry(BaseModel):
+    """One model. ``path`` is set for local files; ``engine`` overrides the default engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alias: str
+    aliases: list[str] = Field(default_factory=list)
+    name: str = ""
+    tier: Tier = "custom"
+    description: str = ""
+    parameters: str = ""
+    quantization: str = ""
+    context_length: int = 4096
+    size_bytes: int = 0
+    license: str = ""
+    chat_template: str = "gguf"
+    filename: str = ""
+    sha256: str | None = None
+    source: list[Source] = Field(default_factory=list)
+    engine: Literal["llamacpp", "onnx", "remote", "fake"] | None = None
+    path: Path | None = None
+    upstream_model: str | None = Field(
+        None, description="For remote models: the model name to ask the upstream for."
+    )
+    options: dict[str, Any] = Field(default_factory=dict)
+    user: bool = Field(False, description="Registered by the user rather than shipped.")
+
+    @field_validator("alias")
+    @classmethod
+    def _alias_ok(cls, value: str) -> str:
+        if not ALIAS_RE.match(value):
+            raise ValueError(
+                "an alias is 1-64 characters of a-z, 0-9, '.', '_' or '-', starting with a "
+                "letter or digit"
+            )
+        return value
+
+    @property
+    def needs_file(self) -> bool:
+        return self.engine not in ("remote", "fake")
+
+    def engine_name(self, default: str) -> str:
+        return self.engine or default
+
+
+class Catalog:
+    """Shipped plus user entries, looked up by alias, extra alias or tier."""
+
+    def __init__(self, entries: list[CatalogEntry], user_file: Path | None = None):
+        self.entries: dict[str, CatalogEntry] = {}
+        for entry in entries:
+            self.entries[entry.alias] = entry
+        self.user_file = user_file
+
+    @classmethod
+    def load(cls, home: Path) -> Catalog:
+        shipped = _parse(
+            resources.files("edgelm").joinpath("data/catalog.toml").read_text("utf-8"),
+            "the shipped catalog",
+        )
+        user_file = home / "models.toml"
+        user: list[CatalogEntry] = []
+        if user_file.exists():
+            user = _parse(user_file.read_text("utf-8"), str(user_file), user=True)
+        return cls(shipped + user, user_file)
+
+    def __iter__(self):
+        return iter(self.entries.values())
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def resolve(self, name: str) -> CatalogEntry:
+        """Find a model by alias, extra alias or case-insensitive full name."""
+        if name in self.entries:
+            return self.entries[name]
+        lowered = name.lower()
+        for entry in self.entries.values():
+            if lowered in entry.aliases or lowered == entry.name.lower():
+                return entry
+        raise ModelNotFound(
+            f"model '{name}' is not in the catalog; available: {', '.join(self.names())}",
+            param="model",
+        )
+
+    def for_tier(self, tier: str) -> CatalogEntry:
+        for entry in self.entries.values():
+            if entry.tier == tier:
+                return entry
+        raise ModelNotFound(f"no model of tier '{tier}' in the catalog", param="model")
+
+    def add_user_entry(self, entry: CatalogEntry) -> None:
+        """Register (or replace) a user model in ``models.toml``, written atomically."""
+        if self.user_file is None:
+            raise ConfigError("this catalog has no user file")
+        shipped = self.entries.get(entry.alias)
+        if shipped is not None and not shipped.user:
+            raise InvalidRequest(
+                f"'{entry.alias}' is a shipped catalog model; choose another name", param="name"
+            )
+        entry = entry.model_copy(update={"user": True})
+        self.entries[entry.alias] = entry
+        self._save_user()
+
+    def remove_user_entry(self, alias: str) -> bool:
+        entry = self.entries.get(alias)
+        if entry is None or not entry.user:
+            return False
+        del self.entries[alias]
+        self._save_user()
+        return True
+
+    def _save_user(self) -> None:
+        assert self.user_file is not None
+        rows = [
+            e.model_dump(mode="json", exclude_none=True, exclude={"user"})
+            for e in self.entries.values()
+            if e.user
+        ]
+        self.user_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.user_file.with_suffix(".toml.tmp")
+        tmp.write_text(tomli_w.dumps({"model": rows}), encoding="utf-8")
+        tmp.replace(self.user_file)
+
+
+def _parse(text: str, origin: str, user: bool = False) -> list[CatalogEntry]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{origin} is not valid TOML: {exc}") from None
+    entries = []
+    for i, row in enumerate(data.get("model", [])):
+        try:
+            entries.append(CatalogEntry.model_validate({**row, "user": user}))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(f"{origin}, model #{i + 1}: {problems}") from None
+    return entries

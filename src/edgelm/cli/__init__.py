@@ -1,0 +1,1 @@
+"""The ``edgelm`` command: thin modules that parse flags, call a function, print."""

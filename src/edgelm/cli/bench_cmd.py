@@ -1,0 +1,347 @@
+"""``edgelm bench run | micro | history | diff | report`` and ``edgelm compare``.
+
+Options can also come from the environment variables the Foundry Local workshop scripts use
+(``BENCH_MODELS``, ``BENCH_ROUNDS``, ``BENCH_PROMPT``, ``BENCH_MAX_TOKENS``, ``BENCH_STREAM``,
+``SLM_ALIAS``, ``LLM_ALIAS``, ``COMPARE_PROMPT``), so those scripts' habits carry over.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgelm.bench import history, report
+from edgelm.bench.micro import micro_bench
+from edgelm.bench.runner import BenchConfig, ProgressFn, run_bench
+from edgelm.bench.stats import SLO
+from edgelm.bench.targets import make_target
+from edgelm.bench.workloads import load_prompts
+from edgelm.catalog import Catalog
+from edgelm.cli.common import console, fail, human_bytes, settings_of
+from edgelm.cost import Prices, monthly_tco
+from edgelm.settings import Settings
+from edgelm.sysinfo import system_info
+
+app = typer.Typer(help="Measure models: latency, throughput, memory, cost.")
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _progress() -> tuple[Progress, ProgressFn]:
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console(),
+        transient=False,
+    )
+    tasks: dict[str, int] = {}
+
+    def update(done: int, total: int, description: str) -> None:
+        if description not in tasks:
+            tasks[description] = progress.add_task(description, total=total)
+        progress.update(tasks[description], completed=done, total=total)
+
+    return progress, update
+
+
+def _db(settings: Settings) -> Path:
+    return settings.home / "results.db"
+
+
+def _write_outputs(run, out: Path | None, settings: Settings, html: bool) -> Path:  # type: ignore[no-untyped-def]
+    directory = out or settings.home / "bench" / run.id
+    directory.mkdir(parents=True, exist_ok=True)
+    report.write_json(run, directory / "results.json")
+    report.write_csv(run, directory / "results.csv")
+    if html:
+        report.write_html(run, directory / "report.html")
+    return directory
+
+
+@app.command("run")
+def run(
+    ctx: typer.Context,
+    models: str | None = typer.Option(
+        None,
+        "--models",
+        "-m",
+        envvar="BENCH_MODELS",
+        help="Comma-separated targets: alias, local:alias, service:alias or URL#model.",
+    ),
+    rounds: int = typer.Option(
+        8, "--rounds", "-n", envvar="BENCH_ROUNDS", help="Measured requests per scenario.", min=1
+    ),
+    warmup: int = typer.Option(1, help="Warm-up requests, excluded from the stats.", min=0),
+    concurrency: str = typer.Option(
+        "1", "--concurrency", "-c", help="Levels to sweep, e.g. 1,2,4,8."
+    ),
+    rate: float | None = typer.Option(None, help="Poisson arrival rate (requests/s) instead."),
+    prompt: str | None = typer.Option(
+        None, "--prompt", envvar="BENCH_PROMPT", help="One prompt for every request."
+    ),
+    prompts: str = typer.Option(
+        "short", help="Prompt set: short, medium, long, mixed or a .jsonl file."
+    ),
+    max_tokens: int = typer.Option(128, envvar="BENCH_MAX_TOKENS", min=1),
+    stream: bool = typer.Option(
+        True, "--stream/--no-stream", envvar="BENCH_STREAM", help="Stream (measures TTFT) or not."
+    ),
+    seed: int = typer.Option(0, help="Seed for prompt order and sampling."),
+    max_seconds: float = typer.Option(600.0, help="Time bound per scenario."),
+    slo_ttft: float | None = typer.Option(None, help="Goodput SLO: TTFT at most this (s)."),
+    slo_itl: float | None = typer.Option(None, help="Goodput SLO: time per token at most (s)."),
+    micro: bool = typer.Option(False, help="Also measure the raw engine (pp/tg) as a reference."),
+    out: Path | None = typer.Option(None, help="Directory for results.json/.csv/report.html."),
+    html: bool = typer.Option(True, "--html/--no-html"),
+    name: str = typer.Option("", help="A label for this run in the history."),
+    api_key: str | None = typer.Option(None, help="Key for an external endpoint."),
+) -> None:
+    """Benchmark one or more targets; store the run and write JSON, CSV and an HTML report."""
+    settings = settings_of(ctx)
+    specs = _split(models) if models else [settings.service.default_model]
+    levels = [int(c) for c in _split(concurrency)]
+    if any(level < 1 or level > 64 for level in levels):
+        fail("concurrency levels must be between 1 and 64")
+    config = BenchConfig(
+        requests=rounds,
+        warmup=warmup,
+        concurrency=levels,
+        rate=rate,
+        max_tokens=max_tokens,
+        seed=seed,
+        max_seconds=max_seconds,
+        slo=SLO(ttft_s=slo_ttft, itl_s=slo_itl) if (slo_ttft or slo_itl) else None,
+    )
+    workload = load_prompts(prompts, prompt, seed)
+    targets = [make_target(spec, settings, stream=stream, api_key=api_key) for spec in specs]
+    progress, update = _progress()
+    with progress:
+        result = run_bench(targets, workload, config, update, system_info(), name)
+        if micro:
+            for target in targets:
+                result.micro.extend(micro_bench(target.model, settings, reps=3))
+    run_id = history.save_run(_db(settings), result)
+    directory = _write_outputs(result, out, settings, html)
+    console().print(report.results_table(result))
+    if result.micro:
+        _print_engine_ratio(result)
+    console().print(report.print_json_block(result), markup=False, highlight=False)
+    console().print(f"run [bold]{run_id}[/] saved; files in {directory}")
+
+
+def _print_engine_ratio(result) -> None:  # type: ignore[no-untyped-def]
+    """Service decode speed as a share of the raw engine's, both measured in this run."""
+    table = Table(title="service vs raw engine (same run)")
+    for column in ("target", "concurrency", "decode tok/s p50", "engine tg tok/s", "ratio"):
+        table.add_column(column)
+    tg = {row["model"]: row["tokens_per_s"] for row in result.micro if row["test"].startswith("tg")}
+    for scenario in result.scenarios:
+        decode = (scenario.stats.get("decode_tps") or {}).get("p50")
+        raw = tg.get(scenario.model)
+        ratio = f"{decode / raw:.1%}" if decode and raw else "-"
+        table.add_row(
+            scenario.target,
+            str(scenario.concurrency),
+            f"{decode or 0:.1f}",
+            f"{raw or 0:.1f}",
+            ratio,
+        )
+    console().print(table)
+
+
+@app.command("micro")
+def micro(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="Catalog alias."),
+    pp: int = typer.Option(512, help="Prompt tokens to process."),
+    tg: int = typer.Option(128, help="Tokens to generate."),
+    reps: int = typer.Option(3, min=1),
+) -> None:
+    """llama-bench style raw engine speed: pp and tg tokens/s."""
+    settings = settings_of(ctx)
+    with console().status(f"measuring {model} (pp{pp}, tg{tg}, {reps} reps)…"):
+        rows = micro_bench(model, settings, pp, tg, reps)
+    table = Table(title="raw engine speed")
+    for column in ("model", "engine", "threads", "test", "t/s"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["model"],
+            row["engine"],
+            str(row["threads"]),
+            row["test"],
+            f"{row['tokens_per_s']:.2f} ± {row['std']:.2f}",
+        )
+    console().print(table)
+
+
+@app.command("history")
+def history_(ctx: typer.Context, limit: int = typer.Option(20, min=1)) -> None:
+    """Stored runs, newest first."""
+    rows = history.list_runs(_db(settings_of(ctx)), limit)
+    if not rows:
+        console().print("no benchmark runs stored yet")
+        return
+    table = Table(title="benchmark runs")
+    keys = list(rows[0])
+    for key in keys:
+        table.add_column(key)
+    for row in rows:
+        table.add_row(*(_cell(row[k], k) for k in keys))
+    console().print(table)
+
+
+def _cell(value: object, key: str = "") -> str:
+    if key == "created_at" and isinstance(value, int | float):
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(value))
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, list | tuple):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+@app.command("diff")
+def diff(
+    ctx: typer.Context,
+    run_a: str,
+    run_b: str,
+    threshold: float = typer.Option(0.05, help="Relative change that counts as a regression."),
+) -> None:
+    """Compare two stored runs scenario by scenario; exit 1 if B regressed."""
+    db = _db(settings_of(ctx))
+    a, b = history.load_run(db, run_a), history.load_run(db, run_b)
+    rows = history.diff_runs(a, b, threshold)
+    table = Table(title=f"{a.id} → {b.id}")
+    for column in ("scenario", "metric", "A", "B", "B/A", ""):
+        table.add_column(column)
+    regressed = False
+    for row in rows:
+        flag = "[red]regression[/]" if row.get("regression") else ""
+        regressed |= bool(row.get("regression"))
+        ratio = row.get("ratio")
+        table.add_row(
+            str(row.get("scenario", "")),
+            str(row.get("metric", row.get("note", ""))),
+            _cell(row.get("a")),
+            _cell(row.get("b")),
+            f"{ratio:.3f}" if isinstance(ratio, float) else "-",
+            flag,
+        )
+    console().print(table)
+    if regressed:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report_(
+    ctx: typer.Context,
+    run_id: str = typer.Argument("latest"),
+    out: Path | None = typer.Option(None, help="Directory for the files."),
+) -> None:
+    """Write JSON, CSV and HTML for a stored run again."""
+    settings = settings_of(ctx)
+    result = history.load_run(_db(settings), run_id)
+    directory = _write_outputs(result, out, settings, html=True)
+    console().print(report.results_table(result))
+    console().print(f"written to {directory}")
+
+
+def compare_command(
+    ctx: typer.Context,
+    slm: str | None = typer.Option(
+        None, envvar="SLM_ALIAS", help="Small model (default: tier slm)."
+    ),
+    llm: str | None = typer.Option(
+        None, envvar="LLM_ALIAS", help="Large model (default: tier llm)."
+    ),
+    prompt: str | None = typer.Option(None, "--prompt", envvar="COMPARE_PROMPT"),
+    prompts: str = typer.Option("short", help="Prompt set or .jsonl file (when no --prompt)."),
+    rounds: int = typer.Option(3, "--rounds", "-n", min=1, help="Warm requests per model."),
+    max_tokens: int = typer.Option(256, envvar="BENCH_MAX_TOKENS", min=1),
+    requests_per_day: float = typer.Option(1000.0, help="For the monthly cost comparison."),
+) -> None:
+    """Same prompts to an SLM and an LLM: latency, memory, cost, answers, and a decision."""
+    from edgelm.compare import compare, comparison_json
+
+    settings = settings_of(ctx)
+    catalog = Catalog.load(settings.home)
+    slm_alias = slm or catalog.for_tier("slm").alias
+    llm_alias = llm or catalog.for_tier("llm").alias
+    pairs = []
+    for spec in (slm_alias, llm_alias):
+        target = make_target(spec, settings)
+        tier = catalog.resolve(target.model).tier if target.kind != "openai" else "external"
+        pairs.append((target, tier))
+    config = BenchConfig(requests=rounds, warmup=0, max_tokens=max_tokens)
+    workload = load_prompts(prompts, prompt)
+    prices = Prices.load(settings.home)
+    progress, update = _progress()
+    with progress:
+        result = compare(pairs, workload, config, prices, update)
+    _print_comparison(result, prices, requests_per_day)
+    block = json.dumps(comparison_json(result), indent=2, default=str)
+    console().print("[COMPARISON RESULTS]\n" + block, markup=False, highlight=False)
+
+
+def _print_comparison(result, prices: Prices, requests_per_day: float) -> None:  # type: ignore[no-untyped-def]
+    currency = prices.local.currency
+    answers = Table(title="answers (first prompt)", show_lines=True)
+    for m in result.models:
+        answers.add_column(m.model, overflow="fold", ratio=1)
+    answers.add_row(*(m.answers[0][1] if m.answers else "(failed)" for m in result.models))
+    console().print(answers)
+    decision = Table(title=f"decision table (costs per 1k requests, {currency}; {prices.source})")
+    for column in (
+        "model",
+        "cold latency",
+        "warm latency",
+        "TTFT",
+        "tok/s",
+        "tokens out",
+        "memory",
+        "local cost",
+        "cloud-equivalent cost",
+        "best use",
+    ):
+        decision.add_column(column, overflow="fold")
+    for m in result.models:
+        cloud = ", ".join(f"{k}: {v:.3f}" for k, v in m.cost["cloud_per_1k"].items())
+        decision.add_row(
+            m.model,
+            f"{m.cold_s:.2f} s" if m.cold_s is not None else "-",
+            f"{m.warm_e2e_s:.2f} s" if m.warm_e2e_s is not None else "-",
+            f"{m.warm_ttft_s * 1000:.0f} ms" if m.warm_ttft_s is not None else "-",
+            f"{m.decode_tokens_per_s:.1f}" if m.decode_tokens_per_s else "-",
+            f"{m.completion_tokens:.0f}",
+            human_bytes(m.peak_rss_bytes),
+            f"{m.cost['local_per_1k']:.4f}",
+            cloud,
+            m.best_use,
+        )
+    console().print(decision)
+    tco = Table(title=f"a month at {requests_per_day:.0f} requests/day ({currency})")
+    for column in ("model", "machine busy", "local total", "cloud totals"):
+        tco.add_column(column, overflow="fold")
+    for m in result.models:
+        month = monthly_tco(
+            prices, requests_per_day, m.prompt_tokens, m.completion_tokens, m.warm_e2e_s or 0.0
+        )
+        tco.add_row(
+            m.model,
+            f"{month['machine_utilisation']:.1%}",
+            f"{month['local_total']:.2f}",
+            ", ".join(f"{k}: {v:.2f}" for k, v in month["cloud_total"].items()),
+        )
+    console().print(tco)

@@ -1,0 +1,207 @@
+"""``edgelm eval run | report | diff | list | datasets``: answer quality, stored and compared.
+
+The logic lives in :mod:`edgelm.evals`; these commands parse flags, call it, and print.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgelm.cli.common import console, err_console, fail, settings_of
+from edgelm.client import EdgelmClient
+from edgelm.cost import Prices
+from edgelm.evals import harness, store
+from edgelm.evals import report as eval_report
+from edgelm.evals.datasets import list_datasets
+from edgelm.settings import Settings
+
+app = typer.Typer(help="Evaluate answer quality: QA, code and RAG sets, judged and stored.")
+
+
+def _db(settings: Settings) -> Path:
+    return settings.home / "evals.db"
+
+
+def _client(settings: Settings) -> EdgelmClient:
+    api_key = settings.client.api_key or settings.service.api_key
+    client = EdgelmClient(settings.endpoint, api_key)
+    if not client.is_up():
+        client.close()
+        fail(
+            f"the edgelm service at {settings.endpoint} is not running; start it with: "
+            "edgelm service start"
+        )
+    return client
+
+
+def _load(settings: Settings, run_ids: list[str]) -> list[eval_report.LoadedRun]:
+    return [eval_report.LoadedRun(*store.load_run(_db(settings), rid)) for rid in run_ids]
+
+
+def _print_report(runs: list[eval_report.LoadedRun], prices: Prices) -> None:
+    out = console()
+    out.print(eval_report.summary_table(runs, prices))
+    metrics = eval_report.metrics_table(runs)
+    if metrics is not None:
+        out.print(metrics)
+    out.print(eval_report.category_table(runs))
+
+
+def _html_path(settings: Settings, run_ids: list[str], out: Path | None) -> Path:
+    if out is not None:
+        return out if out.suffix == ".html" else out / "report.html"
+    return settings.home / "evals" / "_vs_".join(run_ids) / "report.html"
+
+
+@app.command("run")
+def run(
+    ctx: typer.Context,
+    models: str | None = typer.Option(
+        None, "--models", "-m", help="Comma-separated models: aliases, hybrid, rag:<collection>."
+    ),
+    dataset: str = typer.Option(
+        "general", "--dataset", "-d", help="Shipped set (general, code, rag) or a .jsonl file."
+    ),
+    resume: str | None = typer.Option(
+        None, "--resume", help="Finish an interrupted run (id, prefix or 'latest')."
+    ),
+    judge: str | None = typer.Option(None, "--judge", help="Judge model for the 1–5 rubric."),
+    limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Only the first N items."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed sent with every request."),
+    code_timeout: float = typer.Option(10.0, "--code-timeout", help="Seconds per code test run."),
+    rag_k: int | None = typer.Option(None, "--rag-k", help="Contexts counted by precision@k."),
+    html: bool = typer.Option(True, "--html/--no-html", help="Write the HTML report at the end."),
+    out: Path | None = typer.Option(None, "--out", help="Report file or directory."),
+) -> None:
+    """Ask every question of a set to each model (temperature 0, fixed seed) and store it all."""
+    settings = settings_of(ctx)
+    db = _db(settings)
+    if resume is None:
+        if not models:
+            fail("give the models to evaluate with --models (or --resume RUN)")
+        config = harness.EvalConfig(
+            dataset=dataset,
+            models=[m.strip() for m in models.split(",") if m.strip()],
+            max_tokens=max_tokens,
+            seed=seed,
+            judge_model=judge,
+            limit=limit,
+            code_timeout_s=code_timeout,
+            rag_k=rag_k,
+        )
+        client = _client(settings)
+        run_id = harness.start_run(db, config).id
+        console().print(f"run [bold]{run_id}[/]: {dataset} × {', '.join(config.models)}")
+    else:
+        client = _client(settings)
+        run_id = store.load_run(db, resume)[0].id
+        console().print(f"resuming run [bold]{run_id}[/]")
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console(),
+    )
+    task = progress.add_task("answering", total=None)
+
+    def update(done: int, total: int, row: store.ResultRow) -> None:
+        progress.update(task, completed=done, total=total, description=f"{row.model}")
+
+    try:
+        with client, progress:
+            harness.run_eval(client, db, resume=run_id, progress=update)
+    except KeyboardInterrupt:
+        err_console().print(
+            f"interrupted; finished answers are stored. Resume with: edgelm eval run --resume "
+            f"{run_id}"
+        )
+        raise typer.Exit(130) from None
+    prices = Prices.load(settings.home)
+    runs = _load(settings, [run_id])
+    _print_report(runs, prices)
+    if html:
+        path = eval_report.write_html(runs, _html_path(settings, [run_id], out), prices)
+        console().print(f"report: {path}")
+    console().print(f"run [bold]{run_id}[/] saved in {db}")
+
+
+@app.command("report")
+def report(
+    ctx: typer.Context,
+    run_ids: list[str] = typer.Argument(None, help="Run ids (prefixes, 'latest'); default latest."),
+    out: Path | None = typer.Option(None, "--out", help="Report file or directory."),
+    threshold: float = typer.Option(0.05, help="Quality drop that counts as a regression."),
+) -> None:
+    """Tables per model and category, quality vs latency and cost plots, diffs between runs."""
+    settings = settings_of(ctx)
+    runs = _load(settings, run_ids or ["latest"])
+    prices = Prices.load(settings.home)
+    _print_report(runs, prices)
+    for other in runs[1:]:
+        console().print(eval_report.diff_table(eval_report.diff_runs(runs[0], other, threshold)))
+    path = eval_report.write_html(
+        runs, _html_path(settings, [lr.run.id for lr in runs], out), prices
+    )
+    console().print(f"report: {path}")
+
+
+@app.command("diff")
+def diff(
+    ctx: typer.Context,
+    run_a: str,
+    run_b: str,
+    threshold: float = typer.Option(0.05, help="Quality drop that counts as a regression."),
+) -> None:
+    """Compare run B to run A; exit 1 when B regressed."""
+    settings = settings_of(ctx)
+    a, b = _load(settings, [run_a, run_b])
+    result = eval_report.diff_runs(a, b, threshold)
+    console().print(eval_report.diff_table(result))
+    worse = [f for f in result["flips"] if f["regression"]]
+    if worse:
+        console().print(
+            "items that got worse: " + ", ".join(f"{f['model']}/{f['item']}" for f in worse)
+        )
+    if result["regressed"]:
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_(ctx: typer.Context, limit: int = typer.Option(20, min=1)) -> None:
+    """Stored evaluation runs, newest first."""
+    rows = store.list_runs(_db(settings_of(ctx)), limit)
+    if not rows:
+        console().print("no evaluation runs stored yet")
+        return
+    table = Table(title="evaluation runs")
+    for key in rows[0]:
+        table.add_column(key)
+    for row in rows:
+        cells = []
+        for key, value in row.items():
+            if key == "created_at":
+                cells.append(time.strftime("%Y-%m-%d %H:%M", time.localtime(value)))
+            elif isinstance(value, list):
+                cells.append(", ".join(value))
+            else:
+                cells.append("-" if value is None else str(value))
+        table.add_row(*cells)
+    console().print(table)
+
+
+@app.command("datasets")
+def datasets() -> None:
+    """The shipped question sets with their size and licence."""
+    table = Table(title="datasets")
+    for column in ("name", "size", "licence", "description"):
+        table.add_column(column, overflow="fold")
+    for row in list_datasets():
+        table.add_row(row["name"], str(row["size"]), row["licence"], row["description"])
+    console().print(table)

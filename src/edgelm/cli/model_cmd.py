@@ -1,0 +1,221 @@
+"""``edgelm model list | info | download | run | load | unload | add | remove``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from edgelm import service
+from edgelm.catalog import Catalog, CatalogEntry
+from edgelm.cli.common import console, fail, human_bytes, settings_of
+from edgelm.client import EdgelmClient
+from edgelm.settings import Settings
+from edgelm.store import ModelStore
+
+app = typer.Typer(help="Find, download, register and run models.")
+
+
+def _catalog(settings: Settings) -> Catalog:
+    return Catalog.load(settings.home)
+
+
+@app.command("list")
+def list_(ctx: typer.Context) -> None:
+    """The catalog: aliases, tiers, sizes and whether each model is downloaded."""
+    settings = settings_of(ctx)
+    store = ModelStore(settings)
+    table = Table(title="edgelm models")
+    for column in ("alias", "tier", "name", "params", "quant", "size", "licence", "cached"):
+        table.add_column(column)
+    for entry in _catalog(settings):
+        cached = "yes" if (not entry.needs_file or store.is_cached(entry)) else "no"
+        table.add_row(
+            entry.alias,
+            entry.tier,
+            entry.name or "-",
+            entry.parameters or "-",
+            entry.quantization or "-",
+            human_bytes(entry.size_bytes),
+            entry.license or "-",
+            cached,
+        )
+    console().print(table)
+
+
+@app.command("info")
+def info(ctx: typer.Context, alias: str) -> None:
+    """Everything the catalog knows about one model."""
+    settings = settings_of(ctx)
+    entry = _catalog(settings).resolve(alias)
+    store = ModelStore(settings)
+    table = Table(show_header=False, title=entry.alias)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    data = entry.model_dump(mode="json", exclude={"source", "options"})
+    for key, value in data.items():
+        if value not in (None, "", [], {}):
+            table.add_row(key, str(value))
+    for i, source in enumerate(entry.source, 1):
+        if source.kind == "hub":
+            where = f"{source.repo}/{source.file}@{source.revision}"
+        else:
+            where = f"{len(source.parts)} PyPI package(s): {source.parts[0].package} …"
+        table.add_row(f"source {i} ({source.kind})", where)
+    if entry.needs_file:
+        table.add_row("path", str(store.path_for(entry)))
+        table.add_row("cached", "yes" if store.is_cached(entry) else "no")
+    console().print(table)
+
+
+def download_with_progress(settings: Settings, entry: CatalogEntry, force: bool = False) -> Path:
+    """Download ``entry`` showing a progress bar; used by ``model download`` and ``model run``."""
+    store = ModelStore(settings)
+    if store.is_cached(entry) and not force:
+        return store.path_for(entry)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console(), transient=False) as progress:
+        task = progress.add_task(entry.alias, total=entry.size_bytes or None)
+
+        def report(stage: str, done: int, total: int | None) -> None:
+            progress.update(
+                task, description=f"{entry.alias}: {stage}", completed=done, total=total
+            )
+
+        return store.download(entry, progress=report, force=force)
+
+
+@app.command("download")
+def download(
+    ctx: typer.Context,
+    alias: str,
+    force: bool = typer.Option(False, "--force", help="Download again even if cached."),
+) -> None:
+    """Download a model, verify its SHA-256 and place it in the cache."""
+    settings = settings_of(ctx)
+    entry = _catalog(settings).resolve(alias)
+    if not entry.needs_file:
+        console().print(f"'{entry.alias}' needs no download ({entry.engine} engine)")
+        return
+    path = download_with_progress(settings, entry, force=force)
+    console().print(f"[green]✓[/] {entry.alias} ready at {path}")
+
+
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    name: str,
+    file: Path | None = typer.Option(None, "--file", help="A local GGUF file to register."),
+    engine: str | None = typer.Option(None, help="Engine: llamacpp, onnx, remote or fake."),
+    upstream: str | None = typer.Option(None, help="Remote models: the upstream's model name."),
+    base_url: str | None = typer.Option(None, help="Remote models: the upstream's base URL."),
+    tier: str = typer.Option("custom", help="tiny, slm, llm or custom."),
+    context_length: int = typer.Option(4096, help="Context length to assume."),
+) -> None:
+    """Register a local model file, or a model on a remote OpenAI-compatible upstream."""
+    settings = settings_of(ctx)
+    options: dict[str, str] = {}
+    if engine == "remote":
+        if base_url:
+            options["base_url"] = base_url
+    elif engine == "fake":
+        pass
+    else:
+        if file is None:
+            fail("give the model file with --file PATH (or --engine remote / fake)")
+        file = file.expanduser().resolve()
+        if not file.is_file():
+            fail(f"{file} does not exist or is not a file")
+        with file.open("rb") as handle:
+            magic = handle.read(4)
+        if file.suffix.lower() == ".gguf" and magic != b"GGUF":
+            fail(f"{file} is not a GGUF file (its header is {magic!r})")
+    entry = CatalogEntry(
+        alias=name,
+        name=name,
+        tier=tier,  # type: ignore[arg-type]
+        engine=engine,  # type: ignore[arg-type]
+        path=file,
+        filename=file.name if file else "",
+        size_bytes=file.stat().st_size if file else 0,
+        context_length=context_length,
+        upstream_model=upstream,
+        options=options,
+    )
+    _catalog(settings).add_user_entry(entry)
+    console().print(f"[green]✓[/] registered {name}")
+
+
+@app.command("remove")
+def remove(ctx: typer.Context, name: str) -> None:
+    """Forget a model registered with 'model add' (its file is left alone)."""
+    if not _catalog(settings_of(ctx)).remove_user_entry(name):
+        fail(f"'{name}' is not a model you registered")
+    console().print(f"removed {name}")
+
+
+def _client(settings: Settings) -> EdgelmClient:
+    return EdgelmClient(settings.endpoint, api_key=settings.client.api_key)
+
+
+@app.command("load")
+def load(ctx: typer.Context, alias: str) -> None:
+    """Load a model into the running service."""
+    settings = settings_of(ctx)
+    data = _client(settings).load(alias)
+    console().print(f"loaded {data['id']} in {data['load_seconds']} s")
+
+
+@app.command("unload")
+def unload(ctx: typer.Context, alias: str) -> None:
+    """Unload a model from the running service."""
+    settings = settings_of(ctx)
+    data = _client(settings).unload(alias)
+    console().print(f"{data['id']}: {'unloaded' if data['unloaded'] else 'was not loaded'}")
+
+
+@app.command("run")
+def run(
+    ctx: typer.Context,
+    alias: str,
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Answer once and exit."),
+    system: str | None = typer.Option(None, "--system", help="A system prompt."),
+    temperature: float | None = typer.Option(None, help="Sampling temperature."),
+    max_tokens: int | None = typer.Option(None, help="Longest answer in tokens."),
+) -> None:
+    """Chat with a model in the terminal, starting the service and downloading if needed."""
+    from edgelm.chat import ChatSession, run_repl
+
+    settings = settings_of(ctx)
+    entry = _catalog(settings).resolve(alias)
+    client = _client(settings)
+    if not settings.client.endpoint and entry.needs_file:
+        download_with_progress(settings, entry)
+    if not client.is_up():
+        if settings.client.endpoint:
+            fail(f"the service at {settings.endpoint} is not reachable")
+        with console().status("starting the edgelm service…"):
+            service.start_detached(settings)
+    with console().status(f"loading {entry.alias}…"):
+        client.load(entry.alias)
+    params = {"temperature": temperature, "max_tokens": max_tokens}
+    session = ChatSession(client, entry.alias, system=system, params=params)
+    if prompt is not None:
+        run_repl(session, console(), once=prompt)
+    else:
+        run_repl(session, console())

@@ -1,0 +1,88 @@
+"""``edgelm service start | stop | status | restart``."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from edgelm import service
+from edgelm.cli.common import console, fail, settings_of
+from edgelm.client import EdgelmClient
+
+app = typer.Typer(help="Run the local OpenAI-compatible service.")
+
+
+@app.command("start")
+def start(
+    ctx: typer.Context,
+    foreground: bool = typer.Option(
+        False, "--foreground", "-f", help="Serve in this terminal instead of in the background."
+    ),
+    host: str | None = typer.Option(None, help="Bind address (setting service.host)."),
+    port: int | None = typer.Option(None, help="TCP port (setting service.port)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Load this model at start."),
+    api_key: str | None = typer.Option(None, "--api-key", help="Require this bearer key."),
+) -> None:
+    """Start the service (detached unless --foreground)."""
+    settings = settings_of(
+        ctx, **{"service.host": host, "service.port": port, "service.api_key": api_key}
+    )
+    if foreground:
+        service.serve_foreground(settings, preload=model)
+        return
+    current = service.info(settings)
+    if current.running:
+        console().print(f"the service is already running at {current.endpoint}")
+        return
+    started = service.start_detached(settings, preload=model)
+    console().print(
+        f"service started at [bold]{started.endpoint}[/] (pid {started.pid}, log {started.log_file})"
+    )
+
+
+@app.command("stop")
+def stop(ctx: typer.Context) -> None:
+    """Stop the detached service (waits for open streams to finish)."""
+    if service.stop(settings_of(ctx)):
+        console().print("service stopped")
+    else:
+        console().print("no service was running")
+
+
+@app.command("restart")
+def restart(ctx: typer.Context, model: str | None = typer.Option(None, "--model", "-m")) -> None:
+    """Stop, then start the service in the background."""
+    settings = settings_of(ctx)
+    service.stop(settings)
+    started = service.start_detached(settings, preload=model)
+    console().print(f"service restarted at [bold]{started.endpoint}[/] (pid {started.pid})")
+
+
+@app.command("status")
+def status(ctx: typer.Context) -> None:
+    """Endpoint, uptime and loaded models of the service."""
+    settings = settings_of(ctx)
+    client = EdgelmClient(settings.endpoint, api_key=settings.client.api_key)
+    if not client.is_up():
+        fail(
+            f"the service at {settings.endpoint} is not running; start it with: edgelm service start"
+        )
+    data = client.status()
+    console().print(f"service running at [bold]{settings.endpoint}[/] (edgelm {data['version']})")
+    console().print(f"uptime {data['uptime_s']} s, model dir {data['model_dir']}")
+    loaded = data.get("loaded") or []
+    if not loaded:
+        console().print("no models loaded")
+        return
+    table = Table(title="loaded models")
+    for column in ("model", "engine", "memory", "requests", "idle s"):
+        table.add_column(column)
+    for item in loaded:
+        table.add_row(
+            str(item["id"]),
+            str(item["engine"]),
+            f"{int(item['memory_bytes']) / 1e6:.0f} MB",
+            str(item["requests"]),
+            str(item["idle_seconds"]),
+        )
+    console().print(table)

@@ -1,0 +1,222 @@
+"""The engine interface: one streaming primitive plus declared capabilities.
+
+An engine turns a :class:`GenerationRequest` into an iterator of :class:`Chunk`. Everything
+else — the non-streaming answer, usage, TTFT and tokens/s — is derived from that stream by
+:func:`collect`, so the service, bench and router measure the very path users are served by.
+Engines declare what they can do (``supports_*``) and :func:`check_capabilities` answers a
+clear 400 before any work starts, instead of failing deep inside a backend.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+from typing import ClassVar
+
+from edgelm.errors import InvalidRequest, Unsupported
+from edgelm.types import Chunk, Completion, FinishReason, GenerationRequest, Timing, Usage
+
+
+class Engine(ABC):
+    """A loaded model. Subclasses implement :meth:`stream`; the rest has sane defaults."""
+
+    name: ClassVar[str] = "base"
+    supports_chat: ClassVar[bool] = True
+    supports_completions: ClassVar[bool] = True
+    supports_logprobs: ClassVar[bool] = False
+    supports_embeddings: ClassVar[bool] = False
+    supports_grammar: ClassVar[bool] = False
+    supports_seed: ClassVar[bool] = False
+    # Whether one instance may run several streams at once; if not, the pool serialises them.
+    concurrent_streams: ClassVar[bool] = False
+
+    model_id: str = ""
+    n_ctx: int = 4096
+    memory_bytes: int = 0
+
+    @abstractmethod
+    def stream(
+        self, request: GenerationRequest, cancel: threading.Event | None = None
+    ) -> Iterator[Chunk]:
+        """Yield chunks until done; the last one has ``finish_reason`` set.
+
+        ``cancel`` is checked between tokens so a client that goes away frees the model.
+        """
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Return one vector per text and the number of tokens read."""
+        raise Unsupported(f"model '{self.model_id}' ({self.name}) does not serve embeddings")
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in ``text`` as this model counts them (rough default: 4 chars a token)."""
+        return max(1, len(text) // 4)
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to free
+        """Free the model's memory."""
+
+
+def check_capabilities(engine: Engine, request: GenerationRequest) -> None:
+    """Refuse a request the engine cannot honour, naming the parameter."""
+    kind = "chat" if request.is_chat else "completions"
+    if request.is_chat and not engine.supports_chat:
+        raise Unsupported(f"model '{engine.model_id}' does not support chat", param="messages")
+    if not request.is_chat and not engine.supports_completions:
+        raise Unsupported(
+            f"model '{engine.model_id}' does not support text completions", param="prompt"
+        )
+    if request.logprobs and not engine.supports_logprobs:
+        raise Unsupported(
+            f"model '{engine.model_id}' ({engine.name}) does not return logprobs for {kind}",
+            param="logprobs",
+        )
+    fmt = request.response_format
+    if fmt is not None and fmt.type != "text" and not engine.supports_grammar:
+        raise Unsupported(
+            f"model '{engine.model_id}' ({engine.name}) does not support response_format "
+            f"'{fmt.type}'",
+            param="response_format",
+        )
+
+
+def check_context(engine: Engine, prompt_tokens: int, max_tokens: int | None) -> int:
+    """Return the max_tokens to use, or raise when the prompt cannot fit the context."""
+    room = engine.n_ctx - prompt_tokens
+    if room <= 0:
+        raise _context_error(engine, prompt_tokens, max_tokens)
+    if max_tokens is None:
+        return room
+    if max_tokens > room:
+        raise _context_error(engine, prompt_tokens, max_tokens)
+    return max_tokens
+
+
+def _context_error(engine: Engine, prompt_tokens: int, max_tokens: int | None) -> InvalidRequest:
+    from edgelm.errors import ContextLengthExceeded
+
+    wanted = f" + max_tokens {max_tokens}" if max_tokens else ""
+    return ContextLengthExceeded(
+        f"this model's context is {engine.n_ctx} tokens; the prompt has {prompt_tokens}"
+        f"{wanted}. Shorten the messages or lower max_tokens.",
+        param="messages",
+    )
+
+
+class StopBuffer:
+    """Holds back text that might be the start of a stop sequence.
+
+    Streams must never show a stop string (OpenAI semantics), yet text should flow as soon as
+    it cannot be one; this keeps the shortest possible tail back.
+    """
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop sequence was hit)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if hits:
+            index = min(i for i, _ in hits)
+            out = self.pending[:index]
+            self.pending = ""
+            return out, True
+        keep = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:n]):
+                    keep = max(keep, n)
+                    break
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Fold:
+    """Accumulates a stream into a whole answer; :func:`collect` is a fold with it.
+
+    Streaming consumers (the SSE route, the router) feed chunks as they pass them on and ask
+    for usage and timing at the end, so the two paths compute them the same way.
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[str, object]] = []
+        self.first_t: float | None = None
+        self.last: Chunk | None = None
+        self.finish: FinishReason = "stop"
+
+    def add(self, chunk: Chunk) -> None:
+        if chunk.text and self.first_t is None:
+            self.first_t = chunk.t
+        self.parts.append(chunk.text)
+        self.token_ids.extend(chunk.token_ids)
+        self.logprobs.extend(asdict(lp) for lp in chunk.logprobs)
+        self.last = chunk
+        if chunk.finish_reason:
+            self.finish = chunk.finish_reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def usage(self) -> Usage:
+        if self.last is None:
+            return Usage()
+        return Usage(
+            prompt_tokens=self.last.prompt_tokens,
+            completion_tokens=self.last.completion_tokens,
+            total_tokens=self.last.prompt_tokens + self.last.completion_tokens,
+        )
+
+    def timing(self) -> Timing:
+        return Timing() if self.last is None else timing_from(self.first_t, self.last)
+
+    def result(self) -> Completion:
+        return Completion(
+            text=self.text,
+            finish_reason=self.finish,
+            usage=self.usage(),
+            timing=self.timing(),
+            token_ids=self.token_ids,
+            logprobs=self.logprobs,
+        )
+
+
+def collect(chunks: Iterable[Chunk]) -> Completion:
+    """Fold a stream into a whole answer with usage and timing."""
+    fold = Fold()
+    for chunk in chunks:
+        fold.add(chunk)
+    return fold.result()
+
+
+def timing_from(first_t: float | None, last: Chunk) -> Timing:
+    """Derive the latency decomposition from the first text time and the final chunk."""
+    timing = Timing(ttft_s=first_t, total_s=last.t, prompt_s=first_t)
+    if first_t is not None and last.completion_tokens > 1 and last.t > first_t:
+        timing.decode_s = last.t - first_t
+        timing.decode_tokens_per_s = (last.completion_tokens - 1) / timing.decode_s
+    if first_t and last.prompt_tokens:
+        timing.prompt_tokens_per_s = last.prompt_tokens / first_t
+    return timing
+
+
+def chatml(messages: Iterable[object], add_generation_prompt: bool = True) -> str:
+    """ChatML rendering, the fallback for models whose file carries no chat template."""
+    out = []
+    for m in messages:
+        out.append(f"<|im_start|>{m.role}\n{m.text()}<|im_end|>\n")  # type: ignore[attr-defined]
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out)

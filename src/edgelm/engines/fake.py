@@ -1,0 +1,179 @@
+"""A deterministic, scriptable engine, shipped so that users can test their code against edgelm.
+
+Tokens are whitespace-delimited words (``"Hello, world"`` → ``["Hello, ", "world"]``) and ids
+are stable hashes, so a test can predict usage counts exactly. Replies, delays, logprobs and
+failures can be scripted per engine; with no script the reply is derived from the prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgelm.engines.base import Engine, StopBuffer, chatml, check_capabilities, check_context
+from edgelm.errors import ModelLoadError
+from edgelm.types import Chunk, GenerationRequest, TokenLogprob
+
+_TOKEN = re.compile(r"\S+\s*|\s+")
+EMBED_DIM = 64
+
+
+def fake_tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text)
+
+
+def fake_token_id(token: str) -> int:
+    return int.from_bytes(hashlib.blake2b(token.encode(), digest_size=4).digest(), "big") % 50000
+
+
+@dataclass
+class FakeScript:
+    """What the fake engine will do. Every field is optional."""
+
+    replies: list[str] = field(default_factory=list)
+    """Answers to give in order; when exhausted, the default reply is used."""
+    reply: str | None = None
+    """Fixed answer for every request (after ``replies`` run out)."""
+    first_token_delay_s: float = 0.0
+    token_delay_s: float = 0.0
+    load_delay_s: float = 0.0
+    logprobs: list[float] | None = None
+    """Per-token logprobs to report (cycled); default -0.1 for every token."""
+    fail_load: str | None = None
+    fail_after_tokens: int | None = None
+    n_ctx: int = 2048
+    memory_mb: int = 10
+    single_stream: bool = False
+    """Behave like llama.cpp: one stream at a time, so the pool queues the rest."""
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> FakeScript:
+        known = {k: v for k, v in (options or {}).items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class FakeEngine(Engine):
+    name = "fake"
+    supports_logprobs = True
+    supports_embeddings = True
+    supports_grammar = True
+    supports_seed = True
+    concurrent_streams = True
+
+    def __init__(self, model_id: str = "fake", script: FakeScript | None = None):
+        self.model_id = model_id
+        self.script = script or FakeScript()
+        if self.script.load_delay_s:
+            time.sleep(self.script.load_delay_s)
+        if self.script.fail_load:
+            raise ModelLoadError(f"could not load '{model_id}': {self.script.fail_load}")
+        self.n_ctx = self.script.n_ctx
+        if self.script.single_stream:
+            self.concurrent_streams = False  # type: ignore[misc]
+        self.memory_bytes = self.script.memory_mb * 1024 * 1024
+        self._replies: deque[str] = deque(self.script.replies)
+        self._lock = threading.Lock()
+        self.requests: list[GenerationRequest] = []
+
+    def count_tokens(self, text: str) -> int:
+        return len(fake_tokens(text))
+
+    def prompt_text(self, request: GenerationRequest) -> str:
+        if request.messages is not None:
+            return chatml(request.messages)
+        return request.prompt or ""
+
+    def _reply_for(self, request: GenerationRequest) -> str:
+        with self._lock:
+            if self._replies:
+                return self._replies.popleft()
+        if self.script.reply is not None:
+            return self.script.reply
+        fmt = request.response_format
+        if fmt is not None and fmt.type != "text":
+            return '{"answer": "fake"}'
+        if request.messages:
+            last = next((m.text() for m in reversed(request.messages) if m.role == "user"), "")
+            return f"Fake answer to: {last}"
+        return f" fake continuation of: {request.prompt or ''}"
+
+    def stream(
+        self, request: GenerationRequest, cancel: threading.Event | None = None
+    ) -> Iterator[Chunk]:
+        check_capabilities(self, request)
+        start = time.perf_counter()
+        self.requests.append(request)
+        prompt_tokens = self.count_tokens(self.prompt_text(request))
+        limit = check_context(self, prompt_tokens, request.max_tokens)
+        tokens = fake_tokens(self._reply_for(request))
+        stops = StopBuffer(request.stop)
+        produced = 0
+        finish = "stop"
+        if self.script.first_token_delay_s:
+            time.sleep(self.script.first_token_delay_s)
+        for i, token in enumerate(tokens):
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            if produced >= limit:
+                finish = "length"
+                break
+            if self.script.fail_after_tokens is not None and i >= self.script.fail_after_tokens:
+                raise RuntimeError("scripted failure in the fake engine")
+            if i and self.script.token_delay_s:
+                time.sleep(self.script.token_delay_s)
+            produced += 1
+            text, hit = stops.push(token)
+            lps = [self._logprob(i, token, request)] if request.logprobs else []
+            chunk = Chunk(
+                text=text,
+                token_ids=[fake_token_id(token)],
+                logprobs=lps,
+                t=time.perf_counter() - start,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=produced,
+            )
+            if hit:
+                chunk.finish_reason = "stop"
+                yield chunk
+                return
+            yield chunk
+        tail = stops.flush()
+        yield Chunk(
+            text=tail,
+            t=time.perf_counter() - start,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=produced,
+            finish_reason=finish,  # type: ignore[arg-type]
+        )
+
+    def _logprob(self, i: int, token: str, request: GenerationRequest) -> TokenLogprob:
+        scripted = self.script.logprobs
+        value = scripted[i % len(scripted)] if scripted else -0.1
+        top = [(token, value)]
+        for k in range(1, request.top_logprobs):
+            top.append((f"<alt{k}>", value - k))
+        return TokenLogprob(
+            token=token, logprob=value, bytes=list(token.encode()), top=top[: request.top_logprobs]
+        )
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Hashed bag of words: texts sharing words get similar vectors (enough for RAG tests)."""
+        vectors = []
+        used = 0
+        for text in texts:
+            vec = [0.0] * EMBED_DIM
+            words = re.findall(r"\w+", text.lower())
+            used += max(1, len(fake_tokens(text)))
+            for word in words:
+                vec[fake_token_id(word) % EMBED_DIM] += 1.0
+            norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+            vectors.append([v / norm for v in vec])
+        return vectors, used

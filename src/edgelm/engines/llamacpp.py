@@ -1,0 +1,587 @@
+"""The default engine: GGUF models through llama-cpp-python, run in-process.
+
+The decode loop is ours, on top of ``Llama.generate``, rather than ``create_chat_completion``:
+that is what lets every chunk carry its token ids, logprobs and timing. Things learned the hard
+way with llama-cpp-python 0.3.36 on these CPUs, each handled below:
+
+* Its ``logprobs`` path needs ``logits_all=True`` and converts the whole vocabulary's logits at
+  every position (~10x slower). We take a log-softmax of the one row the sampler just used, and
+  only when logprobs were asked for.
+* ``Llama.detokenize`` reads pieces through a 32-byte buffer and returns nothing for longer
+  tokens; Qwen-Coder has 240 such tokens (runs of spaces, i.e. code indentation). We read
+  pieces ourselves with a buffer that grows.
+* A grammar that llama.cpp cannot parse becomes a NULL sampler and the process segfaults at
+  the first token (e.g. the schema ``{"enum": []}``). Grammars are parsed once up front.
+* llama.cpp's matrix kernels give slightly different logits for a row depending on how the
+  batch it was evaluated in was shaped (one token alone, or rows left over after groups of 8
+  in the repacked Q4_K kernels), and a KV cache filled one generated token at a time differs
+  from one filled by a prompt batch. ``Llama.generate``'s prefix reuse therefore changes
+  greedy output between two identical requests. See :func:`plan_reuse` for how we keep prefix
+  reuse and still answer a reproducible request (temperature 0 or a seed) the same every time.
+* In embedding mode llama.cpp computes vocabulary logits for every token; ``Llama.embed``
+  with a second ``Llama`` cost +560 MB for Qwen2.5-0.5B. :meth:`LlamaCppEngine.embed` uses a
+  small second context on the same model instead (+86 MB).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from edgelm.engines.base import Engine, StopBuffer, chatml, check_capabilities, check_context
+from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
+from edgelm.types import Chunk, FinishReason, GenerationRequest, TokenLogprob
+
+if TYPE_CHECKING:
+    from edgelm.catalog import CatalogEntry
+    from edgelm.settings import Settings
+
+# Prefix reuse keeps KV entries in whole blocks of this many tokens. It must be a multiple of
+# every CPU kernel's row-group size (4, 8 or 16 for ggml's repacked and AMX kernels), so that a
+# suffix evaluated after a reused prefix is cut into the same row groups as a fresh prompt.
+REUSE_ALIGN = 32
+# Most tokens the embedding context reads per text (its KV cache size); longer texts are
+# truncated, as llama-cpp-python does. RAG chunks are shorter.
+EMBED_MAX_TOKENS = 512
+# Tokens per embedding step: llama.cpp keeps vocabulary logits for each (see embed()).
+EMBED_STEP = 64
+# llama.cpp's "pick a random seed" value; a user seed equal to it would silently be random.
+_RANDOM_SEED = 0xFFFFFFFF
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MissingExtra("llama-cpp-python", "llamacpp") from None
+    return llama_cpp
+
+
+def default_threads() -> int:
+    """Physical cores: decode is compute-bound here and hyper-threads only add contention."""
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def plan_reuse(
+    cached: Sequence[int], clean: int, prompt: Sequence[int], exact: bool, n_batch: int
+) -> tuple[int, int]:
+    """Decide how much of the KV cache to keep for ``prompt``; return (keep, clean_after).
+
+    ``cached`` are the tokens in the cache, ``clean`` how many leading ones hold exactly what
+    a fresh evaluation of them as a prompt would (a multiple of ``REUSE_ALIGN``). An ``exact``
+    request (temperature 0 or a seed) keeps only a clean, aligned prefix and re-evaluates at
+    least two tokens, so its logits are bit-identical to a fresh run: the answer depends on the
+    request, never on what the engine served before. Other requests sample randomly anyway, so
+    they keep the longest common prefix, including KV entries of earlier generated tokens
+    (the previous answer in a multi-turn chat), for the shortest time to first token.
+    """
+    common = 0
+    for a, b in zip(cached, prompt, strict=False):
+        if a != b:
+            break
+        common += 1
+    n = len(prompt)
+
+    n_ubatch = min(n_batch, 512)  # llama.cpp splits each batch into micro-batches of this
+
+    def lone_last_row(rows: int) -> bool:
+        return (rows % n_batch or n_batch) % n_ubatch == 1
+
+    def fresh_like(k: int) -> bool:
+        # A micro-batch of one row takes another kernel path than a row inside a larger one.
+        return k == 0 or (n - k >= 2 and lone_last_row(n - k) == lone_last_row(n))
+
+    aligned = min(common, clean) // REUSE_ALIGN * REUSE_ALIGN
+    while not fresh_like(aligned):
+        aligned -= REUSE_ALIGN
+    keep = aligned if exact else min(common, n - 1)
+    still_clean = min(keep, clean) // REUSE_ALIGN * REUSE_ALIGN
+    if keep == still_clean and fresh_like(keep):
+        return keep, n // REUSE_ALIGN * REUSE_ALIGN
+    return keep, still_clean
+
+
+class LlamaCppEngine(Engine):
+    """A GGUF model in this process. One stream at a time (the pool serialises calls)."""
+
+    name = "llamacpp"
+    supports_logprobs = True
+    supports_embeddings = True
+    supports_grammar = True
+    supports_seed = True
+    concurrent_streams = False
+
+    min_p: ClassVar[float] = 0.05
+    """llama.cpp's default; cuts the long tail that makes tiny models ramble at temperature>0."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        model_id: str,
+        n_ctx: int = 4096,
+        threads: int = 0,
+        n_batch: int = 512,
+    ):
+        self._lib = _import_llama_cpp()
+        self.model_id = model_id
+        self.model_path = Path(model_path)
+        self.threads = threads or default_threads()
+        _check_gguf(self.model_path)
+        rss_before = _rss()
+        self.n_batch = _aligned_batch(n_batch, n_ctx)
+        self._llm = self._open(n_ctx)
+        trained = self._llm._model.n_ctx_train()
+        if 0 < trained < n_ctx:
+            # Past its trained context a model degrades silently; reopening is cheap (mmap).
+            self._llm.close()
+            self.n_batch = _aligned_batch(n_batch, trained)
+            self._llm = self._open(trained)
+        self.n_ctx = self._llm.n_ctx()
+        self._vocab = self._llm._model.vocab
+        self._n_vocab = self._llm.n_vocab()
+        self._piece_buf = ctypes.create_string_buffer(64)
+        self._clean = 0
+        self._embedder: Any = None
+        self._embed_lock = threading.Lock()
+        self._grammars: dict[str, Any] = {}
+        meta = self._llm.metadata
+        self._bos_text = self._special_text(self._llm.token_bos())
+        self._eos_text = self._special_text(self._llm.token_eos())
+        self._formatter = self._chat_formatter(meta.get("tokenizer.chat_template"))
+        self._kv_per_token = _kv_bytes_per_token(meta)
+        self._n_head = _int(meta, "attention.head_count")
+        self.memory_bytes = self._memory_estimate(max(0, _rss() - rss_before))
+
+    @classmethod
+    def from_entry(
+        cls, entry: CatalogEntry, settings: Settings, path: Path | None
+    ) -> LlamaCppEngine:
+        if path is None:
+            raise ModelLoadError(f"model '{entry.alias}' has no file to load")
+        return cls(
+            path,
+            entry.alias,
+            n_ctx=settings.compute.n_ctx,
+            threads=settings.compute.threads,
+            n_batch=settings.compute.n_batch,
+        )
+
+    def _memory_estimate(self, loaded: int) -> int:
+        """Bytes this model will hold at its busiest, for the pool's memory budget.
+
+        The weights file (mapped, resident once used), plus what loading allocated, which is
+        the KV cache and, on CPUs where llama.cpp repacks Q4_K/Q4_0 weights for its faster
+        kernels, a copy of those (~80 MB for Qwen2.5-0.5B): measured as the RSS growth over
+        the load, and never less than the KV cache. Then the attention scratch a full-context
+        prompt batch needs, which is only touched later. For SmolLM2 and Qwen2.5-0.5B at 4096
+        tokens this came within 10% of the RSS measured after a 3,300-token prompt.
+        """
+        size = self.model_path.stat().st_size
+        allocated = max(loaded - size, self._kv_per_token * self.n_ctx)
+        scratch = min(self.n_batch, 512) * self.n_ctx * self._n_head * 4
+        return size + allocated + scratch + 32 * 2**20
+
+    def _open(self, n_ctx: int) -> Any:
+        try:
+            return self._lib.Llama(
+                model_path=str(self.model_path),
+                n_ctx=n_ctx,
+                n_batch=self.n_batch,
+                n_threads=self.threads,
+                n_threads_batch=self.threads,
+                verbose=False,
+            )
+        except Exception as exc:  # llama.cpp reports every load failure as a bare exception
+            raise ModelLoadError(
+                f"llama.cpp could not load '{self.model_id}' from {self.model_path}: {exc}. "
+                "The file may be corrupt or truncated, or too large for free memory; "
+                f"re-download it with 'edgelm model download {self.model_id} --force'."
+            ) from None
+
+    # -- tokens ---------------------------------------------------------------------------
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        try:
+            return self._llm._model.token_get_text(token)
+        except UnicodeDecodeError:
+            return ""
+
+    def _piece(self, token: int) -> bytes:
+        """The bytes of one token (special tokens render as nothing)."""
+        n = self._lib.llama_token_to_piece(
+            self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False
+        )
+        if n < 0:
+            self._piece_buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(
+                self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False
+            )
+        return self._piece_buf.raw[:n]
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """Tokens of a rendered prompt: special tokens parsed, BOS added when the model wants
+        one and the template did not already write it."""
+        add_bos = bool(self._llm._model.add_bos_token()) and not (
+            self._bos_text and text.startswith(self._bos_text)
+        )
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes as a prompt, the same count usage reports for it."""
+        return len(self.tokenize_prompt(text))
+
+    def _chat_formatter(self, template: str | None) -> Any:
+        if not template:
+            return None
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        try:
+            return Jinja2ChatFormatter(
+                template=template,
+                eos_token=self._eos_text,
+                bos_token=self._bos_text,
+                add_generation_prompt=True,
+            )
+        except Exception:  # a template jinja2 cannot compile: ChatML is the common default
+            return None
+
+    def render(self, request: GenerationRequest) -> str:
+        """The prompt text: the chat template stored in the GGUF, or ChatML without one."""
+        if request.messages is None:
+            return request.prompt or ""
+        if self._formatter is None:
+            return chatml(request.messages)
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in request.messages
+        ]
+        try:
+            return self._formatter(messages=messages).prompt
+        except Exception as exc:  # templates raise for e.g. unsupported role orders
+            raise InvalidRequest(
+                f"the model's chat template rejected the messages: {exc}", param="messages"
+            ) from None
+
+    def _grammar(self, request: GenerationRequest) -> Any:
+        """The grammar for ``response_format``, parsed by llama.cpp once before it is used."""
+        fmt = request.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        schema = fmt.schema_dict()
+        key = "" if schema is None else json.dumps(schema, sort_keys=True)
+        if key in self._grammars:
+            return self._grammars[key]
+        try:
+            grammar = (
+                LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+                if schema is None
+                else LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+            )
+        except Exception as exc:  # the converter asserts on schemas it does not understand
+            raise InvalidRequest(
+                f"unsupported JSON schema in response_format: {exc}", param="response_format"
+            ) from None
+        sampler = self._lib.llama_sampler_init_grammar(
+            self._vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
+        )
+        if not sampler:
+            raise InvalidRequest(
+                "the JSON schema in response_format gives a grammar llama.cpp cannot parse "
+                "(e.g. an empty enum)",
+                param="response_format",
+            )
+        self._lib.llama_sampler_free(sampler)
+        if len(self._grammars) >= 32:
+            self._grammars.clear()
+        self._grammars[key] = grammar
+        return grammar
+
+    # -- generation -----------------------------------------------------------------------
+    def stream(
+        self, request: GenerationRequest, cancel: threading.Event | None = None
+    ) -> Iterator[Chunk]:
+        check_capabilities(self, request)
+        start = time.perf_counter()
+        prompt = self.tokenize_prompt(self.render(request))
+        if not prompt:  # an empty completion prompt: condition on BOS alone, as llama.cpp does
+            if self._llm.token_bos() < 0:
+                raise InvalidRequest("the prompt is empty", param="prompt")
+            prompt = [self._llm.token_bos()]
+        n_prompt = len(prompt)
+        limit = check_context(self, n_prompt, request.max_tokens)
+        grammar = self._grammar(request)
+        cancelled = cancel is not None and cancel.is_set()
+        if limit <= 0 or cancelled:  # max_tokens=0, or the client left while it queued
+            yield Chunk(
+                text="",
+                t=time.perf_counter() - start,
+                prompt_tokens=n_prompt,
+                finish_reason="cancelled" if cancelled else "length",
+            )
+            return
+        greedy = request.temperature <= 0
+        exact = greedy or request.seed is not None
+        if request.seed is not None:
+            seed = request.seed % 2**32
+            self._llm.set_seed(seed - 1 if seed == _RANDOM_SEED else seed)
+        else:
+            self._llm.set_seed(random.randrange(_RANDOM_SEED))
+        llm = self._llm
+        keep, clean_after = plan_reuse(
+            llm.input_ids[: llm.n_tokens].tolist(), self._clean, prompt, exact, self.n_batch
+        )
+        # generate() reuses the longest prefix it finds in input_ids[:n_tokens]; shortening
+        # n_tokens to our plan makes it keep exactly that much and evaluate the rest.
+        llm.n_tokens = keep
+        self._clean = min(self._clean, keep)
+        generator = llm.generate(
+            prompt,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            min_p=self.min_p,
+            temp=0.0 if greedy else request.temperature,
+            repeat_penalty=request.repeat_penalty,
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty,
+            grammar=grammar,
+        )
+        text_out = _Utf8Stream()
+        stops = StopBuffer(request.stop)
+        produced = 0
+        prompt_s: float | None = None
+        finish: FinishReason = "length"
+        ids: list[int] = []
+        lps: list[TokenLogprob] = []
+
+        def chunk(text: str, reason: FinishReason | None = None) -> Chunk:
+            out = Chunk(
+                text=text,
+                token_ids=ids.copy(),
+                logprobs=lps.copy(),
+                t=time.perf_counter() - start,
+                prompt_tokens=n_prompt,
+                completion_tokens=produced,
+                finish_reason=reason,
+                prompt_seconds=prompt_s,
+            )
+            ids.clear()
+            lps.clear()
+            return out
+
+        try:
+            for token in generator:
+                if prompt_s is None:
+                    prompt_s = time.perf_counter() - start
+                    self._clean = clean_after
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if self._lib.llama_vocab_is_eog(self._vocab, token):
+                    finish = "stop"
+                    break
+                produced += 1
+                ids.append(token)
+                piece = self._piece(token)
+                if request.logprobs:
+                    lps.append(self._logprob(token, piece, request.top_logprobs))
+                text, hit = stops.push(text_out.push(piece))
+                if hit:
+                    yield chunk(text, "stop")
+                    return
+                if text or lps:
+                    yield chunk(text)
+                if produced >= limit:
+                    break
+        finally:
+            generator.close()
+        text_out.finish()
+        yield chunk(stops.flush(), finish)
+
+    def _logprob(self, token: int, piece: bytes, top: int) -> TokenLogprob:
+        """Log-softmax of the logits row the sampler just used (one row, not all of them).
+
+        These are the model's own probabilities, before temperature, top-k/p or a grammar
+        reshaped them, which is what a confidence signal wants.
+        """
+        row = np.ctypeslib.as_array(
+            self._lib.llama_get_logits_ith(self._llm.ctx, -1), shape=(self._n_vocab,)
+        )
+        peak = float(row.max())
+        log_z = peak + float(np.log(np.exp(row - peak, dtype=np.float64).sum()))
+        alternatives: list[tuple[str, float]] = []
+        if top > 0:
+            top = min(top, self._n_vocab)
+            best = np.argpartition(row, -top)[-top:]
+            best = best[np.argsort(row[best])[::-1]]
+            alternatives = [
+                (self._piece(int(t)).decode("utf-8", "replace"), float(row[t]) - log_z)
+                for t in best
+            ]
+        return TokenLogprob(
+            token=piece.decode("utf-8", "replace"),
+            logprob=min(0.0, float(row[token]) - log_z),
+            bytes=list(piece),
+            top=alternatives,
+        )
+
+    # -- embeddings -----------------------------------------------------------------------
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Mean-pooled, L2-normalised embeddings; texts longer than 512 tokens are truncated
+        (an empty text gives a zero vector).
+
+        They come from a second llama.cpp context on the same loaded model, opened on first
+        use in embedding mode. Why not ``Llama(embedding=True)``:
+
+        * one shared context: ``Llama.embed`` clears the KV cache, so every RAG query would
+          throw away the generation prefix (the long system prompt) the answer then reuses;
+        * a second ``Llama``: it loads the model again, and the CPU backend's repacked copy of
+          the Q4_K weights is per model (+130 MB anonymous memory for Qwen2.5-0.5B);
+        * ``Llama.embed`` itself: llama.cpp computes vocabulary logits for every token in
+          embedding mode, and in its 512-token batches that took +430 MB more for Qwen.
+
+        So we pool ourselves, 64 tokens a step, in a context that shares the model's weights.
+        """
+        if not texts:
+            return [], 0
+        with self._embed_lock:
+            ctx, batch = self._embedding_context()
+            n_embd = self._llm.n_embd()
+            vectors: list[list[float]] = []
+            used = 0
+            for text in texts:
+                tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+                tokens = tokens[:EMBED_MAX_TOKENS]
+                used += len(tokens)
+                total = np.zeros(n_embd, dtype=np.float64)
+                ctx.kv_cache_clear()
+                for at in range(0, len(tokens), EMBED_STEP):
+                    part = tokens[at : at + EMBED_STEP]
+                    batch.set_batch(batch=part, n_past=at, logits_all=True)
+                    ctx.decode(batch)
+                    rows = np.ctypeslib.as_array(
+                        self._lib.llama_get_embeddings(ctx.ctx), shape=(len(part), n_embd)
+                    )
+                    total += rows.sum(axis=0, dtype=np.float64)
+                norm = float(np.linalg.norm(total))
+                vectors.append((total / norm if norm else total).tolist())
+        return vectors, used
+
+    def _embedding_context(self) -> tuple[Any, Any]:
+        if self._embedder is not None:
+            return self._embedder
+        from llama_cpp import _internals
+
+        lib = self._lib
+        size = min(self.n_ctx, EMBED_MAX_TOKENS)
+        params = type(self._llm.context_params).from_buffer_copy(self._llm.context_params)
+        params.n_ctx = size
+        params.n_batch = params.n_ubatch = EMBED_STEP
+        params.n_seq_max = 1
+        params.embeddings = True
+        params.pooling_type = lib.LLAMA_POOLING_TYPE_UNSPECIFIED  # NONE for chat models
+        try:
+            ctx = _internals.LlamaContext(model=self._llm._model, params=params, verbose=False)
+            if ctx.pooling_type() != lib.LLAMA_POOLING_TYPE_NONE:
+                ctx.close()  # an embedding model pools by itself; we want per-token rows
+                params.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
+                ctx = _internals.LlamaContext(model=self._llm._model, params=params, verbose=False)
+            batch = _internals.LlamaBatch(n_tokens=EMBED_STEP, embd=0, n_seq_max=1, verbose=False)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"could not open an embedding context for '{self.model_id}': {exc}"
+            ) from None
+        # Its KV cache, and vocabulary logits for a whole step, in the output and the graph.
+        self.memory_bytes += (
+            self._kv_per_token * size
+            + EMBED_STEP * self._n_vocab * 4 * 2
+            + EMBED_STEP * size * self._n_head * 4
+            + 8 * 2**20
+        )
+        self._embedder = (ctx, batch)
+        return self._embedder
+
+    def close(self) -> None:
+        """Free the contexts and the model now rather than whenever GC gets to them."""
+        with self._embed_lock:
+            if self._embedder is not None:
+                for part in self._embedder:
+                    part.close()
+                self._embedder = None
+            llm = getattr(self, "_llm", None)
+            if llm is not None:
+                llm.close()
+
+
+class _Utf8Stream:
+    """Turns token bytes into text without ever cutting a character in half.
+
+    Byte-level tokenizers split multi-byte characters (emoji, CJK, accents) across tokens; the
+    bytes of an unfinished character wait for the next token. Bytes that can never form a
+    character become U+FFFD, as in every UTF-8 decoder; an unfinished character at the very
+    end (cut off by max_tokens) is dropped rather than shown as U+FFFD.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, data: bytes) -> str:
+        return self._decoder.decode(data)
+
+    def finish(self) -> None:
+        """Forget an unfinished character (cut off by max_tokens or a cancel)."""
+        self._decoder.reset()
+
+
+def _check_gguf(path: Path) -> None:
+    """Refuse what is not a GGUF file before llama.cpp sees it, with a message that says so."""
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} does not exist")
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if head[:4] != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF model file (it starts with {head[:4]!r})")
+
+
+def _kv_bytes_per_token(meta: dict[str, str]) -> int:
+    """KV cache bytes per context token in f16: K and V × layers × KV heads × head size × 2."""
+    heads = _int(meta, "attention.head_count")
+    if not heads:
+        return 0
+    kv_heads = _int(meta, "attention.head_count_kv") or heads
+    head_size = _int(meta, "attention.key_length") or _int(meta, "embedding_length") // heads
+    return 2 * _int(meta, "block_count") * kv_heads * head_size * 2
+
+
+def _aligned_batch(n_batch: int, n_ctx: int) -> int:
+    """The prompt batch size, a multiple of REUSE_ALIGN so that batches split at the same
+    aligned positions whether or not a prefix was reused (see plan_reuse)."""
+    return max(REUSE_ALIGN, min(n_batch, n_ctx) // REUSE_ALIGN * REUSE_ALIGN)
+
+
+def _int(meta: dict[str, str], key: str) -> int:
+    """An integer of the architecture's metadata (``llama.block_count`` ...), 0 if absent."""
+    try:
+        return int(meta.get(f"{meta.get('general.architecture', '')}.{key}", 0))
+    except ValueError:
+        return 0
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss

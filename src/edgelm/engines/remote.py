@@ -1,0 +1,430 @@
+"""An engine that fronts any OpenAI-compatible upstream: vLLM, Ollama, llama.cpp's server,
+Foundry Local, or a cloud endpoint.
+
+Putting a remote model behind the same :class:`Engine` interface is what lets the bench, the
+compare table and the hybrid router treat "the big model over there" exactly like a local one:
+the upstream's SSE stream is turned into :class:`Chunk` objects timed here, on this side of the
+network, so TTFT includes the round trip a user would really wait for.
+
+The client is synchronous (httpx) because the service runs every engine in a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from edgelm import __version__
+from edgelm.engines.base import Engine, StopBuffer, check_capabilities
+from edgelm.errors import ConfigError, UpstreamError
+from edgelm.types import Chunk, FinishReason, GenerationRequest, TokenLogprob
+
+if TYPE_CHECKING:
+    from edgelm.catalog import CatalogEntry
+    from edgelm.settings import Settings
+
+
+class RemoteEngine(Engine):
+    """A model served by an OpenAI-compatible HTTP upstream.
+
+    ``model_id`` is the name edgelm serves it under (the catalog alias); ``model`` is the name
+    the upstream knows it by. ``transport`` lets tests (and users testing their own code) swap
+    the network for an :class:`httpx.MockTransport`.
+
+    ``cancel`` is checked as each SSE event arrives, and the response is closed on the way
+    out, which is what makes the upstream stop generating. An upstream that stalls without
+    sending anything is bounded by the read timeout (``remote.timeout_s``), not by ``cancel``.
+    """
+
+    name = "remote"
+    supports_logprobs = True
+    supports_embeddings = True
+    supports_grammar = True  # response_format is passed through; the upstream enforces it
+    supports_seed = True
+    concurrent_streams = True  # the upstream does its own batching and queueing
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        model_id: str | None = None,
+        n_ctx: int = 4096,
+        timeout_s: float = 120.0,
+        extra_body: dict[str, Any] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        if not base_url:
+            raise ConfigError("a remote model needs a base URL, e.g. http://127.0.0.1:8000/v1")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.model_id = model_id or model
+        self.n_ctx = n_ctx
+        # Engine-specific knobs (top_k, repeat_penalty, ...) that strict upstreams such as
+        # OpenAI's would reject; sent only when the catalog entry asks for them.
+        self.extra_body = dict(extra_body or {})
+        headers = {"User-Agent": f"edgelm/{__version__}"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
+            transport=transport,
+        )
+
+    @classmethod
+    def from_entry(
+        cls,
+        entry: CatalogEntry,
+        settings: Settings,
+        path: Path | None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> RemoteEngine:
+        """Build from a catalog entry; entry options win over the ``remote.*`` settings.
+
+        ``path`` is unused (a remote model has no local file) and is accepted only so that
+        every engine is built the same way by :func:`edgelm.engines.create_engine`.
+        """
+        options = entry.options
+        base_url = options.get("base_url") or settings.remote.base_url
+        if not base_url:
+            raise ConfigError(
+                f"model '{entry.alias}' uses the remote engine but has no upstream URL; set "
+                "options.base_url on the model or 'edgelm config set remote.base_url "
+                "http://host:port/v1'"
+            )
+        return cls(
+            str(base_url),
+            entry.upstream_model or entry.alias,
+            api_key=options.get("api_key") or settings.remote.api_key,
+            model_id=entry.alias,
+            n_ctx=entry.context_length,
+            timeout_s=float(options.get("timeout_s") or settings.remote.timeout_s),
+            extra_body=options.get("extra_body"),
+            transport=transport,
+        )
+
+    # -- request building -----------------------------------------------------------------
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+        }
+        if request.is_chat:
+            body["messages"] = [m.model_dump(exclude_none=True) for m in request.messages or []]
+        else:
+            body["prompt"] = request.prompt or ""
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.stop:
+            body["stop"] = list(request.stop)
+        if request.presence_penalty:
+            body["presence_penalty"] = request.presence_penalty
+        if request.frequency_penalty:
+            body["frequency_penalty"] = request.frequency_penalty
+        if request.logprobs:
+            if request.is_chat:
+                body["logprobs"] = True
+                if request.top_logprobs:
+                    body["top_logprobs"] = request.top_logprobs
+            else:  # the completions API takes the number of alternatives instead
+                body["logprobs"] = request.top_logprobs
+        fmt = request.response_format
+        if fmt is not None and fmt.type != "text":
+            body["response_format"] = fmt.model_dump(exclude_none=True)
+        body.update(self.extra_body)
+        return body
+
+    def _prompt_estimate(self, request: GenerationRequest) -> int:
+        if request.is_chat:
+            text = "\n".join(f"{m.role}: {m.text()}" for m in request.messages or [])
+        else:
+            text = request.prompt or ""
+        return self.count_tokens(text)
+
+    # -- streaming ------------------------------------------------------------------------
+    def stream(
+        self, request: GenerationRequest, cancel: threading.Event | None = None
+    ) -> Iterator[Chunk]:
+        check_capabilities(self, request)
+        start = time.perf_counter()
+        url = f"{self.base_url}/{'chat/completions' if request.is_chat else 'completions'}"
+        body = self._body(request)
+        response = self._open(url, body)
+        try:
+            yield from self._read(response, url, request, start, cancel)
+        finally:
+            response.close()
+
+    def _open(self, url: str, body: dict[str, Any]) -> httpx.Response:
+        """Send the request and return the streaming response once its status is 2xx.
+
+        Some upstreams (older vLLM, llama.cpp and Ollama builds) refuse ``stream_options``;
+        the request is then retried once without it and usage is estimated.
+        """
+        response = self._send(url, body)
+        if response.status_code == 400 and "stream_options" in body:
+            response.read()
+            if "stream_options" in response.text:
+                response.close()
+                body = {k: v for k, v in body.items() if k != "stream_options"}
+                response = self._send(url, body)
+        if response.status_code >= 400:
+            response.read()
+            response.close()
+            raise upstream_http_error(response, url)
+        return response
+
+    def _send(self, url: str, body: dict[str, Any]) -> httpx.Response:
+        request = self._http.build_request(
+            "POST", url, json=body, headers={"Accept": "text/event-stream"}
+        )
+        try:
+            return self._http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise upstream_transport_error(exc, url) from None
+
+    def _read(
+        self,
+        response: httpx.Response,
+        url: str,
+        request: GenerationRequest,
+        start: float,
+        cancel: threading.Event | None,
+    ) -> Iterator[Chunk]:
+        # Estimates until the upstream's usage chunk (if any) arrives at the end.
+        prompt_tokens = self._prompt_estimate(request)
+        completion_tokens = 0
+        usage: dict[str, Any] | None = None
+        finish: FinishReason | None = None
+        done = False
+        stopped_here = False
+        stops = StopBuffer(request.stop)  # a guard for upstreams that ignore "stop"
+        try:
+            for event in _sse_events(response.iter_lines(), url):
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if event is None:  # [DONE]
+                    done = True
+                    break
+                if "error" in event:
+                    raise _in_band_error(event["error"], url)
+                if event.get("usage"):
+                    usage = event["usage"]
+                for choice in event.get("choices") or []:
+                    if choice.get("index", 0) != 0:
+                        continue
+                    raw = _choice_text(choice)
+                    lps = _logprobs(choice.get("logprobs"))
+                    if raw or lps:
+                        # Without a usage chunk, each content event counts as one token
+                        # (vLLM, llama.cpp and Ollama send one per token), or one per
+                        # logprob entry when an upstream batches several tokens.
+                        completion_tokens += len(lps) or 1
+                        text, hit = stops.push(raw)
+                        yield Chunk(
+                            text=text,
+                            logprobs=lps,
+                            t=time.perf_counter() - start,
+                            prompt_tokens=prompt_tokens,
+                            completion_tokens=completion_tokens,
+                        )
+                        if hit:
+                            finish = "stop"
+                            done = stopped_here = True
+                            break
+                    if choice.get("finish_reason"):
+                        finish = "length" if choice["finish_reason"] == "length" else "stop"
+                if done:
+                    break
+        except httpx.TransportError as exc:
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+            else:
+                raise upstream_transport_error(exc, url) from None
+        if finish is None and not done:
+            raise UpstreamError(
+                f"the upstream at {url} closed the stream before the answer finished"
+            )
+        if usage:
+            prompt_tokens = int(usage.get("prompt_tokens") or prompt_tokens)
+            completion_tokens = int(usage.get("completion_tokens") or completion_tokens)
+        yield Chunk(
+            text="" if stopped_here else stops.flush(),
+            t=time.perf_counter() - start,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            finish_reason=finish or "stop",
+        )
+
+    # -- embeddings -----------------------------------------------------------------------
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        url = f"{self.base_url}/embeddings"
+        try:
+            response = self._http.post(url, json={"model": self.model, "input": texts})
+        except httpx.TransportError as exc:
+            raise upstream_transport_error(exc, url) from None
+        if response.status_code >= 400:
+            raise upstream_http_error(response, url)
+        try:
+            payload = response.json()
+            rows = sorted(payload["data"], key=lambda row: row.get("index", 0))
+            vectors = [[float(x) for x in row["embedding"]] for row in rows]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UpstreamError(f"the upstream at {url} sent an unreadable answer: {exc}") from None
+        usage = payload.get("usage") or {}
+        used = usage.get("prompt_tokens") or usage.get("total_tokens")
+        if not used:
+            used = sum(self.count_tokens(t) for t in texts)
+        return vectors, int(used)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _sse_events(lines: Iterator[str], url: str) -> Iterator[dict[str, Any] | None]:
+    """Decode ``data:`` lines; ``None`` stands for ``[DONE]``. Comments and other fields
+    (``event:``, ``id:``, keep-alive ``:`` lines) are skipped."""
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if not data:
+            continue
+        if data == "[DONE]":
+            yield None
+            return
+        try:
+            event = json.loads(data)
+        except json.JSONDecodeError:
+            raise UpstreamError(
+                f"the upstream at {url} sent a malformed event: {data[:200]}"
+            ) from None
+        if isinstance(event, dict):
+            yield event
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return delta.get("content") or ""
+    return choice.get("text") or ""
+
+
+def _logprobs(raw: Any) -> list[TokenLogprob]:
+    """Map either OpenAI logprobs shape onto :class:`TokenLogprob`.
+
+    Chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``.
+    Completions: ``{"tokens": [...], "token_logprobs": [...], "top_logprobs": [{tok: lp}]}``.
+    """
+    if not isinstance(raw, dict):
+        return []
+    if isinstance(raw.get("content"), list):
+        out = []
+        for item in raw["content"]:
+            top = [
+                (str(alt.get("token", "")), float(alt.get("logprob", 0.0)))
+                for alt in item.get("top_logprobs") or []
+            ]
+            out.append(
+                TokenLogprob(
+                    token=str(item.get("token", "")),
+                    logprob=float(item.get("logprob", 0.0)),
+                    bytes=item.get("bytes"),
+                    top=top,
+                )
+            )
+        return out
+    tokens = raw.get("tokens") or []
+    values = raw.get("token_logprobs") or []
+    tops = raw.get("top_logprobs") or []
+    out = []
+    for i, token in enumerate(tokens):
+        value = values[i] if i < len(values) and values[i] is not None else 0.0
+        alts = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        out.append(
+            TokenLogprob(
+                token=str(token),
+                logprob=float(value),
+                bytes=list(str(token).encode()),
+                top=[(str(t), float(v)) for t, v in alts.items()],
+            )
+        )
+    return out
+
+
+def _error_fields(payload: Any) -> tuple[str | None, str | None, str | None]:
+    """(message, code, param) from the error shapes upstreams use: OpenAI's
+    ``{"error": {...}}``, Ollama's ``{"error": "..."}``, vLLM's ``{"message": ...}`` and
+    FastAPI's ``{"detail": ...}``."""
+    if not isinstance(payload, dict):
+        return None, None, None
+    err = payload.get("error", payload)
+    if isinstance(err, str):
+        return err, None, None
+    if not isinstance(err, dict):
+        return None, None, None
+    message = err.get("message") or err.get("detail")
+    if message is not None and not isinstance(message, str):
+        message = json.dumps(message)
+    code = err.get("code") if isinstance(err.get("code"), str) else None
+    param = err.get("param") if isinstance(err.get("param"), str) else None
+    return message, code, param
+
+
+def upstream_http_error(response: httpx.Response, url: str) -> UpstreamError:
+    """An upstream's HTTP error as an :class:`UpstreamError` a caller can act on.
+
+    A 4xx other than 401/403 is the caller's problem (unknown model, bad parameter, too
+    long a prompt, rate limit), so it keeps the upstream's status: a 404 stays a 404. A 401
+    or 403 means *edgelm's* key for the upstream is wrong, which a client of edgelm cannot
+    fix, so it stays a 502 with a hint. 5xx stay 502. ``upstream_status`` keeps the original.
+    """
+    status = response.status_code
+    try:
+        message, code, param = _error_fields(response.json())
+    except ValueError:
+        message, code, param = None, None, None
+    message = message or response.text.strip()[:300] or response.reason_phrase
+    text = f"upstream {url} answered {status}: {message}"
+    if status in (401, 403):
+        text += " (check the API key: the model's options.api_key or remote.api_key)"
+    err = UpstreamError(text, param=param, code=code)
+    err.upstream_status = status  # type: ignore[attr-defined]
+    if 400 <= status < 500 and status not in (401, 403):
+        err.status = status
+        err.type = "rate_limit_error" if status == 429 else "invalid_request_error"
+    return err
+
+
+def upstream_transport_error(exc: httpx.TransportError, url: str) -> UpstreamError:
+    if isinstance(exc, httpx.TimeoutException):
+        err = UpstreamError(f"the upstream at {url} timed out ({type(exc).__name__})")
+        err.status = 504
+        return err
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamError(f"cannot connect to the upstream at {url}: {exc}")
+    return UpstreamError(f"the connection to the upstream at {url} failed: {exc}")
+
+
+def _in_band_error(raw: Any, url: str) -> UpstreamError:
+    message, code, param = _error_fields({"error": raw})
+    return UpstreamError(
+        f"upstream {url} failed mid-stream: {message or raw}", param=param, code=code
+    )

@@ -1,0 +1,115 @@
+"""Errors that carry what a user needs: an HTTP status, an OpenAI error type and code.
+
+The service turns any :class:`EdgelmError` into ``{"error": {...}}`` with its status; the CLI
+prints its message on one line and exits non-zero. Nothing else needs to know about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class EdgelmError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(EdgelmError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(EdgelmError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class Unsupported(InvalidRequest):
+    """The engine behind the model does not declare the capability asked for."""
+
+    code = "unsupported"
+
+
+class ModelLoadError(EdgelmError):
+    status = 503
+    type = "server_error"
+    code = "model_load_failed"
+
+
+class MissingExtra(EdgelmError):
+    """An optional dependency is not installed; the message says which extra installs it."""
+
+    status = 501
+    type = "server_error"
+    code = "missing_dependency"
+
+    def __init__(self, package: str, extra: str):
+        super().__init__(
+            f"{package} is not installed; install it with: pip install 'edgelm[{extra}]'"
+        )
+
+
+class DownloadError(EdgelmError):
+    code = "download_failed"
+
+
+class ChecksumMismatch(DownloadError):
+    code = "checksum_mismatch"
+
+
+class ConfigError(EdgelmError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_config"
+
+
+class UpstreamError(EdgelmError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_failed"
+
+
+class Overloaded(EdgelmError):
+    status = 503
+    type = "server_error"
+    code = "overloaded"
+
+
+class Busy(EdgelmError):
+    """The model is serving requests and cannot be unloaded right now."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "model_busy"
+
+
+class RequestTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
+
+
+class GenerationTimeout(EdgelmError):
+    status = 504
+    type = "server_error"
+    code = "generation_timeout"

@@ -1,0 +1,319 @@
+"""Which models are loaded, and who may use them when.
+
+Models load on first use, stay while used, unload after an idle TTL, and never exceed the
+memory budget (the least recently used idle model goes first). Engines that cannot run two
+streams at once get one slot; a bounded queue in front of it turns overload into a clear 503
+instead of an ever-growing wait. Engine calls are blocking, so they run in worker threads and
+stream back to the event loop through :meth:`ModelPool.stream`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from edgelm.catalog import Catalog, CatalogEntry
+from edgelm.engines import create_engine
+from edgelm.engines.base import Engine
+from edgelm.errors import Busy, EdgelmError, GenerationTimeout, ModelLoadError, Overloaded
+from edgelm.settings import Settings
+from edgelm.types import Chunk, GenerationRequest
+
+log = logging.getLogger("edgelm.pool")
+
+EngineFactory = Callable[[CatalogEntry, Settings, Path | None], Engine]
+_DONE = object()
+
+
+@dataclass
+class LoadedModel:
+    entry: CatalogEntry
+    engine: Engine
+    loaded_at: float
+    load_seconds: float
+    last_used: float
+    slots: asyncio.Semaphore
+    active: int = 0
+    waiting: int = 0
+    requests: int = 0
+    cancelled: int = 0
+
+    def info(self) -> dict[str, object]:
+        return {
+            "id": self.entry.alias,
+            "engine": self.engine.name,
+            "tier": self.entry.tier,
+            "memory_bytes": self.engine.memory_bytes,
+            "n_ctx": self.engine.n_ctx,
+            "loaded_at": self.loaded_at,
+            "load_seconds": round(self.load_seconds, 3),
+            "idle_seconds": round(max(0.0, time.monotonic() - self.last_used), 1),
+            "active": self.active,
+            "waiting": self.waiting,
+            "requests": self.requests,
+            "cancelled": self.cancelled,
+        }
+
+
+@dataclass
+class PoolStats:
+    loads: int = 0
+    load_failures: int = 0
+    unloads: int = 0
+    evictions: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class ModelPool:
+    """Loads, shares and unloads engines. One instance per service (no module globals)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        resolve_path: Callable[[CatalogEntry], Path | None] | None = None,
+        engine_factory: EngineFactory = create_engine,
+    ):
+        self.settings = settings
+        self.catalog = catalog
+        self.resolve_path = resolve_path or (lambda entry: entry.path)
+        self.engine_factory = engine_factory
+        self.models: dict[str, LoadedModel] = {}
+        self.stats = PoolStats()
+        self._load_locks: dict[str, asyncio.Lock] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- budget ---------------------------------------------------------------------------
+    @property
+    def memory_budget(self) -> int:
+        configured = self.settings.pool.memory_budget_mb
+        if configured:
+            return configured * 1024 * 1024
+        return int(psutil.virtual_memory().total * 0.75)
+
+    def _estimate(self, entry: CatalogEntry) -> int:
+        """Memory a model will take before it is loaded: weights plus ~25% for KV and buffers."""
+        return int(entry.size_bytes * 1.25)
+
+    def used_memory(self) -> int:
+        return sum(m.engine.memory_bytes for m in self.models.values())
+
+    async def _make_room(self, entry: CatalogEntry) -> None:
+        need = self._estimate(entry)
+        budget = self.memory_budget
+        if need > budget:
+            raise ModelLoadError(
+                f"model '{entry.alias}' needs about {need // 2**20} MiB but the memory budget "
+                f"is {budget // 2**20} MiB (setting pool.memory_budget_mb)"
+            )
+        while self.models and (
+            self.used_memory() + need > budget or len(self.models) >= self.settings.pool.max_loaded
+        ):
+            idle = [m for m in self.models.values() if m.active == 0 and m.waiting == 0]
+            if not idle:
+                raise Overloaded(
+                    f"cannot load '{entry.alias}': the memory budget is taken by models that are "
+                    "busy; retry shortly"
+                )
+            victim = min(idle, key=lambda m: m.last_used)
+            log.info("evicting %s to make room for %s", victim.entry.alias, entry.alias)
+            self.stats.evictions += 1
+            await self.unload(victim.entry.alias)
+
+    # -- load / unload -----------------------------------------------------------------------
+    async def get(self, name: str) -> LoadedModel:
+        """The loaded model for ``name`` (alias, extra alias or full name), loading it if needed."""
+        entry = self.catalog.resolve(name)
+        loaded = self.models.get(entry.alias)
+        if loaded is not None:
+            return loaded
+        lock = self._load_locks.setdefault(entry.alias, asyncio.Lock())
+        async with lock:
+            loaded = self.models.get(entry.alias)
+            if loaded is not None:
+                return loaded
+            await self._make_room(entry)
+            start = time.perf_counter()
+            try:
+                path = self.resolve_path(entry) if entry.needs_file else None
+                engine = await asyncio.to_thread(self.engine_factory, entry, self.settings, path)
+            except EdgelmError:
+                self.stats.load_failures += 1
+                raise
+            except MemoryError:
+                self.stats.load_failures += 1
+                raise ModelLoadError(f"out of memory while loading '{entry.alias}'") from None
+            except Exception as exc:  # a backend failing in any way must not take the service down
+                self.stats.load_failures += 1
+                log.exception("loading %s failed", entry.alias)
+                raise ModelLoadError(f"could not load '{entry.alias}': {exc}") from exc
+            now = time.monotonic()
+            slots = 64 if engine.concurrent_streams else 1
+            loaded = LoadedModel(
+                entry=entry,
+                engine=engine,
+                loaded_at=time.time(),
+                load_seconds=time.perf_counter() - start,
+                last_used=now,
+                slots=asyncio.Semaphore(slots),
+            )
+            self.models[entry.alias] = loaded
+            self.stats.loads += 1
+            log.info("loaded %s in %.2fs", entry.alias, loaded.load_seconds)
+            return loaded
+
+    async def unload(self, name: str, force: bool = False) -> bool:
+        """Unload a model; refuse (409) while it serves requests, so no stream is cut off."""
+        entry = self.catalog.resolve(name)
+        loaded = self.models.get(entry.alias)
+        if loaded is None:
+            return False
+        if (loaded.active or loaded.waiting) and not force:
+            raise Busy(
+                f"model '{entry.alias}' is serving {loaded.active} request(s); unload it later"
+            )
+        del self.models[entry.alias]
+        await asyncio.to_thread(loaded.engine.close)
+        self.stats.unloads += 1
+        log.info("unloaded %s", entry.alias)
+        return True
+
+    async def unload_idle(self) -> list[str]:
+        ttl = self.settings.pool.idle_ttl_s
+        if not ttl:
+            return []
+        now = time.monotonic()
+        stale = [
+            alias
+            for alias, m in self.models.items()
+            if m.active == 0 and m.waiting == 0 and now - m.last_used >= ttl
+        ]
+        for alias in stale:
+            await self.unload(alias)
+        return stale
+
+    async def start(self) -> None:
+        """Start the idle reaper (called from the app's lifespan)."""
+        if self._reaper is None and self.settings.pool.idle_ttl_s:
+            self._reaper = asyncio.create_task(self._reap_forever())
+
+    async def _reap_forever(self) -> None:
+        interval = max(0.05, min(30.0, self.settings.pool.idle_ttl_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.unload_idle()
+            except Exception:  # keep reaping whatever one unload did
+                log.exception("idle unload failed")
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        for alias in list(self.models):
+            await self.unload(alias, force=True)
+
+    # -- use ---------------------------------------------------------------------------------
+    async def _acquire(self, loaded: LoadedModel) -> Engine:
+        """Take one of the model's slots; refuse with 503 when its queue is full."""
+        if loaded.slots.locked() and loaded.waiting >= self.settings.service.max_queue:
+            raise Overloaded(
+                f"model '{loaded.entry.alias}' has {loaded.waiting} requests waiting; retry later"
+            )
+        loaded.waiting += 1
+        try:
+            await loaded.slots.acquire()
+        finally:
+            loaded.waiting -= 1
+        loaded.active += 1
+        loaded.requests += 1
+        loaded.last_used = time.monotonic()
+        return loaded.engine
+
+    @staticmethod
+    def _release(loaded: LoadedModel) -> None:
+        loaded.active -= 1
+        loaded.last_used = time.monotonic()
+        loaded.slots.release()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, loaded: LoadedModel) -> AsyncIterator[Engine]:
+        engine = await self._acquire(loaded)
+        try:
+            yield engine
+        finally:
+            self._release(loaded)
+
+    async def stream(self, name: str, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Run ``engine.stream`` in a worker thread and yield its chunks on the event loop.
+
+        Closing this iterator early (a client went away) sets the engine's cancel event, so the
+        model stops at the next token; the slot is released only once the worker has really
+        finished, so an engine that cannot run two streams never sees two.
+        """
+        loaded = await self.get(name)
+        engine = await self._acquire(loaded)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def produce() -> None:
+            try:
+                for chunk in engine.stream(request, cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                    if cancel.is_set():
+                        break
+            except BaseException as exc:  # handed to the consumer and re-raised there
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        try:
+            worker = loop.run_in_executor(None, produce)
+        except BaseException:
+            self._release(loaded)
+            raise
+        finished = False
+        deadline = loop.time() + self.settings.service.request_timeout_s
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    raise GenerationTimeout(
+                        f"generation on '{loaded.entry.alias}' ran past "
+                        f"{self.settings.service.request_timeout_s:g} s and was stopped "
+                        "(setting service.request_timeout_s)"
+                    ) from None
+                if item is _DONE:
+                    finished = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, Chunk)
+                yield item
+        finally:
+            if finished:
+                self._release(loaded)  # the engine's generator has returned
+            else:
+                cancel.set()
+                loaded.cancelled += 1
+                worker.add_done_callback(lambda _f: self._release(loaded))
+
+    async def embed(self, name: str, texts: list[str]) -> tuple[list[list[float]], int]:
+        loaded = await self.get(name)
+        async with self.slot(loaded) as engine:
+            return await asyncio.to_thread(engine.embed, texts)
+
+    def loaded_info(self) -> list[dict[str, object]]:
+        return [m.info() for m in self.models.values()]

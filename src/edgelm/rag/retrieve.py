@@ -1,0 +1,171 @@
+"""Lexical (BM25), dense (cosine) and hybrid (reciprocal rank fusion) retrieval, with a
+relevance threshold so that an out-of-scope question retrieves nothing.
+
+BM25 ranks well but cannot say "none of these is about the question": its scores are
+unbounded and corpus-dependent. So every lexical candidate also gets a *coverage* score in
+[0, 1] — the IDF-weighted share of the question's terms the chunk (or its heading) contains —
+and only candidates reaching ``min_relevance`` are kept. A question whose rare words appear
+nowhere ("What is the capital of France?") scores near 0 and is refused upstream, without
+calling a model. Dense hits have their own floor (``min_similarity``, cosine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from edgelm.rag.config import RetrievalMode
+from edgelm.rag.ingest import ChunkSpec, chunk_text
+from edgelm.rag.store import RagStore, StoredChunk
+from edgelm.rag.terms import terms
+
+RRF_K = 60
+CANDIDATES = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A retrieved chunk with the score of the mode used and the evidence behind it."""
+
+    chunk: StoredChunk
+    score: float
+    relevance: float | None = None
+    """Lexical coverage in [0, 1] (None when the chunk was only found densely)."""
+    similarity: float | None = None
+    """Cosine similarity to the question (None without vectors)."""
+
+
+def rrf(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion: ``sum(1 / (k + rank))`` over the rankings an item is in.
+
+    Ranks start at 1; ties keep the order of first appearance, so the fusion is deterministic.
+    """
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, item in enumerate(ranking, 1):
+            scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda kv: -kv[1])
+
+
+def coverage(question_terms: Sequence[str], idf: dict[str, float], chunk_terms: set[str]) -> float:
+    """IDF-weighted share of the question's distinct terms found in the chunk."""
+    total = sum(idf.get(t, 0.0) for t in question_terms)
+    if total <= 0:
+        return 0.0
+    return sum(idf.get(t, 0.0) for t in question_terms if t in chunk_terms) / total
+
+
+def _chunk_terms(chunk: StoredChunk) -> set[str]:
+    return set(terms(chunk.text)) | set(terms(chunk.heading))
+
+
+def lexical(store: RagStore, question: str, top_k: int, min_relevance: float = 0.0) -> list[Hit]:
+    """BM25 order, keeping only chunks whose coverage reaches ``min_relevance``."""
+    q_terms = list(dict.fromkeys(terms(question)))
+    ranked = store.bm25(q_terms, max(CANDIDATES, top_k))
+    if not ranked:
+        return []
+    idf = store.idf(q_terms)
+    chunks = store.chunks_by_id([i for i, _ in ranked])
+    hits = []
+    for chunk_id, bm25 in ranked:
+        chunk = chunks[chunk_id]
+        rel = coverage(q_terms, idf, _chunk_terms(chunk))
+        if rel >= min_relevance:
+            hits.append(Hit(chunk, bm25, relevance=rel))
+    return hits[:top_k]
+
+
+def dense(
+    store: RagStore, query_vector: Sequence[float], top_k: int, min_similarity: float = -1.0
+) -> list[Hit]:
+    """Nearest chunks by cosine similarity, at least ``min_similarity``."""
+    ranked = [(i, s) for i, s in store.nearest(query_vector, top_k) if s >= min_similarity]
+    chunks = store.chunks_by_id([i for i, _ in ranked])
+    return [Hit(chunks[i], s, similarity=s) for i, s in ranked]
+
+
+def hybrid(
+    store: RagStore,
+    question: str,
+    query_vector: Sequence[float] | None,
+    top_k: int,
+    min_relevance: float = 0.0,
+    min_similarity: float = -1.0,
+) -> list[Hit]:
+    """RRF of the lexical and dense candidate lists; a fused hit must pass either floor."""
+    lex = lexical(store, question, CANDIDATES, 0.0)
+    den = dense(store, query_vector, CANDIDATES) if query_vector is not None else []
+    by_id: dict[int, Hit] = {}
+    for hit in lex:
+        by_id[hit.chunk.id] = hit
+    for hit in den:
+        old = by_id.get(hit.chunk.id)
+        by_id[hit.chunk.id] = Hit(
+            hit.chunk, 0.0, relevance=old.relevance if old else None, similarity=hit.similarity
+        )
+    fused = rrf([[h.chunk.id for h in lex], [h.chunk.id for h in den]])
+    out = []
+    for chunk_id, score in fused:
+        hit = by_id[chunk_id]
+        lexical_ok = hit.relevance is not None and hit.relevance >= min_relevance
+        dense_ok = hit.similarity is not None and hit.similarity >= min_similarity
+        if lexical_ok or dense_ok:
+            out.append(Hit(hit.chunk, score, hit.relevance, hit.similarity))
+        if len(out) >= top_k:
+            break
+    return out
+
+
+def retrieve(
+    store: RagStore,
+    question: str,
+    *,
+    mode: RetrievalMode = "hybrid",
+    top_k: int = 4,
+    query_vector: Sequence[float] | None = None,
+    min_relevance: float = 0.0,
+    min_similarity: float = -1.0,
+) -> list[Hit]:
+    """Dispatch on ``mode``. Hybrid without a query vector is lexical (no embedding model);
+    dense without one is an error the caller should have prevented."""
+    if mode == "lexical" or (mode == "hybrid" and query_vector is None):
+        return lexical(store, question, top_k, min_relevance)
+    if mode == "dense":
+        if query_vector is None:
+            from edgelm.errors import InvalidRequest
+
+            raise InvalidRequest(
+                f"collection '{store.name}' has no embeddings; ingest it with --embed-model "
+                "or use --mode lexical",
+                param="mode",
+            )
+        return dense(store, query_vector, top_k, min_similarity)
+    return hybrid(store, question, query_vector, top_k, min_relevance, min_similarity)
+
+
+# -- inline documents ---------------------------------------------------------------------------
+def rank_inline(
+    documents: Sequence[dict[str, str]],
+    question: str,
+    top_k: int,
+    min_relevance: float = 0.0,
+    chunk_size: int = 800,
+    overlap: int = 120,
+) -> list[Hit]:
+    """Chunk documents passed with a request in memory and rank them lexically.
+
+    Uses an in-memory SQLite store so inline documents get exactly the BM25 and relevance
+    rules of a stored collection (a few documents chunk and index in milliseconds).
+    """
+    from pathlib import Path
+
+    store = RagStore(Path(":memory:"), name="inline")
+    try:
+        for n, doc in enumerate(documents, 1):
+            doc_id = str(doc.get("id") or f"doc{n}")
+            specs: list[ChunkSpec] = chunk_text(str(doc.get("text", "")), chunk_size, overlap)
+            store.replace_source(doc_id, "", "inline", "", doc.get("title"), specs)
+        return lexical(store, question, top_k, min_relevance)
+    finally:
+        store.close()

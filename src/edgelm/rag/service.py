@@ -1,0 +1,195 @@
+"""RAG inside the service: the ``rag:<collection>`` virtual model family and its machinery.
+
+``rag:<collection>`` answers the last user message from that collection;
+``rag:<collection>@<model>`` picks the model that writes the answer (default ``rag.model``);
+``rag:inline`` answers from documents sent with the request as content parts
+``{"type": "document", "id": "...", "text": "..."}`` in a user message (OpenAI clients pass such
+parts through untouched, so no schema change is needed). The answer streams through the normal
+chat route; citations and the rest arrive in the ``edgelm`` extension.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgelm.errors import InvalidRequest
+from edgelm.rag.answer import AnswerOptions, answer_stream
+from edgelm.rag.config import rag_settings
+from edgelm.rag.retrieve import Hit, rank_inline, retrieve
+from edgelm.rag.store import RagStore, check_name, collections_dir, list_collections
+from edgelm.server.virtual import VirtualAnswer, VirtualModel
+from edgelm.types import Chunk, GenerationRequest, Message
+
+if TYPE_CHECKING:
+    from edgelm.server.state import ServiceState
+
+PREFIX = "rag:"
+INLINE = "inline"
+
+
+class PoolGenerator:
+    """Streams from models the service itself serves (real ones through the pool, virtual
+    ones such as ``hybrid`` through their family), so RAG never holds a private model."""
+
+    def __init__(self, state: ServiceState):
+        self.state = state
+
+    async def stream(
+        self, model: str, messages: list[dict[str, Any]], max_tokens: int, temperature: float
+    ) -> AsyncIterator[Chunk]:
+        request = GenerationRequest(
+            messages=[Message.model_validate(m) for m in messages],
+            max_tokens=max_tokens,
+            temperature=temperature,
+        )
+        family = self.state.find_virtual(model)
+        if family is not None and not isinstance(family, RagModels):
+            answer = await family.answer(self.state, model, request)
+            async for chunk in answer.chunks:
+                yield chunk
+            return
+        async for chunk in self.state.pool.stream(model, request):
+            yield chunk
+
+    def canonical(self, model: str) -> str:
+        if self.state.find_virtual(model):
+            return model
+        return self.state.catalog.resolve(model).alias
+
+
+def inline_documents(messages: Sequence[Message]) -> list[dict[str, str]]:
+    """Documents sent as ``{"type": "document", "id", "text"}`` content parts."""
+    docs = []
+    for message in messages:
+        if isinstance(message.content, list):
+            for part in message.content:
+                if part.get("type") == "document":
+                    docs.append(
+                        {"id": str(part.get("id") or ""), "text": str(part.get("text", ""))}
+                    )
+    return docs
+
+
+class RagModels(VirtualModel):
+    """``rag:<collection>`` and ``rag:inline``. Holds open stores (with their cached vector
+    matrices) per instance, so one service keeps dense search warm without module globals."""
+
+    def __init__(self) -> None:
+        self._stores: dict[tuple[str, int], tuple[RagStore, threading.Lock]] = {}
+        self._guard = threading.Lock()
+
+    def matches(self, name: str) -> bool:
+        return name.startswith(PREFIX)
+
+    def cards(self, state: ServiceState) -> list[dict[str, Any]]:
+        cards = [
+            self.card(state, f"{PREFIX}{name}", description=f"RAG over collection '{name}'")
+            for name in list_collections(state.settings.home)
+        ]
+        cards.append(
+            self.card(state, f"{PREFIX}{INLINE}", description="RAG over documents in the request")
+        )
+        return cards
+
+    def _store(self, home: Path, name: str) -> tuple[RagStore, threading.Lock]:
+        name = check_name(name)
+        path = collections_dir(home) / f"{name}.db"
+        if not path.exists():
+            RagStore.open(home, name, create=False)  # raises the clear 404
+        key = (str(path), path.stat().st_ino)  # a removed and re-created collection reopens
+        with self._guard:
+            if key not in self._stores:
+                self._stores[key] = (RagStore.open(home, name), threading.Lock())
+            return self._stores[key]
+
+    async def answer(
+        self, state: ServiceState, name: str, request: GenerationRequest
+    ) -> VirtualAnswer:
+        target, _, model = name[len(PREFIX) :].partition("@")
+        messages = request.messages or []
+        question = next((m.text() for m in reversed(messages) if m.role == "user"), "").strip()
+        history = [
+            {"role": m.role, "content": m.text()}
+            for m in messages[:-1]
+            if m.role in ("user", "assistant") and m.text()
+        ]
+        overrides: dict[str, Any] = {"model": model or None, "history": history}
+        if request.max_tokens is not None:
+            overrides["max_tokens"] = request.max_tokens
+        if "temperature" in request.model_fields_set:
+            overrides["temperature"] = request.temperature
+        options = AnswerOptions.from_settings(rag_settings(state.settings), **overrides)
+        documents = inline_documents(messages) if target == INLINE else None
+        collection = None if target == INLINE else target
+        chunks, extension = await self.start(
+            state, question, options, collection=collection, documents=documents
+        )
+        return VirtualAnswer(chunks=chunks, extension=extension)
+
+    async def start(
+        self,
+        state: ServiceState,
+        question: str,
+        options: AnswerOptions,
+        *,
+        collection: str | None = None,
+        documents: Sequence[dict[str, str]] | None = None,
+    ) -> tuple[AsyncIterator[Chunk], dict[str, Any]]:
+        """Retrieve (raising a clear error before any streaming), then stream the answer."""
+        if not question:
+            raise InvalidRequest("the question (last user message) is empty", param="messages")
+        hits = await self.retrieve(state, question, options, collection, documents)
+        extension: dict[str, Any] = {}
+        chunks = answer_stream(question, hits, PoolGenerator(state), options, extension)
+        return chunks, extension
+
+    async def retrieve(
+        self,
+        state: ServiceState,
+        question: str,
+        options: AnswerOptions,
+        collection: str | None,
+        documents: Sequence[dict[str, str]] | None,
+    ) -> list[Hit]:
+        rag = rag_settings(state.settings)
+        if documents is not None:
+            if not documents:
+                raise InvalidRequest(
+                    "rag:inline needs documents: send content parts "
+                    '{"type": "document", "id": ..., "text": ...}',
+                    param="documents",
+                )
+            return await asyncio.to_thread(
+                rank_inline,
+                documents,
+                question,
+                options.top_k,
+                options.min_relevance,
+                rag.chunk_size,
+                rag.overlap,
+            )
+        if not collection:
+            raise InvalidRequest("name a collection: rag:<collection>", param="model")
+        store, lock = self._store(state.settings.home, collection)
+        vector = None
+        if options.mode != "lexical" and store.embedding_model:
+            vectors, _ = await state.pool.embed(store.embedding_model, [question])
+            vector = vectors[0]
+
+        def run() -> list[Hit]:
+            with lock:
+                return retrieve(
+                    store,
+                    question,
+                    mode=options.mode,
+                    top_k=options.top_k,
+                    query_vector=vector,
+                    min_relevance=options.min_relevance,
+                    min_similarity=options.min_similarity,
+                )
+
+        return await asyncio.to_thread(run)

@@ -1,0 +1,43 @@
+"""The hybrid SLM→LLM router: policies (:mod:`.policies`), the pipeline (:mod:`.pipeline`)
+and the offline evaluation of policies over recorded drafts (:mod:`.evaluate`).
+
+The service side is :class:`edgelm.router_service.HybridModels` (``model="hybrid..."``).
+"""
+
+from edgelm.router.pipeline import REFINE_PROMPT, HybridRouter, RouteRecord
+from edgelm.router.policies import (
+    AllOf,
+    Always,
+    AnyOf,
+    Confidence,
+    Decision,
+    Draft,
+    Insufficient,
+    Keywords,
+    Length,
+    Never,
+    Policy,
+    Verdict,
+    parse_policy,
+    route_for,
+)
+
+__all__ = [
+    "REFINE_PROMPT",
+    "AllOf",
+    "Always",
+    "AnyOf",
+    "Confidence",
+    "Decision",
+    "Draft",
+    "HybridRouter",
+    "Insufficient",
+    "Keywords",
+    "Length",
+    "Never",
+    "Policy",
+    "RouteRecord",
+    "Verdict",
+    "parse_policy",
+    "route_for",
+]

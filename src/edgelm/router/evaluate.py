@@ -1,0 +1,661 @@
+"""``edgelm hybrid eval``: the quality / latency / cost trade-off of every policy and threshold.
+
+Models run once per question, not once per policy. At temperature 0 with a fixed seed the
+SLM's draft for a question is the same whatever policy later judges it, so each question is
+asked three times in all:
+
+1. ``hybrid:<slm>+<llm>@always`` — the draft (text, token logprobs, timings) and the LLM's
+   refinement of it, both from the route record the service returns;
+2. the LLM alone — the "direct" answer and the LLM-only baseline.
+
+Every configuration's outcome is then computed offline from those recorded pieces with the
+same :func:`edgelm.router.policies.route_for` the service uses: a ``draft`` route costs the
+draft's time, ``refine`` the draft plus the refinement, ``direct`` the LLM's direct answer (plus
+the draft when the decision needed it). Times are the engines' own (queueing excluded), so the
+baselines and the hybrid configurations are measured the same way in the same run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from edgelm.client import EdgelmClient, ServiceError, ServiceUnavailable
+from edgelm.cost import Prices, local_cost_per_request
+from edgelm.router.policies import Draft, Policy, decide_before_draft, parse_policy, route_for
+from edgelm.router_service import name_for
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from rich.table import Table
+
+ProgressFn = Callable[[int, int, str], None]
+Scorer = Callable[[str, Sequence[str]], float]
+
+DEFAULT_SYSTEM = "Answer the question correctly and concisely."
+QUALITY_TARGET = 0.95
+LATENCY_TARGET = 0.60
+
+# Thresholds swept when a policy is named without any.
+DEFAULT_GRID: dict[str, tuple[str, ...]] = {
+    "length": ("100", "200", "400", "600"),
+    "confidence": ("-0.1", "-0.2", "-0.3", "-0.4", "-0.5", "-0.75", "-1.0"),
+    "confidence-min": ("-1", "-2", "-3", "-4", "-6", "-8"),
+    "insufficient": ("3",),
+}
+DEFAULT_POLICIES = ("length", "confidence", "confidence-min", "insufficient")
+
+
+# -- talking to the service ---------------------------------------------------------------
+
+
+@dataclass
+class HybridReply:
+    """A hybrid answer as the client saw it: text, route record and headers."""
+
+    text: str = ""
+    extension: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    usage: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+    client_total_s: float = 0.0
+    client_ttft_s: float | None = None
+
+
+def stream_hybrid(
+    client: EdgelmClient, model: str, messages: list[dict[str, Any]], **params: Any
+) -> Iterator[str | HybridReply]:
+    """Stream a hybrid answer: text deltas, then the :class:`HybridReply` with the record.
+
+    edgelm's :class:`EdgelmClient` result has no place for the ``edgelm`` extension, so this
+    reads the stream itself (the same SSE the ``openai`` client reads).
+    """
+    body = {
+        "model": model,
+        "messages": messages,
+        **{k: v for k, v in params.items() if v is not None},
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    reply = HybridReply()
+    try:
+        with client.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise _error(response)
+            reply.headers = {k: v for k, v in response.headers.items() if k.startswith("x-edgelm")}
+            for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    err = event["error"]
+                    raise ServiceError(500, err.get("message", "stream failed"), err.get("type"))
+                reply.extension = event.get("edgelm") or reply.extension
+                reply.usage = event.get("usage") or reply.usage
+                reply.timings = event.get("timings") or reply.timings
+                for choice in event.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") or ""
+                    if text:
+                        if reply.client_ttft_s is None:
+                            reply.client_ttft_s = time.perf_counter() - start
+                        reply.text += text
+                        yield text
+    except httpx.ConnectError:
+        raise ServiceUnavailable(
+            f"the edgelm service at {client.endpoint} is not running; start it with: "
+            "edgelm service start"
+        ) from None
+    except httpx.TransportError as exc:
+        raise ServiceUnavailable(f"the connection to {client.endpoint} failed: {exc}") from None
+    reply.client_total_s = time.perf_counter() - start
+    yield reply
+
+
+def ask_hybrid(
+    client: EdgelmClient, model: str, messages: list[dict[str, Any]], **params: Any
+) -> HybridReply:
+    for item in stream_hybrid(client, model, messages, **params):
+        if isinstance(item, HybridReply):
+            return item
+    raise ServiceError(500, "the stream ended without a result")  # pragma: no cover
+
+
+def _error(response: httpx.Response) -> ServiceError:
+    try:
+        err = response.json()["error"]
+        return ServiceError(
+            response.status_code, err["message"], err.get("type"), err.get("code"), err.get("param")
+        )
+    except (ValueError, KeyError, TypeError):
+        return ServiceError(response.status_code, f"HTTP {response.status_code}")
+
+
+# -- recorded pieces ------------------------------------------------------------------------
+
+
+@dataclass
+class Piece:
+    """One model answer, timed by the engine."""
+
+    text: str
+    total_s: float
+    ttft_s: float | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Pieces:
+    """Everything recorded for one question; every configuration is computed from this."""
+
+    id: str
+    question: str
+    answers: list[str]
+    category: str
+    draft: Piece
+    mean_logprob: float | None
+    min_logprob: float | None
+    refine: Piece
+    direct: Piece
+
+    def draft_view(self) -> Draft:
+        return Draft(
+            self.draft.text,
+            (),
+            mean_logprob_value=self.mean_logprob,
+            min_logprob_value=self.min_logprob,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Pieces:
+        return cls(
+            **{
+                **data,
+                "draft": Piece(**data["draft"]),
+                "refine": Piece(**data["refine"]),
+                "direct": Piece(**data["direct"]),
+            }
+        )
+
+
+def _piece_from_leg(text: str, leg: dict[str, Any] | None) -> Piece:
+    leg = leg or {}
+    ttft = leg.get("ttft_ms")
+    return Piece(
+        text=text,
+        total_s=(leg.get("total_ms") or 0.0) / 1000,
+        ttft_s=None if ttft is None else ttft / 1000,
+        prompt_tokens=int(leg.get("prompt_tokens") or 0),
+        completion_tokens=int(leg.get("completion_tokens") or 0),
+    )
+
+
+def collect(
+    client: EdgelmClient,
+    items: Sequence[Any],
+    slm: str,
+    llm: str,
+    *,
+    max_tokens: int = 256,
+    system: str | None = DEFAULT_SYSTEM,
+    seed: int = 0,
+    warmup: bool = True,
+    progress: ProgressFn | None = None,
+) -> list[Pieces]:
+    """Ask every question once as draft+refine and once to the LLM alone (see module doc).
+
+    ``items`` are :class:`edgelm.evals.datasets.QAItem`-like (``id``, ``question``,
+    ``answers``, ``category``). Runs sequentially: latency is what is being measured.
+    """
+    params = {"temperature": 0.0, "seed": seed, "max_tokens": max_tokens}
+    hybrid = name_for(slm, llm, "always")
+    out: list[Pieces] = []
+
+    def messages(question: str) -> list[dict[str, Any]]:
+        head = [{"role": "system", "content": system}] if system else []
+        return [*head, {"role": "user", "content": question}]
+
+    if warmup and items:  # load both models and warm their caches outside the measurement
+        ask_hybrid(client, hybrid, messages(items[0].question), **{**params, "max_tokens": 8})
+    for n, item in enumerate(items, 1):
+        reply = ask_hybrid(client, hybrid, messages(item.question), **params)
+        ext = reply.extension
+        draft_leg = ext.get("draft") or {}
+        direct = client.chat_once(llm, messages(item.question), **params)
+        timings = direct.server_timings or {}
+        lp = ext.get("draft_logprob") or {}
+        out.append(
+            Pieces(
+                id=str(item.id),
+                question=item.question,
+                answers=list(item.answers),
+                category=getattr(item, "category", ""),
+                draft=_piece_from_leg(str(draft_leg.get("text", "")), draft_leg),
+                mean_logprob=lp.get("mean"),
+                min_logprob=lp.get("min"),
+                refine=_piece_from_leg(reply.text, ext.get("refine")),
+                direct=Piece(
+                    text=direct.text,
+                    total_s=(timings.get("total_ms") or direct.total_s * 1000) / 1000,
+                    ttft_s=(timings["ttft_ms"] / 1000) if timings.get("ttft_ms") else None,
+                    prompt_tokens=direct.prompt_tokens,
+                    completion_tokens=direct.completion_tokens,
+                ),
+            )
+        )
+        if progress:
+            progress(n, len(items), "questions")
+    return out
+
+
+# -- offline computation -------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    """One row of the trade-off table: a baseline or a policy spec."""
+
+    name: str
+    kind: str  # "slm-only" | "llm-only" | "hybrid"
+    policy: Policy | None = None
+
+
+@dataclass
+class Outcome:
+    route: str
+    text: str
+    latency_s: float
+    ttft_s: float
+    busy_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    reason: str = ""
+
+
+def outcome(config: Config, p: Pieces) -> Outcome:
+    """What the service would have answered for this question under this configuration."""
+    d, r, x = p.draft, p.refine, p.direct
+    if config.kind == "llm-only":
+        return _out("direct", x, [x], x.total_s, x.ttft_s)
+    if config.kind == "slm-only":
+        return _out("draft", d, [d], d.total_s, d.total_s)
+    assert config.policy is not None
+    decision = route_for(config.policy, p.question, p.draft_view())
+    if decision.route == "draft":
+        # The draft is buffered while the policy decides: its first token shows at its end.
+        return _out("draft", d, [d], d.total_s, d.total_s, decision.reason)
+    if decision.route == "refine":
+        return _out(
+            "refine",
+            r,
+            [d, r],
+            d.total_s + r.total_s,
+            d.total_s + (r.ttft_s or 0.0),
+            decision.reason,
+        )
+    if decide_before_draft(config.policy, p.question) is not None:
+        # A question rule sent it straight to the LLM: no draft was made.
+        return _out("direct", x, [x], x.total_s, x.ttft_s, decision.reason)
+    # Escalated after drafting (the draft declined): the draft's time is spent too.
+    return _out(
+        "direct", x, [d, x], d.total_s + x.total_s, d.total_s + (x.ttft_s or 0.0), decision.reason
+    )
+
+
+def _out(
+    route: str,
+    shown: Piece,
+    spent: list[Piece],
+    latency: float,
+    ttft: float | None,
+    reason: str = "",
+) -> Outcome:
+    return Outcome(
+        route=route,
+        text=shown.text,
+        latency_s=latency,
+        ttft_s=latency if ttft is None else ttft,
+        busy_s=sum(piece.total_s for piece in spent),
+        prompt_tokens=sum(piece.prompt_tokens for piece in spent),
+        completion_tokens=sum(piece.completion_tokens for piece in spent),
+        reason=reason,
+    )
+
+
+@dataclass
+class ConfigResult:
+    name: str
+    kind: str
+    n: int
+    quality: float
+    f1: float
+    contains: float
+    mean_latency_s: float
+    mean_ttft_s: float
+    escalated: float
+    refined: float
+    direct: float
+    local_cost_per_1k: float
+    cloud_cost_per_1k: dict[str, float]
+    quality_share: float | None = None
+    latency_share: float | None = None
+    meets_target: bool = False
+    routes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalReport:
+    metric: str
+    configs: list[ConfigResult]
+    pieces: list[Pieces]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def baseline(self, kind: str) -> ConfigResult | None:
+        return next((c for c in self.configs if c.kind == kind), None)
+
+    def best(self) -> ConfigResult | None:
+        """The fastest hybrid configuration keeping the quality target, else the one with the
+        best quality per latency share among those above the SLM's quality."""
+        hybrids = [c for c in self.configs if c.kind == "hybrid" and c.quality_share is not None]
+        keeping = [c for c in hybrids if (c.quality_share or 0) >= QUALITY_TARGET]
+        if keeping:
+            return min(keeping, key=lambda c: (c.mean_latency_s, -c.quality))
+        return max(hybrids, key=lambda c: (c.quality, -c.mean_latency_s), default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        best = self.best()
+        return {
+            "metric": self.metric,
+            "meta": self.meta,
+            "targets": {"quality_share": QUALITY_TARGET, "latency_share": LATENCY_TARGET},
+            "best": best.name if best else None,
+            "best_meets_target": bool(best and best.meets_target),
+            "configs": [asdict(c) for c in self.configs],
+            "pieces": [asdict(p) for p in self.pieces],
+        }
+
+
+def metric_fn(metric: str) -> Scorer:
+    """The QA metric by name, from :mod:`edgelm.evals.metrics`."""
+    from edgelm.evals import metrics
+
+    table: dict[str, Scorer] = {
+        "contains": metrics.contains_answer,
+        "f1": metrics.token_f1,
+        "exact": metrics.exact_match,
+    }
+    if metric not in table:
+        raise ValueError(f"unknown metric '{metric}'; use one of {', '.join(table)}")
+    return table[metric]
+
+
+def configurations(
+    policies: Sequence[str] = DEFAULT_POLICIES,
+    thresholds: dict[str, Sequence[str]] | None = None,
+    specs: Sequence[str] = (),
+    topic_patterns: Sequence[str] = (),
+) -> list[Config]:
+    """The baselines, each named policy at each threshold, ``insufficient`` combined with each
+    confidence threshold (a draft that declines is escalated whatever its confidence), and any
+    extra specs given verbatim."""
+    grid = {**DEFAULT_GRID, **(thresholds or {})}
+    out = [
+        Config("slm-only", "slm-only"),
+        Config("llm-only", "llm-only"),
+        Config("always", "hybrid", parse_policy("always")),
+    ]
+    seen = {"always"}
+
+    def add(spec: str) -> None:
+        if spec not in seen:
+            seen.add(spec)
+            out.append(Config(spec, "hybrid", parse_policy(spec, topic_patterns)))
+
+    for name in policies:
+        name = name.strip()
+        if not name:
+            continue
+        values = grid.get(name, ())
+        if not values:
+            add(name)
+        for value in values:
+            add(f"{name}={value}")
+    if "insufficient" in policies:
+        for name in ("confidence", "confidence-min"):
+            if name in policies:
+                for value in grid.get(name, ()):
+                    add(f"insufficient,{name}={value}")
+    for spec in specs:
+        add(spec)
+    return out
+
+
+def evaluate(
+    pieces: Sequence[Pieces],
+    configs: Sequence[Config],
+    prices: Prices,
+    metric: str = "contains",
+) -> EvalReport:
+    """Score every configuration on the recorded pieces; no model is called here."""
+    from edgelm.evals import metrics
+
+    primary = metric_fn(metric)
+    results: list[ConfigResult] = []
+    for config in configs:
+        outs = [outcome(config, p) for p in pieces]
+        n = max(1, len(outs))
+        busy = sum(o.busy_s for o in outs) / n
+        prompt = sum(o.prompt_tokens for o in outs) / n
+        completion = sum(o.completion_tokens for o in outs) / n
+        local = local_cost_per_request(prices, busy)["total"]
+        results.append(
+            ConfigResult(
+                name=config.name,
+                kind=config.kind,
+                n=len(outs),
+                quality=sum(primary(o.text, p.answers) for o, p in zip(outs, pieces, strict=True))
+                / n,
+                f1=sum(
+                    metrics.token_f1(o.text, p.answers) for o, p in zip(outs, pieces, strict=True)
+                )
+                / n,
+                contains=sum(
+                    metrics.contains_answer(o.text, p.answers)
+                    for o, p in zip(outs, pieces, strict=True)
+                )
+                / n,
+                mean_latency_s=sum(o.latency_s for o in outs) / n,
+                mean_ttft_s=sum(o.ttft_s for o in outs) / n,
+                escalated=sum(o.route != "draft" for o in outs) / n,
+                refined=sum(o.route == "refine" for o in outs) / n,
+                direct=sum(o.route == "direct" for o in outs) / n,
+                local_cost_per_1k=local * 1000,
+                cloud_cost_per_1k={
+                    c.name: c.per_request(prompt, completion) * 1000 for c in prices.cloud
+                },
+                routes=[o.route for o in outs],
+            )
+        )
+    llm = next((r for r in results if r.kind == "llm-only"), None)
+    for r in results:
+        if llm is not None and llm.quality > 0:
+            r.quality_share = r.quality / llm.quality
+        if llm is not None and llm.mean_latency_s > 0:
+            r.latency_share = r.mean_latency_s / llm.mean_latency_s
+        r.meets_target = (
+            r.kind == "hybrid"
+            and r.quality_share is not None
+            and r.latency_share is not None
+            and r.quality_share >= QUALITY_TARGET
+            and r.latency_share <= LATENCY_TARGET
+        )
+    return EvalReport(metric=metric, configs=results, pieces=list(pieces))
+
+
+# -- reports ---------------------------------------------------------------------------------
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def table_rows(report: EvalReport) -> list[list[str]]:
+    cloud = next(iter(report.configs[0].cloud_cost_per_1k), None) if report.configs else None
+    rows = []
+    for c in report.configs:
+        rows.append(
+            [
+                c.name,
+                f"{c.quality:.3f}",
+                _pct(c.quality_share),
+                f"{c.f1:.3f}",
+                f"{c.mean_latency_s:.2f}",
+                _pct(c.latency_share),
+                f"{c.mean_ttft_s:.2f}",
+                _pct(c.escalated),
+                f"{c.local_cost_per_1k:.4f}",
+                f"{c.cloud_cost_per_1k.get(cloud, 0.0):.4f}" if cloud else "-",
+                "yes" if c.meets_target else "",
+            ]
+        )
+    return rows
+
+
+def table_header(report: EvalReport) -> list[str]:
+    cloud = next(iter(report.configs[0].cloud_cost_per_1k), None) if report.configs else None
+    return [
+        "config",
+        report.metric,
+        "of LLM",
+        "f1",
+        "latency s",
+        "of LLM",
+        "TTFT s",
+        "escalated",
+        "local $/1k",
+        f"{cloud or 'cloud'} /1k",
+        "target",
+    ]
+
+
+def rich_table(report: EvalReport) -> Table:
+    from rich.table import Table
+
+    table = Table(title=f"hybrid eval: {len(report.pieces)} questions, quality = {report.metric}")
+    for column in table_header(report):
+        table.add_column(column, justify="left" if column == "config" else "right")
+    best = report.best()
+    for config, row in zip(report.configs, table_rows(report), strict=True):
+        style = "bold green" if best is not None and config.name == best.name else None
+        table.add_row(*row, style=style)
+    return table
+
+
+def write_json(report: EvalReport, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_pieces(path: Path) -> list[Pieces]:
+    """Pieces recorded by an earlier run (its results.json), to re-score without models."""
+    data = json.loads(path.read_text("utf-8"))
+    return [Pieces.from_dict(p) for p in data["pieces"]]
+
+
+def _figure() -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def frontier_png(report: EvalReport) -> str:
+    """Quality against mean latency for every configuration, the Pareto frontier drawn through
+    them and the target region shaded; a PNG data URI (Agg canvas, no pyplot, no display)."""
+    figure = _figure()
+    axes = figure.add_subplot()
+    llm = report.baseline("llm-only")
+    if llm is not None:
+        axes.axvspan(0, llm.mean_latency_s * LATENCY_TARGET, alpha=0.08, color="green")
+        axes.axhline(llm.quality * QUALITY_TARGET, color="green", lw=0.8, ls="--")
+    points = sorted(report.configs, key=lambda c: (c.mean_latency_s, -c.quality))
+    frontier, best_q = [], -1.0
+    for c in points:
+        if c.quality > best_q:
+            frontier.append(c)
+            best_q = c.quality
+    axes.plot(
+        [c.mean_latency_s for c in frontier], [c.quality for c in frontier], color="grey", lw=1
+    )
+    colours = {"slm-only": "tab:blue", "llm-only": "tab:red", "hybrid": "tab:orange"}
+    for c in report.configs:
+        axes.scatter(c.mean_latency_s, c.quality, color=colours[c.kind], s=30, zorder=3)
+        if c.kind != "hybrid" or c in frontier:
+            axes.annotate(
+                c.name.replace("$", r"\$"),
+                (c.mean_latency_s, c.quality),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    axes.set_xlabel("mean latency (s, engine time)")
+    axes.set_ylabel(f"quality ({report.metric})")
+    axes.set_xlim(left=0)
+    axes.set_title("hybrid router: quality vs latency (shaded: ≤60% of LLM latency)")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def write_html(report: EvalReport, path: Path) -> Path:
+    """One offline file: the frontier plot, the table and the per-question routes."""
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in table_header(report))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>"
+        for row in table_rows(report)
+    )
+    best = report.best()
+    verdict = (
+        f"Best: <b>{e(best.name)}</b> keeps {_pct(best.quality_share)} of LLM-only quality at "
+        f"{_pct(best.latency_share)} of its mean latency; target "
+        f"{'met' if best.meets_target else 'not met'}."
+        if best
+        else "No hybrid configuration."
+    )
+    meta = "".join(f"<li>{e(str(k))}: {e(str(v))}</li>" for k, v in report.meta.items())
+    questions = "".join(
+        f"<tr><td>{e(p.id)}</td><td>{e(p.question)}</td><td>{e(' | '.join(p.answers))}</td>"
+        f"<td>{e(p.draft.text[:200])}</td><td>{p.mean_logprob}</td><td>{e(p.direct.text[:200])}</td></tr>"
+        for p in report.pieces
+    )
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edgelm hybrid eval</title>
+<style>body{{font-family:sans-serif;margin:2em;}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}td:first-child{{text-align:left}}</style>
+</head><body><h1>edgelm hybrid eval</h1><p>{verdict}</p><ul>{meta}</ul>
+<img alt="quality vs latency frontier" src="{frontier_png(report)}">
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<h2>Questions</h2><table><thead><tr><th>id</th><th>question</th><th>answers</th><th>draft</th>
+<th>mean logprob</th><th>LLM</th></tr></thead><tbody>{questions}</tbody></table></body></html>"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,518 @@
+"""Escalation policies: when is the small model's draft good enough to return?
+
+A policy looks at the question (before any drafting) and at the draft (text and token
+log-probabilities) and returns a :class:`Verdict`: whether it fired, what it measured, against
+which threshold, and which route it asks for when it fires (``refine``: send question and draft
+to the LLM; ``direct``: let the LLM answer the question alone). Policies are pure functions of
+those inputs, which is what lets ``edgelm hybrid eval`` compute every policy and threshold from
+one recorded draft per question instead of re-running models.
+
+Policies compose with :class:`AnyOf` and :class:`AllOf`, and are written as one short spec
+string used alike in settings, model names (``hybrid@length=600,confidence=-0.8``) and the CLI:
+
+* terms separated by ``,`` or ``|`` are any-of; terms joined by ``&`` are all-of (``&`` binds
+  tighter: ``topic,length=600&confidence=-1`` is topic OR (length AND confidence));
+* a term is ``name`` or ``name=value``: ``never``, ``always``, ``length=<chars>``,
+  ``confidence=<mean logprob>``, ``confidence-min=<min logprob>``, ``insufficient[=<chars>]``,
+  ``keywords=<word;word;...>``, ``topic`` (the regexes from settings ``router.direct_patterns``).
+
+The same spec may be given as JSON-like data, e.g. ``{"policy": "confidence", "threshold": -1}``
+or ``{"any": ["length=600", {"policy": "confidence", "threshold": -1}]}``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from edgelm.errors import InvalidRequest
+
+Route = Literal["draft", "refine", "direct"]
+Action = Literal["refine", "direct"]
+
+DEFAULT_LENGTH = 600
+DEFAULT_CONFIDENCE = -1.0
+DEFAULT_CONFIDENCE_MIN = -6.0
+DEFAULT_INSUFFICIENT_CHARS = 3
+
+# Phrases with which small models say they cannot answer. Lower-case; matched as regexes.
+INSUFFICIENT_PATTERNS: tuple[str, ...] = (
+    r"\bi (?:do not|don't|cannot|can't|am unable to|am not able to) (?:know|answer|say|"
+    r"determine|provide|find|help|access|tell)",
+    r"\bi'?m (?:not sure|unable|not able|sorry)",
+    r"\bi (?:am )?(?:not sure|unsure)\b",
+    r"\b(?:not|no) (?:enough|sufficient) (?:information|context|data|details)",
+    r"\b(?:insufficient|missing) (?:information|context|data)",
+    r"\bas an ai\b",
+    r"\b(?:there is|there's) no (?:information|way to know|data)",
+    r"\bunable to (?:answer|determine|provide|find)",
+    r"\bi (?:have|had) no (?:information|knowledge|access|data)",
+    r"\bnot (?:possible|able) to (?:answer|determine|know)",
+    r"\b(?:unknown|cannot be determined)\b",
+)
+
+
+@dataclass(frozen=True)
+class Draft:
+    """What the policies may look at: the SLM's answer and how sure it was of each token."""
+
+    text: str
+    logprobs: tuple[float, ...] = ()
+    finish_reason: str | None = "stop"
+    mean_logprob_value: float | None = None
+    min_logprob_value: float | None = None
+
+    @property
+    def mean_logprob(self) -> float | None:
+        """Mean token log-probability (a recorded value wins over the token list)."""
+        if self.mean_logprob_value is not None:
+            return self.mean_logprob_value
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else None
+
+    @property
+    def min_logprob(self) -> float | None:
+        if self.min_logprob_value is not None:
+            return self.min_logprob_value
+        return min(self.logprobs) if self.logprobs else None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One policy's measurement and decision. ``fired`` means "do not return the draft"."""
+
+    policy: str
+    fired: bool
+    action: Action = "refine"
+    value: float | str | None = None
+    threshold: float | str | None = None
+    detail: str = ""
+    signals: tuple[Verdict, ...] = field(default=(), repr=False)
+
+    def reason(self) -> str:
+        """One line for logs and the ``x-edgelm-reason`` header."""
+        return self.detail or self.policy
+
+    def leaves(self) -> list[Verdict]:
+        """The measured leaf verdicts (a composite's children, flattened)."""
+        if not self.signals:
+            return [self]
+        return [leaf for s in self.signals for leaf in s.leaves()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "fired": self.fired,
+            "action": self.action,
+            "value": _round(self.value),
+            "threshold": self.threshold,
+            "detail": self.detail,
+        }
+
+
+def _round(value: float | str | None) -> float | str | None:
+    return round(value, 4) if isinstance(value, float) else value
+
+
+class Policy(ABC):
+    """Decides from the question and, when it needs one, the draft.
+
+    ``check(question, None)`` is asked before drafting: a question-only policy answers, a policy
+    that needs the draft returns ``None`` ("cannot tell yet"). ``check(question, draft)`` must
+    always return a verdict.
+    """
+
+    name: str = "policy"
+    needs_draft: bool = True
+    needs_logprobs: bool = False
+
+    @abstractmethod
+    def check(self, question: str, draft: Draft | None) -> Verdict | None: ...
+
+    def spec(self) -> str:
+        """The spec string that parses back to this policy."""
+        return self.name
+
+
+class Never(Policy):
+    """Always return the draft: the SLM-only baseline."""
+
+    name = "never"
+    needs_draft = False
+
+    def check(self, question: str, draft: Draft | None) -> Verdict:
+        return Verdict("never", False, detail="never: the draft is always returned")
+
+
+class Always(Policy):
+    """Refine every draft: the "SLM then LLM every time" baseline."""
+
+    name = "always"
+
+    def check(self, question: str, draft: Draft | None) -> Verdict | None:
+        if draft is None:
+            return None
+        return Verdict("always", True, detail="always: every draft is refined")
+
+
+@dataclass
+class Length(Policy):
+    """Long drafts are where small models wander; refine a draft of ``min_chars`` or more."""
+
+    min_chars: int = DEFAULT_LENGTH
+    name = "length"
+
+    def check(self, question: str, draft: Draft | None) -> Verdict | None:
+        if draft is None:
+            return None
+        n = len(draft.text.strip())
+        fired = n >= self.min_chars
+        op = ">=" if fired else "<"
+        return Verdict(
+            "length", fired, "refine", n, self.min_chars, f"length: {n} chars {op} {self.min_chars}"
+        )
+
+    def spec(self) -> str:
+        return f"length={self.min_chars}"
+
+
+@dataclass
+class Confidence(Policy):
+    """Refine when the SLM was unsure: its mean (or minimum) token log-probability is below
+    ``threshold``. A low mean says the whole answer was guessed; a low minimum catches one
+    invented name or number inside an otherwise fluent answer."""
+
+    threshold: float = DEFAULT_CONFIDENCE
+    stat: Literal["mean", "min"] = "mean"
+    needs_logprobs = True
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "confidence" if self.stat == "mean" else "confidence-min"
+
+    def check(self, question: str, draft: Draft | None) -> Verdict | None:
+        if draft is None:
+            return None
+        value = draft.mean_logprob if self.stat == "mean" else draft.min_logprob
+        if value is None:
+            return Verdict(
+                self.name, False, "refine", None, self.threshold, f"{self.name}: no logprobs"
+            )
+        fired = value < self.threshold
+        op = "<" if fired else ">="
+        return Verdict(
+            self.name,
+            fired,
+            "refine",
+            value,
+            self.threshold,
+            f"{self.name}: {self.stat} logprob {value:.3f} {op} {self.threshold:g}",
+        )
+
+    def spec(self) -> str:
+        return f"{self.name}={self.threshold:g}"
+
+
+@dataclass
+class Insufficient(Policy):
+    """Escalate when the draft says it cannot answer, or is (nearly) empty. The LLM then
+    answers the question alone (``direct``): a draft that declines has nothing to refine."""
+
+    min_chars: int = DEFAULT_INSUFFICIENT_CHARS
+    patterns: tuple[str, ...] = INSUFFICIENT_PATTERNS
+    name = "insufficient"
+
+    def __post_init__(self) -> None:
+        self._compiled = [re.compile(p, re.IGNORECASE) for p in self.patterns]
+
+    def check(self, question: str, draft: Draft | None) -> Verdict | None:
+        if draft is None:
+            return None
+        text = draft.text.strip()
+        if len(text) < self.min_chars:
+            return Verdict(
+                "insufficient",
+                True,
+                "direct",
+                len(text),
+                self.min_chars,
+                f"insufficient: draft has {len(text)} chars < {self.min_chars}",
+            )
+        # Only the opening matters: "I don't know" later in a long answer is usually hedging.
+        head = text[:300].replace("\u2019", "'")
+        for pattern in self._compiled:
+            match = pattern.search(head)
+            if match:
+                return Verdict(
+                    "insufficient",
+                    True,
+                    "direct",
+                    match.group(0),
+                    "declines",
+                    f"insufficient: draft says '{match.group(0)}'",
+                )
+        return Verdict(
+            "insufficient", False, "direct", len(text), self.min_chars, "insufficient: no"
+        )
+
+    def spec(self) -> str:
+        return f"insufficient={self.min_chars}"
+
+
+@dataclass
+class Keywords(Policy):
+    """Questions about listed topics go straight to the LLM, without a draft. ``patterns`` are
+    case-insensitive regexes; ``words`` are matched as whole words."""
+
+    patterns: tuple[str, ...] = ()
+    label: str = "keywords"
+    needs_draft = False
+
+    def __post_init__(self) -> None:
+        try:
+            self._compiled = [re.compile(p, re.IGNORECASE) for p in self.patterns]
+        except re.error as exc:
+            raise InvalidRequest(f"bad {self.label} pattern: {exc}", param="policy") from None
+
+    @classmethod
+    def words(cls, words: Iterable[str], label: str = "keywords") -> Keywords:
+        return cls(tuple(rf"\b{re.escape(w.strip())}\b" for w in words if w.strip()), label)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.label
+
+    def check(self, question: str, draft: Draft | None) -> Verdict:
+        for pattern in self._compiled:
+            match = pattern.search(question)
+            if match:
+                return Verdict(
+                    self.label,
+                    True,
+                    "direct",
+                    match.group(0),
+                    pattern.pattern,
+                    f"{self.label}: question mentions '{match.group(0)}'",
+                )
+        return Verdict(self.label, False, "direct", None, None, f"{self.label}: no match")
+
+    def spec(self) -> str:
+        if self.label == "topic":
+            return "topic"
+        words = [p.removeprefix(r"\b").removesuffix(r"\b").replace("\\", "") for p in self.patterns]
+        return "keywords=" + ";".join(words)
+
+
+class _Composite(Policy):
+    def __init__(self, children: Sequence[Policy]):
+        if not children:
+            raise InvalidRequest("a composite policy needs at least one policy", param="policy")
+        self.children = list(children)
+        self.needs_draft = any(c.needs_draft for c in self.children)
+        self.needs_logprobs = any(c.needs_logprobs for c in self.children)
+
+
+class AnyOf(_Composite):
+    """Fires when any child fires; the first child that fires (in order) picks the route."""
+
+    name = "any"
+
+    def check(self, question: str, draft: Draft | None) -> Verdict | None:
+        verdicts: list[Verdict] = []
+        undecided = False
+        for child in self.children:
+            verdict = child.check(question, draft)
+            if verdict is None:
+                undecided = True
+                continue
+            verdicts.append(verdict)
+            if verdict.fired:
+                return Verdict(
+                    verdict.policy,
+                    True,
+                    verdict.action,
+                    verdict.value,
+                    verdict.threshold,
+                    verdict.detail,
+                    tuple(verdicts),
+                )
+        if undecided:
+            return None
+        return Verdict(
+            "any",
+            False,
+            "refine",
+            detail="; ".join(v.detail for v in verdicts),
+            signals=tuple(verdicts),
+        )
+
+    def spec(self) -> str:
+        return ",".join(c.spec() for c in self.children)
+
+
+class AllOf(_Composite):
+    """Fires only when every child fires (e.g. long AND unsure). Routes ``direct`` only if every
+    child asks for it, else ``refine``."""
+
+    name = "all"
+
+    def check(self, question: str, draft: Draft | None) -> Verdict | None:
+        verdicts: list[Verdict] = []
+        undecided = False
+        for child in self.children:
+            verdict = child.check(question, draft)
+            if verdict is None:
+                undecided = True
+                continue
+            verdicts.append(verdict)
+            if not verdict.fired:
+                # One child that does not fire settles it, draft or not.
+                return Verdict(
+                    "all", False, "refine", detail=verdict.detail, signals=tuple(verdicts)
+                )
+        if undecided:
+            return None
+        action: Action = "direct" if all(v.action == "direct" for v in verdicts) else "refine"
+        return Verdict(
+            "&".join(v.policy for v in verdicts),
+            True,
+            action,
+            detail=" & ".join(v.detail for v in verdicts),
+            signals=tuple(verdicts),
+        )
+
+    def spec(self) -> str:
+        return "&".join(c.spec() for c in self.children)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The route, the verdict behind it, and whether a draft was needed to reach it."""
+
+    route: Route
+    verdict: Verdict
+
+    @property
+    def reason(self) -> str:
+        return self.verdict.reason()
+
+
+def decide_before_draft(policy: Policy, question: str) -> Decision | None:
+    """``direct`` when a question-only rule fires; ``None`` when the draft is needed."""
+    verdict = policy.check(question, None)
+    if verdict is not None and verdict.fired and verdict.action == "direct":
+        return Decision("direct", verdict)
+    if verdict is not None and not verdict.fired and not policy.needs_draft:
+        # Nothing that looks at a draft could change the outcome: return the draft.
+        return Decision("draft", verdict)
+    return None
+
+
+def decide(policy: Policy, question: str, draft: Draft) -> Decision:
+    """Where a drafted answer goes; used by the service and, offline, by the eval."""
+    verdict = policy.check(question, draft)
+    if verdict is None:  # a policy broke its contract; never block an answer on it
+        verdict = Verdict(policy.name, False, detail=f"{policy.name}: undecided")
+    if not verdict.fired:
+        return Decision("draft", verdict)
+    return Decision(verdict.action, verdict)
+
+
+def route_for(policy: Policy, question: str, draft: Draft) -> Decision:
+    """The whole decision for a recorded draft, as the service would take it (pre-draft rules
+    first). Pure, so the eval applies it to recorded pieces."""
+    early = decide_before_draft(policy, question)
+    if early is not None and early.route == "direct":
+        return early
+    return decide(policy, question, draft)
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+
+def _number(name: str, raw: str | None, default: float) -> float:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidRequest(
+            f"policy '{name}' needs a number, got '{raw}'", param="policy"
+        ) from None
+    if math.isnan(value):
+        raise InvalidRequest(f"policy '{name}' needs a number, got '{raw}'", param="policy")
+    return value
+
+
+def _term(text: str, topic_patterns: Sequence[str]) -> Policy:
+    name, _, raw = text.strip().partition("=")
+    name = name.strip().lower()
+    raw = raw.strip()
+    if name == "never":
+        return Never()
+    if name == "always":
+        return Always()
+    if name == "length":
+        return Length(int(_number(name, raw, DEFAULT_LENGTH)))
+    if name in ("confidence", "confidence-mean"):
+        return Confidence(_number(name, raw, DEFAULT_CONFIDENCE), "mean")
+    if name == "confidence-min":
+        return Confidence(_number(name, raw, DEFAULT_CONFIDENCE_MIN), "min")
+    if name == "insufficient":
+        return Insufficient(int(_number(name, raw, DEFAULT_INSUFFICIENT_CHARS)))
+    if name == "keywords":
+        words = [w for w in raw.split(";") if w.strip()]
+        if not words:
+            raise InvalidRequest("policy 'keywords' needs words: keywords=a;b", param="policy")
+        return Keywords.words(words)
+    if name == "topic":
+        return Keywords(tuple(topic_patterns), "topic")
+    raise InvalidRequest(
+        f"unknown policy '{name}'; use never, always, length, confidence, confidence-min, "
+        "insufficient, keywords or topic",
+        param="policy",
+    )
+
+
+def parse_policy(
+    spec: str | Mapping[str, Any] | Sequence[Any], topic_patterns: Sequence[str] = ()
+) -> Policy:
+    """Build a policy from a spec string or its JSON-like form (see the module docstring)."""
+    if isinstance(spec, Mapping):
+        return _from_mapping(spec, topic_patterns)
+    if not isinstance(spec, str):
+        return _one([parse_policy(s, topic_patterns) for s in spec], AnyOf)
+    if not spec.strip():
+        raise InvalidRequest("empty policy", param="policy")
+    alternatives = [a for a in re.split(r"[,|]", spec) if a.strip()]
+    any_children: list[Policy] = []
+    for alternative in alternatives:
+        terms = [_term(t, topic_patterns) for t in alternative.split("&") if t.strip()]
+        any_children.append(_one(terms, AllOf))
+    return _one(any_children, AnyOf)
+
+
+def _one(children: list[Policy], kind: type[_Composite]) -> Policy:
+    return children[0] if len(children) == 1 else kind(children)
+
+
+def _from_mapping(data: Mapping[str, Any], topic_patterns: Sequence[str]) -> Policy:
+    if "any" in data:
+        return AnyOf([parse_policy(s, topic_patterns) for s in data["any"]])
+    if "all" in data:
+        return AllOf([parse_policy(s, topic_patterns) for s in data["all"]])
+    name = str(data.get("policy") or "")
+    if not name:
+        raise InvalidRequest("a policy object needs 'policy', 'any' or 'all'", param="policy")
+    if name == "keywords":
+        words = data.get("keywords") or data.get("words") or []
+        if isinstance(words, str):
+            words = words.split(";")
+        return Keywords.words(words)
+    if name == "topic" and data.get("patterns"):
+        return Keywords(tuple(data["patterns"]), "topic")
+    threshold = data.get("threshold")
+    return _term(name if threshold is None else f"{name}={threshold}", topic_patterns)

@@ -1,0 +1,157 @@
+"""The service factory. ``create_app(settings)`` builds a complete app with no globals, so a
+test makes one with a fake engine in a line and several can live in one process."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.staticfiles import StaticFiles
+
+from edgelm import __version__
+from edgelm.catalog import Catalog
+from edgelm.errors import EdgelmError
+from edgelm.pool import ModelPool
+from edgelm.rag import routes as rag_routes
+from edgelm.rag.service import RagModels
+from edgelm.router_service import HybridModels
+from edgelm.server import browser_models, manage_routes, openai_routes
+from edgelm.server.errors import error_body, install_error_handlers
+from edgelm.server.limits import BodyLimitMiddleware
+from edgelm.server.state import ServiceState
+from edgelm.server.virtual import VirtualModel
+from edgelm.settings import Settings, load_settings
+
+log = logging.getLogger("edgelm.server")
+access = logging.getLogger("edgelm.access")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    catalog: Catalog | None = None,
+    pool: ModelPool | None = None,
+    preload: list[str] | None = None,
+    virtual: list[VirtualModel] | None = None,
+) -> FastAPI:
+    """Build the service. ``preload`` names models to load at start-up; one that fails to load
+    is logged and the service starts anyway, so a bad model never keeps the others down."""
+    settings = settings or load_settings()
+    state = ServiceState.build(settings, catalog=catalog, pool=pool)
+    state.virtual = default_virtual_models() if virtual is None else virtual
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await state.pool.start()
+        for name in preload or []:
+            try:
+                await state.pool.get(name)
+            except EdgelmError as exc:
+                log.error("could not preload %s: %s", name, exc.message)
+        try:
+            yield
+        finally:
+            await state.pool.close()
+
+    app = FastAPI(
+        title="edgelm",
+        version=__version__,
+        description="Local OpenAI-compatible model service",
+        lifespan=lifespan,
+    )
+    app.state.edgelm = state
+    install_error_handlers(app)
+    app.include_router(openai_routes.build_router())
+    app.include_router(manage_routes.build_router())
+    app.include_router(rag_routes.build_router())
+    app.include_router(browser_models.build_router())
+    _mount_playground(app)
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next):  # type: ignore[no-untyped-def]
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        key = settings.service.api_key
+        needs_key = key and request.method != "OPTIONS" and not _is_open(request.url.path)
+        if needs_key and not _authorised(request, key):
+            response: Response = JSONResponse(
+                error_body(
+                    "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                    "invalid_request_error",
+                    None,
+                    "invalid_api_key",
+                ),
+                status_code=401,
+            )
+            response.headers["x-request-id"] = request_id
+            return response
+        started = time.perf_counter()
+        response = await call_next(request)
+        response.headers["x-request-id"] = request_id
+        route = request.scope.get("route")
+        path = getattr(route, "path", None) or "unmatched"
+        state.metrics.count_response(path, response.status_code)
+        access.info(
+            json.dumps(
+                {
+                    "request_id": request_id,
+                    "method": request.method,
+                    "path": request.url.path,
+                    "status": response.status_code,
+                    "ms": round((time.perf_counter() - started) * 1000, 1),
+                }
+            )
+        )
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(state.metrics.prometheus(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.service.max_body_bytes)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.service.cors_origins,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["*"],
+        allow_credentials="*" not in settings.service.cors_origins,
+    )
+    return app
+
+
+def default_virtual_models() -> list[VirtualModel]:
+    """The virtual model families every service offers: the hybrid router and RAG."""
+    return [HybridModels(), RagModels()]
+
+
+def _is_open(path: str) -> bool:
+    """Paths served without a key: the health probe and the playground's own files."""
+    return path in ("/", "/health", "/favicon.ico") or path.startswith("/static/")
+
+
+def _authorised(request: Request, key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def _mount_playground(app: FastAPI) -> None:
+    static = resources.files("edgelm").joinpath("server/static")
+    index = static.joinpath("index.html")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> Response:
+        return FileResponse(str(index), media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")

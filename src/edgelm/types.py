@@ -1,0 +1,123 @@
+"""The data that flows through edgelm: generation requests, streamed chunks, usage, timings.
+
+Every consumer (HTTP service, terminal chat, bench, router, RAG, evals) speaks these types, so
+an engine only has to turn a :class:`GenerationRequest` into :class:`Chunk` objects once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class Message(BaseModel):
+    """One chat turn. ``content`` may be OpenAI's list-of-parts form; only text parts count."""
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(
+            str(part.get("text", "")) for part in self.content if part.get("type") == "text"
+        )
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = None
+
+    def schema_dict(self) -> dict[str, Any] | None:
+        """The JSON schema to constrain to (``json_schema.schema``), if any."""
+        if self.type != "json_schema" or not self.json_schema:
+            return None
+        return self.json_schema.get("schema", self.json_schema)
+
+
+class GenerationRequest(BaseModel):
+    """What an engine is asked to do. Either ``messages`` (chat) or ``prompt`` (raw completion)."""
+
+    messages: list[Message] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    response_format: ResponseFormat | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """Log-probability of one sampled token, with the runners-up when asked for."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One step of a stream: the new text and the tokens behind it, with its own timing.
+
+    ``t`` is seconds since the request reached the engine, so TTFT and inter-token latency are
+    read off the same stream that serves users. The last chunk carries ``finish_reason``.
+    """
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    t: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    prompt_seconds: float | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Timing(BaseModel):
+    """Latency decomposition of one generation, measured inside the engine's stream."""
+
+    ttft_s: float | None = None
+    total_s: float = 0.0
+    prompt_s: float | None = None
+    decode_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    prompt_tokens_per_s: float | None = None
+
+
+class Completion(BaseModel):
+    """A whole answer: the fold of a stream (see :func:`edgelm.engines.base.collect`)."""
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    timing: Timing
+    token_ids: list[int] = Field(default_factory=list)
+    logprobs: list[dict[str, Any]] = Field(default_factory=list)

@@ -1,0 +1,147 @@
+"""Benchmarks end to end on the fake engine, whose scripted delays give known lower bounds
+on TTFT and inter-token latency (only lower bounds: machines here are shared and noisy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgelm.bench.runner import BenchConfig, run_bench, run_scenario
+from edgelm.bench.targets import HttpTarget, InProcessTarget, make_target
+from edgelm.bench.workloads import builtin, load_prompts
+from edgelm.catalog import Catalog, CatalogEntry
+from edgelm.errors import InvalidRequest
+from edgelm.server.app import create_app
+
+TIMED = {"reply": "a b c d e f g h", "first_token_delay_s": 0.05, "token_delay_s": 0.01}
+
+
+@pytest.fixture
+def bench_catalog(isolated_home: Path) -> Catalog:
+    catalog = Catalog([], user_file=isolated_home / "models.toml")
+    catalog.add_user_entry(CatalogEntry(alias="timed", engine="fake", options=TIMED))
+    catalog.add_user_entry(
+        CatalogEntry(
+            alias="flaky", engine="fake", options={"reply": "x y z", "fail_after_tokens": 1}
+        )
+    )
+    return catalog
+
+
+def test_builtin_and_file_workloads(tmp_path: Path) -> None:
+    assert len(builtin("short")) >= 10 and len(builtin("long")) >= 3
+    assert len(builtin("mixed")) == sum(len(builtin(s)) for s in ("short", "medium", "long"))
+    assert [p.id for p in load_prompts("short", seed=1)] == [
+        p.id for p in load_prompts("short", seed=1)
+    ]
+    assert [p.id for p in load_prompts("short", seed=1)] != [
+        p.id for p in load_prompts("short", seed=2)
+    ]
+    f = tmp_path / "mine.jsonl"
+    f.write_text(
+        '{"prompt": "hi"}\n\n{"id": "q2", "messages": [{"role": "user", "content": "yo"}], "max_tokens": 5}\n'
+    )
+    prompts = sorted(load_prompts(str(f)), key=lambda p: p.id)
+    assert [p.id for p in prompts] == ["mine-1", "q2"] and prompts[1].max_tokens == 5
+    assert load_prompts(prompt="only this")[0].text == "only this"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt"}\n')
+    with pytest.raises(InvalidRequest, match="line 1"):
+        load_prompts(str(bad))
+    with pytest.raises(InvalidRequest, match="unknown prompt set"):
+        load_prompts("huge")
+
+
+def test_in_process_scenario_measures_scripted_delays(settings, bench_catalog) -> None:
+    target = InProcessTarget("timed", settings, bench_catalog)
+    cold = target.open()
+    assert cold.load_s is not None
+    scenario = run_scenario(target, load_prompts("short"), BenchConfig(requests=4), 1)
+    assert len(scenario.requests) == 4 and all(r.ok for r in scenario.requests)
+    for r in scenario.requests:
+        assert r.ttft_s >= 0.05
+        assert len(r.itl_s) == 7 and sum(r.itl_s) >= 7 * 0.01
+        assert r.completion_tokens == 8 and r.prompt_tokens > 0
+        assert r.tpot_s >= 0.01 * 0.9 and r.e2e_s >= r.ttft_s
+    stats = scenario.stats
+    assert stats["ok"] == 4 and stats["errors"] == 0
+    assert stats["ttft"]["p50"] >= 0.05 and stats["throughput_tokens_per_s"] > 0
+    assert scenario.resources.peak_rss_bytes > 0
+    target.close()
+
+
+def test_failures_are_data_points(settings, bench_catalog) -> None:
+    target = InProcessTarget("flaky", settings, bench_catalog)
+    target.open()
+    scenario = run_scenario(target, load_prompts("short"), BenchConfig(requests=3), 1)
+    assert scenario.stats["errors"] == 3 and scenario.stats["error_rate"] == 1.0
+    assert "scripted failure" in scenario.requests[0].error
+
+
+def test_concurrency_sweep_and_rate_through_the_service(settings, bench_catalog, serve_app) -> None:
+    base = serve_app(create_app(settings, catalog=bench_catalog))
+    target = HttpTarget(base, "timed", kind="service")
+    config = BenchConfig(requests=6, warmup=1, concurrency=[1, 3])
+    run = run_bench([target], load_prompts("short"), config)
+    assert [s.concurrency for s in run.scenarios] == [1, 3]
+    first, second = run.scenarios
+    assert first.cold is not None and first.cold.load_s is not None
+    assert first.cold.first_request.ok
+    assert len(first.requests) == 6 and len(second.requests) == 6
+    # three streams at once on a concurrent engine finish the same work in less wall time
+    assert second.wall_s < first.wall_s
+    for r in first.requests:
+        assert r.ttft_s >= 0.05 and r.server_timings["predicted_n"] == 8
+    assert first.resources.peak_rss_bytes  # the service's pid came from /openai/status
+    rate_run = run_bench(
+        [HttpTarget(base, "timed", kind="service")],
+        load_prompts("short"),
+        BenchConfig(requests=5, warmup=0, rate=50.0, cold=False),
+    )
+    (scenario,) = rate_run.scenarios
+    assert scenario.rate == 50.0 and len(scenario.requests) == 5
+
+
+def test_time_bound_stops_the_scenario(settings, bench_catalog) -> None:
+    target = InProcessTarget("timed", settings, bench_catalog)
+    target.open()
+    scenario = run_scenario(
+        target, load_prompts("short"), BenchConfig(requests=500, max_seconds=0.5), 1
+    )
+    assert 1 <= len(scenario.requests) < 500
+
+
+def test_non_streaming_and_external_target(settings, bench_catalog, serve_app) -> None:
+    base = serve_app(create_app(settings, catalog=bench_catalog))
+    target = make_target(f"{base}/v1#timed", settings, stream=False)
+    assert target.kind == "openai" and target.name == f"timed@{base}"
+    result = target.request(load_prompts("short")[0], {"max_tokens": 16})
+    assert result.ok and result.ttft_s is None and result.completion_tokens == 8
+    with pytest.raises(InvalidRequest, match="#MODEL"):
+        make_target(base, settings)
+
+
+def test_make_target_kinds(settings) -> None:
+    assert isinstance(make_target("local:smollm2-135m", settings), InProcessTarget)
+    assert make_target("service:smollm2-135m", settings).kind == "service"
+    # nothing listens on the default port in tests: a bare alias runs in-process
+    assert make_target("smollm2-135m", settings).kind == "in-process"
+    with pytest.raises(InvalidRequest):
+        make_target("gpu:x", settings)
+
+
+def test_json_block_is_workshop_shaped(settings, bench_catalog) -> None:
+    from edgelm.bench.report import print_json_block
+
+    run = run_bench(
+        [InProcessTarget("timed", settings, bench_catalog)],
+        load_prompts("short"),
+        BenchConfig(requests=2, warmup=0),
+    )
+    text = print_json_block(run)
+    header, _, body = text.partition("\n")
+    assert header == "[BENCHMARK RESULTS]"
+    rows = json.loads(body)
+    assert rows[0]["target"] == "local:timed"

@@ -1,0 +1,162 @@
+"""Load on demand, idle unload, memory budget, queue limits and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from edgelm.catalog import Catalog, CatalogEntry
+from edgelm.errors import Busy, ModelLoadError, Overloaded
+from edgelm.pool import ModelPool
+from edgelm.settings import load_settings
+from edgelm.types import GenerationRequest, Message
+
+
+def entry(alias: str, memory_mb: int = 10, **options) -> CatalogEntry:
+    return CatalogEntry(
+        alias=alias,
+        engine="fake",
+        size_bytes=memory_mb * 2**20,
+        options={"memory_mb": memory_mb, **options},
+    )
+
+
+def make_pool(home: Path, entries: list[CatalogEntry], **overrides) -> ModelPool:
+    settings = load_settings(overrides, env={"EDGELM_HOME": str(home)})
+    return ModelPool(settings, Catalog(entries))
+
+
+REQ = GenerationRequest(messages=[Message(role="user", content="hi")])
+
+
+async def drain(pool: ModelPool, name: str) -> str:
+    return "".join([c.text async for c in pool.stream(name, REQ)])
+
+
+def test_loads_on_demand_once(isolated_home: Path) -> None:
+    async def main() -> None:
+        pool = make_pool(isolated_home, [entry("a", load_delay_s=0.05)])
+        results = await asyncio.gather(*(drain(pool, "a") for _ in range(5)))
+        assert results == ["Fake answer to: hi"] * 5
+        assert pool.stats.loads == 1
+        assert pool.models["a"].requests == 5
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_idle_unload(isolated_home: Path) -> None:
+    async def main() -> None:
+        pool = make_pool(isolated_home, [entry("a")], **{"pool.idle_ttl_s": 0.1})
+        await pool.start()
+        await drain(pool, "a")
+        assert "a" in pool.models
+        await asyncio.sleep(0.4)
+        assert "a" not in pool.models and pool.stats.unloads == 1
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_memory_budget_evicts_least_recently_used(isolated_home: Path) -> None:
+    async def main() -> None:
+        entries = [entry("a", 40), entry("b", 40), entry("c", 40)]
+        pool = make_pool(isolated_home, entries, **{"pool.memory_budget_mb": 100})
+        await drain(pool, "a")
+        await drain(pool, "b")
+        await drain(pool, "a")  # b is now the least recently used
+        await drain(pool, "c")
+        assert set(pool.models) == {"a", "c"} and pool.stats.evictions == 1
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_budget_too_small_is_clear(isolated_home: Path) -> None:
+    async def main() -> None:
+        big = CatalogEntry(alias="big", engine="llamacpp", size_bytes=10 * 2**30)
+        pool = make_pool(isolated_home, [big], **{"pool.memory_budget_mb": 1024})
+        with pytest.raises(ModelLoadError, match="memory budget"):
+            await pool.get("big")
+
+    asyncio.run(main())
+
+
+def test_max_loaded(isolated_home: Path) -> None:
+    async def main() -> None:
+        pool = make_pool(isolated_home, [entry("a"), entry("b")], **{"pool.max_loaded": 1})
+        await drain(pool, "a")
+        await drain(pool, "b")
+        assert list(pool.models) == ["b"]
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_serialised_engine_and_queue_limit(isolated_home: Path) -> None:
+    async def main() -> None:
+        pool = make_pool(
+            isolated_home,
+            [entry("slow", reply="a b c d e", token_delay_s=0.02)],
+            **{"service.max_queue": 2},
+        )
+        loaded = await pool.get("slow")
+        loaded.slots = asyncio.Semaphore(1)  # behave like a single-stream engine
+        results = await asyncio.gather(
+            *(drain(pool, "slow") for _ in range(5)), return_exceptions=True
+        )
+        ok = [r for r in results if isinstance(r, str)]
+        refused = [r for r in results if isinstance(r, Overloaded)]
+        assert len(ok) == 3 and len(refused) == 2
+        assert all(r == "a b c d e" for r in ok)
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_closing_stream_cancels_generation(isolated_home: Path) -> None:
+    async def main() -> None:
+        pool = make_pool(isolated_home, [entry("slow", reply="w " * 200, token_delay_s=0.01)])
+        stream = pool.stream("slow", REQ)
+        async for _chunk in stream:
+            break
+        await stream.aclose()
+        loaded = pool.models["slow"]
+        for _ in range(100):
+            if loaded.active == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert loaded.active == 0 and loaded.cancelled == 1
+        engine = loaded.engine
+        assert len(engine.requests) == 1
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_unload_refuses_while_busy(isolated_home: Path) -> None:
+    async def main() -> None:
+        pool = make_pool(isolated_home, [entry("slow", reply="w " * 20, token_delay_s=0.01)])
+        stream = pool.stream("slow", REQ)
+        await anext(stream)
+        with pytest.raises(Busy):
+            await pool.unload("slow")
+        await stream.aclose()
+        await asyncio.sleep(0.1)
+        assert await pool.unload("slow")
+
+    asyncio.run(main())
+
+
+def test_failed_load_is_reported_and_retried(isolated_home: Path) -> None:
+    async def main() -> None:
+        pool = make_pool(isolated_home, [entry("bad", fail_load="corrupt"), entry("good")])
+        with pytest.raises(ModelLoadError, match="corrupt"):
+            await pool.get("bad")
+        assert await drain(pool, "good")
+        assert pool.stats.load_failures == 1 and "bad" not in pool.models
+        await pool.close()
+
+    asyncio.run(main())
