@@ -7,18 +7,14 @@ The model is downloaded (and verified) once into ``EDGELM_TEST_MODELS`` (default
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from edgelm.catalog import Catalog
 from edgelm.settings import Settings, load_settings
+from tests.service_process import spawn_service, stop_service
 
 TINY = "smollm2-135m"
 
@@ -48,59 +44,11 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ModelStore(settings).download(entry)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def live_service(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``edgelm service start --foreground`` process on a free loopback port."""
     home = tmp_path_factory.mktemp("service-home")
-    port = free_port()
-    env = {
-        **os.environ,
-        "EDGELM_HOME": str(home),
-        "EDGELM_MODELS__DIR": str(models_dir()),
-        "EDGELM_COMPUTE__N_CTX": "2048",
-    }
-    log = (home / "service.out").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgelm.cli.main",
-            "service",
-            "start",
-            "--foreground",
-            "--port",
-            str(port),
-            "--model",
-            TINY,
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError((home / "service.out").read_text())
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("service did not start: " + (home / "service.out").read_text())
+    env = {"EDGELM_MODELS__DIR": str(models_dir()), "EDGELM_COMPUTE__N_CTX": "2048"}
+    proc, base = spawn_service(home, "--model", TINY, env=env)
     yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    stop_service(proc)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from edgelm.catalog import Catalog, CatalogEntry
 from edgelm.settings import Settings, load_settings
+from tests.service_process import free_port
 
 
 def fake_entry(alias: str, **options: Any) -> CatalogEntry:
@@ -46,12 +46,6 @@ def client(settings: Settings, catalog: Catalog) -> Iterator[TestClient]:
     app = create_app(settings, catalog=catalog)
     with TestClient(app) as test_client:
         yield test_client
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,39 +14,12 @@ from edgelm.catalog import Catalog, CatalogEntry
 from edgelm.server.app import create_app
 from edgelm.service import read_pid
 from edgelm.settings import load_settings
-from tests.unit.conftest import free_port
+from tests.service_process import spawn_service
 from tests.unit.test_cli import run
 
 
-def start_service(home: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "EDGELM_HOME": str(home)}
-    log = (home / "out.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgelm.cli.main",
-            "service",
-            "start",
-            "--foreground",
-            "--port",
-            str(port),
-            *extra,
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://{'127.0.0.1'}:{port}"
-    for _ in range(200):
-        try:
-            httpx.get(f"{base}/health", timeout=0.5)
-            return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError((home / "out.log").read_text())
+def start_service(home: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    return spawn_service(home, *extra)
 
 
 def test_sigterm_drains_open_streams(isolated_home: Path) -> None:
@@ -81,7 +51,7 @@ def test_wildcard_bind_without_key_warns(isolated_home: Path) -> None:
     proc, _ = start_service(isolated_home, "--host", "0.0.0.0")
     proc.terminate()
     proc.wait(timeout=30)
-    log = (isolated_home / "out.log").read_text()
+    log = (isolated_home / "service.out").read_text()
     assert "without an API key" in log
 
 
