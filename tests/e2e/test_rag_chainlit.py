@@ -1,13 +1,11 @@
-"""The RAG Chainlit app in a real browser: a service on the fake engine, chainlit on a
-loopback port, Playwright driving Debian's chromium. Ask, see the streamed answer and its
-sources, open a source, and keep a screenshot under test-artifacts/."""
+"""The RAG Chainlit app in a real browser: a service on the fake engine, ``edgelm rag chat``
+on a loopback port, Playwright driving Debian's chromium. Ask, watch the answer stream in,
+see and open its sources, upload a file and ask about it; screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
-import os
-import shutil
+import importlib.util
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +14,7 @@ import httpx
 import pytest
 
 from edgelm.catalog import Catalog, CatalogEntry
+from edgelm.rag.chainlit_setup import chainlit_command, chainlit_env
 from edgelm.rag.evaluate import corpus_dir
 from edgelm.rag.ingest import ingest_paths
 from edgelm.rag.store import RagStore
@@ -27,12 +26,19 @@ pytestmark = pytest.mark.e2e
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-REPLY = "A full battery runs the mast for about 45 days without sun [1]."
+REPLY = (
+    "A full battery runs the mast for about 45 days without sun [1]. The solar panel charges "
+    "it during the day, so several weeks of dark winter weather are not a problem for the "
+    "station, and the console keeps its history on its own backup battery meanwhile."
+)
+LAST_WORDS = "backup battery meanwhile."
 
 if not Path(CHROMIUM).exists():
     pytest.skip("chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-pytest.importorskip("chainlit", reason="chainlit is not installed")
+# find_spec, not importorskip: importing chainlit creates ".files/" in the current directory
+if importlib.util.find_spec("chainlit") is None:
+    pytest.skip("chainlit is not installed", allow_module_level=True)
 
 
 @pytest.fixture
@@ -55,20 +61,14 @@ def stack(isolated_home: Path, tmp_path: Path, serve_app) -> Iterator[str]:  # t
     )
     service = serve_app(create_app(settings, catalog=catalog, virtual=[]))
     port = free_port()
-    app_dir = tmp_path / "chainlit"
-    app_dir.mkdir()
-    app_file = Path(__file__).resolve().parents[2] / "src/edgelm/rag/chainlit_app.py"
-    chainlit = shutil.which("chainlit") or str(Path(sys.executable).parent / "chainlit")
-    env = {
-        **os.environ,
-        "EDGELM_HOME": str(isolated_home),
-        "EDGELM_ENDPOINT": service,
-        "EDGELM_RAG_COLLECTION": "demo",
-    }
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    # what `edgelm rag chat -c demo --headless` runs (tested in tests/unit/test_rag_cli.py)
+    env = chainlit_env(isolated_home, service, "demo")
     log = (tmp_path / "chainlit.log").open("w")
     proc = subprocess.Popen(
-        [chainlit, "run", str(app_file), "--headless", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=app_dir,
+        chainlit_command(port, "127.0.0.1", headless=True),
+        cwd=workdir,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -92,9 +92,18 @@ def stack(isolated_home: Path, tmp_path: Path, serve_app) -> Iterator[str]:  # t
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+    # Chainlit's config, translations and uploads live under EDGELM_HOME, not where it ran
+    assert list(workdir.iterdir()) == []
+    assert (isolated_home / "chainlit" / ".chainlit" / "config.toml").exists()
 
 
-def test_ask_and_see_streamed_answer_with_sources(stack: str) -> None:
+def _send(page, text: str) -> None:  # type: ignore[no-untyped-def]
+    page.locator("textarea").first.fill(text)
+    time.sleep(1.0)  # let the socket settle (Enter alone did not send)
+    page.locator("#chat-submit").click()
+
+
+def test_ask_stream_sources_and_upload(stack: str, tmp_path: Path) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     with playwright_api.sync_playwright() as pw:
         browser = pw.chromium.launch(
@@ -113,19 +122,37 @@ def test_ask_and_see_streamed_answer_with_sources(stack: str) -> None:
         try:
             page.goto(stack)
             page.get_by_text("Ask about the documents").wait_for(timeout=30_000)
-            box = page.locator("textarea").first
-            box.fill("How long does a full mast battery last without sun?")
-            time.sleep(1.0)  # let the socket settle (Enter alone did not send)
-            page.locator("#chat-submit").click()
-            # streaming: the first words show before the last ones
-            page.get_by_text("A full battery", exact=False).first.wait_for(timeout=30_000)
+            _send(page, "How long does a full mast battery last without sun?")
+            # streamed: the page shows the start of the answer while its end is still to come
+            page.wait_for_function(
+                "([first, last]) => document.body.innerText.includes(first)"
+                " && !document.body.innerText.includes(last)",
+                arg=["A full battery runs the mast", LAST_WORDS],
+                timeout=30_000,
+            )
+            page.get_by_text(LAST_WORDS, exact=False).first.wait_for(timeout=30_000)
             page.get_by_text("Sources").first.wait_for(timeout=30_000)
-            assert page.get_by_text("45 days without sun", exact=False).count() >= 1
             assert page.get_by_text("power.txt", exact=False).count() >= 1
             page.screenshot(path=str(ARTIFACTS / "rag_chainlit.png"), full_page=True)
-            # open source [1]: its chunk text appears in the side panel
-            page.get_by_text("[1]", exact=True).first.click()
+            # open source [1] (its element is named by chunk id): its text shows in the side panel
+            page.get_by_text("power.txt#0", exact=True).first.click()
             page.get_by_text("2600 mAh", exact=False).first.wait_for(timeout=10_000)
             page.screenshot(path=str(ARTIFACTS / "rag_chainlit_source.png"), full_page=True)
+
+            # a question the collection cannot answer is refused without a model ...
+            _send(page, "What colour is the garden gnome?")
+            page.get_by_text("refused: nothing relevant retrieved").first.wait_for(timeout=30_000)
+            # ... until a file that answers it is uploaded into the collection
+            gnome = tmp_path / "gnome.md"
+            gnome.write_text("# Garden\n\nThe garden gnome is painted bright red.\n")
+            page.locator("input[type=file]").first.set_input_files(str(gnome))
+            page.get_by_text("gnome.md", exact=False).first.wait_for(timeout=10_000)
+            _send(page, "What colour is the garden gnome?")
+            page.get_by_text("Ingested into", exact=False).first.wait_for(timeout=30_000)
+            page.get_by_text("1 added", exact=False).first.wait_for(timeout=10_000)
+            page.get_by_text("gnome.md#0", exact=True).first.click()
+            page.get_by_text("painted bright red", exact=False).first.wait_for(timeout=10_000)
+            assert page.get_by_text("2600 mAh", exact=False).count() == 0  # only this answer's
+            page.screenshot(path=str(ARTIFACTS / "rag_chainlit_upload.png"), full_page=True)
         finally:
             browser.close()

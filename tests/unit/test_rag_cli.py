@@ -42,6 +42,8 @@ def test_ingest_list_ask_remove(isolated_home: Path, serve_app, tmp_path: Path) 
     assert "8 unchanged" in again.output
     listing = run("rag", "list")
     assert "demo" in listing.output
+    assert "8 unchanged" in run("rag", "ingest", "--demo", "-c", "demo").output
+    assert run("rag", "ingest").exit_code == 1
 
     settings = load_settings(env={"EDGELM_HOME": str(isolated_home)})
     base = serve_app(create_app(settings, catalog=rag_catalog(isolated_home), virtual=[]))
@@ -80,3 +82,28 @@ def test_eval_lexical_and_bad_paths() -> None:
     assert result.exit_code == 0 and "recall@4" in result.output and "lexical" in result.output
     bad = run("rag", "ingest", "/no/such/dir")
     assert bad.exit_code == 1 and "no such file" in bad.output
+
+
+def test_chat_starts_chainlit_outside_the_current_directory(
+    isolated_home: Path, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    calls = []
+
+    def fake_call(cmd, env, cwd):  # type: ignore[no-untyped-def]
+        calls.append((cmd, env, cwd))
+        return 0
+
+    monkeypatch.setattr(rag_cmd.subprocess, "call", fake_call)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    result = run("rag", "chat", "-c", "demo", "--headless", "--port", "8123")
+    assert result.exit_code == 0, result.output
+    [(cmd, env, cwd)] = calls
+    assert cmd[1:3] == ["run", str(Path(rag_cmd.__file__).parents[1] / "rag/chainlit_app.py")]
+    assert cmd[-3:] == ["--port", "8123", "--headless"]
+    assert env["EDGELM_RAG_COLLECTION"] == "demo"
+    assert env["CHAINLIT_APP_ROOT"] == cwd == str(isolated_home / "chainlit")
+    assert "edgelm RAG" in (Path(cwd) / ".chainlit" / "config.toml").read_text()
+    assert list(workdir.iterdir()) == []
+    assert run("rag", "chat", "-c", "../x").exit_code == 1

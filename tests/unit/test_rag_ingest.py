@@ -13,6 +13,7 @@ from edgelm.errors import InvalidRequest, ModelNotFound
 from edgelm.rag.embed import EngineEmbedder
 from edgelm.rag.evaluate import corpus_dir, evaluate_retrieval, load_questions
 from edgelm.rag.ingest import (
+    ChunkSpec,
     chunk_document,
     chunk_text,
     ingest_paths,
@@ -233,3 +234,44 @@ def test_lexical_retrieval_quality_on_the_demo_set(tmp_path: Path) -> None:
     assert score.recall_at_k >= 0.9 and score.mrr >= 0.8
     assert score.refused_unanswerable >= 0.8 and score.no_hit_answerable <= 0.1
     assert json.dumps(score.to_dict())
+
+
+def test_vectors_live_in_a_sqlite_vec_index(tmp_path: Path) -> None:
+    with RagStore(tmp_path / "v.db") as store:
+        if not store.vectors_supported:
+            pytest.skip("sqlite-vec cannot load here (install edgelm[rag])")
+        specs = [ChunkSpec("north", 0, 5), ChunkSpec("east", 0, 4), ChunkSpec("south", 0, 5)]
+        store.set_embedding_model("m")
+        store.replace_source("a", "", "text", "h", None, specs[:2], [[1, 0, 0], [0, 1, 0]])
+        store.replace_source("b", "", "text", "h", None, specs[2:], [[-1, 0, 0]])
+        assert store.has_vector_table() and store.count_vectors() == 3
+        ranked = store.nearest([0.9, 0.1, 0], 3)
+        texts = [store.chunks_by_id([i])[i].text for i, _ in ranked]
+        assert texts == ["north", "east", "south"]
+        assert ranked[0][1] == pytest.approx(0.9939, abs=1e-3)  # cosine similarity
+        with pytest.raises(InvalidRequest, match="dimensions"):
+            store.nearest([1, 0], 1)
+        store.remove_source("a")  # vectors go with their chunks
+        assert store.count_vectors() == 1 and store.has_vectors("b")
+        store.set_embedding_model("other")  # vectors of another model are not comparable
+        assert store.count_vectors() == 0 and not store.has_vectors("b")
+
+
+def test_without_sqlite_vec_lexical_works_and_dense_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from edgelm.errors import MissingExtra
+    from edgelm.rag import store as store_module
+
+    def stdlib(path):  # type: ignore[no-untyped-def]
+        return sqlite3.connect(str(path), check_same_thread=False, isolation_level=None), False
+
+    monkeypatch.setattr(store_module, "connect", stdlib)
+    embedder = EngineEmbedder(FakeEngine("fake-embed"))
+    with RagStore(tmp_path / "plain.db") as store:
+        ingest_paths(store, [corpus_dir()])
+        assert retrieve(store, "battery", mode="lexical", top_k=1)
+        with pytest.raises(MissingExtra, match=r"edgelm\[rag\]"):
+            ingest_paths(store, [corpus_dir()], embedder=embedder)

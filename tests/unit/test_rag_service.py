@@ -24,12 +24,18 @@ from edgelm.settings import Settings
 
 GOOD = "A full battery runs the mast for about 45 days [1]."
 QUESTION = "How long does a full mast battery last without sun?"
-EXTENSION_KEYS = {"citations", "contexts", "refused", "escalated", "model"}
+EXTENSION_KEYS = {"citations", "contexts", "refused", "escalated", "escalation_reason", "model"}
 
 
 def rag_catalog(
-    home: Path, slm_reply: str = GOOD, llm_reply: str = "LLM says 45 days [1]."
+    home: Path,
+    slm_reply: str = GOOD,
+    llm_reply: str = "LLM says 45 days [1].",
+    slm_logprobs: list[float] | None = None,
 ) -> Catalog:
+    slm_options: dict = {"reply": slm_reply}
+    if slm_logprobs is not None:
+        slm_options["logprobs"] = slm_logprobs
     return Catalog(
         [
             CatalogEntry(
@@ -37,7 +43,7 @@ def rag_catalog(
                 aliases=["slm"],
                 engine="fake",
                 tier="slm",
-                options={"reply": slm_reply},
+                options=slm_options,
             ),
             CatalogEntry(
                 alias="fake-llm",
@@ -120,9 +126,47 @@ def test_insufficient_answer_escalates_to_the_llm(demo: Settings) -> None:
 
 def test_insufficient_check() -> None:
     assert insufficient("The provided context does not mention the price.")
-    assert insufficient("I don't know.")
-    assert insufficient("Yes [1]")
+    assert insufficient("The documents don't say how much it costs.")
+    assert insufficient("I don't know.")  # the router's own phrases
+    assert insufficient("no")  # next to empty
+    assert not insufficient("Yes [1].")
     assert not insufficient(GOOD)
+
+
+@pytest.mark.parametrize(
+    ("spec", "slm_logprobs", "escalated", "reason"),
+    [
+        ("insufficient", None, False, None),
+        ("length=20", None, True, "length"),  # a whole-draft policy: the draft is held
+        ("confidence=-1", [-2.5], True, "confidence"),  # needs (and gets) the SLM's logprobs
+        ("confidence=-1", [-0.2], False, None),
+        ("keywords=battery", None, True, "keywords"),  # question-only: no draft at all
+    ],
+)
+def test_fallback_uses_the_router_policies(
+    settings: Settings, spec: str, slm_logprobs, escalated: bool, reason: str | None
+) -> None:
+    settings.rag.fallback_policy = spec
+    with RagStore.open(settings.home, "demo") as store:
+        ingest_paths(store, [corpus_dir()])
+    catalog = rag_catalog(settings.home, slm_logprobs=slm_logprobs)
+    with TestClient(make_app(settings, catalog)) as client:
+        ext = chat(client, "rag:demo", QUESTION).json()["edgelm"]
+        assert ext["escalated"] is escalated
+        assert ext["model"] == ("fake-llm" if escalated else "fake-slm")
+        if reason:
+            assert ext["escalation_reason"].startswith(reason)
+        slm_calls = (
+            len(client.app.state.edgelm.pool.models.get("fake-slm").engine.requests)
+            if ("fake-slm" in client.app.state.edgelm.pool.models)
+            else 0
+        )
+        assert slm_calls == (0 if spec.startswith("keywords") else 1)
+
+
+def test_a_bad_fallback_policy_is_a_settings_error(settings: Settings) -> None:
+    with pytest.raises(ValueError, match="unknown policy"):
+        settings.rag.fallback_policy = "sometimes"
 
 
 def test_route_streams_and_answers(demo: Settings) -> None:

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -29,7 +26,8 @@ app = typer.Typer(help="Local RAG: ingest documents, ask questions with cited an
 @app.command("ingest")
 def ingest(
     ctx: typer.Context,
-    paths: list[Path] = typer.Argument(..., help="Files or folders (.md .txt .html .pdf)."),
+    paths: list[Path] | None = typer.Argument(None, help="Files or folders (.md .txt .html .pdf)."),
+    demo: bool = typer.Option(False, "--demo", help="Ingest the demo corpus shipped with edgelm."),
     collection: str | None = typer.Option(None, "--collection", "-c", help="Collection name."),
     chunk_size: int | None = typer.Option(None, "--chunk-size", help="Largest chunk (chars)."),
     overlap: int | None = typer.Option(None, "--overlap", help="Overlap between chunks (chars)."),
@@ -42,9 +40,13 @@ def ingest(
 ) -> None:
     """Add or update documents; unchanged files are skipped by content hash."""
     from edgelm.rag.embed import ServiceEmbedder
+    from edgelm.rag.evaluate import corpus_dir
     from edgelm.rag.ingest import ingest_paths
     from edgelm.rag.store import RagStore
 
+    paths = [*(paths or []), *([corpus_dir()] if demo else [])]
+    if not paths:
+        fail("name files or folders to ingest (or --demo for the shipped demo corpus)")
     settings = settings_of(ctx)
     rag = rag_settings(settings)
     name = collection or rag.collection
@@ -233,21 +235,15 @@ def chat(
     ctx: typer.Context,
     collection: str | None = typer.Option(None, "--collection", "-c"),
     port: int = typer.Option(8000, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address."),
     headless: bool = typer.Option(False, "--headless", help="Do not open a browser."),
 ) -> None:
-    """Start the Chainlit app, talking to the edgelm service."""
+    """Start the Chainlit app; it retrieves locally and streams answers from the service."""
+    from edgelm.rag.chainlit_setup import chainlit_command, chainlit_env
+    from edgelm.rag.store import check_name
+
     settings = settings_of(ctx)
-    chainlit = shutil.which("chainlit") or str(Path(sys.executable).parent / "chainlit")
-    if not Path(chainlit).exists():
-        fail("chainlit is not installed; install it with: pip install 'edgelm[rag]'")
-    app_path = Path(__file__).resolve().parent.parent / "rag" / "chainlit_app.py"
-    env = {
-        **os.environ,
-        "EDGELM_HOME": str(settings.home),
-        "EDGELM_ENDPOINT": settings.endpoint,
-        "EDGELM_RAG_COLLECTION": collection or rag_settings(settings).collection,
-    }
-    cmd = [chainlit, "run", str(app_path), "--port", str(port)]
-    if headless:
-        cmd.append("--headless")
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    name = check_name(collection or rag_settings(settings).collection)
+    cmd = chainlit_command(port, host, headless)
+    env = chainlit_env(settings.home, settings.endpoint, name)
+    raise typer.Exit(subprocess.call(cmd, env=env, cwd=env["CHAINLIT_APP_ROOT"]))

@@ -6,10 +6,16 @@ CLI and Chainlit app through the HTTP service), so it is written once against a 
 
 1. nothing relevant retrieved → a fixed refusal, **no model call** (it cannot invent);
 2. otherwise the first model answers from numbered blocks ``[1]``, ``[2]`` …;
-3. its first characters are held back briefly; if the answer turns out insufficient ("the
-   context does not say…", or a few words), it is dropped and the fallback (LLM) answers
-   instead, streamed as if it had been the only answer. Otherwise the held text is released
-   and the rest streams through untouched, so a good SLM answer costs one short delay only.
+3. whether that answer is good enough is decided by the hybrid router's escalation policies
+   (setting ``rag.fallback_policy``, same spec language as ``router.policy``), with the
+   ``insufficient`` policy also taught how grounded answers decline ("the context does not
+   mention…"). A question-only rule (``keywords=…``) sends the question straight to the
+   fallback model. A policy that judges only the opening (``insufficient``) sees the first
+   :data:`HOLD_CHARS` characters held back; if it does not fire they are released and the rest
+   streams through untouched, so a good SLM answer costs one short delay. A policy that needs
+   the whole draft (``length``, ``confidence``) holds all of it, as the hybrid router does.
+   When the policy fires, the draft is dropped and the fallback (LLM) answers from the same
+   context, streamed as if it had been the only answer.
 
 The ``edgelm`` extension (citations, contexts, refused, escalated, model) is filled into a
 dict the caller passed in, so a service can hand the very same dict to its response.
@@ -23,6 +29,19 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from edgelm.router.policies import (
+    INSUFFICIENT_PATTERNS,
+    AllOf,
+    AnyOf,
+    Draft,
+    Insufficient,
+    Keywords,
+    Never,
+    Policy,
+    decide,
+    decide_before_draft,
+    parse_policy,
+)
 from edgelm.types import Chunk
 
 if TYPE_CHECKING:
@@ -42,23 +61,47 @@ HOLD_CHARS = 160
 """Characters held back before deciding that the first answer is good enough to stream."""
 
 _CITE = re.compile(r"\[(\d{1,3})\]")
-_INSUFFICIENT = re.compile(
-    r"\b(not enough information|insufficient|does(?: not|n't) (?:contain|provide|mention|say|"
-    r"include|specify|state)|no (?:relevant )?information|not (?:mentioned|specified|provided|"
-    r"stated|included)|(?:cannot|can't|can not|unable to) (?:answer|determine|find|tell)|"
-    r"i (?:do not|don't) know|no mention|is not clear from the context)\b",
-    re.IGNORECASE,
+
+GROUNDED_DECLINE_PATTERNS: tuple[str, ...] = (
+    r"\b(?:the )?(?:provided |given )?(?:context|documents?|text|passages?|sources?) "
+    r"(?:does|do)(?: not|n't) (?:contain|provide|mention|say|include|specify|state|cover|give)",
+    r"\bnot (?:mentioned|specified|provided|stated|included|covered) in the "
+    r"(?:provided |given )?(?:context|documents?|text)",
+    r"\bno (?:relevant )?(?:information|mention|details?)\b",
+    r"\bis not clear from the (?:context|documents?)",
+    r"\b(?:cannot|can't|can not) be (?:answered|determined|found)",
 )
+"""How grounded answers decline, added to the router's ``insufficient`` phrases."""
 
 
-def insufficient(text: str, min_words: int = 3) -> bool:
-    """Whether a grounded answer admits the context is not enough, or is too short to help.
+def grounded(policy: Policy) -> Policy:
+    """``policy`` with every ``insufficient`` term also matching grounded declines."""
+    if isinstance(policy, Insufficient):
+        return Insufficient(policy.min_chars, INSUFFICIENT_PATTERNS + GROUNDED_DECLINE_PATTERNS)
+    if isinstance(policy, AnyOf | AllOf):
+        policy.children = [grounded(child) for child in policy.children]
+    return policy
 
-    A local stand-in for the hybrid router's policy of the same name; it looks only at the
-    text, so it works for any engine (no logprobs needed).
-    """
-    words = _CITE.sub(" ", text).split()
-    return len(words) < min_words or bool(_INSUFFICIENT.search(text))
+
+def fallback_policy(spec: str, topic_patterns: Sequence[str] = ()) -> Policy:
+    """The router policy for ``spec`` (e.g. ``insufficient,confidence=-0.8``), grounded."""
+    return grounded(parse_policy(spec, topic_patterns))
+
+
+def judges_opening(policy: Policy) -> bool:
+    """Whether ``policy`` decides from the start of a draft alone (so the rest may stream)."""
+    if isinstance(policy, AnyOf | AllOf):
+        return all(judges_opening(child) for child in policy.children)
+    return isinstance(policy, Insufficient | Keywords | Never)
+
+
+_DECLINES = grounded(Insufficient())
+
+
+def insufficient(text: str) -> bool:
+    """Whether a grounded answer declines (or is next to empty): the ``insufficient`` policy."""
+    verdict = _DECLINES.check("", Draft(text))
+    return bool(verdict and verdict.fired)
 
 
 def cited_numbers(text: str, limit: int) -> list[int]:
@@ -111,7 +154,14 @@ def context_entry(hit: Hit) -> dict[str, Any]:
 
 
 def empty_extension() -> dict[str, Any]:
-    return {"citations": [], "contexts": [], "refused": False, "escalated": False, "model": None}
+    return {
+        "citations": [],
+        "contexts": [],
+        "refused": False,
+        "escalated": False,
+        "escalation_reason": None,
+        "model": None,
+    }
 
 
 @dataclass
@@ -126,6 +176,7 @@ class AnswerOptions:
     mode: RetrievalMode = "hybrid"
     min_relevance: float = 0.4
     min_similarity: float = 0.6
+    fallback_policy: str = "insufficient"
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
@@ -139,6 +190,7 @@ class AnswerOptions:
             mode=rag.mode,
             min_relevance=rag.min_relevance,
             min_similarity=rag.min_similarity,
+            fallback_policy=rag.fallback_policy,
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -147,8 +199,16 @@ class Generator(Protocol):
     """Streams a chat answer from some model; how (pool, HTTP) is the implementation's business."""
 
     def stream(
-        self, model: str, messages: list[dict[str, Any]], max_tokens: int, temperature: float
-    ) -> AsyncIterator[Chunk]: ...
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        max_tokens: int,
+        temperature: float,
+        logprobs: bool = False,
+    ) -> AsyncIterator[Chunk]:
+        """Stream the answer; with ``logprobs``, chunks carry token log-probabilities when the
+        model can give them (confidence policies need them; others ignore them)."""
+        ...
 
     def canonical(self, model: str) -> str:
         """The name the model is really known by (alias), for the ``model`` field."""
@@ -184,36 +244,64 @@ async def answer_stream(
     def retime(chunk: Chunk) -> Chunk:
         return replace(chunk, t=time.perf_counter() - start)
 
+    async def second(reason: str) -> AsyncIterator[Chunk]:
+        assert options.fallback_model is not None
+        extension["escalated"] = True
+        extension["escalation_reason"] = reason
+        async for chunk in generator.stream(
+            options.fallback_model, messages, options.max_tokens, options.temperature
+        ):
+            yield retime(chunk)
+        extension["model"] = generator.canonical(options.fallback_model)
+
     model = options.model
+    policy = fallback_policy(options.fallback_policy)
     can_escalate = _escalates(model, options.fallback_model, generator)
+    if can_escalate:
+        early = decide_before_draft(policy, question)
+        if early is not None and early.route == "direct":
+            text = ""
+            async for chunk in second(early.reason):
+                text += chunk.text
+                yield chunk
+            _finish_citations(extension, hits, text)
+            return
+    opening_only = judges_opening(policy)
     held: list[Chunk] = []
     text = ""
+    logprobs: list[float] = []
     releasing = not can_escalate
-    async for chunk in generator.stream(model, messages, options.max_tokens, options.temperature):
+    async for chunk in generator.stream(
+        model,
+        messages,
+        options.max_tokens,
+        options.temperature,
+        logprobs=can_escalate and policy.needs_logprobs,
+    ):
         text += chunk.text
+        logprobs.extend(lp.logprob for lp in chunk.logprobs)
         if releasing:
             yield retime(chunk)
             continue
         held.append(chunk)
-        if len(text) >= HOLD_CHARS and not insufficient(text):
+        opening_judged = opening_only and len(text) >= HOLD_CHARS
+        if opening_judged and not decide(policy, question, Draft(text)).verdict.fired:
             releasing = True
             for waiting in held:
                 yield retime(waiting)
             held = []
     extension["model"] = generator.canonical(model)  # after the stream: HTTP reports it there
-    if held and can_escalate and insufficient(text):
-        assert options.fallback_model is not None
-        extension["escalated"] = True
-        text = ""
-        async for chunk in generator.stream(
-            options.fallback_model, messages, options.max_tokens, options.temperature
-        ):
-            text += chunk.text
-            yield retime(chunk)
-        extension["model"] = generator.canonical(options.fallback_model)
-    else:
-        for waiting in held:
-            yield retime(waiting)
+    if held and can_escalate:
+        decision = decide(policy, question, Draft(text, tuple(logprobs), held[-1].finish_reason))
+        if decision.route != "draft":
+            text = ""
+            async for chunk in second(decision.reason):
+                text += chunk.text
+                yield chunk
+            _finish_citations(extension, hits, text)
+            return
+    for waiting in held:
+        yield retime(waiting)
     _finish_citations(extension, hits, text)
 
 

@@ -5,7 +5,9 @@ service (``EDGELM_ENDPOINT`` or the local one), exactly like ``edgelm rag ask``.
 ``EDGELM_RAG_COLLECTION`` (collection), ``EDGELM_RAG_SLM`` / ``EDGELM_RAG_LLM`` (the models
 behind the selector's SLM and LLM choices; "hybrid" is the router's virtual model).
 Files dropped into the chat are copied under ``$EDGELM_HOME/rag/uploads/<collection>/`` and
-ingested into the current collection.
+ingested into the current collection (embedded by the service when the collection has vectors).
+Start it with ``edgelm rag chat``, which also keeps Chainlit's own files out of the current
+directory (see :mod:`edgelm.rag.chainlit_setup`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ from typing import Any
 import chainlit as cl
 from chainlit.input_widget import Select, Slider
 
-from edgelm.rag.ingest import SUFFIXES, ingest_paths
+from edgelm.rag.ingest import SUFFIXES
 from edgelm.rag.local import LocalRag
-from edgelm.rag.store import RagStore
 from edgelm.settings import load_settings
 
 MODEL_CHOICES = ["SLM", "LLM", "hybrid"]
@@ -43,13 +44,25 @@ def _collection() -> str:
 
 @cl.on_chat_start
 async def start() -> None:
-    cl.user_session.set("collection", os.environ.get("EDGELM_RAG_COLLECTION", "default"))
-    cl.user_session.set("settings", {"model": "SLM", "top_k": 4, "temperature": 0.3})
+    rag = load_settings().rag
+    cl.user_session.set("collection", os.environ.get("EDGELM_RAG_COLLECTION", rag.collection))
+    cl.user_session.set(
+        "settings", {"model": "SLM", "top_k": rag.top_k, "temperature": rag.temperature}
+    )
     await cl.ChatSettings(
         [
             Select(id="model", label="Model", values=MODEL_CHOICES, initial_index=0),
-            Slider(id="top_k", label="Top-k context blocks", initial=4, min=1, max=10, step=1),
-            Slider(id="temperature", label="Temperature", initial=0.3, min=0, max=1.5, step=0.1),
+            Slider(
+                id="top_k", label="Top-k context blocks", initial=rag.top_k, min=1, max=10, step=1
+            ),
+            Slider(
+                id="temperature",
+                label="Temperature",
+                initial=rag.temperature,
+                min=0,
+                max=1.5,
+                step=0.1,
+            ),
         ]
     ).send()
     await cl.Message(
@@ -64,22 +77,28 @@ async def update(settings: dict[str, Any]) -> None:
 
 
 async def _ingest(files: list[Any]) -> str:
-    settings = load_settings()
+    local = LocalRag(load_settings())
     name = _collection()
-    folder = settings.home / "rag" / "uploads" / name
+    folder = local.settings.home / "rag" / "uploads" / name
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
+    skipped = []
     for file in files:
         target = folder / Path(file.name).name
         if target.suffix.lower() not in SUFFIXES:
+            skipped.append(target.name)
             continue
         shutil.copyfile(file.path, target)
         paths.append(target)
     if not paths:
         return "No supported files (.md, .txt, .html, .pdf) in the upload."
-    with RagStore.open(settings.home, name) as store:
-        report = await cl.make_async(ingest_paths)(store, paths, prune=False)
-    return f"Ingested into **{name}**: {report.summary()}."
+    try:
+        report = await cl.make_async(local.ingest)(paths, name)
+    except Exception as exc:  # e.g. the service is down and the collection needs embeddings
+        return f"Could not ingest: {getattr(exc, 'message', None) or exc}"
+    note = f" Skipped (unsupported): {', '.join(skipped)}." if skipped else ""
+    failed = "".join(f"\n- failed {src}: {err}" for src, err in report.failed.items())
+    return f"Ingested into **{name}**: {report.summary()}.{note}{failed}"
 
 
 @cl.on_message
@@ -111,16 +130,18 @@ async def answer(message: cl.Message) -> None:
         await reply.send()
         return
     citations = extension.get("citations", [])
+    # Elements are named by chunk id, which is unique: Chainlit's side panel gathers every
+    # element of the same name, so "[1]" of one answer would show the [1] of all the others.
     reply.elements = [
         cl.Text(
-            name=f"[{c['n']}]",
+            name=c["chunk_id"],
             content=f"{c['source']} ({c['location']})\n\n{c['text']}",
             display="side",
         )
         for c in citations
     ]
     if citations:
-        listing = "\n".join(f"- [{c['n']}] {c['source']} ({c['location']})" for c in citations)
+        listing = "\n".join(f"- [{c['n']}] {c['chunk_id']} ({c['location']})" for c in citations)
         reply.content += f"\n\n**Sources**\n{listing}"
     note = (
         "refused: nothing relevant retrieved"

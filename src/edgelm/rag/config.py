@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
     from edgelm.settings import Settings
@@ -43,8 +43,26 @@ class RagSettings(BaseModel):
     fallback_model: str | None = Field(
         "llm", description="Model asked when the first answer is insufficient (none: never)."
     )
+    fallback_policy: str = Field(
+        "insufficient",
+        description="When the first answer escalates: a hybrid-router policy spec, e.g. "
+        "'insufficient' or 'insufficient,confidence=-0.8' (see router.policy).",
+    )
     max_tokens: int = Field(300, ge=1, description="Longest answer, in tokens.")
     temperature: float = Field(0.3, ge=0.0, le=2.0, description="Sampling temperature.")
+
+    @field_validator("fallback_policy")
+    @classmethod
+    def _policy_parses(cls, spec: str) -> str:
+        """A bad spec is a settings error now, not a 400 on the first question."""
+        from edgelm.errors import EdgelmError
+        from edgelm.router.policies import parse_policy
+
+        try:
+            parse_policy(spec)
+        except EdgelmError as exc:
+            raise ValueError(exc.message) from None
+        return spec
 
 
 def rag_settings(settings: Settings) -> RagSettings:

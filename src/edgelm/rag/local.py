@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,10 +19,11 @@ from edgelm.client import ServiceError, ServiceUnavailable, _error_from, _in_ban
 from edgelm.rag.answer import AnswerOptions, answer_stream
 from edgelm.rag.config import rag_settings
 from edgelm.rag.embed import ServiceEmbedder
-from edgelm.rag.retrieve import Hit, rank_inline, retrieve
+from edgelm.rag.ingest import IngestReport, ingest_paths
+from edgelm.rag.retrieve import Hit, find_hits
 from edgelm.rag.store import RagStore
 from edgelm.settings import Settings
-from edgelm.types import Chunk
+from edgelm.types import Chunk, TokenLogprob
 
 
 class HttpGenerator:
@@ -43,9 +45,14 @@ class HttpGenerator:
         return self.reported.get(model, model)
 
     async def stream(
-        self, model: str, messages: list[dict[str, Any]], max_tokens: int, temperature: float
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        max_tokens: int,
+        temperature: float,
+        logprobs: bool = False,
     ) -> AsyncIterator[Chunk]:
-        body = {
+        body: dict[str, Any] = {
             "model": model,
             "messages": messages,
             "max_tokens": max_tokens,
@@ -53,6 +60,8 @@ class HttpGenerator:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if logprobs:
+            body["logprobs"] = True
         timeout = httpx.Timeout(600.0, connect=5.0)
         async with httpx.AsyncClient(
             base_url=self.endpoint, headers=self.headers, timeout=timeout, transport=self.transport
@@ -95,9 +104,14 @@ class HttpGenerator:
             for choice in event.get("choices") or []:
                 text = (choice.get("delta") or {}).get("content") or ""
                 finish = choice.get("finish_reason") or finish
+                lps = [
+                    TokenLogprob(str(lp.get("token", "")), float(lp["logprob"]))
+                    for lp in ((choice.get("logprobs") or {}).get("content") or [])
+                    if isinstance(lp, dict) and lp.get("logprob") is not None
+                ]
                 if text:
                     completion_tokens += 0 if usage else 1
-                    yield Chunk(text=text, completion_tokens=completion_tokens)
+                    yield Chunk(text=text, completion_tokens=completion_tokens, logprobs=lps)
         yield Chunk(
             text="",
             prompt_tokens=prompt_tokens,
@@ -118,25 +132,52 @@ class LocalRag:
     def options(self, **overrides: Any) -> AnswerOptions:
         return AnswerOptions.from_settings(self.rag, **overrides)
 
-    def retrieve(self, collection: str, question: str, options: AnswerOptions) -> list[Hit]:
-        """Top hits from the collection; the query is embedded by the service if it has vectors."""
-        with RagStore.open(self.settings.home, collection, create=False) as store:
-            vector = None
-            if options.mode != "lexical" and store.embedding_model:
-                embedder = ServiceEmbedder(store.embedding_model, self.endpoint, self.api_key)
-                try:
-                    vector = embedder.embed([question])[0]
-                finally:
+    def ingest(self, paths: Sequence[Path], collection: str | None = None) -> IngestReport:
+        """Add files to the collection with the configured chunking; when the collection (or
+        the settings) name an embedding model, the service embeds the new chunks with it."""
+        name = collection or self.rag.collection
+        with RagStore.open(self.settings.home, name) as store:
+            model = store.embedding_model or self.rag.embed_model
+            embedder = ServiceEmbedder(model, self.endpoint, self.api_key) if model else None
+            try:
+                return ingest_paths(
+                    store,
+                    paths,
+                    chunk_size=self.rag.chunk_size,
+                    overlap=self.rag.overlap,
+                    embedder=embedder,
+                    prune=False,
+                )
+            finally:
+                if embedder is not None:
                     embedder.close()
-            return retrieve(
-                store,
-                question,
-                mode=options.mode,
-                top_k=options.top_k,
-                query_vector=vector,
-                min_relevance=options.min_relevance,
-                min_similarity=options.min_similarity,
-            )
+
+    def embed(self, model: str, text: str) -> list[float]:
+        """The query's vector, from the service (the model that embedded the collection)."""
+        embedder = ServiceEmbedder(model, self.endpoint, self.api_key)
+        try:
+            return embedder.embed([text])[0]
+        finally:
+            embedder.close()
+
+    def retrieve(
+        self,
+        question: str,
+        options: AnswerOptions,
+        collection: str | None = None,
+        documents: Sequence[dict[str, str]] | None = None,
+    ) -> list[Hit]:
+        """Top hits from inline ``documents`` or the collection (default ``rag.collection``)."""
+        common = {
+            "embed": self.embed,
+            "chunk_size": self.rag.chunk_size,
+            "overlap": self.rag.overlap,
+        }
+        if documents is not None:
+            return find_hits(question, options, documents=documents, **common)
+        name = collection or self.rag.collection
+        with RagStore.open(self.settings.home, name, create=False) as store:
+            return find_hits(question, options, store=store, **common)
 
     async def stream(
         self,
@@ -147,18 +188,7 @@ class LocalRag:
         documents: Sequence[dict[str, str]] | None = None,
     ) -> tuple[list[Hit], AsyncIterator[Chunk], dict[str, Any]]:
         """Retrieve, then return the hits, the answer stream, and the extension it fills."""
-        if documents is not None:
-            hits = rank_inline(
-                documents,
-                question,
-                options.top_k,
-                options.min_relevance,
-                self.rag.chunk_size,
-                self.rag.overlap,
-            )
-        else:
-            name = collection or self.rag.collection
-            hits = await asyncio.to_thread(self.retrieve, name, question, options)
+        hits = await asyncio.to_thread(self.retrieve, question, options, collection, documents)
         extension: dict[str, Any] = {}
         generator = HttpGenerator(self.endpoint, self.api_key)
         return hits, answer_stream(question, hits, generator, options, extension), extension

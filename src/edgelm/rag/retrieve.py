@@ -11,13 +11,22 @@ calling a model. Dense hits have their own floor (``min_similarity``, cosine).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from edgelm.errors import InvalidRequest
 from edgelm.rag.config import RetrievalMode
 from edgelm.rag.ingest import ChunkSpec, chunk_text
 from edgelm.rag.store import RagStore, StoredChunk
 from edgelm.rag.terms import terms
+
+if TYPE_CHECKING:
+    from edgelm.rag.answer import AnswerOptions
+
+EmbedQuery = Callable[[str, str], Sequence[float]]
+"""``(embedding model, question) -> vector``: however the caller reaches that model."""
 
 RRF_K = 60
 CANDIDATES = 50
@@ -133,8 +142,6 @@ def retrieve(
         return lexical(store, question, top_k, min_relevance)
     if mode == "dense":
         if query_vector is None:
-            from edgelm.errors import InvalidRequest
-
             raise InvalidRequest(
                 f"collection '{store.name}' has no embeddings; ingest it with --embed-model "
                 "or use --mode lexical",
@@ -158,8 +165,6 @@ def rank_inline(
     Uses an in-memory SQLite store so inline documents get exactly the BM25 and relevance
     rules of a stored collection (a few documents chunk and index in milliseconds).
     """
-    from pathlib import Path
-
     store = RagStore(Path(":memory:"), name="inline")
     try:
         for n, doc in enumerate(documents, 1):
@@ -169,3 +174,46 @@ def rank_inline(
         return lexical(store, question, top_k, min_relevance)
     finally:
         store.close()
+
+
+def find_hits(
+    question: str,
+    options: AnswerOptions,
+    *,
+    store: RagStore | None = None,
+    documents: Sequence[dict[str, str]] | None = None,
+    embed: EmbedQuery | None = None,
+    chunk_size: int = 800,
+    overlap: int = 120,
+) -> list[Hit]:
+    """The context for one question, from inline ``documents`` or a collection's ``store``.
+
+    The one retrieval step behind the service (``rag:*``, ``/v1/rag/answer``) and the local
+    tools (``edgelm rag ask``, the Chainlit app); they differ only in how ``embed`` reaches
+    the collection's embedding model. The question is embedded only when the mode uses vectors
+    and the collection has them.
+    """
+    if documents is not None:
+        if not documents:
+            raise InvalidRequest(
+                "inline RAG needs documents: send content parts "
+                '{"type": "document", "id": ..., "text": ...}',
+                param="documents",
+            )
+        return rank_inline(
+            documents, question, options.top_k, options.min_relevance, chunk_size, overlap
+        )
+    if store is None:
+        raise InvalidRequest("name a collection or send documents", param="collection")
+    vector = None
+    if options.mode != "lexical" and store.embedding_model and embed is not None:
+        vector = embed(store.embedding_model, question)
+    return retrieve(
+        store,
+        question,
+        mode=options.mode,
+        top_k=options.top_k,
+        query_vector=vector,
+        min_relevance=options.min_relevance,
+        min_similarity=options.min_similarity,
+    )

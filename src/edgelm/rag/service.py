@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from edgelm.errors import InvalidRequest
 from edgelm.rag.answer import AnswerOptions, answer_stream
 from edgelm.rag.config import rag_settings
-from edgelm.rag.retrieve import Hit, rank_inline, retrieve
+from edgelm.rag.retrieve import Hit, find_hits
 from edgelm.rag.store import RagStore, check_name, collections_dir, list_collections
 from edgelm.server.virtual import VirtualAnswer, VirtualModel
 from edgelm.types import Chunk, GenerationRequest, Message
@@ -39,7 +39,12 @@ class PoolGenerator:
         self.state = state
 
     async def stream(
-        self, model: str, messages: list[dict[str, Any]], max_tokens: int, temperature: float
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        max_tokens: int,
+        temperature: float,
+        logprobs: bool = False,
     ) -> AsyncIterator[Chunk]:
         request = GenerationRequest(
             messages=[Message.model_validate(m) for m in messages],
@@ -47,11 +52,17 @@ class PoolGenerator:
             temperature=temperature,
         )
         family = self.state.find_virtual(model)
-        if family is not None and not isinstance(family, RagModels):
+        if family is not None:
+            if isinstance(family, RagModels):
+                raise InvalidRequest(f"'{model}' cannot write RAG answers itself", param="model")
             answer = await family.answer(self.state, model, request)
             async for chunk in answer.chunks:
                 yield chunk
             return
+        if logprobs:  # as the hybrid router does: only when the engine can give them
+            loaded = await self.state.pool.get(model)
+            if loaded.engine.supports_logprobs:
+                request = request.model_copy(update={"logprobs": True, "top_logprobs": 0})
         async for chunk in self.state.pool.stream(model, request):
             yield chunk
 
@@ -75,8 +86,8 @@ def inline_documents(messages: Sequence[Message]) -> list[dict[str, str]]:
 
 
 class RagModels(VirtualModel):
-    """``rag:<collection>`` and ``rag:inline``. Holds open stores (with their cached vector
-    matrices) per instance, so one service keeps dense search warm without module globals."""
+    """``rag:<collection>`` and ``rag:inline``. Holds its open stores per instance (one
+    connection per collection, with sqlite-vec loaded once), without module globals."""
 
     def __init__(self) -> None:
         self._stores: dict[tuple[str, int], tuple[RagStore, threading.Lock]] = {}
@@ -155,41 +166,31 @@ class RagModels(VirtualModel):
         collection: str | None,
         documents: Sequence[dict[str, str]] | None,
     ) -> list[Hit]:
+        """:func:`find_hits` in a worker thread; the query is embedded by the service's pool."""
         rag = rag_settings(state.settings)
-        if documents is not None:
-            if not documents:
-                raise InvalidRequest(
-                    "rag:inline needs documents: send content parts "
-                    '{"type": "document", "id": ..., "text": ...}',
-                    param="documents",
-                )
-            return await asyncio.to_thread(
-                rank_inline,
-                documents,
-                question,
-                options.top_k,
-                options.min_relevance,
-                rag.chunk_size,
-                rag.overlap,
-            )
-        if not collection:
+        if documents is None and not collection:
             raise InvalidRequest("name a collection: rag:<collection>", param="model")
-        store, lock = self._store(state.settings.home, collection)
-        vector = None
-        if options.mode != "lexical" and store.embedding_model:
-            vectors, _ = await state.pool.embed(store.embedding_model, [question])
-            vector = vectors[0]
+        store, lock = (
+            (None, threading.Lock())
+            if documents is not None
+            else self._store(state.settings.home, str(collection))
+        )
+        loop = asyncio.get_running_loop()
+
+        def embed(model: str, text: str) -> list[float]:
+            future = asyncio.run_coroutine_threadsafe(state.pool.embed(model, [text]), loop)
+            return future.result()[0][0]
 
         def run() -> list[Hit]:
             with lock:
-                return retrieve(
-                    store,
+                return find_hits(
                     question,
-                    mode=options.mode,
-                    top_k=options.top_k,
-                    query_vector=vector,
-                    min_relevance=options.min_relevance,
-                    min_similarity=options.min_similarity,
+                    options,
+                    store=store,
+                    documents=documents,
+                    embed=embed,
+                    chunk_size=rag.chunk_size,
+                    overlap=rag.overlap,
                 )
 
         return await asyncio.to_thread(run)

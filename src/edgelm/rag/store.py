@@ -7,14 +7,15 @@ Layout of ``$EDGELM_HOME/rag/<collection>.db``:
   their source (``ON DELETE CASCADE``);
 - ``chunks_fts``: FTS5 over the *normalised terms* of each chunk and its heading (see
   :mod:`edgelm.rag.terms`), ranked with BM25; ``chunks_vocab`` exposes document frequencies;
-- ``vectors``: float32 blobs when an embedding model is configured.
+- ``chunk_vectors``: a sqlite-vec ``vec0`` table (cosine distance, keyed by chunk id), made
+  when the first vector arrives, so its size is the embedding model's.
 
-Dense search is exact brute force with numpy over a matrix cached in this object and
-refreshed when the collection changes. sqlite-vec was the first choice, but it is a loadable
-extension and the CPython here is built without ``enable_load_extension`` — so it cannot load;
-brute force at 100k × 384 floats is ~150 MB and tens of milliseconds per query, which is
-fine for a local tool. Every write runs in one transaction, so a crash never leaves a source
-half-replaced.
+sqlite-vec is a loadable extension, and many CPython builds (this environment's included)
+are compiled without ``enable_load_extension``. So the connection comes from ``sqlean``
+(sqlean-py: the same ``sqlite3`` module built with extension loading and FTS5) when the
+``rag`` extra is installed, and from the standard library otherwise — where everything but
+vectors works and a dense operation says which extra to install. Every write runs in one
+transaction, so a crash never leaves a source half-replaced.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import numpy as np
 
-from edgelm.errors import InvalidRequest, ModelNotFound
+from edgelm.errors import InvalidRequest, MissingExtra, ModelNotFound
 from edgelm.rag.ingest import ChunkSpec
 from edgelm.rag.terms import terms
 
@@ -62,13 +64,30 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE INDEX IF NOT EXISTS chunks_source ON chunks(source_id);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(terms, heading, tokenize='unicode61');
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_vocab USING fts5vocab(chunks_fts, 'row');
-CREATE TABLE IF NOT EXISTS vectors (
-    chunk_id INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE,
-    vec BLOB NOT NULL
-);
 """
 
-VECTOR_BACKEND = "numpy"
+VECTOR_TABLE = "chunk_vectors"
+MMAP_BYTES = 1 << 30
+
+Connection: TypeAlias = Any
+"""A DB-API connection: ``sqlite3.Connection`` or sqlean's API-identical one."""
+
+
+def connect(path: Path | str) -> tuple[Connection, bool]:
+    """Open ``path`` in autocommit mode; the flag says whether sqlite-vec is loaded."""
+    try:
+        import sqlean
+        import sqlite_vec
+    except ImportError:
+        return sqlite3.connect(str(path), check_same_thread=False, isolation_level=None), False
+    db = sqlean.connect(str(path), check_same_thread=False, isolation_level=None)
+    try:
+        db.enable_load_extension(True)
+        sqlite_vec.load(db)
+        db.enable_load_extension(False)
+    except Exception:  # an unusual platform: keep the connection, lose vectors only
+        return db, False
+    return db, True
 
 
 def check_name(name: str) -> str:
@@ -146,12 +165,15 @@ class RagStore:
     def __init__(self, path: Path, name: str | None = None):
         self.path = path
         self.name = name or path.stem
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        if str(path) != ":memory:":
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self.db, self.vectors_supported = connect(path)
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = NORMAL")
+        # A dense query scans every vector (vec0 is exact); reading them through a memory map
+        # instead of SQLite's small page cache keeps a 100k-chunk scan in RAM.
+        self.db.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
         self.db.executescript(SCHEMA)
-        self._matrix: tuple[int, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def open(cls, home: Path, name: str, create: bool = True) -> RagStore:
@@ -176,8 +198,8 @@ class RagStore:
         self.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """All-or-nothing writes; also bumps the generation that invalidates cached vectors."""
+    def transaction(self) -> Iterator[Connection]:
+        """All-or-nothing writes; also bumps the collection's generation (a change counter)."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
@@ -195,7 +217,7 @@ class RagStore:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def _set_meta(self, db: sqlite3.Connection, key: str, value: str) -> None:
+    def _set_meta(self, db: Connection, key: str, value: str) -> None:
         db.execute(
             "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=?",
             (key, value, value),
@@ -214,11 +236,36 @@ class RagStore:
         current = self.embedding_model
         if current == name:
             return
+        if current is not None and self.has_vector_table():
+            self._require_vectors()
         with self.transaction() as db:
             if current is not None:
-                db.execute("DELETE FROM vectors")
+                db.execute(f"DROP TABLE IF EXISTS {VECTOR_TABLE}")
                 db.execute("DELETE FROM meta WHERE key = 'dim'")
             self._set_meta(db, "embedding_model", name)
+
+    def has_vector_table(self) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = ?", (VECTOR_TABLE,)
+        ).fetchone()
+        return row is not None
+
+    def _require_vectors(self) -> None:
+        if not self.vectors_supported:
+            raise MissingExtra("sqlite-vec (with sqlean-py)", "rag")
+
+    def _vector_table(self, db: Connection, dim: int) -> None:
+        """Create the vec0 table for ``dim``-sized vectors, or check the size against it."""
+        known = self.meta("dim")
+        if known is None:
+            self._require_vectors()
+            db.execute(
+                f"CREATE VIRTUAL TABLE IF NOT EXISTS {VECTOR_TABLE} USING "
+                f"vec0(embedding float[{dim}] distance_metric=cosine)"
+            )
+            self._set_meta(db, "dim", str(dim))
+        elif int(known) != dim:
+            raise InvalidRequest(f"embedding size {dim} differs from the collection's {known}")
 
     # -- writes ---------------------------------------------------------------------------------
     def replace_source(
@@ -246,7 +293,7 @@ class RagStore:
 
     def _insert_chunks(
         self,
-        db: sqlite3.Connection,
+        db: Connection,
         source_id: int | None,
         chunks: Sequence[ChunkSpec],
         vectors: Sequence[Sequence[float]] | None,
@@ -271,15 +318,12 @@ class RagStore:
             )
             if vectors is not None:
                 vec = np.asarray(vectors[i], dtype=np.float32)
-                dim = self.meta("dim")
-                if dim is None:
-                    self._set_meta(db, "dim", str(vec.size))
-                elif int(dim) != vec.size:
-                    raise InvalidRequest(
-                        f"embedding size {vec.size} differs from the collection's {dim}"
-                    )
+                if i == 0:
+                    self._vector_table(db, vec.size)
+                elif vec.size != int(self.meta("dim") or 0):
+                    raise InvalidRequest("embeddings of one batch differ in size")
                 db.execute(
-                    "INSERT INTO vectors(chunk_id, vec) VALUES(?, ?)",
+                    f"INSERT INTO {VECTOR_TABLE}(rowid, embedding) VALUES(?, ?)",
                     (cur.lastrowid, vec.tobytes()),
                 )
 
@@ -318,10 +362,17 @@ class RagStore:
             self._insert_chunks(db, source_id, chunks, vectors)
         return len(chunks)
 
-    def _delete_source(self, db: sqlite3.Connection, source: str) -> bool:
+    def _delete_source(self, db: Connection, source: str) -> bool:
         row = db.execute("SELECT id FROM sources WHERE source = ?", (source,)).fetchone()
         if row is None:
             return False
+        if self.has_vector_table():  # virtual tables know nothing of ON DELETE CASCADE
+            self._require_vectors()
+            db.execute(
+                f"DELETE FROM {VECTOR_TABLE} WHERE rowid IN "
+                "(SELECT id FROM chunks WHERE source_id = ?)",
+                (row[0],),
+            )
         db.execute(
             "DELETE FROM chunks_fts WHERE rowid IN (SELECT id FROM chunks WHERE source_id = ?)",
             (row[0],),
@@ -341,9 +392,12 @@ class RagStore:
         return {r[0]: SourceInfo(*r) for r in rows}
 
     def has_vectors(self, source: str) -> bool:
+        """Whether every chunk of ``source`` has a vector (else re-ingest must embed it)."""
+        if not self.has_vector_table() or not self.vectors_supported:
+            return False
         row = self.db.execute(
             "SELECT count(*) FROM chunks c JOIN sources s ON s.id = c.source_id "
-            "LEFT JOIN vectors v ON v.chunk_id = c.id WHERE s.source = ? AND v.chunk_id IS NULL",
+            f"WHERE s.source = ? AND c.id NOT IN (SELECT rowid FROM {VECTOR_TABLE})",
             (source,),
         ).fetchone()
         return row[0] == 0
@@ -352,7 +406,10 @@ class RagStore:
         return int(self.db.execute("SELECT count(*) FROM chunks").fetchone()[0])
 
     def count_vectors(self) -> int:
-        return int(self.db.execute("SELECT count(*) FROM vectors").fetchone()[0])
+        if not self.has_vector_table():
+            return 0
+        self._require_vectors()
+        return int(self.db.execute(f"SELECT count(*) FROM {VECTOR_TABLE}").fetchone()[0])
 
     def chunks_by_id(self, ids: Sequence[int]) -> dict[int, StoredChunk]:
         if not ids:
@@ -390,35 +447,20 @@ class RagStore:
         )
         return [(int(r[0]), -float(r[1])) for r in rows]
 
-    def vector_matrix(self) -> tuple[np.ndarray, np.ndarray]:
-        """(chunk ids, unit-normalised matrix), cached until the collection changes."""
-        generation = self.generation
-        if self._matrix is not None and self._matrix[0] == generation:
-            return self._matrix[1], self._matrix[2]
-        dim = int(self.meta("dim") or 0)
-        rows = self.db.execute("SELECT chunk_id, vec FROM vectors ORDER BY chunk_id").fetchall()
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        matrix = np.empty((len(rows), dim), dtype=np.float32)
-        for i, (_, blob) in enumerate(rows):
-            matrix[i] = np.frombuffer(blob, dtype=np.float32)
-        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-        matrix /= np.where(norms == 0, 1.0, norms)
-        self._matrix = (generation, ids, matrix)
-        return ids, matrix
-
     def nearest(self, vector: Sequence[float], limit: int) -> list[tuple[int, float]]:
-        """Chunk ids by cosine similarity to ``vector`` (best first)."""
-        ids, matrix = self.vector_matrix()
-        if not len(ids):
+        """Chunk ids by cosine similarity to ``vector`` (best first), from the vec0 index."""
+        if not self.has_vector_table():
             return []
+        self._require_vectors()
         query = np.asarray(vector, dtype=np.float32)
-        if query.size != matrix.shape[1]:
+        dim = int(self.meta("dim") or 0)
+        if query.size != dim:
             raise InvalidRequest(
-                f"query embedding has {query.size} dimensions, the collection {matrix.shape[1]}"
+                f"query embedding has {query.size} dimensions, the collection {dim}"
             )
-        query = query / (np.linalg.norm(query) or 1.0)
-        scores = matrix @ query
-        limit = min(limit, len(ids))
-        top = np.argpartition(-scores, limit - 1)[:limit]
-        top = top[np.argsort(-scores[top])]
-        return [(int(ids[i]), float(scores[i])) for i in top]
+        rows = self.db.execute(
+            f"SELECT rowid, distance FROM {VECTOR_TABLE} WHERE embedding MATCH ? AND k = ? "
+            "ORDER BY distance",
+            (query.tobytes(), max(1, min(limit, 4096))),
+        )
+        return [(int(r[0]), 1.0 - float(r[1])) for r in rows]

@@ -29,6 +29,11 @@ from edgelm.types import Chunk, GenerationRequest
 
 FINGERPRINT = f"edgelm-{__version__}"
 ChunkRenderer = Callable[[Chunk, bool], dict[str, Any] | None]
+Renderers = tuple[
+    ChunkRenderer,
+    Callable[[Fold, dict[str, Any]], dict[str, Any]],  # the whole answer
+    Callable[[Fold], dict[str, Any]],  # the last stream event
+]
 
 
 def _finish(reason: str | None) -> str | None:
@@ -96,6 +101,12 @@ async def _open(
     virtual = state.find_virtual(model)
     answer = await virtual.answer(state, model, gen) if virtual else None
     stream = answer.chunks if answer else state.pool.stream(model, gen)
+    first, queue_s = await _first_chunk(stream, started)
+    return stream, first, queue_s, answer
+
+
+async def _first_chunk(stream: AsyncIterator[Chunk], started: float) -> tuple[Chunk | None, float]:
+    """The first chunk (errors before it propagate as statuses) and the time queued for it."""
     try:
         first = await anext(stream)
     except StopAsyncIteration:
@@ -103,8 +114,7 @@ async def _open(
     except BaseException:
         await stream.aclose()
         raise
-    queue_s = max(0.0, time.perf_counter() - started - (first.t if first else 0.0))
-    return stream, first, queue_s, answer
+    return first, max(0.0, time.perf_counter() - started - (first.t if first else 0.0))
 
 
 def model_name(state: ServiceState, name: str) -> str:
@@ -128,11 +138,46 @@ async def _respond(
 ) -> JSONResponse | StreamingResponse:
     model = model_name(state, body.model)
     stream, first, queue_s, virtual = await _open(state, model, gen)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await _serve(
+        request,
+        state,
+        model,
+        (stream, first, queue_s, virtual),
+        body.stream,
+        include_usage,
+        (render_chunk, render_whole, final_extra),
+    )
+
+
+async def respond_with_answer(
+    request: Request, state: ServiceState, model: str, answer: VirtualAnswer, stream: bool
+) -> JSONResponse | StreamingResponse:
+    """Serve a virtual answer started by another route (e.g. ``/v1/rag/answer``) exactly as
+    ``/v1/chat/completions`` serves one: same JSON, same SSE, usage in the last chunk."""
+    started = time.perf_counter()
+    first, queue_s = await _first_chunk(answer.chunks, started)
+    renderers = _chat_renderers(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), model)
+    opened = (answer.chunks, first, queue_s, answer)
+    return await _serve(request, state, model, opened, stream, True, renderers)
+
+
+async def _serve(
+    request: Request,
+    state: ServiceState,
+    model: str,
+    opened: tuple[AsyncIterator[Chunk], Chunk | None, float, VirtualAnswer | None],
+    streaming: bool,
+    include_usage: bool,
+    renderers: Renderers,
+) -> JSONResponse | StreamingResponse:
+    stream, first, queue_s, virtual = opened
+    render_chunk, render_whole, final_extra = renderers
     extension = virtual.extension if virtual else None
     headers = dict(virtual.headers) if virtual else {}
     fold = Fold()
 
-    if not body.stream:
+    if not streaming:
         try:
             if first is not None:
                 fold.add(first)
@@ -145,8 +190,6 @@ async def _respond(
         if extension is not None:
             body_out["edgelm"] = extension
         return JSONResponse(body_out, headers=headers)
-
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events() -> AsyncIterator[bytes]:
         completed = False
@@ -197,6 +240,59 @@ async def _chain(first: list[Chunk], rest: AsyncIterator[Chunk]) -> AsyncIterato
         yield chunk
 
 
+def _chat_renderers(rid: str, created: int, model: str, logprobs: bool = False) -> Renderers:
+    """How a chat completion renders its chunks, its whole answer and its last event."""
+
+    def base(obj: str) -> dict[str, Any]:
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": model,
+            "system_fingerprint": FINGERPRINT,
+        }
+
+    def render_chunk(chunk: Chunk, opening: bool) -> dict[str, Any] | None:
+        if opening:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""}
+        elif chunk.text or chunk.finish_reason:
+            delta = {"content": chunk.text} if chunk.text else {}
+        else:
+            return None
+        lps = [_lp_dict(lp) for lp in chunk.logprobs]
+        return {
+            **base("chat.completion.chunk"),
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": _chat_logprobs(lps) if logprobs and lps else None,
+                    "finish_reason": _finish(chunk.finish_reason),
+                }
+            ],
+        }
+
+    def render_whole(fold: Fold, timings: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **base("chat.completion"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": fold.text},
+                    "logprobs": _chat_logprobs(fold.logprobs) if logprobs else None,
+                    "finish_reason": _finish(fold.finish),
+                }
+            ],
+            "usage": fold.usage().model_dump(),
+            "timings": timings,
+        }
+
+    def final_extra(_fold: Fold) -> dict[str, Any]:
+        return {**base("chat.completion.chunk"), "choices": []}
+
+    return render_chunk, render_whole, final_extra
+
+
 def build_router() -> APIRouter:
     router = APIRouter()
 
@@ -229,54 +325,8 @@ def build_router() -> APIRouter:
         created = int(time.time())
         model = model_name(state, body.model)
 
-        def base(obj: str) -> dict[str, Any]:
-            return {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": model,
-                "system_fingerprint": FINGERPRINT,
-            }
-
-        def render_chunk(chunk: Chunk, opening: bool) -> dict[str, Any] | None:
-            if opening:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""}
-            elif chunk.text or chunk.finish_reason:
-                delta = {"content": chunk.text} if chunk.text else {}
-            else:
-                return None
-            lps = [_lp_dict(lp) for lp in chunk.logprobs]
-            return {
-                **base("chat.completion.chunk"),
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": delta,
-                        "logprobs": _chat_logprobs(lps) if gen.logprobs and lps else None,
-                        "finish_reason": _finish(chunk.finish_reason),
-                    }
-                ],
-            }
-
-        def render_whole(fold: Fold, timings: dict[str, Any]) -> dict[str, Any]:
-            return {
-                **base("chat.completion"),
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": fold.text},
-                        "logprobs": _chat_logprobs(fold.logprobs) if gen.logprobs else None,
-                        "finish_reason": _finish(fold.finish),
-                    }
-                ],
-                "usage": fold.usage().model_dump(),
-                "timings": timings,
-            }
-
-        def final_extra(_fold: Fold) -> dict[str, Any]:
-            return {**base("chat.completion.chunk"), "choices": []}
-
-        return await _respond(request, state, body, gen, render_chunk, render_whole, final_extra)
+        renderers = _chat_renderers(rid, created, model, gen.logprobs)
+        return await _respond(request, state, body, gen, *renderers)
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):  # type: ignore[no-untyped-def]
