@@ -49,23 +49,35 @@ OPSET = 17
 TASK = "text-generation-with-past"
 ProgressFn = Callable[[str], None]
 EXTRA = "web"
-REQUIRED_MODULES = {
-    "torch": "torch",
-    "transformers": "transformers",
-    "optimum.exporters.onnx": "optimum-onnx",
-    "onnx": "onnx",
-    "gguf": "gguf",
-    "accelerate": "accelerate",
-}
-"""Import name → distribution name of everything the export needs (the ``web`` extra)."""
+REQUIRED_MODULES: tuple[tuple[str, str], ...] = (
+    ("torch", "torch"),
+    ("transformers", "transformers"),
+    ("optimum.exporters.onnx", "optimum-onnx"),
+    ("onnx", "onnx"),
+    ("gguf", "gguf"),
+    ("accelerate", "accelerate"),
+)
+"""(import name, distribution name) of everything the export needs (the ``web`` extra)."""
 
 
 class ExportError(EdgelmError):
-    """The export tools are missing or the conversion failed."""
+    """The conversion itself failed (the message names the step and the library's error)."""
 
     status = 500
     type = "server_error"
     code = "export_failed"
+
+
+class MissingWebTools(MissingExtra):
+    """Build-time tools of the ``web`` extra are missing; names them all and the extra."""
+
+    def __init__(self, missing: list[str]):
+        EdgelmError.__init__(
+            self,
+            f"the web export needs {', '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed; "
+            f"install with: pip install 'edgelm[{EXTRA}]'",
+        )
 
 
 def browser_models_dir(settings: Settings) -> Path:
@@ -143,7 +155,7 @@ def export_web_model(
 def missing_dependencies() -> list[str]:
     """Distributions of the ``web`` extra that cannot be imported here (empty when all are)."""
     missing = []
-    for module, dist in REQUIRED_MODULES.items():
+    for module, dist in REQUIRED_MODULES:
         try:
             found = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):  # a parent package is missing or broken
@@ -157,7 +169,7 @@ def check_dependencies() -> None:
     """Fail before minutes of work if a build-time tool is missing, naming the extra."""
     missing = missing_dependencies()
     if missing:
-        raise MissingExtra(", ".join(missing), EXTRA)
+        raise MissingWebTools(missing)
 
 
 def _step(what: str, fn: Callable[..., None], *args: Any) -> None:
@@ -167,7 +179,7 @@ def _step(what: str, fn: Callable[..., None], *args: Any) -> None:
     except EdgelmError:
         raise
     except ImportError as exc:
-        raise MissingExtra(exc.name or str(exc), EXTRA) from exc
+        raise MissingWebTools([exc.name or str(exc)]) from exc
     except Exception as exc:
         raise ExportError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 

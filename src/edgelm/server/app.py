@@ -10,13 +10,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.staticfiles import StaticFiles
 
 from edgelm import __version__
 from edgelm.catalog import Catalog
@@ -25,7 +23,7 @@ from edgelm.pool import ModelPool
 from edgelm.rag import routes as rag_routes
 from edgelm.rag.service import RagModels
 from edgelm.router_service import HybridModels
-from edgelm.server import browser_models, manage_routes, openai_routes
+from edgelm.server import browser_models, manage_routes, openai_routes, playground
 from edgelm.server.errors import error_body, install_error_handlers
 from edgelm.server.limits import BodyLimitMiddleware
 from edgelm.server.state import ServiceState
@@ -75,7 +73,7 @@ def create_app(
     app.include_router(manage_routes.build_router())
     app.include_router(rag_routes.build_router())
     app.include_router(browser_models.build_router())
-    _mount_playground(app)
+    playground.mount(app)
 
     @app.middleware("http")
     async def request_context(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -144,14 +142,3 @@ def _authorised(request: Request, key: str) -> bool:
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(token.strip().encode(), key.encode())
-
-
-def _mount_playground(app: FastAPI) -> None:
-    static = resources.files("edgelm").joinpath("server/static")
-    index = static.joinpath("index.html")
-
-    @app.get("/", include_in_schema=False)
-    async def playground() -> Response:
-        return FileResponse(str(index), media_type="text/html")
-
-    app.mount("/static", StaticFiles(directory=str(static)), name="static")

@@ -16,18 +16,24 @@ platform's MIME table:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib import resources
+from types import MappingProxyType
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 
-MEDIA_TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm"}
-ISOLATION_HEADERS = {
-    "Cross-Origin-Opener-Policy": "same-origin",
-    "Cross-Origin-Embedder-Policy": "require-corp",
-}
+MEDIA_TYPES: Mapping[str, str] = MappingProxyType(
+    {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm"}
+)
+ISOLATION_HEADERS: Mapping[str, str] = MappingProxyType(
+    {
+        "Cross-Origin-Opener-Policy": "same-origin",
+        "Cross-Origin-Embedder-Policy": "require-corp",
+    }
+)
 
 
 class PlaygroundFiles(StaticFiles):
@@ -50,6 +56,6 @@ def mount(app: FastAPI) -> None:
 
     @app.get("/", include_in_schema=False)
     async def playground() -> Response:
-        return FileResponse(str(index), media_type="text/html", headers=ISOLATION_HEADERS)
+        return FileResponse(str(index), media_type="text/html", headers=dict(ISOLATION_HEADERS))
 
     app.mount("/static", PlaygroundFiles(directory=str(static)), name="static")

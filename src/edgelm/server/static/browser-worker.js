@@ -22,9 +22,19 @@ const stopping = new InterruptableStoppingCriteria();
 
 function configure(base) {
   const vendor = new URL("/static/vendor/transformers/", base).href;
-  env.allowRemoteModels = false;
-  env.allowLocalModels = true;
-  env.localModelPath = new URL("/browser-models/", base).href;
+  if (new URL(base).origin === self.location.origin) {
+    // transformers.js treats only scheme-less paths as local: "/browser-models/" on this origin.
+    env.allowRemoteModels = false;
+    env.allowLocalModels = true;
+    env.localModelPath = "/browser-models/";
+  } else {
+    // The page is hosted elsewhere (?service=): the edgelm service is the only "remote" host
+    // it may use; never a model hub.
+    env.allowLocalModels = false;
+    env.allowRemoteModels = true;
+    env.remoteHost = new URL("/", base).href;
+    env.remotePathTemplate = "browser-models/{model}/";
+  }
   // A re-export keeps the file names; the browser cache would serve stale weights.
   env.useBrowserCache = false;
   const wasm = env.backends.onnx.wasm;
@@ -54,31 +64,22 @@ async function loadOn(id, device) {
 
 async function load({ model: id, device, base }) {
   configure(base);
-  if (state.id === id && state.model) {
-    postMessage({ type: "ready", model: id, device: state.device, loadMs: 0, cached: true });
+  if (state.id === id && state.model && state.device === device) {
+    postMessage({ type: "ready", model: id, device, loadMs: 0, cached: true });
     return;
   }
   if (state.model) await state.model.dispose();
   state.model = state.tokenizer = state.id = null;
-  const started = performance.now();
-  let used = device;
-  let fallback = null;
-  let loaded;
-  try {
-    postMessage({ type: "status", text: `loading ${id} on ${device.toUpperCase()}…` });
-    loaded = await loadOn(id, device);
-  } catch (err) {
-    if (device !== "webgpu") throw err;
-    // The adapter was there but the WebGPU session failed (a software adapter, a driver):
-    // fall back to WASM and say why, rather than leave the user with nothing.
-    fallback = `WebGPU failed (${err.message || err}); using WASM`;
-    used = "wasm";
-    postMessage({ type: "status", text: `${fallback}…` });
-    loaded = await loadOn(id, "wasm");
+  if (device === "webgpu") {
+    // Ask here, where the model would run, before fetching hundreds of MB for nothing.
+    const adapter = navigator.gpu ? await navigator.gpu.requestAdapter() : null;
+    if (!adapter) throw new Error("no WebGPU adapter is available to the worker");
   }
-  Object.assign(state, loaded, { id, device: used });
-  const loadMs = performance.now() - started;
-  postMessage({ type: "ready", model: id, device: used, loadMs, fallback });
+  const started = performance.now();
+  postMessage({ type: "status", text: `loading ${id} on ${device === "webgpu" ? "WebGPU" : "WASM"}…` });
+  const loaded = await loadOn(id, device);
+  Object.assign(state, loaded, { id, device });
+  postMessage({ type: "ready", model: id, device, loadMs: performance.now() - started });
 }
 
 async function generate({ messages, max_tokens, temperature }) {

@@ -50,10 +50,18 @@ export class LatencyChart {
       r.tps == null ? "–" : r.tps.toFixed(1),
       fmtMs(r.totalMs),
       `${r.promptTokens ?? "–"} / ${r.completionTokens ?? "–"}`,
-      r.finish || "",
     ];
     for (const value of cells) row.insertCell().textContent = String(value);
-    row.dataset.series = r.series;
+    // The raw figures, for anyone (or any test) reading the table rather than the canvas.
+    Object.assign(row.dataset, {
+      series: r.series,
+      finish: r.finish || "",
+      ttftMs: r.ttftMs ?? "",
+      tps: r.tps ?? "",
+      totalMs: r.totalMs ?? "",
+      promptTokens: r.promptTokens ?? "",
+      completionTokens: r.completionTokens ?? "",
+    });
   }
 
   renderLegend() {
@@ -154,14 +162,16 @@ export function fmtMs(ms) {
 }
 
 function niceMax(value) {
+  // The axis top is four round ticks (each 1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 × a power of ten).
   if (!(value > 0)) return 1;
-  const power = 10 ** Math.floor(Math.log10(value));
-  for (const step of [1, 2, 2.5, 5, 10]) {
-    if (value <= step * power) return step * power;
+  const tick = value / 4;
+  const power = 10 ** Math.floor(Math.log10(tick));
+  for (const step of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) {
+    if (tick <= step * power) return 4 * step * power;
   }
-  return 10 * power;
+  return 40 * power;
 }
 
 function trim(value) {
-  return Number.isInteger(value) ? String(value) : value.toFixed(value < 1 ? 2 : 1);
+  return String(Number(value.toPrecision(3)));
 }

@@ -68,6 +68,7 @@ function answerBubble(label) {
 
 function appendText(li, piece) {
   li.querySelector(".text").textContent += piece;
+  if (li.live) li.live.piece(piece);
   const log = $("messages");
   if (log.scrollHeight - log.scrollTop - log.clientHeight < 80) log.scrollTop = log.scrollHeight;
 }
@@ -90,10 +91,9 @@ function showCitations(li, citations, note) {
   title.textContent = note || (citations.length ? "Sources" : "No sources cited");
   box.append(title);
   if (citations.length) {
-    const list = document.createElement("ol");
+    const list = document.createElement("ul");
     for (const c of citations) {
       const item = document.createElement("li");
-      item.value = c.n;
       const details = document.createElement("details");
       const summary = document.createElement("summary");
       summary.textContent = `[${c.n}] ${c.source}${c.location ? `, ${c.location}` : ""}`;
@@ -245,10 +245,28 @@ function loadBrowserModel(id) {
   if (browser.ready && browser.model === id && browser.requested === device) return browser.ready;
   browser.model = id;
   browser.requested = device;
-  browser.ready = new Promise((resolve, reject) => {
+  browser.ready = loadOnDevice(id, device).catch((err) => {
+    if (device !== "webgpu") throw err;
+    // WebGPU was there but would not run the model (a software adapter, a driver, an adapter
+    // the page sees but the worker does not): start a fresh runtime on WASM and say why.
+    // A fresh worker, because ONNX Runtime remembers a backend that failed to start.
+    browser.worker.terminate();
+    browser.worker = null;
+    const why = `WebGPU failed (${err.message}); running on WASM instead`;
+    return loadOnDevice(id, "wasm", why);
+  }).catch((err) => {
+    browser.ready = null;
+    showProgress("");
+    throw new Error(`could not load ${id} in this browser: ${err.message}`);
+  });
+  return browser.ready;
+}
+
+function loadOnDevice(id, device, fallback = null) {
+  return new Promise((resolve, reject) => {
     const files = new Map();
     browser.handlers = (msg) => {
-      if (msg.type === "status") showProgress(msg.text);
+      if (msg.type === "status") showProgress(fallback ? `${fallback}. ${msg.text}` : msg.text);
       else if (msg.type === "progress") {
         files.set(msg.file, [msg.loaded, msg.total]);
         let done = 0;
@@ -258,18 +276,16 @@ function loadBrowserModel(id) {
       } else if (msg.type === "ready") {
         browser.device = msg.device;
         const where = msg.device === "webgpu" ? "WebGPU" : "WASM";
-        showProgress(msg.fallback ? `${msg.fallback}.` : `${id} ready in this browser (${where}${msg.loadMs ? `, loaded in ${fmtMs(msg.loadMs)}` : ""}).`);
+        const took = msg.loadMs ? `, loaded in ${fmtMs(msg.loadMs)}` : "";
+        showProgress(`${fallback ? `${fallback}. ` : ""}${id} ready in this browser (${where}${took}).`);
         $("webgpu-status").dataset.ran = msg.device;
         resolve(msg);
       } else if (msg.type === "error") {
-        browser.ready = null;
-        showProgress("");
-        reject(new Error(`could not load ${id} in this browser: ${msg.message}`));
+        reject(new Error(msg.message));
       }
     };
+    worker().postMessage({ type: "load", model: id, device, base: SERVICE });
   });
-  worker().postMessage({ type: "load", model: id, device, base: SERVICE });
-  return browser.ready;
 }
 
 async function runInBrowser(id, messages, opts, li) {
@@ -296,7 +312,8 @@ function contextBlocks(text) {
   return parts.slice(0, 8).map((p, i) => ({ n: i + 1, source: "context", location: `paragraph ${i + 1}`, text: p }));
 }
 
-async function streamService(model, messages, opts, li, started) {
+async function streamService(model, messages, opts, li, started, out) {
+  // ``out`` is filled as the stream goes, so a stopped answer still reports what it got.
   const controller = new AbortController();
   chat.abort = () => controller.abort();
   let res;
@@ -322,7 +339,6 @@ async function streamService(model, messages, opts, li, started) {
     const body = await res.json().catch(() => ({}));
     throw new Error(`${model}: ${body.error ? body.error.message : `HTTP ${res.status}`}`);
   }
-  const out = { first: null, usage: null, timings: null, extension: null };
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -361,6 +377,35 @@ function setBusy(busy) {
   $("send").disabled = busy;
   $("stop").disabled = !busy;
   if (!busy) chat.abort = null;
+}
+
+function liveMetrics(model, where, started) {
+  // While an answer streams, the panel counts along (pieces ≈ tokens); the final figures,
+  // from the service's usage and timings or the worker's counts, replace these at the end.
+  let first = null;
+  let pieces = 0;
+  let queued = false;
+  let stopped = false;
+  $("m-model").textContent = model;
+  $("m-where").textContent = where;
+  for (const id of ["m-ttft", "m-tps", "m-total", "m-tokens"]) $(id).textContent = "…";
+  const piece = () => {
+    const now = performance.now();
+    if (first === null) first = now;
+    pieces += 1;
+    if (queued) return;
+    queued = true;
+    requestAnimationFrame(() => {
+      queued = false;
+      if (stopped) return;  // the final figures are already shown
+      const t = performance.now();
+      $("m-ttft").textContent = fmtMs(first - started);
+      $("m-total").textContent = `${fmtMs(t - started)}…`;
+      $("m-tokens").textContent = `… / ~${pieces}`;
+      if (pieces > 1 && t > first) $("m-tps").textContent = `~${(((pieces - 1) * 1000) / (t - first)).toFixed(1)}`;
+    });
+  };
+  return { piece, stop: () => { stopped = true; } };
 }
 
 function showMetrics(r) {
@@ -417,8 +462,10 @@ async function send(question) {
   const li = answerBubble(inBrowser ? `${model} · in browser` : `${model} · service`);
   setBusy(true);
   const started = performance.now();
+  li.live = liveMetrics(model, inBrowser ? "browser" : "service", started);
   let record = null;
   let state = "done";
+  const partial = { first: null, usage: null, timings: null, extension: null };
   try {
     if (inBrowser) {
       const r = await runInBrowser(model, messages, opts, li);
@@ -437,7 +484,7 @@ async function send(question) {
         showCitations(li, shown, cited.length ? "Sources" : "Context given (no block cited)");
       }
     } else {
-      const r = await streamService(model, messages, opts, li, started);
+      const r = await streamService(model, messages, opts, li, started, partial);
       const totalMs = performance.now() - started;
       const t = r.timings || {};
       record = {
@@ -461,13 +508,18 @@ async function send(question) {
   } catch (err) {
     if (err.name === "AbortError") {
       state = "stopped";
-      record = { series: inBrowser ? `${model} · browser` : model, model, where: inBrowser ? "browser" : "service",
-        ttftMs: null, tps: null, totalMs: performance.now() - started, finish: "cancelled" };
+      record = {
+        series: model, model, where: "service", ttftMs: partial.first, tps: null,
+        totalMs: performance.now() - started, finish: "cancelled",
+      };
     } else {
       state = "error";
       showError(err.message);
     }
   } finally {
+    li.live.stop();
+    li.live = null;
+    for (const id of ["m-ttft", "m-tps", "m-total", "m-tokens"]) $(id).textContent = "–";
     const text = li.querySelector(".text").textContent;
     if (text) chat.history.push({ role: "assistant", content: text });
     else chat.history.pop();  // an answer that never came: drop the question from history
