@@ -19,7 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edgelm.errors import ConfigError, InvalidRequest, ModelNotFound
 
 Tier = Literal["tiny", "slm", "llm", "custom"]
-ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}(:[a-z0-9][a-z0-9._-]{0,31})?$")
+"""An alias, optionally with a ``:variant`` tag (``qwen2.5-0.5b:onnx-cpu-int4``, written by
+``edgelm model convert``). Variants always carry their own ``path``, so the tag never becomes
+part of a directory name."""
 
 
 class PackagedPart(BaseModel):
@@ -71,7 +74,7 @@ class CatalogEntry(BaseModel):
         if not ALIAS_RE.match(value):
             raise ValueError(
                 "an alias is 1-64 characters of a-z, 0-9, '.', '_' or '-', starting with a "
-                "letter or digit"
+                "letter or digit, optionally followed by ':' and a variant tag of the same kind"
             )
         return value
 

@@ -81,6 +81,11 @@ class OnnxSettings(_Section):
     enable_gpu: bool = Field(
         False, description="Use a GPU execution provider (CUDA, DirectML, WebGPU) when present."
     )
+    convert_env: Path | None = Field(
+        None,
+        description="Python environment 'model convert --to onnx' builds and reuses for its "
+        "tools (default: $EDGELM_HOME/tools/onnx-convert).",
+    )
 
 
 class ComputeSettings(_Section):
@@ -88,6 +93,14 @@ class ComputeSettings(_Section):
     threads: int = Field(0, ge=0, description="CPU threads; 0 means the physical core count.")
     n_ctx: int = Field(4096, ge=256, description="Context window for loaded models.")
     n_batch: int = Field(512, ge=16, description="Prompt-processing batch size.")
+    parallel: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Streams one loaded llama.cpp model decodes together (continuous "
+        "batching); more requests wait in the queue. Each stream has its own KV cache of "
+        "n_ctx tokens, so memory grows with this.",
+    )
     onnx: OnnxSettings = Field(default_factory=OnnxSettings)
 
 

@@ -164,6 +164,22 @@ def onnx_providers() -> list[str]:
         return []
 
 
+def onnx_genai_providers() -> list[str]:
+    """Execution providers the onnx engine can use, best first: each GPU provider that both
+    onnxruntime-genai and its ONNX Runtime report, then the CPU. The engine still tries a
+    GPU provider when a model opens and falls back to the CPU if it fails."""
+    if not _installed("onnxruntime_genai"):
+        return []
+    try:
+        import onnxruntime_genai as og
+
+        from edgelm.engines.onnx import provider_candidates, runtime_providers
+
+        return provider_candidates(og, enable_gpu=True, available=runtime_providers())
+    except Exception:  # a broken install is reported as no providers
+        return []
+
+
 def llama_cpp_system_info() -> str | None:
     """llama.cpp's own account of the CPU features it was built with and uses (~0.3 s)."""
     if not _installed("llama_cpp"):
@@ -218,6 +234,7 @@ def system_info(probe_llama_cpp: bool = True) -> dict[str, Any]:
         "engines": engines(),
         "libraries": libraries(),
         "onnx_providers": onnx_providers(),
+        "onnx_genai_providers": onnx_genai_providers(),
         "llama_cpp_system_info": llama_cpp_system_info() if probe_llama_cpp else None,
         "energy_sources": energy_sources(gpu_list),
     }

@@ -52,3 +52,28 @@ def live_service(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
     proc, base = spawn_service(home, "--model", TINY, env=env)
     yield base
     stop_service(proc)
+
+
+def tools_dir() -> Path:
+    """Where conversion tools are cached between runs (``EDGELM_TEST_TOOLS``)."""
+    return Path(os.environ.get("EDGELM_TEST_TOOLS") or "~/.edgelm/tools").expanduser()
+
+
+@pytest.fixture(scope="session")
+def onnx_tiny(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """SmolLM2 converted to ONNX Runtime GenAI (int4, cpu); returns (EDGELM_HOME, alias).
+
+    The conversion is cached beside the GGUF in the shared model directory and its tools
+    under ``~/.edgelm/tools``: the first run builds both (a few minutes), later runs only
+    register the variant in this session's home (well under a second).
+    """
+    from edgelm.convert import convert_to_onnx
+
+    home = tmp_path_factory.mktemp("onnx-home")
+    env = {
+        "EDGELM_HOME": str(home),
+        "EDGELM_MODELS__DIR": str(models_dir()),
+        "EDGELM_COMPUTE__ONNX__CONVERT_ENV": str(tools_dir() / "onnx-convert"),
+    }
+    result = convert_to_onnx(TINY, load_settings(env=env))
+    return home, result.alias

@@ -16,7 +16,8 @@ from openai import OpenAI
 
 from edgelm.router_service import HybridModels
 from edgelm.server.app import create_app
-from tests.integration.conftest import TINY, free_port, settings_for
+from tests.integration.conftest import TINY, settings_for
+from tests.service_process import free_port
 
 PAIR = f"hybrid:{TINY}+{TINY}"
 

@@ -109,7 +109,7 @@ class InProcessTarget(Target):
                 **{k: v for k, v in params.items() if v is not None},
             )
             prepared = time.perf_counter() - start
-            lock = contextlib.nullcontext() if self.engine.concurrent_streams else self._lock
+            lock = contextlib.nullcontext() if self.engine.concurrent_streams > 1 else self._lock
             with lock:
                 queued = time.perf_counter() - start
                 result = RequestResult(prompt_id=prompt.id, prepare_s=prepared)
@@ -250,11 +250,16 @@ def make_target(
         if not model:
             raise InvalidRequest(f"say which model to use at {url}: write '{url}#MODEL'")
         return HttpTarget(url, model, kind="openai", api_key=api_key, stream=stream, pid=pid)
-    kind, _, alias = spec.partition(":") if ":" in spec else ("", "", spec)
+    kind, _, alias = spec.partition(":")
+    if kind not in ("local", "service"):  # a plain alias, or a variant such as a:onnx-cpu-int4
+        if alias and spec not in Catalog.load(settings.home).entries:
+            raise InvalidRequest(
+                f"unknown target kind '{kind}' in '{spec}'; use local: or service:, "
+                "or a model alias from 'edgelm model list'"
+            )
+        kind, alias = "", spec
     if kind == "local":
         return InProcessTarget(alias, settings)
-    if kind not in ("", "service"):
-        raise InvalidRequest(f"unknown target kind '{kind}' in '{spec}'; use local: or service:")
     endpoint = settings.endpoint
     if kind == "service" or _is_up(endpoint):
         key = api_key or settings.client.api_key or settings.service.api_key

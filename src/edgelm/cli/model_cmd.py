@@ -1,4 +1,4 @@
-"""``edgelm model list | info | download | run | load | unload | add | remove``."""
+"""``edgelm model list | info | download | convert | run | load | unload | add | remove``."""
 
 from __future__ import annotations
 
@@ -116,6 +116,56 @@ def download(
     console().print(f"[green]✓[/] {entry.alias} ready at {path}")
 
 
+@app.command("convert")
+def convert(
+    ctx: typer.Context,
+    alias: str,
+    to: str = typer.Option("onnx", "--to", help="Target format (onnx: ONNX Runtime GenAI)."),
+    precision: str = typer.Option("int4", help="Weights: int4, int8, fp16 or fp32."),
+    provider: str = typer.Option(
+        "cpu", help="Execution provider the model is built for: cpu, cuda, dml or webgpu."
+    ),
+    force: bool = typer.Option(False, "--force", help="Convert again even if converted."),
+) -> None:
+    """Convert a downloaded GGUF model for another engine; it appears as ALIAS:onnx-cpu-int4.
+
+    The first conversion installs its tools (torch, transformers, onnxruntime-genai's model
+    builder) into a separate environment under $EDGELM_HOME/tools, from the package index.
+    """
+    from rich.markup import escape
+
+    from edgelm.convert import convert_to_onnx
+
+    if to != "onnx":
+        fail(f"cannot convert to '{to}'; the only target is: onnx")
+    settings = settings_of(ctx)
+    out = console()
+    with out.status(f"converting {alias}…") as status:
+
+        def report(line: str) -> None:
+            headings = ("step ", "warning:", "installing", "creating", "conversion", "checkpoint")
+            if line.startswith(headings):
+                style = "yellow" if line.startswith("warning:") else "bold"
+                out.print(f"[{style}]{escape(line)}[/]")
+            status.update(escape(line[:120]))
+
+        result = convert_to_onnx(
+            alias,
+            settings,
+            precision=precision,
+            provider=provider,
+            force=force,
+            progress=report,
+        )
+    peak = human_bytes(result.peak_rss_bytes) if result.peak_rss_bytes else "-"
+    how = "already converted" if result.cached else f"converted in {result.seconds:.0f} s"
+    out.print(
+        f"[green]✓[/] {result.alias}: {how}, {human_bytes(result.size_bytes)} at {result.path} "
+        f"(peak memory {peak})"
+    )
+    out.print(f"  run it: edgelm model run {result.alias}")
+
+
 @app.command("add")
 def add(
     ctx: typer.Context,
@@ -167,6 +217,25 @@ def remove(ctx: typer.Context, name: str) -> None:
     if not _catalog(settings_of(ctx)).remove_user_entry(name):
         fail(f"'{name}' is not a model you registered")
     console().print(f"removed {name}")
+
+
+@app.command("export-web")
+def export_web(
+    ctx: typer.Context,
+    alias: str,
+    force: bool = typer.Option(False, "--force", help="Export again even if up to date."),
+) -> None:
+    """Export a downloaded GGUF model to ONNX for in-browser inference in the playground."""
+    from edgelm.web_export import export_web_model
+
+    settings = settings_of(ctx)
+    out = console()
+    with out.status(f"exporting {alias} for the browser (a minute or two)…"):
+        path = export_web_model(alias, settings, force=force, progress=lambda m: out.print(m))
+    out.print(f"[green]✓[/] in-browser model ready at {path}")
+    out.print(
+        "  open the playground (edgelm service start, then /) and pick it in 'In this browser'"
+    )
 
 
 def _client(settings: Settings) -> EdgelmClient:

@@ -1,0 +1,467 @@
+"""ONNX Runtime GenAI engine: models built by onnxruntime-genai's model builder.
+
+Such a model is a directory (``genai_config.json``, ``model.onnx`` + weights, tokenizer files);
+``edgelm model convert ALIAS --to onnx`` makes one from a cached GGUF (see
+:mod:`edgelm.convert`). The decode loop is ours, on ``og.Generator``, for the same reason as
+in the llama.cpp engine: every chunk carries its token ids, logprobs and timing.
+
+Things that shaped this module (onnxruntime-genai 0.18 on these CPUs):
+
+* ``og.is_webgpu_available()`` says True on Linux CPU wheels, yet opening a model with the
+  WebGPU provider fails with "not supported in this build". So a claimed GPU provider counts
+  only if ONNX Runtime lists it too, it is still *tried*, and the engine falls back to the CPU
+  (``engine.provider`` says where it ended up).
+* ``Generator.get_logits()`` before ``generate_next_token()`` is the row the sampler uses, so
+  logprobs cost one vocabulary-sized copy per token, and only when asked for.
+* The library's structured output (llguidance, ``GeneratorParams.set_guidance``) gives JSON
+  and JSON-schema output; a schema it cannot compile fails when the generator is created,
+  which we turn into a 400 before any token is produced.
+* The KV cache is allocated for ``max_length`` up front (``past_present_share_buffer``), so
+  ``max_length`` is the prompt plus the tokens this request may produce, not the context.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgelm.engines.base import Engine, StopBuffer, chatml, check_capabilities, check_context
+from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
+from edgelm.types import Chunk, FinishReason, GenerationRequest, TokenLogprob
+
+if TYPE_CHECKING:
+    from edgelm.catalog import CatalogEntry
+    from edgelm.settings import Settings
+
+log = logging.getLogger("edgelm.engines.onnx")
+
+CONFIG_FILE = "genai_config.json"
+# GPU providers in the order tried when compute.onnx.enable_gpu is set:
+# (name for Config.append_provider, og.is_*_available probe).
+# (name for Config.append_provider, og.is_*_available probe, ONNX Runtime's provider name).
+GPU_PROVIDERS: tuple[tuple[str, str, str], ...] = (
+    ("cuda", "is_cuda_available", "CUDAExecutionProvider"),
+    ("dml", "is_dml_available", "DmlExecutionProvider"),
+    ("WebGPU", "is_webgpu_available", "WebGpuExecutionProvider"),
+)
+# The seed range onnxruntime-genai accepts (a C int).
+_SEED_RANGE = 2**31
+
+
+def import_genai() -> Any:
+    try:
+        import onnxruntime_genai
+    except ImportError:
+        raise MissingExtra("onnxruntime-genai", "onnx") from None
+    return onnxruntime_genai
+
+
+def runtime_providers() -> list[str] | None:
+    """The providers compiled into the ONNX Runtime that onnxruntime-genai runs on, when that
+    runtime is importable as ``onnxruntime`` (it is a dependency of the wheels), else None."""
+    try:
+        import onnxruntime
+
+        return list(onnxruntime.get_available_providers())
+    except Exception:  # absent or broken: rely on onnxruntime-genai's own probes
+        return None
+
+
+def provider_candidates(
+    og: Any, enable_gpu: bool, available: Sequence[str] | None = None
+) -> list[str]:
+    """Providers to try, best first; the CPU is always the last resort.
+
+    onnxruntime-genai's ``is_*_available`` probes say what its build claims (the Linux CPU
+    wheel claims WebGPU), so a claim counts only when the runtime's own provider list
+    (``available``) has it too. Even then no device may be present, so every candidate is
+    still tried when the model is opened.
+    """
+    found = []
+    if enable_gpu:
+        for name, probe, runtime_name in GPU_PROVIDERS:
+            if available is not None and runtime_name not in available:
+                continue
+            check = getattr(og, probe, None)
+            try:
+                if check is not None and check():
+                    found.append(name)
+            except Exception:  # a probe that fails means "not this one"
+                continue
+    return [*found, "cpu"]
+
+
+def model_dir_of(path: Path) -> Path:
+    """The model directory, given it or its ``genai_config.json`` (what catalog entries hold)."""
+    path = Path(path).expanduser()
+    directory = path.parent if path.name == CONFIG_FILE else path
+    if directory.suffix == ".gguf" or (path.is_file() and path.name != CONFIG_FILE):
+        raise ModelLoadError(
+            f"{path} is not an ONNX Runtime GenAI model (the onnx engine needs a directory with "
+            f"{CONFIG_FILE}); convert a GGUF model with: edgelm model convert ALIAS --to onnx"
+        )
+    if not (directory / CONFIG_FILE).is_file():
+        raise ModelLoadError(
+            f"{directory} has no {CONFIG_FILE}; it is not an ONNX Runtime GenAI model "
+            "(edgelm model convert ALIAS --to onnx makes one)"
+        )
+    return directory
+
+
+def _default_threads() -> int:
+    """Physical cores: decode is compute-bound here and hyper-threads only add contention."""
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def _read_chat_template(directory: Path) -> str | None:
+    """The chat template the converter or the model's authors left with the tokenizer."""
+    config = directory / "tokenizer_config.json"
+    try:
+        template = json.loads(config.read_text("utf-8")).get("chat_template")
+    except (OSError, ValueError):
+        template = None
+    if isinstance(template, list):  # the list form: named templates, "default" first
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    if not template and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text("utf-8")
+    return template or None
+
+
+class OnnxEngine(Engine):
+    """An ONNX Runtime GenAI model in this process. One stream at a time."""
+
+    name = "onnx"
+    supports_logprobs = True
+    supports_grammar = True
+    supports_seed = True
+    concurrent_streams = False
+
+    def __init__(
+        self,
+        model_path: Path,
+        model_id: str,
+        n_ctx: int = 4096,
+        threads: int = 0,
+        enable_gpu: bool = False,
+    ):
+        self._og = import_genai()
+        self.model_id = model_id
+        self.model_dir = model_dir_of(model_path)
+        self.threads = threads or _default_threads()
+        try:
+            self._config = json.loads((self.model_dir / CONFIG_FILE).read_text("utf-8"))
+        except ValueError as exc:
+            raise ModelLoadError(
+                f"{self.model_dir / CONFIG_FILE} is not valid JSON: {exc}"
+            ) from None
+        model_cfg = self._config.get("model", {})
+        trained = int(model_cfg.get("context_length") or 0)
+        # Past its trained context a model degrades silently.
+        self.n_ctx = min(n_ctx, trained) if trained > 0 else n_ctx
+        rss_before = _rss()
+        candidates = provider_candidates(
+            self._og, enable_gpu, runtime_providers() if enable_gpu else None
+        )
+        self._model, self.provider = self._open(candidates)
+        self._tokenizer = self._og.Tokenizer(self._model)
+        self._eos = {int(t) for t in np.atleast_1d(self._tokenizer.eos_token_ids)}
+        if not self._eos and model_cfg.get("eos_token_id") is not None:
+            self._eos = {int(t) for t in np.atleast_1d(model_cfg["eos_token_id"])}
+        bos = model_cfg.get("bos_token_id")
+        self._bos = int(bos) if isinstance(bos, int) else -1
+        self._vocab_size = int(model_cfg.get("vocab_size") or 0)
+        self._template = _read_chat_template(self.model_dir)
+        self._lock = threading.Lock()
+        self.memory_bytes = self._memory_estimate(max(0, _rss() - rss_before))
+
+    @classmethod
+    def from_entry(cls, entry: CatalogEntry, settings: Settings, path: Path | None) -> OnnxEngine:
+        if path is None:
+            raise ModelLoadError(f"model '{entry.alias}' has no model directory to load")
+        if path.suffix == ".gguf":
+            raise ModelLoadError(
+                f"'{entry.alias}' is a GGUF model; the onnx engine needs it converted first: "
+                f"edgelm model convert {entry.alias} --to onnx (then use the variant it names, "
+                f"e.g. {entry.alias}:onnx-cpu-int4)"
+            )
+        return cls(
+            path,
+            entry.alias,
+            n_ctx=settings.compute.n_ctx,
+            threads=settings.compute.threads,
+            enable_gpu=settings.compute.onnx.enable_gpu,
+        )
+
+    def _open(self, providers: Sequence[str]) -> tuple[Any, str]:
+        """Open the model with the first provider that works; return (model, provider)."""
+        og = self._og
+        failures = []
+        for provider in providers:
+            try:
+                config = og.Config(str(self.model_dir))
+                config.clear_providers()
+                if provider != "cpu":
+                    config.append_provider(provider)
+                options = {
+                    "intra_op_num_threads": self.threads,
+                    "inter_op_num_threads": 1,
+                    # Idle pool threads spin by default; when other programs want the cores,
+                    # that spinning halved decode speed here (20 → 40 tok/s without it).
+                    "session.intra_op.allow_spinning": "0",
+                }
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+                return og.Model(config), provider
+            except Exception as exc:  # the library reports every load failure as one type
+                failures.append(f"{provider}: {exc}")
+                if provider != "cpu":
+                    log.warning(
+                        "%s: provider %s unusable (%s); trying the next",
+                        self.model_id,
+                        provider,
+                        exc,
+                    )
+        raise ModelLoadError(
+            f"onnxruntime-genai could not load '{self.model_id}' from {self.model_dir}: "
+            + "; ".join(failures)
+            + ". The directory may be incomplete, or built by a newer model builder than this "
+            "runtime; convert it again with: edgelm model convert ALIAS --to onnx --force"
+        )
+
+    def _memory_estimate(self, loaded: int) -> int:
+        """Weights (the files on disk, or what loading allocated if more) plus a full KV cache
+        in fp32 and a margin for the runtime's buffers."""
+        files = sum(p.stat().st_size for p in self.model_dir.glob("*.onnx*"))
+        dec = self._config.get("model", {}).get("decoder", {})
+        heads = int(dec.get("num_key_value_heads") or dec.get("num_attention_heads") or 0)
+        kv = 2 * int(dec.get("num_hidden_layers") or 0) * heads * int(dec.get("head_size") or 0)
+        return max(files, loaded) + kv * 4 * self.n_ctx + 64 * 2**20
+
+    # -- tokens ---------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self._tokenizer.encode(text)]
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes as a prompt, the same count usage reports for it."""
+        return len(self.encode(text))
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(np.asarray(tokens, dtype=np.int32)))
+
+    def render(self, request: GenerationRequest) -> str:
+        """The prompt text: the model's chat template, or ChatML when it has none."""
+        if request.messages is None:
+            return request.prompt or ""
+        if self._template is None:
+            return chatml(request.messages)
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in request.messages
+        ]
+        try:
+            return str(
+                self._tokenizer.apply_chat_template(
+                    json.dumps(messages), template_str=self._template, add_generation_prompt=True
+                )
+            )
+        except Exception as exc:  # templates raise for e.g. unsupported role orders
+            raise InvalidRequest(
+                f"the model's chat template rejected the messages: {exc}", param="messages"
+            ) from None
+
+    # -- generation -----------------------------------------------------------------------
+    def _params(self, request: GenerationRequest, max_length: int) -> Any:
+        params = self._og.GeneratorParams(self._model)
+        options: dict[str, Any] = {"max_length": max_length, "batch_size": 1}
+        if request.repeat_penalty and request.repeat_penalty != 1.0:
+            options["repetition_penalty"] = float(request.repeat_penalty)
+        if request.temperature <= 0:
+            options["do_sample"] = False
+        else:
+            seed = request.seed if request.seed is not None else random.randrange(_SEED_RANGE)
+            options.update(
+                do_sample=True,
+                temperature=float(request.temperature),
+                top_p=float(request.top_p) if 0 < request.top_p <= 1 else 1.0,
+                top_k=int(request.top_k) if request.top_k > 0 else max(1, self._vocab_size),
+                random_seed=int(seed) % _SEED_RANGE,
+            )
+        params.set_search_options(**options)
+        fmt = request.response_format
+        if fmt is not None and fmt.type != "text":
+            schema = fmt.schema_dict() if fmt.type == "json_schema" else None
+            try:
+                params.set_guidance("json_schema", json.dumps(schema or {"type": "object"}))
+            except Exception as exc:
+                raise InvalidRequest(
+                    f"unsupported JSON schema in response_format: {exc}", param="response_format"
+                ) from None
+        return params
+
+    def _generator(self, request: GenerationRequest, params: Any) -> Any:
+        try:
+            return self._og.Generator(self._model, params)
+        except Exception as exc:
+            fmt = request.response_format
+            if fmt is not None and fmt.type != "text":
+                raise InvalidRequest(
+                    f"the JSON schema in response_format cannot be used: {exc}",
+                    param="response_format",
+                ) from None
+            raise
+
+    def stream(
+        self, request: GenerationRequest, cancel: threading.Event | None = None
+    ) -> Iterator[Chunk]:
+        check_capabilities(self, request)
+        start = time.perf_counter()
+        prompt = self.encode(self.render(request))
+        if not prompt:  # an empty completion prompt: condition on BOS alone
+            if self._bos < 0:
+                raise InvalidRequest("the prompt is empty", param="prompt")
+            prompt = [self._bos]
+        n_prompt = len(prompt)
+        limit = check_context(self, n_prompt, request.max_tokens)
+        cancelled = cancel is not None and cancel.is_set()
+        if limit <= 0 or cancelled:  # max_tokens=0, or the client left while it queued
+            yield Chunk(
+                text="",
+                t=time.perf_counter() - start,
+                prompt_tokens=n_prompt,
+                finish_reason="cancelled" if cancelled else "length",
+            )
+            return
+        params = self._params(request, n_prompt + limit)
+        with self._lock:  # one generator at a time: the pool serialises, this makes it certain
+            yield from self._decode(request, params, prompt, limit, start, cancel)
+
+    def _decode(
+        self,
+        request: GenerationRequest,
+        params: Any,
+        prompt: list[int],
+        limit: int,
+        start: float,
+        cancel: threading.Event | None,
+    ) -> Iterator[Chunk]:
+        generator = self._generator(request, params)
+        n_prompt = len(prompt)
+        try:
+            generator.append_tokens(np.asarray(prompt, dtype=np.int32))
+        except Exception as exc:
+            raise ModelLoadError(f"onnxruntime-genai failed on the prompt: {exc}") from None
+        prompt_s = time.perf_counter() - start
+        text_out = self._tokenizer.create_stream()
+        stops = StopBuffer(request.stop)
+        produced = 0
+        finish: FinishReason = "length"
+        ids: list[int] = []
+        lps: list[TokenLogprob] = []
+
+        def chunk(text: str, reason: FinishReason | None = None) -> Chunk:
+            out = Chunk(
+                text=text,
+                token_ids=ids.copy(),
+                logprobs=lps.copy(),
+                t=time.perf_counter() - start,
+                prompt_tokens=n_prompt,
+                completion_tokens=produced,
+                finish_reason=reason,
+                prompt_seconds=prompt_s,
+            )
+            ids.clear()
+            lps.clear()
+            return out
+
+        try:
+            while produced < limit and not generator.is_done():
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+                row = np.array(generator.get_logits()[0, -1]) if request.logprobs else None
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
+                if token in self._eos:
+                    finish = "stop"
+                    break
+                produced += 1
+                ids.append(token)
+                if row is not None:
+                    lps.append(self._logprob(row, token, request.top_logprobs))
+                text, hit = stops.push(text_out.decode(token))
+                if hit:
+                    yield chunk(text, "stop")
+                    return
+                if text or lps:
+                    yield chunk(text)
+        finally:
+            del generator  # frees the KV cache now, not whenever GC runs
+        yield chunk(stops.flush(), finish)
+
+    def _logprob(self, row: np.ndarray, token: int, top: int) -> TokenLogprob:
+        """Log-softmax of the logits row the sampler used: the model's own probabilities,
+        before temperature, top-k/p or a grammar reshaped them."""
+        row = row.astype(np.float64, copy=False)
+        peak = float(row.max())
+        log_z = peak + math.log(float(np.exp(row - peak).sum()))
+        alternatives: list[tuple[str, float]] = []
+        if top > 0:
+            top = min(top, row.shape[0])
+            best = np.argpartition(row, -top)[-top:]
+            best = best[np.argsort(row[best])[::-1]]
+            alternatives = [(self.decode([int(t)]), float(row[t]) - log_z) for t in best]
+        piece = self.decode([token])
+        return TokenLogprob(
+            token=piece,
+            logprob=min(0.0, float(row[token]) - log_z),
+            bytes=list(piece.encode("utf-8")),
+            top=alternatives,
+        )
+
+    def raw_speed(self, n_prompt: int, n_gen: int, seed: int = 0) -> tuple[float, float]:
+        """llama-bench style: seconds to process ``n_prompt`` random tokens and to generate
+        ``n_gen`` tokens after them (greedy, end-of-sequence suppressed)."""
+        rng = np.random.default_rng(seed)
+        high = max(2, (self._vocab_size or 32000) - 1)
+        prompt = rng.integers(1, high, size=max(1, n_prompt), dtype=np.int32)
+        total = len(prompt) + n_gen + 1
+        params = self._og.GeneratorParams(self._model)
+        params.set_search_options(max_length=total, min_length=total, batch_size=1, do_sample=False)
+        with self._lock:
+            generator = self._og.Generator(self._model, params)
+            t0 = time.perf_counter()
+            generator.append_tokens(prompt)
+            # The first token is sampled from the prompt's logits; each later one costs one
+            # forward pass, so n_gen calls after it time exactly n_gen decode steps.
+            generator.generate_next_token()
+            pp_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            for _ in range(n_gen):
+                generator.generate_next_token()
+            tg_s = time.perf_counter() - t1
+            del generator
+        return pp_s, tg_s
+
+    def close(self) -> None:
+        """Drop the model now rather than whenever GC gets to it."""
+        with self._lock:
+            self._tokenizer = None
+            self._model = None
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
