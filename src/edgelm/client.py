@@ -70,6 +70,10 @@ class ChatResult:
     itl_s: list[float] = field(default_factory=list)
     total_s: float = 0.0
     server_timings: dict[str, Any] | None = None
+    extension: dict[str, Any] | None = None
+    """The ``edgelm`` extension of the final chunk (hybrid route record, RAG contexts)."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """The service's ``x-edgelm-*`` response headers (e.g. the hybrid route)."""
 
     @property
     def usage(self) -> dict[str, int]:
@@ -234,6 +238,9 @@ class EdgelmClient:
             if response.status_code >= 400:
                 response.read()
                 raise _error_from(response)
+            result.headers = {
+                k: v for k, v in response.headers.items() if k.lower().startswith("x-edgelm-")
+            }
             for event in _sse_events(response.iter_lines()):
                 if "error" in event:
                     raise _in_band_error(event["error"])
@@ -243,6 +250,8 @@ class EdgelmClient:
                     result.completion_tokens = int(usage.get("completion_tokens") or 0)
                 if event.get("timings"):
                     result.server_timings = event["timings"]
+                if isinstance(event.get("edgelm"), dict):
+                    result.extension = event["edgelm"]
                 result.model = event.get("model") or result.model
                 for choice in event.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content") or ""

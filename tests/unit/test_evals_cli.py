@@ -35,7 +35,7 @@ def run(*args: str, env: dict[str, str] | None = None):
 @pytest.fixture
 def endpoint(settings, serve_app) -> str:
     catalog = Catalog(
-        [fake_entry("good", replies=["Paris", "4"]), fake_entry("bad", reply="no idea")],
+        [fake_entry("good", reply="Paris, 4"), fake_entry("bad", reply="no idea")],
         user_file=settings.home / "models.toml",
     )
     return serve_app(create_app(settings, catalog=catalog))
@@ -61,9 +61,11 @@ def test_run_report_list_diff(endpoint, dataset, isolated_home) -> None:
     listed = run("eval", "list")
     assert "done" in listed.output and "4/4" in listed.output
 
-    again = run("--endpoint", endpoint, "eval", "run", "-m", "bad", "-d", dataset, "--no-html")
-    assert again.exit_code == 0
-    first, second = (row for row in _ids(isolated_home))
+    # one model per run: the diff pairs them up although their names differ
+    for model in ("good", "bad"):
+        again = run("--endpoint", endpoint, "eval", "run", "-m", model, "-d", dataset, "--no-html")
+        assert again.exit_code == 0
+    first, second = _ids(isolated_home)[1:]
     out = isolated_home / "both.html"
     report = run("eval", "report", first, second, "--out", str(out))
     assert report.exit_code == 0 and out.exists()

@@ -47,6 +47,31 @@ def test_list_datasets_states_licences() -> None:
     assert all(row["description"] for row in rows.values())
 
 
+def test_rag_set_has_unanswerables_short_answers_and_supporting_chunks() -> None:
+    from edgelm.rag.evaluate import corpus_dir
+    from edgelm.rag.ingest import chunk_document, parse_file
+
+    items = load_dataset("rag")
+    unanswerable = [it for it in items if not it.extra["answerable"]]
+    answerable = [it for it in items if it.extra["answerable"]]
+    assert len(unanswerable) >= 3 and len(answerable) >= 10
+    assert all(it.extra["supporting_chunks"] == [] for it in unanswerable)
+    for it in answerable:
+        assert len(it.answers) >= 2  # the reference sentence plus its key fact
+        assert it.extra["supporting_chunks"]
+        size, overlap = it.extra["chunking"]["chunk_size"], it.extra["chunking"]["overlap"]
+        for evidence in it.extra["evidence"]:
+            doc = parse_file(corpus_dir() / evidence["source"], evidence["source"])
+            texts = {
+                f"{evidence['source']}#{c.ordinal}": c.text
+                for c in chunk_document(doc, size, overlap)
+            }
+            # the named chunks hold the quote between them (a chunk may hold only part of it)
+            held = [texts[cid] for cid in evidence["chunks"]]
+            words = evidence["quote"].split()
+            assert any(words[0] in t for t in held) and any(words[-1] in t for t in held)
+
+
 def test_jsonl_file_and_rag_rows(tmp_path: Path) -> None:
     path = tmp_path / "set.jsonl"
     lines = [

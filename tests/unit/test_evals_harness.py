@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from edgelm import rundb
 from edgelm.catalog import Catalog
 from edgelm.client import EdgelmClient
 from edgelm.cost import Prices
@@ -163,7 +164,7 @@ def test_a_crash_mid_write_leaves_no_half_row(service, dataset, settings, monkey
     def flaky(db_path, run_id, row):
         calls.append(row.item_id)
         if len(calls) == 2:
-            with store.connect(db_path) as conn, store.transaction(conn):
+            with store.connect(db_path) as conn, rundb.transaction(conn):
                 conn.execute(
                     "INSERT INTO results (run_id, item_id, model, created_at, ok, answer, metrics,"
                     " prompt_tokens, completion_tokens) VALUES (?, 'q2', 'good', 0, 1, '', '{}', 0, 0)",
@@ -267,3 +268,23 @@ def test_diff_flags_regressions(service, dataset, settings) -> None:
     page = render_html([run_a, run_b])
     assert "REGRESSION" in page and "items that got worse" in page
     assert store.list_runs(db)[0]["results"] == "4/4"
+
+
+def test_hybrid_rows_report_the_escalated_share() -> None:
+    from edgelm.evals.datasets import QAItem
+    from edgelm.evals.store import EvalRun, ResultRow
+
+    items = [QAItem(f"q{i}", "?", ["a"]) for i in range(4)]
+    run = EvalRun("r", 0.0, "set", ["hybrid"], {}, items=items)
+    routes = ["draft", "refine", "direct", "draft"]
+    rows = [
+        ResultRow(f"q{i}", "hybrid", True, "a", metrics={"quality": 1.0}, extension={"route": r})
+        for i, r in enumerate(routes)
+    ]
+    (summary,) = summarize(LoadedRun(run, rows))
+    assert summary["metrics"]["escalated"] == 0.5
+    fewer = [ResultRow(f"q{i}", "hybrid", True, "a", metrics={"quality": 1.0},
+                       extension={"route": "refine"}) for i in range(4)]  # fmt: skip
+    diff = diff_runs(LoadedRun(run, rows), LoadedRun(run, fewer))
+    flagged = {r["metric"] for r in diff["rows"] if r["regression"]}
+    assert flagged == {"escalated"}  # same quality, but the LLM answered everything

@@ -90,6 +90,19 @@ def test_context_precision_is_average_precision() -> None:
     assert context_precision([], quotes) == 0.0
 
 
+def test_chunk_ids_count_as_relevance() -> None:
+    """A quote cut in two by a chunk boundary is in neither text, but its chunks are known."""
+    halves = ["Paris is the capital", "of France and its largest city.", "Bananas are yellow."]
+    quotes = ["Paris is the capital of France"]
+    ids = ["geo#0", "geo#1", "fruit#0"]
+    assert context_precision(halves, quotes) == 0.0  # text alone cannot see it
+    assert context_precision(halves, quotes, None, ids, ["geo#0", "geo#1"]) == 1.0
+    assert context_precision(halves[::-1], quotes, None, ids[::-1], ["geo#1"]) == 0.5
+    assert context_recall(halves, quotes) == 0.0
+    assert context_recall(halves, quotes, ids, [["geo#0", "geo#1"]]) == 1.0
+    assert context_recall(halves[2:], quotes, ids[2:], [["geo#0", "geo#1"]]) == 0.0
+
+
 def test_context_recall() -> None:
     contexts = ["Paris is the capital of France.", "It has 2.1 million people."]
     assert context_recall(contexts, ["capital of France", "the Seine"]) == 0.5

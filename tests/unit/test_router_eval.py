@@ -150,6 +150,18 @@ def test_cli_ask_and_eval(service: str, isolated_home: Path, tmp_path: Path) -> 
     as_json = runner.invoke(hybrid_app, ["ask", "-p", "Capital?", "--json"], env=env)
     payload = json.loads(as_json.output)
     assert payload["edgelm"]["route"] in ("draft", "direct")
+    # the form, through the real entry point: `edgelm hybrid --prompt ...`
+    from edgelm.cli.main import app as edgelm_app
+
+    direct = runner.invoke(
+        edgelm_app, ["hybrid", "--prompt", "Capital?", "--policy", "always", "--json"], env=env
+    )
+    assert direct.exit_code == 0, direct.output
+    record = json.loads(direct.output)
+    assert record["text"] == "Paris or Tokyo" and record["edgelm"]["route"] == "refine"
+    assert record["edgelm"]["draft"]["text"] and record["edgelm"]["refine"]["total_ms"] > 0
+    bare = runner.invoke(edgelm_app, ["hybrid"], env=env)
+    assert bare.exit_code == 0 and "--prompt" in bare.output and "eval" in bare.output
 
     dataset = tmp_path / "set.jsonl"
     dataset.write_text(

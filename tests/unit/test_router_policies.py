@@ -141,6 +141,21 @@ def test_spec_grammar_round_trips() -> None:
     assert policy.needs_logprobs and policy.needs_draft
 
 
+def test_escalation_route_can_be_chosen() -> None:
+    unsure, sure = draft(logprobs=(-2.0, -1.0)), draft(logprobs=(-0.1, -0.2))
+    refine = parse_policy("confidence=-0.5")
+    direct = parse_policy("confidence=-0.5>direct")
+    assert route_for(refine, Q, unsure).route == "refine"
+    assert route_for(direct, Q, unsure).route == "direct"
+    assert route_for(direct, Q, sure).route == "draft"
+    assert direct.needs_logprobs and direct.spec() == "confidence=-0.5>direct"
+    combo = parse_policy("insufficient,length=5>refine&confidence=-0.5>direct")
+    assert parse_policy(combo.spec()).spec() == combo.spec()
+    # a question rule keeps deciding before any draft when wrapped
+    words = parse_policy("keywords=tax>direct")
+    assert decide_before_draft(words, "my tax return").route == "direct"  # type: ignore[union-attr]
+
+
 def test_mapping_form() -> None:
     policy = parse_policy({"policy": "confidence", "threshold": -1.0})
     assert isinstance(policy, Confidence) and policy.threshold == -1.0
@@ -150,7 +165,9 @@ def test_mapping_form() -> None:
     assert decide_before_draft(words, "my tax return").route == "direct"  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("spec", ["", "sometimes", "length=abc", "keywords=", "confidence=nan"])
+@pytest.mark.parametrize(
+    "spec", ["", "sometimes", "length=abc", "keywords=", "confidence=nan", "length=5>later"]
+)
 def test_bad_specs_are_400(spec: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_policy(spec)

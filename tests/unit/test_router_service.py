@@ -133,7 +133,7 @@ def test_keywords_skip_the_draft(app, base: str) -> None:  # type: ignore[no-unt
 def test_streaming_refine(base: str) -> None:
     client = oai(base)
     with client.chat.completions.with_streaming_response.create(
-        model="hybrid:small-unsure+big",  # settings' default policy includes confidence
+        model="hybrid:small-unsure+big@insufficient,confidence=-0.5",
         messages=MSG,
         stream=True,
         stream_options={"include_usage": True},
@@ -146,6 +146,15 @@ def test_streaming_refine(base: str) -> None:
     assert tail["edgelm"]["route"] == "refine" and tail["edgelm"]["complete"]
     assert tail["edgelm"]["refine"]["total_ms"] is not None
     assert chunks[-1].usage.completion_tokens == 9
+
+
+def test_default_policy_sends_an_unsure_draft_straight_to_the_llm(base: str) -> None:
+    stream = oai(base).chat.completions.create(
+        model="hybrid:small-unsure+big", messages=MSG, stream=True
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == BIG
+    assert chunks[-1].model_extra["edgelm"]["route"] == "direct"
 
 
 def test_streaming_draft(base: str) -> None:

@@ -10,15 +10,15 @@ statistics can be recomputed from the database alone, and the columns are plain 
 from __future__ import annotations
 
 import json
-import secrets
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from edgelm import rundb
 from edgelm.bench.results import BenchRun, ColdStart, RequestResult, ResourceSample, Scenario
 from edgelm.bench.stats import percentile, scenario_stats
 from edgelm.errors import InvalidRequest
@@ -94,71 +94,12 @@ DIFF_METRICS: tuple[tuple[str, bool], ...] = (
 # ---------------------------------------------------------------------- connection
 
 
-@contextmanager
-def _connect(db_path: Path) -> Iterator[sqlite3.Connection]:
-    """Open (creating if needed) the results database, with the schema in place.
-
-    Autocommit mode, so transactions are exactly the ``BEGIN``/``COMMIT`` we issue; WAL so a
-    report can read while a benchmark writes; foreign keys on so deleting a run cascades.
-    """
-    db_path = Path(db_path)
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(db_path, timeout=30, isolation_level=None)
-    try:
-        conn.row_factory = sqlite3.Row
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            _ensure_schema(conn, db_path)
-        except sqlite3.DatabaseError as exc:
-            raise InvalidRequest(f"{db_path} is not a usable results database: {exc}") from exc
-        yield conn
-    finally:
-        conn.close()
-
-
-def _ensure_schema(conn: sqlite3.Connection, db_path: Path) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise InvalidRequest(
-            f"{db_path} was written by a newer edgelm (schema {version}, this one reads "
-            f"{SCHEMA_VERSION}); upgrade edgelm to read it"
-        )
-    conn.executescript(SCHEMA)
-    if version < SCHEMA_VERSION:
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """All or nothing: roll back on any exception (KeyboardInterrupt included)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+def _connect(db_path: Path) -> AbstractContextManager[sqlite3.Connection]:
+    """The results database, schema in place (see :func:`edgelm.rundb.connect`)."""
+    return rundb.connect(db_path, SCHEMA, SCHEMA_VERSION, "results")
 
 
 # ---------------------------------------------------------------------- saving
-
-
-def new_run_id(created_at: float) -> str:
-    """``YYYYMMDD-HHMM-xxxx`` in UTC: sorts by time as text, short enough to type a prefix.
-
-    UTC keeps ids sortable across time-zone and daylight-saving changes; the 4 random hex
-    digits separate runs started in the same minute.
-    """
-    stamp = time.strftime("%Y%m%d-%H%M", time.gmtime(created_at))
-    return f"{stamp}-{secrets.token_hex(2)}"
-
-
-def _unused_id(conn: sqlite3.Connection, created_at: float) -> str:
-    while True:
-        run_id = new_run_id(created_at)
-        if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
-            return run_id
 
 
 def save_run(db_path: Path, run: BenchRun) -> str:
@@ -169,8 +110,8 @@ def save_run(db_path: Path, run: BenchRun) -> str:
     """
     if not run.created_at:
         run.created_at = time.time()
-    with _connect(db_path) as conn, _transaction(conn):
-        run_id = run.id or _unused_id(conn, run.created_at)
+    with _connect(db_path) as conn, rundb.transaction(conn):
+        run_id = run.id or rundb.unused_run_id(conn, run.created_at)
         conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
         _insert_run(conn, run_id, run)
         for idx, scenario in enumerate(run.scenarios):
@@ -245,39 +186,6 @@ def _request_values(req: RequestResult, fields: tuple[str, ...]) -> list[Any]:
 # ---------------------------------------------------------------------- loading
 
 
-def _resolve_id(conn: sqlite3.Connection, run_id: str, db_path: Path) -> str:
-    """The one stored id that ``run_id`` names: exact, ``latest``, or a unique prefix."""
-    wanted = run_id.strip()
-    if wanted == "latest":
-        row = conn.execute("SELECT id FROM runs ORDER BY created_at DESC, id DESC LIMIT 1")
-        found = row.fetchone()
-        if found is None:
-            raise InvalidRequest(f"no benchmark runs are stored in {db_path} yet")
-        return found["id"]
-    if not wanted:
-        raise InvalidRequest("a run id is required (an id, a unique prefix of one, or 'latest')")
-    if conn.execute("SELECT 1 FROM runs WHERE id = ?", (wanted,)).fetchone() is not None:
-        return wanted
-    matches = [
-        row["id"]
-        for row in conn.execute(
-            "SELECT id FROM runs WHERE substr(id, 1, ?) = ? ORDER BY created_at DESC",
-            (len(wanted), wanted),
-        )
-    ]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
-        raise InvalidRequest(
-            f"run id '{wanted}' is ambiguous: it starts {len(matches)} runs ({shown}); "
-            "give more characters"
-        )
-    recent = [r["id"] for r in conn.execute("SELECT id FROM runs ORDER BY created_at DESC LIMIT 3")]
-    hint = f"; recent runs: {', '.join(recent)}" if recent else "; no runs are stored yet"
-    raise InvalidRequest(f"no benchmark run '{wanted}' in {db_path}{hint}")
-
-
 def load_run(db_path: Path, run_id: str) -> BenchRun:
     """Read a stored run back: ``run_id`` is a full id, a unique prefix of one, or ``latest``.
 
@@ -288,7 +196,7 @@ def load_run(db_path: Path, run_id: str) -> BenchRun:
     if not db_path.exists():
         raise InvalidRequest(f"no benchmark runs are stored yet ({db_path} does not exist)")
     with _connect(db_path) as conn:
-        resolved = _resolve_id(conn, run_id, db_path)
+        resolved = rundb.resolve_run_id(conn, run_id, db_path, "benchmark")
         row = conn.execute("SELECT * FROM runs WHERE id = ?", (resolved,)).fetchone()
         requests = _load_requests(conn, resolved)
         scenarios = [

@@ -8,49 +8,33 @@ Options can also come from the environment variables the Foundry Local workshop 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgelm.bench import history, report
 from edgelm.bench.micro import micro_bench
-from edgelm.bench.runner import BenchConfig, ProgressFn, run_bench
+from edgelm.bench.runner import BenchConfig, run_bench
 from edgelm.bench.stats import SLO
 from edgelm.bench.targets import make_target
 from edgelm.bench.workloads import load_prompts
 from edgelm.catalog import Catalog
-from edgelm.cli.common import console, fail, human_bytes, settings_of
+from edgelm.cli.common import (
+    cell,
+    console,
+    fail,
+    human_bytes,
+    progress_bars,
+    records_table,
+    settings_of,
+    split_list,
+)
 from edgelm.cost import Prices, monthly_tco
 from edgelm.settings import Settings
 from edgelm.sysinfo import system_info
 
 app = typer.Typer(help="Measure models: latency, throughput, memory, cost.")
-
-
-def _split(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _progress() -> tuple[Progress, ProgressFn]:
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console(),
-        transient=False,
-    )
-    tasks: dict[str, int] = {}
-
-    def update(done: int, total: int, description: str) -> None:
-        if description not in tasks:
-            tasks[description] = progress.add_task(description, total=total)
-        progress.update(tasks[description], completed=done, total=total)
-
-    return progress, update
 
 
 def _db(settings: Settings) -> Path:
@@ -107,8 +91,8 @@ def run(
 ) -> None:
     """Benchmark one or more targets; store the run and write JSON, CSV and an HTML report."""
     settings = settings_of(ctx)
-    specs = _split(models) if models else [settings.service.default_model]
-    levels = [int(c) for c in _split(concurrency)]
+    specs = split_list(models) if models else [settings.service.default_model]
+    levels = [int(c) for c in split_list(concurrency)]
     if any(level < 1 or level > 64 for level in levels):
         fail("concurrency levels must be between 1 and 64")
     config = BenchConfig(
@@ -123,7 +107,7 @@ def run(
     )
     workload = load_prompts(prompts, prompt, seed)
     targets = [make_target(spec, settings, stream=stream, api_key=api_key) for spec in specs]
-    progress, update = _progress()
+    progress, update = progress_bars()
     with progress:
         result = run_bench(targets, workload, config, update, system_info(), name)
         if micro:
@@ -191,25 +175,7 @@ def history_(ctx: typer.Context, limit: int = typer.Option(20, min=1)) -> None:
     if not rows:
         console().print("no benchmark runs stored yet")
         return
-    table = Table(title="benchmark runs")
-    keys = list(rows[0])
-    for key in keys:
-        table.add_column(key)
-    for row in rows:
-        table.add_row(*(_cell(row[k], k) for k in keys))
-    console().print(table)
-
-
-def _cell(value: object, key: str = "") -> str:
-    if key == "created_at" and isinstance(value, int | float):
-        return time.strftime("%Y-%m-%d %H:%M", time.localtime(value))
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    if isinstance(value, list | tuple):
-        return ", ".join(map(str, value))
-    return str(value)
+    console().print(records_table("benchmark runs", rows))
 
 
 @app.command("diff")
@@ -234,8 +200,8 @@ def diff(
         table.add_row(
             str(row.get("scenario", "")),
             str(row.get("metric", row.get("note", ""))),
-            _cell(row.get("a")),
-            _cell(row.get("b")),
+            cell(row.get("a")),
+            cell(row.get("b")),
             f"{ratio:.3f}" if isinstance(ratio, float) else "-",
             flag,
         )
@@ -287,7 +253,7 @@ def compare_command(
     config = BenchConfig(requests=rounds, warmup=0, max_tokens=max_tokens)
     workload = load_prompts(prompts, prompt)
     prices = Prices.load(settings.home)
-    progress, update = _progress()
+    progress, update = progress_bars()
     with progress:
         result = compare(pairs, workload, config, prices, update)
     _print_comparison(result, prices, requests_per_day)

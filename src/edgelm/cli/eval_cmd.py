@@ -5,14 +5,21 @@ The logic lives in :mod:`edgelm.evals`; these commands parse flags, call it, and
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edgelm.cli.common import console, err_console, fail, settings_of
+from edgelm.cli.common import (
+    cell,
+    console,
+    err_console,
+    fail,
+    progress_bars,
+    records_table,
+    settings_of,
+    split_list,
+)
 from edgelm.client import EdgelmClient
 from edgelm.cost import Prices
 from edgelm.evals import harness, store
@@ -87,7 +94,7 @@ def run(
             fail("give the models to evaluate with --models (or --resume RUN)")
         config = harness.EvalConfig(
             dataset=dataset,
-            models=[m.strip() for m in models.split(",") if m.strip()],
+            models=split_list(models),
             max_tokens=max_tokens,
             seed=seed,
             judge_model=judge,
@@ -102,17 +109,10 @@ def run(
         client = _client(settings)
         run_id = store.load_run(db, resume)[0].id
         console().print(f"resuming run [bold]{run_id}[/]")
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console(),
-    )
-    task = progress.add_task("answering", total=None)
+    progress, bars = progress_bars()
 
     def update(done: int, total: int, row: store.ResultRow) -> None:
-        progress.update(task, completed=done, total=total, description=f"{row.model}")
+        bars(done, total, f"run {run_id}")
 
     try:
         with client, progress:
@@ -180,20 +180,38 @@ def list_(ctx: typer.Context, limit: int = typer.Option(20, min=1)) -> None:
     if not rows:
         console().print("no evaluation runs stored yet")
         return
-    table = Table(title="evaluation runs")
-    for key in rows[0]:
-        table.add_column(key)
-    for row in rows:
-        cells = []
-        for key, value in row.items():
-            if key == "created_at":
-                cells.append(time.strftime("%Y-%m-%d %H:%M", time.localtime(value)))
-            elif isinstance(value, list):
-                cells.append(", ".join(value))
-            else:
-                cells.append("-" if value is None else str(value))
-        table.add_row(*cells)
+    console().print(records_table("evaluation runs", rows))
+
+
+@app.command("ragas")
+def ragas(
+    ctx: typer.Context,
+    run_id: str = typer.Argument("latest", help="A stored run over a RAG set."),
+    judge: str = typer.Option(..., "--judge", help="Model Ragas asks (e.g. the LLM tier)."),
+    sample: int = typer.Option(3, "--sample", "-n", min=1, help="Answers to cross-check."),
+) -> None:
+    """Cross-check edgelm's RAG metrics with Ragas (pip install 'edgelm[ragas]') on a sample."""
+    from edgelm.evals.ragas_check import compare, ragas_scorer
+
+    settings = settings_of(ctx)
+    (loaded,) = _load(settings, [run_id])
+    scorer = ragas_scorer(settings.endpoint, judge, settings.client.api_key)
+    with console().status(f"Ragas is scoring {sample} answers with {judge}…"):
+        rows = compare(loaded.run.items, loaded.rows, scorer, sample)
+    if not rows:
+        fail(f"run {loaded.run.id} has no answered RAG questions to cross-check")
+    table = Table(title=f"edgelm vs Ragas on run {loaded.run.id} (judge {judge})")
+    for column in ("item", "model", "metric", "edgelm", "Ragas", "Δ", "Ragas error"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        cells = (r.edgelm, r.ragas, r.delta)
+        table.add_row(r.item_id, r.model, r.metric, *(cell(v) for v in cells), r.error)
     console().print(table)
+    failed = sum(1 for r in rows if r.error)
+    if failed:
+        console().print(
+            f"Ragas could not score {failed} of {len(rows)} (its parser rejected the judge)"
+        )
 
 
 @app.command("datasets")

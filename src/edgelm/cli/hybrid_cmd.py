@@ -1,9 +1,9 @@
-"""``edgelm hybrid ask | eval``: the SLM→LLM router from the terminal.
+"""``edgelm hybrid --prompt ... | ask | eval``: the SLM→LLM router from the terminal.
 
-Both talk to the running service (``edgelm service start``): ``ask`` streams one answer from
-``model="hybrid..."`` and prints its route record; ``eval`` records each question's draft,
-refinement and LLM answer once, then scores every policy and threshold from those pieces
-(:mod:`edgelm.router.evaluate`).
+All talk to the running service (``edgelm service start``): ``edgelm hybrid --prompt ...`` (or
+``edgelm hybrid ask``) streams one answer from ``model="hybrid..."`` and prints its route
+record; ``eval`` records each question's draft, refinement and LLM answer once, then scores
+every policy and threshold from those pieces (:mod:`edgelm.router.evaluate`).
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
 
-from edgelm.cli.common import console, fail, settings_of
-from edgelm.client import EdgelmClient
+from edgelm.cli.common import console, fail, settings_of, split_list
+from edgelm.client import ChatResult, EdgelmClient
 from edgelm.cost import Prices
 from edgelm.router import evaluate as ev
 from edgelm.router_service import name_for
@@ -29,59 +30,91 @@ def _client(settings: Settings) -> EdgelmClient:
     return EdgelmClient(settings.endpoint, api_key=settings.client.api_key)
 
 
-def _split(text: str | None) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
+def _ask(
+    settings: Settings,
+    prompt: str,
+    policy: str | None,
+    slm: str | None,
+    llm: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    as_json: bool,
+) -> None:
+    """Stream one hybrid answer to the terminal, then how it was produced."""
+    model = name_for(slm, llm, policy)
+    out = console()
+    result: ChatResult | None = None
+    with _client(settings) as client:
+        events = client.stream_chat(model, prompt, max_tokens=max_tokens, temperature=temperature)
+        for event in events:
+            if event.result is not None:
+                result = event.result
+            elif not as_json:
+                out.print(event.text, end="", markup=False, highlight=False, soft_wrap=True)
+    if result is None:  # pragma: no cover - stream_chat always ends with the result
+        fail("the service sent no answer")
+    if as_json:
+        payload = {"model": model, "text": result.text, "edgelm": result.extension or {}}
+        out.print(json.dumps(payload, indent=2), markup=False, highlight=False)
+        return
+    out.print()
+    out.print(_record_table(result.extension or {}))
+
+
+_PROMPT = typer.Option(None, "--prompt", "-p", help="The question.")
+_POLICY = typer.Option(
+    None, "--policy", help="Policy spec, e.g. 'insufficient,confidence=-0.5' (default: settings)."
+)
+_SLM = typer.Option(None, "--slm", help="Draft model (default: router.slm / tier slm).")
+_LLM = typer.Option(None, "--llm", help="Refine model (default: router.llm / tier llm).")
+_MAX_TOKENS = typer.Option(None, "--max-tokens", min=1)
+_TEMPERATURE = typer.Option(None, "--temperature", min=0.0, max=2.0)
+_JSON = typer.Option(False, "--json", help="Print the answer and its route record as JSON.")
+
+
+@app.callback(invoke_without_command=True)
+def hybrid(
+    ctx: typer.Context,
+    prompt: str | None = _PROMPT,
+    policy: str | None = _POLICY,
+    slm: str | None = _SLM,
+    llm: str | None = _LLM,
+    max_tokens: int | None = _MAX_TOKENS,
+    temperature: float | None = _TEMPERATURE,
+    as_json: bool = _JSON,
+) -> None:
+    """Hybrid router: the SLM drafts, the LLM refines when a policy says so.
+
+    `edgelm hybrid --prompt "..."` asks one question (the same as `edgelm hybrid ask`).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if prompt is None:
+        console().print(ctx.get_help())
+        raise typer.Exit(0)
+    _ask(settings_of(ctx), prompt, policy, slm, llm, max_tokens, temperature, as_json)
 
 
 @app.command("ask")
 def ask(
     ctx: typer.Context,
     prompt: str = typer.Option(..., "--prompt", "-p", help="The question."),
-    policy: str | None = typer.Option(
-        None,
-        "--policy",
-        help="Policy spec, e.g. 'insufficient,confidence=-0.5' (default: settings).",
-    ),
-    slm: str | None = typer.Option(
-        None, "--slm", help="Draft model (default: router.slm / tier slm)."
-    ),
-    llm: str | None = typer.Option(
-        None, "--llm", help="Refine model (default: router.llm / tier llm)."
-    ),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1),
-    temperature: float | None = typer.Option(None, "--temperature", min=0.0, max=2.0),
-    as_json: bool = typer.Option(False, "--json", help="Print the answer and record as JSON."),
+    policy: str | None = _POLICY,
+    slm: str | None = _SLM,
+    llm: str | None = _LLM,
+    max_tokens: int | None = _MAX_TOKENS,
+    temperature: float | None = _TEMPERATURE,
+    as_json: bool = _JSON,
 ) -> None:
     """Ask one question through the hybrid model; print the answer and how it was produced."""
-    settings = settings_of(ctx)
-    model = name_for(slm, llm, policy)
-    params = {"max_tokens": max_tokens, "temperature": temperature}
-    out = console()
-    reply: ev.HybridReply | None = None
-    with _client(settings) as client:
-        for item in ev.stream_hybrid(
-            client, model, [{"role": "user", "content": prompt}], **params
-        ):
-            if isinstance(item, ev.HybridReply):
-                reply = item
-            elif not as_json:
-                out.print(item, end="", markup=False, highlight=False, soft_wrap=True)
-    if reply is None:  # pragma: no cover - stream_hybrid always ends with the reply
-        fail("the service sent no answer")
-    if as_json:
-        payload = {"model": model, "text": reply.text, "edgelm": reply.extension}
-        out.print(json.dumps(payload, indent=2), markup=False, highlight=False)
-        return
-    out.print()
-    out.print(_record_table(reply))
+    _ask(settings_of(ctx), prompt, policy, slm, llm, max_tokens, temperature, as_json)
 
 
 def _ms(value: object) -> str:
     return "-" if value is None else f"{float(value) / 1000:.2f} s"  # type: ignore[arg-type]
 
 
-def _record_table(reply: ev.HybridReply) -> Table:
-    ext = reply.extension
+def _record_table(ext: dict[str, Any]) -> Table:
     table = Table(title=f"route: {ext.get('route')} — {ext.get('reason', '')}", show_header=True)
     for column in ("step", "model", "TTFT", "total", "prompt tok", "completion tok"):
         table.add_column(column)
@@ -141,7 +174,7 @@ def eval_(
     config = settings.router
     grid = _thresholds(thresholds)
     try:
-        configs = ev.configurations(_split(policies), grid, spec, config.direct_patterns)
+        configs = ev.configurations(split_list(policies), grid, spec, config.direct_patterns)
         ev.metric_fn(metric)
     except ValueError as exc:
         fail(str(exc))
@@ -205,7 +238,7 @@ def eval_(
 def _thresholds(text: str | None) -> dict[str, list[str]]:
     """'confidence=-0.2;-0.5,length=300' → {'confidence': ['-0.2', '-0.5'], 'length': ['300']}."""
     grid: dict[str, list[str]] = {}
-    for part in _split(text):
+    for part in split_list(text):
         name, _, values = part.partition("=")
         if not values:
             fail(f"--thresholds wants name=v1;v2, got '{part}'")

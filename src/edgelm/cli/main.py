@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from edgelm import __version__
@@ -33,7 +34,7 @@ class EdgelmGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except EdgelmError as exc:
-            err_console().print(f"[bold red]error:[/] {exc.message}")
+            err_console().print(f"[bold red]error:[/] {escape(exc.message)}")
             raise typer.Exit(1) from None
         except ValidationError as exc:  # a value typed on the command line failed the schema
             problems = "; ".join(
@@ -93,7 +94,7 @@ def main() -> None:
     try:
         app()
     except EdgelmError as exc:
-        err_console().print(f"[bold red]error:[/] {exc.message}")
+        err_console().print(f"[bold red]error:[/] {escape(exc.message)}")
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

@@ -9,6 +9,10 @@ other key lands in ``extra`` (the code set keeps its unit tests there, the RAG s
 The shipped general and code sets were written for this project and are released under CC0-1.0
 (see ``data/LICENSE.md``); the RAG set is read from the RAG package's data
 (``edgelm/rag/data/qa.jsonl``), written for the project by the RAG work alongside its demo corpus.
+Its rows label evidence as quotes (which survive re-chunking); :func:`with_supporting_chunks`
+adds the ids of the chunks that hold them, computed with the RAG package's own parser and
+chunker at the default chunking, so the ids match a collection made by
+``edgelm rag ingest --demo``.
 """
 
 from __future__ import annotations
@@ -72,9 +76,10 @@ def _shipped() -> tuple[_Shipped, ...]:
         _Shipped(
             "rag",
             ("rag", "data", "qa.jsonl"),
-            "written for edgelm with the RAG demo corpus (see edgelm/rag/data)",
-            "Questions over the RAG demo corpus with reference answers and evidence quotes, "
-            "including questions the corpus cannot answer; ask them as model 'rag:<collection>'.",
+            "CC0-1.0 (written for edgelm with the RAG demo corpus, see edgelm/rag/corpus)",
+            "Questions over the RAG demo corpus with reference answers, evidence quotes and "
+            "supporting chunk ids, including questions the corpus cannot answer; ingest with "
+            "'edgelm rag ingest --demo' and ask them as model 'rag:<collection>'.",
         ),
     )
 
@@ -121,7 +126,8 @@ def load_dataset(name_or_path: str) -> list[QAItem]:
                     f"the '{spec.name}' dataset is not installed (edgelm/{'/'.join(spec.resource)}"
                     " is missing)"
                 )
-            return _parse_lines(node.read_text("utf-8"), spec.name)
+            items = _parse_lines(node.read_text("utf-8"), spec.name)
+            return _rag_items(items) if spec.name == "rag" else items
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         names = ", ".join(shipped_names())
@@ -188,3 +194,49 @@ def _rag_item(item: QAItem) -> QAItem:
     if not item.category:
         item.category = "answerable" if answerable else "unanswerable"
     return item
+
+
+def _rag_items(items: list[QAItem]) -> list[QAItem]:
+    """The RAG package's questions with our short accepted answers and supporting chunk ids."""
+    text = _resource(("evals", "data", "rag_answers.jsonl")).read_text("utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    short = {row["id"]: row["answers"] for row in rows}
+    for item in items:
+        item.answers = [*item.answers, *short.get(item.id, [])]
+    return with_supporting_chunks(items)
+
+
+def with_supporting_chunks(items: list[QAItem]) -> list[QAItem]:
+    """Label each RAG item's evidence with the ids of the demo-corpus chunks that hold it.
+
+    A chunk supports a quote when its character span overlaps the quote's span in the source's
+    extracted text (:func:`edgelm.rag.evaluate.evidence_spans`), with the chunking of the
+    default ``rag`` settings. Adds ``supporting_chunks`` (all ids, sorted) and ``chunks`` on
+    each evidence entry, plus the ``chunking`` used, so a run stores what it was scored
+    against. Unanswerable items get an empty list.
+    """
+    from edgelm.rag.config import RagSettings
+    from edgelm.rag.evaluate import corpus_dir, evidence_spans
+    from edgelm.rag.ingest import chunk_document, parse_file
+
+    rag = RagSettings()
+    corpus = corpus_dir()
+    rows = [{"id": it.id, "evidence": it.extra.get("evidence") or []} for it in items]
+    spans = evidence_spans(rows, corpus)
+    chunks: dict[str, list[tuple[str, int, int]]] = {}
+    for source in {src for found in spans.values() for src, _, _ in found}:
+        doc = parse_file(corpus / source, source)
+        chunks[source] = [
+            (f"{source}#{c.ordinal}", c.start, c.end)
+            for c in chunk_document(doc, rag.chunk_size, rag.overlap)
+        ]
+    for item in items:
+        found = spans.get(item.id, [])
+        all_ids: set[str] = set()
+        for evidence, (source, start, end) in zip(item.extra["evidence"], found, strict=True):
+            ids = [cid for cid, a, b in chunks[source] if a < end and start < b]
+            evidence["chunks"] = ids
+            all_ids.update(ids)
+        item.extra["supporting_chunks"] = sorted(all_ids)
+        item.extra["chunking"] = {"chunk_size": rag.chunk_size, "overlap": rag.overlap}
+    return items

@@ -10,13 +10,12 @@ the rest. Concurrency is 1 on purpose: latency figures are then not skewed by qu
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgelm.client import ChatResult, EdgelmClient, ServiceUnavailable
+from edgelm.client import EdgelmClient, ServiceUnavailable
 from edgelm.errors import EdgelmError, InvalidRequest
 from edgelm.evals import code_exec, metrics, store
 from edgelm.evals.datasets import QAItem, load_dataset
@@ -116,36 +115,14 @@ def score_item(
 def _ask(
     client: EdgelmClient, model: str, item: QAItem, config: EvalConfig
 ) -> tuple[str, dict[str, Any]]:
-    """Ask once; returns the answer text and the timing/usage fields for the row.
-
-    Chat is streamed (so TTFT is measured). The ``edgelm`` extension (RAG citations and
-    contexts) arrives on the final stream chunk, which :class:`EdgelmClient` does not surface
-    yet, so ``rag:`` models are asked without streaming and have no TTFT.
-    """
+    """Ask once (streamed, so TTFT is measured); returns the answer text and the row's timing,
+    usage and ``edgelm`` extension (RAG contexts, hybrid route) fields."""
     params: dict[str, Any] = {
         "temperature": config.temperature,
         "seed": config.seed,
         "max_tokens": config.max_tokens,
     }
     messages = build_messages(item)
-    if model.startswith("rag:") and "extension" not in ChatResult.__dataclass_fields__:
-        start = time.perf_counter()
-        body = client._request(  # no public non-streaming call on the client yet
-            "POST",
-            "/v1/chat/completions",
-            json={"model": model, "messages": messages, **params, "stream": False},
-        )
-        e2e = time.perf_counter() - start
-        choice = (body.get("choices") or [{}])[0]
-        usage = body.get("usage") or {}
-        return str((choice.get("message") or {}).get("content") or ""), {
-            "finish_reason": choice.get("finish_reason"),
-            "ttft_s": None,
-            "e2e_s": e2e,
-            "prompt_tokens": int(usage.get("prompt_tokens") or 0),
-            "completion_tokens": int(usage.get("completion_tokens") or 0),
-            "extension": body.get("edgelm"),
-        }
     result = client.chat_once(model, messages, **params)
     return result.text, {
         "finish_reason": result.finish_reason,
@@ -153,7 +130,7 @@ def _ask(
         "e2e_s": result.total_s,
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
-        "extension": getattr(result, "extension", None),
+        "extension": result.extension,
     }
 
 

@@ -16,8 +16,11 @@ a network, so they run in tests and on machines with no judge model:
   to the question; with an ``embed`` callable we take the cosine of the answer and the question
   directly, else the token-set overlap of their content words (recall of question words).
 - context precision@k: mean over relevant ranks k of precision@k (relevant = the context holds
-  an evidence quote), the "average precision" Ragas' context precision reduces to.
-- context recall: share of evidence quotes found in the retrieved contexts.
+  an evidence quote or is one of the item's supporting chunks), the "average precision" Ragas'
+  context precision reduces to once each context is labelled relevant or not.
+- context recall: share of evidence quotes found in the retrieved contexts (by text, or by the
+  id of a chunk that holds the quote). Ragas asks an LLM which reference claims the contexts
+  support; with quotes as the reference's claims this is the same ratio without the LLM.
 - correct refusal: on unanswerable questions, 1 when the service said ``refused`` or the text
   says it cannot answer.
 """
@@ -299,28 +302,59 @@ def _has_quote(context: str, quote: str) -> bool:
     return bool(q) and q in normalize(context)
 
 
-def context_precision(
-    contexts: Sequence[str], quotes: Sequence[str], k: int | None = None
-) -> float:
-    """Average precision of the top-``k`` contexts, relevant = holds some evidence quote.
+def average_precision(relevant: Sequence[bool]) -> float:
+    """``sum_k precision@k * rel_k / (relevant in the list)``; 0 when nothing is relevant.
 
-    ``sum_k precision@k * rel_k / (relevant in top k)``; 0 when nothing relevant was retrieved.
+    Ragas' context precision@k reduces to this over the ranked contexts' relevance flags.
     """
-    ranked = list(contexts)[: k or len(contexts)]
     hits = 0
     total = 0.0
-    for rank, context in enumerate(ranked, 1):
-        if any(_has_quote(context, q) for q in quotes):
+    for rank, flag in enumerate(relevant, 1):
+        if flag:
             hits += 1
             total += hits / rank
     return total / hits if hits else 0.0
 
 
-def context_recall(contexts: Sequence[str], quotes: Sequence[str]) -> float | None:
-    """Share of evidence quotes found in at least one retrieved context; None without quotes."""
+def context_precision(
+    contexts: Sequence[str],
+    quotes: Sequence[str],
+    k: int | None = None,
+    chunk_ids: Sequence[str | None] = (),
+    supporting: Sequence[str] = (),
+) -> float:
+    """Average precision of the top-``k`` contexts. A context is relevant when it holds an
+    evidence quote or, given the contexts' ``chunk_ids``, is one of the ``supporting`` chunks
+    (which catches a quote cut in two by a chunk boundary)."""
+    ranked = list(contexts)[: k or len(contexts)]
+    ids = list(chunk_ids) + [None] * (len(ranked) - len(chunk_ids))
+    wanted = set(supporting)
+    return average_precision(
+        [
+            (ids[i] is not None and ids[i] in wanted) or any(_has_quote(c, q) for q in quotes)
+            for i, c in enumerate(ranked)
+        ]
+    )
+
+
+def context_recall(
+    contexts: Sequence[str],
+    quotes: Sequence[str],
+    chunk_ids: Sequence[str | None] = (),
+    evidence_chunks: Sequence[Sequence[str]] = (),
+) -> float | None:
+    """Share of evidence quotes found in the retrieved contexts; None without quotes.
+
+    A quote is found when a context holds its text or, given ``evidence_chunks`` (the ids of the
+    chunks holding each quote, in the order of ``quotes``), one of those chunks was retrieved.
+    """
     if not quotes:
         return None
-    found = sum(1 for q in quotes if any(_has_quote(c, q) for c in contexts))
+    retrieved = {c for c in chunk_ids if c}
+    found = 0
+    for n, quote in enumerate(quotes):
+        by_id = n < len(evidence_chunks) and bool(retrieved & set(evidence_chunks[n]))
+        found += by_id or any(_has_quote(c, quote) for c in contexts)
     return found / len(quotes)
 
 
@@ -350,15 +384,23 @@ def rag_scores(
     the retrieval and generation metrics plus ``false_refusal``.
     """
     ext = extension or {}
-    contexts = [str(c.get("text", "")) for c in ext.get("contexts") or []]
+    entries = [c for c in ext.get("contexts") or [] if isinstance(c, dict)]
+    contexts = [str(c.get("text", "")) for c in entries]
+    ids = [c.get("chunk_id") for c in entries]
     refused = is_refusal(answer, ext.get("refused"))
     if not answerable:
         return {"correct_refusal": float(refused)}
-    quotes = [str(e.get("quote", "")) for e in evidence if e.get("quote")]
+    quoted = [e for e in evidence if e.get("quote")]
+    quotes = [str(e["quote"]) for e in quoted]
+    supporting = [cid for e in quoted for cid in e.get("chunks") or []]
     return {
         "faithfulness": None if refused else faithfulness(answer, contexts, judge),
         "answer_relevancy": answer_relevancy(question, answer, embed),
-        "context_precision": context_precision(contexts, quotes, k) if quotes else None,
-        "context_recall": context_recall(contexts, quotes),
+        "context_precision": context_precision(contexts, quotes, k, ids, supporting)
+        if quotes
+        else None,
+        "context_recall": context_recall(
+            contexts, quotes, ids, [e.get("chunks") or [] for e in quoted]
+        ),
         "false_refusal": float(refused),
     }

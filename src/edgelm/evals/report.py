@@ -26,8 +26,9 @@ from edgelm.cost import Prices, local_cost_per_request
 from edgelm.evals.judge import CRITERIA
 from edgelm.evals.store import EvalRun, ResultRow
 
-HIGHER_IS_WORSE = frozenset({"false_refusal"})
-"""Metrics where a rise is a regression (every other metric: a fall is)."""
+HIGHER_IS_WORSE = frozenset({"false_refusal", "escalated"})
+"""Metrics where a rise is a regression (every other metric: a fall is). ``escalated`` is the
+share of a hybrid model's answers the LLM wrote: more of it costs latency."""
 
 
 @dataclass
@@ -62,6 +63,10 @@ def summarize(loaded: LoadedRun, prices: Prices | None = None) -> list[dict[str,
         rows = by_model.get(model, [])
         ok = [r for r in rows if r.ok]
         metric_names = sorted({k for r in ok for k in r.metrics if k != "quality"})
+        metrics = {m: _mean(r.metrics.get(m) for r in ok) for m in metric_names}
+        routes = [str(r.extension["route"]) for r in ok if r.extension and r.extension.get("route")]
+        if routes:  # a hybrid model: how often the LLM answered (refine or direct)
+            metrics["escalated"] = sum(route != "draft" for route in routes) / len(routes)
         judged = [r for r in ok if r.judge_scores or r.judge_error]
         local = [local_cost_per_request(prices, r.e2e_s or 0.0)["total"] for r in ok]
         summary: dict[str, Any] = {
@@ -70,7 +75,7 @@ def summarize(loaded: LoadedRun, prices: Prices | None = None) -> list[dict[str,
             "n": len(rows),
             "errors": len(rows) - len(ok),
             "quality": _mean(_quality(r) for r in rows),
-            "metrics": {m: _mean(r.metrics.get(m) for r in ok) for m in metric_names},
+            "metrics": metrics,
             "judge": {c: _mean((r.judge_scores or {}).get(c) for r in ok) for c in CRITERIA}
             if judged
             else {},
@@ -208,8 +213,8 @@ def summary_table(runs: Sequence[LoadedRun], prices: Prices | None = None) -> Ta
     """Per-model headline figures of one or more runs."""
     many = len(runs) > 1
     table = Table(title="evaluation summary (quality: contains / pass@1 / RAG correct)")
-    columns = ["model", "answered", "errors", "quality", "EM", "F1", "judge", "TTFT p50",
-               "e2e p50", "tokens out", "local /1k"]  # fmt: skip
+    columns = ["model", "answered", "errors", "quality", "EM", "F1", "judge", "judge fails",
+               "TTFT p50", "e2e p50", "tokens out", "local /1k"]  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right")
     for loaded in runs:
@@ -222,6 +227,7 @@ def summary_table(runs: Sequence[LoadedRun], prices: Prices | None = None) -> Ta
                 _f(s["metrics"].get("exact_match")),
                 _f(s["metrics"].get("f1")),
                 _f(s["judge_mean"], 2),
+                str(s["judge_parse_failures"]) if s["judge"] else "–",
                 _f(s["ttft_p50_s"], 2),
                 _f(s["e2e_p50_s"], 2),
                 _f(s["completion_tokens_mean"], 1),

@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgelm.bench.history import new_run_id
+from edgelm import rundb
 from edgelm.errors import InvalidRequest
 from edgelm.evals.datasets import QAItem
 
@@ -112,42 +111,9 @@ class ResultRow:
 _JSON_FIELDS = ("metrics", "judge_scores", "extension")
 
 
-@contextmanager
-def connect(db_path: Path) -> Iterator[sqlite3.Connection]:
-    """Open (creating if needed) the evals database; autocommit, WAL, foreign keys on."""
-    db_path = Path(db_path)
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(db_path, timeout=30, isolation_level=None)
-    try:
-        conn.row_factory = sqlite3.Row
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise InvalidRequest(
-                    f"{db_path} was written by a newer edgelm (schema {version}); upgrade edgelm"
-                )
-            conn.executescript(SCHEMA)
-            if version < SCHEMA_VERSION:
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
-            raise InvalidRequest(f"{db_path} is not a usable evals database: {exc}") from exc
-        yield conn
-    finally:
-        conn.close()
-
-
-@contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """All or nothing: roll back on any exception, KeyboardInterrupt included."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+def connect(db_path: Path) -> AbstractContextManager[sqlite3.Connection]:
+    """The evals database, schema in place (see :func:`edgelm.rundb.connect`)."""
+    return rundb.connect(db_path, SCHEMA, SCHEMA_VERSION, "evals")
 
 
 def create_run(
@@ -160,11 +126,8 @@ def create_run(
 ) -> EvalRun:
     """Store a new run with its questions (one transaction) and return it with its id."""
     created = time.time()
-    with connect(db_path) as conn, transaction(conn):
-        while True:
-            run_id = new_run_id(created)
-            if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
-                break
+    with connect(db_path) as conn, rundb.transaction(conn):
+        run_id = rundb.unused_run_id(conn, created)
         conn.execute(
             "INSERT INTO runs (id, created_at, dataset, models, params, judge_model, status)"
             " VALUES (?, ?, ?, ?, ?, ?, 'running')",
@@ -199,7 +162,7 @@ def save_result(db_path: Path, run_id: str, row: ResultRow) -> None:
     data["ok"] = int(row.ok)
     columns = ["run_id", *data]
     marks = ", ".join("?" * len(columns))
-    with connect(db_path) as conn, transaction(conn):
+    with connect(db_path) as conn, rundb.transaction(conn):
         conn.execute(
             f"INSERT OR REPLACE INTO results ({', '.join(columns)}) VALUES ({marks})",
             (run_id, *data.values()),
@@ -208,39 +171,10 @@ def save_result(db_path: Path, run_id: str, row: ResultRow) -> None:
 
 def set_status(db_path: Path, run_id: str, status: str) -> None:
     finished = time.time() if status == "done" else None
-    with connect(db_path) as conn, transaction(conn):
+    with connect(db_path) as conn, rundb.transaction(conn):
         conn.execute(
             "UPDATE runs SET status = ?, finished_at = ? WHERE id = ?", (status, finished, run_id)
         )
-
-
-def resolve_id(conn: sqlite3.Connection, wanted: str, db_path: Path) -> str:
-    """The stored id ``wanted`` names: exact, ``latest``, or a unique prefix."""
-    wanted = wanted.strip()
-    if wanted == "latest":
-        row = conn.execute("SELECT id FROM runs ORDER BY created_at DESC, id DESC LIMIT 1")
-        found = row.fetchone()
-        if found is None:
-            raise InvalidRequest(f"no evaluation runs are stored in {db_path} yet")
-        return str(found["id"])
-    if not wanted:
-        raise InvalidRequest("a run id is required (an id, a unique prefix of one, or 'latest')")
-    matches = [
-        r["id"]
-        for r in conn.execute(
-            "SELECT id FROM runs WHERE id = ? OR substr(id, 1, ?) = ? ORDER BY created_at DESC",
-            (wanted, len(wanted), wanted),
-        )
-    ]
-    if wanted in matches:
-        return wanted
-    if len(matches) == 1:
-        return str(matches[0])
-    if matches:
-        raise InvalidRequest(
-            f"run id '{wanted}' is ambiguous ({', '.join(matches[:5])}); give more characters"
-        )
-    raise InvalidRequest(f"no evaluation run '{wanted}' in {db_path}")
 
 
 def load_run(db_path: Path, run_id: str) -> tuple[EvalRun, list[ResultRow]]:
@@ -249,7 +183,7 @@ def load_run(db_path: Path, run_id: str) -> tuple[EvalRun, list[ResultRow]]:
     if not db_path.exists():
         raise InvalidRequest(f"no evaluation runs are stored yet ({db_path} does not exist)")
     with connect(db_path) as conn:
-        resolved = resolve_id(conn, run_id, db_path)
+        resolved = rundb.resolve_run_id(conn, run_id, db_path, "evaluation")
         r = conn.execute("SELECT * FROM runs WHERE id = ?", (resolved,)).fetchone()
         items = [
             QAItem(
@@ -324,7 +258,7 @@ def list_runs(db_path: Path, limit: int = 20) -> list[dict[str, Any]]:
 
 
 def delete_run(db_path: Path, run_id: str) -> str:
-    with connect(db_path) as conn, transaction(conn):
-        resolved = resolve_id(conn, run_id, db_path)
+    with connect(db_path) as conn, rundb.transaction(conn):
+        resolved = rundb.resolve_run_id(conn, run_id, db_path, "evaluation")
         conn.execute("DELETE FROM runs WHERE id = ?", (resolved,))
     return resolved

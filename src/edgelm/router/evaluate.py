@@ -21,15 +21,13 @@ import base64
 import html
 import io
 import json
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
-from edgelm.client import EdgelmClient, ServiceError, ServiceUnavailable
+from edgelm.bench.report import _write_atomically
+from edgelm.client import EdgelmClient
 from edgelm.cost import Prices, local_cost_per_request
 from edgelm.router.policies import Draft, Policy, decide_before_draft, parse_policy, route_for
 from edgelm.router_service import name_for
@@ -53,95 +51,6 @@ DEFAULT_GRID: dict[str, tuple[str, ...]] = {
     "insufficient": ("3",),
 }
 DEFAULT_POLICIES = ("length", "confidence", "confidence-min", "insufficient")
-
-
-# -- talking to the service ---------------------------------------------------------------
-
-
-@dataclass
-class HybridReply:
-    """A hybrid answer as the client saw it: text, route record and headers."""
-
-    text: str = ""
-    extension: dict[str, Any] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
-    usage: dict[str, int] = field(default_factory=dict)
-    timings: dict[str, Any] = field(default_factory=dict)
-    client_total_s: float = 0.0
-    client_ttft_s: float | None = None
-
-
-def stream_hybrid(
-    client: EdgelmClient, model: str, messages: list[dict[str, Any]], **params: Any
-) -> Iterator[str | HybridReply]:
-    """Stream a hybrid answer: text deltas, then the :class:`HybridReply` with the record.
-
-    edgelm's :class:`EdgelmClient` result has no place for the ``edgelm`` extension, so this
-    reads the stream itself (the same SSE the ``openai`` client reads).
-    """
-    body = {
-        "model": model,
-        "messages": messages,
-        **{k: v for k, v in params.items() if v is not None},
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    start = time.perf_counter()
-    reply = HybridReply()
-    try:
-        with client.http.stream("POST", "/v1/chat/completions", json=body) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise _error(response)
-            reply.headers = {k: v for k, v in response.headers.items() if k.startswith("x-edgelm")}
-            for line in response.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    err = event["error"]
-                    raise ServiceError(500, err.get("message", "stream failed"), err.get("type"))
-                reply.extension = event.get("edgelm") or reply.extension
-                reply.usage = event.get("usage") or reply.usage
-                reply.timings = event.get("timings") or reply.timings
-                for choice in event.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") or ""
-                    if text:
-                        if reply.client_ttft_s is None:
-                            reply.client_ttft_s = time.perf_counter() - start
-                        reply.text += text
-                        yield text
-    except httpx.ConnectError:
-        raise ServiceUnavailable(
-            f"the edgelm service at {client.endpoint} is not running; start it with: "
-            "edgelm service start"
-        ) from None
-    except httpx.TransportError as exc:
-        raise ServiceUnavailable(f"the connection to {client.endpoint} failed: {exc}") from None
-    reply.client_total_s = time.perf_counter() - start
-    yield reply
-
-
-def ask_hybrid(
-    client: EdgelmClient, model: str, messages: list[dict[str, Any]], **params: Any
-) -> HybridReply:
-    for item in stream_hybrid(client, model, messages, **params):
-        if isinstance(item, HybridReply):
-            return item
-    raise ServiceError(500, "the stream ended without a result")  # pragma: no cover
-
-
-def _error(response: httpx.Response) -> ServiceError:
-    try:
-        err = response.json()["error"]
-        return ServiceError(
-            response.status_code, err["message"], err.get("type"), err.get("code"), err.get("param")
-        )
-    except (ValueError, KeyError, TypeError):
-        return ServiceError(response.status_code, f"HTTP {response.status_code}")
 
 
 # -- recorded pieces ------------------------------------------------------------------------
@@ -230,10 +139,10 @@ def collect(
         return [*head, {"role": "user", "content": question}]
 
     if warmup and items:  # load both models and warm their caches outside the measurement
-        ask_hybrid(client, hybrid, messages(items[0].question), **{**params, "max_tokens": 8})
+        client.chat_once(hybrid, messages(items[0].question), **{**params, "max_tokens": 8})
     for n, item in enumerate(items, 1):
-        reply = ask_hybrid(client, hybrid, messages(item.question), **params)
-        ext = reply.extension
+        reply = client.chat_once(hybrid, messages(item.question), **params)
+        ext = reply.extension or {}
         draft_leg = ext.get("draft") or {}
         direct = client.chat_once(llm, messages(item.question), **params)
         timings = direct.server_timings or {}
@@ -410,8 +319,9 @@ def configurations(
     topic_patterns: Sequence[str] = (),
 ) -> list[Config]:
     """The baselines, each named policy at each threshold, ``insufficient`` combined with each
-    confidence threshold (a draft that declines is escalated whatever its confidence), and any
-    extra specs given verbatim."""
+    confidence threshold (a draft that declines is escalated whatever its confidence), the same
+    escalating ``>direct`` (the LLM answers afresh instead of refining), and any extra specs
+    given verbatim."""
     grid = {**DEFAULT_GRID, **(thresholds or {})}
     out = [
         Config("slm-only", "slm-only"),
@@ -434,11 +344,13 @@ def configurations(
             add(name)
         for value in values:
             add(f"{name}={value}")
-    if "insufficient" in policies:
-        for name in ("confidence", "confidence-min"):
-            if name in policies:
-                for value in grid.get(name, ()):
-                    add(f"insufficient,{name}={value}")
+    for name in ("confidence", "confidence-min"):
+        if name in policies:
+            for value in grid.get(name, ()):
+                head = "insufficient," if "insufficient" in policies else ""
+                if head:
+                    add(f"{head}{name}={value}")
+                add(f"{head}{name}={value}>direct")
     for spec in specs:
         add(spec)
     return out
@@ -566,11 +478,7 @@ def rich_table(report: EvalReport) -> Table:
 
 
 def write_json(report: EvalReport, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return _write_atomically(path, json.dumps(report.to_dict(), indent=2))
 
 
 def read_pieces(path: Path) -> list[Pieces]:
@@ -656,6 +564,4 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}td:first-child{{t
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <h2>Questions</h2><table><thead><tr><th>id</th><th>question</th><th>answers</th><th>draft</th>
 <th>mean logprob</th><th>LLM</th></tr></thead><tbody>{questions}</tbody></table></body></html>"""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return _write_atomically(path, page)

@@ -14,7 +14,9 @@ string used alike in settings, model names (``hybrid@length=600,confidence=-0.8`
   tighter: ``topic,length=600&confidence=-1`` is topic OR (length AND confidence));
 * a term is ``name`` or ``name=value``: ``never``, ``always``, ``length=<chars>``,
   ``confidence=<mean logprob>``, ``confidence-min=<min logprob>``, ``insufficient[=<chars>]``,
-  ``keywords=<word;word;...>``, ``topic`` (the regexes from settings ``router.direct_patterns``).
+  ``keywords=<word;word;...>``, ``topic`` (the regexes from settings ``router.direct_patterns``);
+* a term may end in ``>direct`` or ``>refine`` to choose how it escalates
+  (``confidence=-0.5>direct``: an unsure draft is dropped and the LLM answers the question).
 
 The same spec may be given as JSON-like data, e.g. ``{"policy": "confidence", "threshold": -1}``
 or ``{"any": ["length=600", {"policy": "confidence", "threshold": -1}]}``.
@@ -26,7 +28,7 @@ import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from edgelm.errors import InvalidRequest
@@ -306,6 +308,38 @@ class Keywords(Policy):
         return "keywords=" + ";".join(words)
 
 
+@dataclass
+class Escalate(Policy):
+    """Sends what ``child`` escalates by another route: ``confidence=-0.5>direct`` lets the LLM
+    answer an unsure draft's question afresh instead of refining the draft. On 2 cores the
+    refine prompt (instructions + draft) costs the LLM more prompt time than the question
+    alone, so ``direct`` is the cheaper escalation when drafts are rarely worth keeping."""
+
+    child: Policy
+    action: Action = "direct"
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.child.name
+
+    @property
+    def needs_draft(self) -> bool:  # type: ignore[override]
+        return self.child.needs_draft
+
+    @property
+    def needs_logprobs(self) -> bool:  # type: ignore[override]
+        return self.child.needs_logprobs
+
+    def check(self, question: str, draft: Draft | None) -> Verdict | None:
+        verdict = self.child.check(question, draft)
+        if verdict is None or not verdict.fired:
+            return verdict
+        return replace(verdict, action=self.action, detail=f"{verdict.detail} -> {self.action}")
+
+    def spec(self) -> str:
+        return f"{self.child.spec()}>{self.action}"
+
+
 class _Composite(Policy):
     def __init__(self, children: Sequence[Policy]):
         if not children:
@@ -448,6 +482,15 @@ def _number(name: str, raw: str | None, default: float) -> float:
 
 
 def _term(text: str, topic_patterns: Sequence[str]) -> Policy:
+    term, arrow, action = text.partition(">")
+    if arrow:
+        action = action.strip().lower()
+        if action not in ("refine", "direct"):
+            raise InvalidRequest(
+                f"'{text.strip()}': escalate with '>refine' or '>direct', not '>{action}'",
+                param="policy",
+            )
+        return Escalate(_term(term, topic_patterns), action)  # type: ignore[arg-type]
     name, _, raw = text.strip().partition("=")
     name = name.strip().lower()
     raw = raw.strip()
