@@ -156,7 +156,9 @@ class ModelPool:
                 log.exception("loading %s failed", entry.alias)
                 raise ModelLoadError(f"could not load '{entry.alias}': {exc}") from exc
             now = time.monotonic()
-            slots = 64 if engine.concurrent_streams else 1
+            # A batching engine gets as many requests at once as it runs together; the rest
+            # wait here, where the queue bound and the request timeout apply.
+            slots = max(1, int(engine.concurrent_streams))
             loaded = LoadedModel(
                 entry=entry,
                 engine=engine,

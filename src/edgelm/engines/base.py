@@ -29,8 +29,9 @@ class Engine(ABC):
     supports_embeddings: ClassVar[bool] = False
     supports_grammar: ClassVar[bool] = False
     supports_seed: ClassVar[bool] = False
-    # Whether one instance may run several streams at once; if not, the pool serialises them.
-    concurrent_streams: ClassVar[bool] = False
+    # How many streams one instance serves at once (a batching engine runs them together);
+    # the pool hands it that many and queues the rest. 1: the pool serialises requests.
+    concurrent_streams: int = 1
 
     model_id: str = ""
     n_ctx: int = 4096

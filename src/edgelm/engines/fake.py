@@ -51,7 +51,9 @@ class FakeScript:
     n_ctx: int = 2048
     memory_mb: int = 10
     single_stream: bool = False
-    """Behave like llama.cpp: one stream at a time, so the pool queues the rest."""
+    """Behave like an engine that serves one stream at a time, so the pool queues the rest."""
+    streams: int | None = None
+    """Behave like a batching engine that serves this many streams at once (default 64)."""
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> FakeScript:
@@ -65,7 +67,7 @@ class FakeEngine(Engine):
     supports_embeddings = True
     supports_grammar = True
     supports_seed = True
-    concurrent_streams = True
+    concurrent_streams = 64
 
     def __init__(self, model_id: str = "fake", script: FakeScript | None = None):
         self.model_id = model_id
@@ -76,7 +78,9 @@ class FakeEngine(Engine):
             raise ModelLoadError(f"could not load '{model_id}': {self.script.fail_load}")
         self.n_ctx = self.script.n_ctx
         if self.script.single_stream:
-            self.concurrent_streams = False  # type: ignore[misc]
+            self.concurrent_streams = 1
+        elif self.script.streams:
+            self.concurrent_streams = self.script.streams
         self.memory_bytes = self.script.memory_mb * 1024 * 1024
         self._replies: deque[str] = deque(self.script.replies)
         self._lock = threading.Lock()

@@ -1,8 +1,10 @@
 """The default engine: GGUF models through llama-cpp-python, run in-process.
 
-The decode loop is ours, on top of ``Llama.generate``, rather than ``create_chat_completion``:
-that is what lets every chunk carry its token ids, logprobs and timing. Things learned the hard
-way with llama-cpp-python 0.3.36 on these CPUs, each handled below:
+The decode loop is ours, on llama.cpp's batch API through llama-cpp-python's low-level
+bindings (see :mod:`edgelm.engines.batching`), rather than ``create_chat_completion``: that is
+what lets every chunk carry its token ids, logprobs and timing, and lets concurrent requests
+share decode steps. Things learned the hard way with llama-cpp-python 0.3.36 on these CPUs,
+each handled below:
 
 * Its ``logprobs`` path needs ``logits_all=True`` and converts the whole vocabulary's logits at
   every position (~10x slower). We take a log-softmax of the one row the sampler just used, and
@@ -15,8 +17,8 @@ way with llama-cpp-python 0.3.36 on these CPUs, each handled below:
 * llama.cpp's matrix kernels give slightly different logits for a row depending on how the
   batch it was evaluated in was shaped (one token alone, or rows left over after groups of 8
   in the repacked Q4_K kernels), and a KV cache filled one generated token at a time differs
-  from one filled by a prompt batch. ``Llama.generate``'s prefix reuse therefore changes
-  greedy output between two identical requests. See :func:`plan_reuse` for how we keep prefix
+  from one filled by a prompt batch. Naive prefix reuse therefore changes greedy output
+  between two identical requests. See :func:`plan_reuse` for how we keep prefix
   reuse and still answer a reproducible request (temperature 0 or a seed) the same every time.
 * In embedding mode llama.cpp computes vocabulary logits for every token; ``Llama.embed``
   with a second ``Llama`` cost +560 MB for Qwen2.5-0.5B. :meth:`LlamaCppEngine.embed` uses a
@@ -26,19 +28,20 @@ way with llama-cpp-python 0.3.36 on these CPUs, each handled below:
 from __future__ import annotations
 
 import codecs
-import ctypes
 import json
 import os
+import queue
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from edgelm.engines.base import Engine, StopBuffer, chatml, check_capabilities, check_context
+from edgelm.engines.batching import DONE, ERROR, BatchScheduler, Job, Sampling, piece_reader
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
 from edgelm.types import Chunk, FinishReason, GenerationRequest, TokenLogprob
 
@@ -55,6 +58,8 @@ REUSE_ALIGN = 32
 EMBED_MAX_TOKENS = 512
 # Tokens per embedding step: llama.cpp keeps vocabulary logits for each (see embed()).
 EMBED_STEP = 64
+# Flash attention on the CPU: see the note in LlamaCppEngine._new_context.
+FLASH_ATTN = False
 # llama.cpp's "pick a random seed" value; a user seed equal to it would silently be random.
 _RANDOM_SEED = 0xFFFFFFFF
 
@@ -114,14 +119,14 @@ def plan_reuse(
 
 
 class LlamaCppEngine(Engine):
-    """A GGUF model in this process. One stream at a time (the pool serialises calls)."""
+    """A GGUF model in this process, serving up to ``parallel`` streams in one running batch
+    (see :mod:`edgelm.engines.batching`); the pool hands it that many at once."""
 
     name = "llamacpp"
     supports_logprobs = True
     supports_embeddings = True
     supports_grammar = True
     supports_seed = True
-    concurrent_streams = False
 
     min_p: ClassVar[float] = 0.05
     """llama.cpp's default; cuts the long tail that makes tiny models ramble at temperature>0."""
@@ -133,36 +138,49 @@ class LlamaCppEngine(Engine):
         n_ctx: int = 4096,
         threads: int = 0,
         n_batch: int = 512,
+        parallel: int = 1,
+        flash_attn: bool = FLASH_ATTN,
+        kv_unified: bool = False,
     ):
         self._lib = _import_llama_cpp()
         self.model_id = model_id
         self.model_path = Path(model_path)
         self.threads = threads or default_threads()
+        self.concurrent_streams = max(1, parallel)
         _check_gguf(self.model_path)
         rss_before = _rss()
-        self.n_batch = _aligned_batch(n_batch, n_ctx)
-        self._llm = self._open(n_ctx)
-        trained = self._llm._model.n_ctx_train()
-        if 0 < trained < n_ctx:
-            # Past its trained context a model degrades silently; reopening is cheap (mmap).
-            self._llm.close()
-            self.n_batch = _aligned_batch(n_batch, trained)
-            self._llm = self._open(trained)
-        self.n_ctx = self._llm.n_ctx()
-        self._vocab = self._llm._model.vocab
-        self._n_vocab = self._llm.n_vocab()
-        self._piece_buf = ctypes.create_string_buffer(64)
-        self._clean = 0
+        self._model = self._load_model()
+        trained = self._model.n_ctx_train()
+        # Past its trained context a model degrades silently.
+        self.n_ctx = min(n_ctx, trained) if trained > 0 else n_ctx
+        self.n_batch = _aligned_batch(n_batch, self.n_ctx)
+        self._vocab = self._model.vocab
+        self._n_vocab = self._model.n_vocab()
+        self._ctx = self._new_context(flash_attn, kv_unified)
+        self._piece = piece_reader(self._lib, self._vocab)
         self._embedder: Any = None
         self._embed_lock = threading.Lock()
         self._grammars: dict[str, Any] = {}
-        meta = self._llm.metadata
-        self._bos_text = self._special_text(self._llm.token_bos())
-        self._eos_text = self._special_text(self._llm.token_eos())
+        meta = self._model.metadata()
+        self._bos_text = self._special_text(self._model.token_bos())
+        self._eos_text = self._special_text(self._model.token_eos())
         self._formatter = self._chat_formatter(meta.get("tokenizer.chat_template"))
         self._kv_per_token = _kv_bytes_per_token(meta)
         self._n_head = _int(meta, "attention.head_count")
         self.memory_bytes = self._memory_estimate(max(0, _rss() - rss_before))
+        self._scheduler = BatchScheduler(
+            self._lib,
+            self._ctx.ctx,
+            self._vocab,
+            self._n_vocab,
+            slots=self.concurrent_streams,
+            kv_size=self.n_ctx,
+            n_batch=self.n_batch,
+            plan=lambda cached, clean, prompt, exact: plan_reuse(
+                cached, clean, prompt, exact, self.n_batch
+            ),
+            logprob=lambda row, token, top: _logprob(row, token, top, self._piece),
+        )
 
     @classmethod
     def from_entry(
@@ -176,31 +194,35 @@ class LlamaCppEngine(Engine):
             n_ctx=settings.compute.n_ctx,
             threads=settings.compute.threads,
             n_batch=settings.compute.n_batch,
+            parallel=settings.compute.parallel,
         )
 
     def _memory_estimate(self, loaded: int) -> int:
         """Bytes this model will hold at its busiest, for the pool's memory budget.
 
         The weights file (mapped, resident once used), plus what loading allocated, which is
-        the KV cache and, on CPUs where llama.cpp repacks Q4_K/Q4_0 weights for its faster
-        kernels, a copy of those (~80 MB for Qwen2.5-0.5B): measured as the RSS growth over
-        the load, and never less than the KV cache. Then the attention scratch a full-context
-        prompt batch needs, which is only touched later. For SmolLM2 and Qwen2.5-0.5B at 4096
-        tokens this came within 10% of the RSS measured after a 3,300-token prompt.
+        the KV cache (n_ctx cells for each parallel stream) and, on CPUs where llama.cpp
+        repacks Q4_K/Q4_0 weights for its faster kernels, a copy of those (~80 MB for
+        Qwen2.5-0.5B): measured as the RSS growth over the load, and never less than the KV
+        cache. Then the attention scratch a full-context prompt batch needs, which is only
+        touched later. For SmolLM2 and Qwen2.5-0.5B at 4096 tokens this came within 10% of the
+        RSS measured after a 3,300-token prompt.
         """
         size = self.model_path.stat().st_size
-        allocated = max(loaded - size, self._kv_per_token * self.n_ctx)
+        allocated = max(loaded - size, self._kv_per_token * self.n_ctx * self.concurrent_streams)
         scratch = min(self.n_batch, 512) * self.n_ctx * self._n_head * 4
         return size + allocated + scratch + 32 * 2**20
 
-    def _open(self, n_ctx: int) -> Any:
+    def _load_model(self) -> Any:
+        from llama_cpp import _internals
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)  # llama.cpp logs every tensor and graph node otherwise
+        self._lib.llama_backend_init()
         try:
-            return self._lib.Llama(
-                model_path=str(self.model_path),
-                n_ctx=n_ctx,
-                n_batch=self.n_batch,
-                n_threads=self.threads,
-                n_threads_batch=self.threads,
+            return _internals.LlamaModel(
+                path_model=str(self.model_path),
+                params=self._lib.llama_model_default_params(),
                 verbose=False,
             )
         except Exception as exc:  # llama.cpp reports every load failure as a bare exception
@@ -210,34 +232,54 @@ class LlamaCppEngine(Engine):
                 f"re-download it with 'edgelm model download {self.model_id} --force'."
             ) from None
 
+    def _new_context(self, flash_attn: bool, kv_unified: bool) -> Any:
+        """One context for all streams, with ``parallel`` sequences of n_ctx KV cells each.
+
+        Separate KV streams (not unified) keep each answer identical to the one the request
+        gets alone; see :mod:`edgelm.engines.batching`. Flash attention stays off, as in
+        llama-cpp-python's default (with a unified cache it made greedy answers under
+        concurrency vary from run to run).
+        """
+        from llama_cpp import _internals
+
+        lib = self._lib
+        params = lib.llama_context_default_params()
+        params.n_ctx = self.n_ctx
+        params.n_batch = self.n_batch
+        params.n_ubatch = min(self.n_batch, 512)
+        params.n_seq_max = self.concurrent_streams
+        params.kv_unified = kv_unified
+        if not kv_unified:  # each sequence gets its own n_ctx cells
+            params.n_ctx = self.n_ctx * self.concurrent_streams
+        params.n_threads = params.n_threads_batch = self.threads
+        params.flash_attn_type = (
+            lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        params.no_perf = True
+        try:
+            return _internals.LlamaContext(model=self._model, params=params, verbose=False)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"llama.cpp could not create a context for '{self.model_id}' "
+                f"({self.n_ctx} tokens): {exc}"
+            ) from None
+
     # -- tokens ---------------------------------------------------------------------------
     def _special_text(self, token: int) -> str:
         if token < 0:
             return ""
         try:
-            return self._llm._model.token_get_text(token)
+            return self._model.token_get_text(token)
         except UnicodeDecodeError:
             return ""
-
-    def _piece(self, token: int) -> bytes:
-        """The bytes of one token (special tokens render as nothing)."""
-        n = self._lib.llama_token_to_piece(
-            self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False
-        )
-        if n < 0:
-            self._piece_buf = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_token_to_piece(
-                self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False
-            )
-        return self._piece_buf.raw[:n]
 
     def tokenize_prompt(self, text: str) -> list[int]:
         """Tokens of a rendered prompt: special tokens parsed, BOS added when the model wants
         one and the template did not already write it."""
-        add_bos = bool(self._llm._model.add_bos_token()) and not (
+        add_bos = bool(self._model.add_bos_token()) and not (
             self._bos_text and text.startswith(self._bos_text)
         )
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` takes as a prompt, the same count usage reports for it."""
@@ -275,8 +317,9 @@ class LlamaCppEngine(Engine):
                 f"the model's chat template rejected the messages: {exc}", param="messages"
             ) from None
 
-    def _grammar(self, request: GenerationRequest) -> Any:
-        """The grammar for ``response_format``, parsed by llama.cpp once before it is used."""
+    def _grammar(self, request: GenerationRequest) -> tuple[str, str] | None:
+        """The grammar (GBNF text, root rule) for ``response_format``, parsed by llama.cpp
+        once before it is used."""
         fmt = request.response_format
         if fmt is None or fmt.type == "text":
             return None
@@ -308,20 +351,26 @@ class LlamaCppEngine(Engine):
         self._lib.llama_sampler_free(sampler)
         if len(self._grammars) >= 32:
             self._grammars.clear()
-        self._grammars[key] = grammar
-        return grammar
+        self._grammars[key] = (grammar._grammar, grammar._root)
+        return self._grammars[key]
 
     # -- generation -----------------------------------------------------------------------
     def stream(
         self, request: GenerationRequest, cancel: threading.Event | None = None
     ) -> Iterator[Chunk]:
+        """Queue the request with the batch scheduler and turn its tokens into chunks.
+
+        Text work (UTF-8 assembly, stop sequences) happens here, in the caller's thread; the
+        scheduler thread only evaluates and samples. A stop sequence or a cancel ends the
+        sequence at the scheduler's next step.
+        """
         check_capabilities(self, request)
         start = time.perf_counter()
         prompt = self.tokenize_prompt(self.render(request))
         if not prompt:  # an empty completion prompt: condition on BOS alone, as llama.cpp does
-            if self._llm.token_bos() < 0:
+            if self._model.token_bos() < 0:
                 raise InvalidRequest("the prompt is empty", param="prompt")
-            prompt = [self._llm.token_bos()]
+            prompt = [self._model.token_bos()]
         n_prompt = len(prompt)
         limit = check_context(self, n_prompt, request.max_tokens)
         grammar = self._grammar(request)
@@ -335,30 +384,29 @@ class LlamaCppEngine(Engine):
             )
             return
         greedy = request.temperature <= 0
-        exact = greedy or request.seed is not None
         if request.seed is not None:
             seed = request.seed % 2**32
-            self._llm.set_seed(seed - 1 if seed == _RANDOM_SEED else seed)
+            seed = seed - 1 if seed == _RANDOM_SEED else seed
         else:
-            self._llm.set_seed(random.randrange(_RANDOM_SEED))
-        llm = self._llm
-        keep, clean_after = plan_reuse(
-            llm.input_ids[: llm.n_tokens].tolist(), self._clean, prompt, exact, self.n_batch
-        )
-        # generate() reuses the longest prefix it finds in input_ids[:n_tokens]; shortening
-        # n_tokens to our plan makes it keep exactly that much and evaluate the rest.
-        llm.n_tokens = keep
-        self._clean = min(self._clean, keep)
-        generator = llm.generate(
-            prompt,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            min_p=self.min_p,
-            temp=0.0 if greedy else request.temperature,
-            repeat_penalty=request.repeat_penalty,
-            frequency_penalty=request.frequency_penalty,
-            presence_penalty=request.presence_penalty,
-            grammar=grammar,
+            seed = random.randrange(_RANDOM_SEED)
+        job = Job(
+            prompt=prompt,
+            limit=limit,
+            exact=greedy or request.seed is not None,
+            logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs,
+            cancel=cancel or threading.Event(),
+            sampling=Sampling(
+                temperature=0.0 if greedy else request.temperature,
+                top_k=request.top_k,
+                top_p=request.top_p,
+                min_p=self.min_p,
+                seed=seed,
+                repeat_penalty=request.repeat_penalty,
+                frequency_penalty=request.frequency_penalty,
+                presence_penalty=request.presence_penalty,
+                grammar=grammar,
+            ),
         )
         text_out = _Utf8Stream()
         stops = StopBuffer(request.stop)
@@ -383,61 +431,96 @@ class LlamaCppEngine(Engine):
             lps.clear()
             return out
 
+        self._scheduler.submit(job)
         try:
-            for token in generator:
+            while True:
+                try:
+                    kind, value = job.events.get(timeout=0.05)
+                except queue.Empty:
+                    if job.cancel.is_set():  # still queued behind others: leave now
+                        finish = "cancelled"
+                        break
+                    continue
+                if kind == ERROR:
+                    raise value
+                if kind == DONE:
+                    finish = value
+                    break
                 if prompt_s is None:
                     prompt_s = time.perf_counter() - start
-                    self._clean = clean_after
-                if cancel is not None and cancel.is_set():
+                if job.cancel.is_set():
                     finish = "cancelled"
                     break
-                if self._lib.llama_vocab_is_eog(self._vocab, token):
-                    finish = "stop"
-                    break
+                token, entry = value
                 produced += 1
                 ids.append(token)
-                piece = self._piece(token)
-                if request.logprobs:
-                    lps.append(self._logprob(token, piece, request.top_logprobs))
-                text, hit = stops.push(text_out.push(piece))
+                if entry is not None:
+                    lps.append(entry)
+                text, hit = stops.push(text_out.push(self._piece(token)))
                 if hit:
                     yield chunk(text, "stop")
                     return
                 if text or lps:
                     yield chunk(text)
-                if produced >= limit:
-                    break
         finally:
-            generator.close()
+            job.cancel.set()  # a stop string, a consumer that went away, or done: all the same
+            self._scheduler.poke()
         text_out.finish()
         yield chunk(stops.flush(), finish)
 
-    def _logprob(self, token: int, piece: bytes, top: int) -> TokenLogprob:
-        """Log-softmax of the logits row the sampler just used (one row, not all of them).
+    def batch_stats(self) -> dict[str, int]:
+        """Counters of the batch scheduler: decode steps, reused prompt tokens, pauses."""
+        return self._scheduler.stats()
 
-        These are the model's own probabilities, before temperature, top-k/p or a grammar
-        reshaped them, which is what a confidence signal wants.
+    def raw_speed(self, n_prompt: int, n_gen: int, seed: int = 0) -> tuple[float, float]:
+        """llama-bench style: seconds to evaluate ``n_prompt`` random tokens as prompt
+        batches, then seconds for ``n_gen`` single-token decode steps after them.
+
+        Runs on the scheduler's thread with the context to itself (it refuses while streams
+        are served), from an empty cache, and leaves the cache empty.
         """
-        row = np.ctypeslib.as_array(
-            self._lib.llama_get_logits_ith(self._llm.ctx, -1), shape=(self._n_vocab,)
-        )
-        peak = float(row.max())
-        log_z = peak + float(np.log(np.exp(row - peak, dtype=np.float64).sum()))
-        alternatives: list[tuple[str, float]] = []
-        if top > 0:
-            top = min(top, self._n_vocab)
-            best = np.argpartition(row, -top)[-top:]
-            best = best[np.argsort(row[best])[::-1]]
-            alternatives = [
-                (self._piece(int(t)).decode("utf-8", "replace"), float(row[t]) - log_z)
-                for t in best
-            ]
-        return TokenLogprob(
-            token=piece.decode("utf-8", "replace"),
-            logprob=min(0.0, float(row[token]) - log_z),
-            bytes=list(piece),
-            top=alternatives,
-        )
+        if self._scheduler.busy:
+            raise InvalidRequest(f"model '{self.model_id}' is serving requests; bench it idle")
+        if n_prompt + n_gen + 1 > self.n_ctx:
+            raise InvalidRequest(
+                f"pp{n_prompt} + tg{n_gen} does not fit the {self.n_ctx}-token context"
+            )
+        rng = np.random.default_rng(seed)
+        tokens = rng.integers(0, self._n_vocab, size=n_prompt + n_gen + 1).tolist()
+        lib, ctx = self._lib, self._ctx.ctx
+
+        def measure() -> tuple[float, float]:
+            batch = lib.llama_batch_init(max(self.n_batch, 1), 0, 1)
+            try:
+                lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+
+                def decode(part: list[int], at: int) -> None:
+                    batch.n_tokens = len(part)
+                    for i, token in enumerate(part):
+                        batch.token[i] = token
+                        batch.pos[i] = at + i
+                        batch.n_seq_id[i] = 1
+                        batch.seq_id[i][0] = 0
+                        batch.logits[i] = i == len(part) - 1
+                    status = lib.llama_decode(ctx, batch)
+                    if status != 0:
+                        raise RuntimeError(f"llama_decode failed with status {status}")
+
+                t0 = time.perf_counter()
+                for at in range(0, n_prompt, self.n_batch):
+                    decode(tokens[at : min(n_prompt, at + self.n_batch)], at)
+                lib.llama_synchronize(ctx)
+                t1 = time.perf_counter()
+                for i in range(n_gen):
+                    decode([tokens[n_prompt + i]], n_prompt + i)
+                    lib.llama_get_logits_ith(ctx, -1)
+                lib.llama_synchronize(ctx)
+                t2 = time.perf_counter()
+                return t1 - t0, t2 - t1
+            finally:
+                lib.llama_batch_free(batch)
+
+        return self._scheduler.call(measure)
 
     # -- embeddings -----------------------------------------------------------------------
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
@@ -460,11 +543,11 @@ class LlamaCppEngine(Engine):
             return [], 0
         with self._embed_lock:
             ctx, batch = self._embedding_context()
-            n_embd = self._llm.n_embd()
+            n_embd = self._model.n_embd()
             vectors: list[list[float]] = []
             used = 0
             for text in texts:
-                tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+                tokens = self._model.tokenize(text.encode("utf-8"), add_bos=True, special=False)
                 tokens = tokens[:EMBED_MAX_TOKENS]
                 used += len(tokens)
                 total = np.zeros(n_embd, dtype=np.float64)
@@ -488,18 +571,18 @@ class LlamaCppEngine(Engine):
 
         lib = self._lib
         size = min(self.n_ctx, EMBED_MAX_TOKENS)
-        params = type(self._llm.context_params).from_buffer_copy(self._llm.context_params)
+        params = type(self._ctx.params).from_buffer_copy(self._ctx.params)
         params.n_ctx = size
         params.n_batch = params.n_ubatch = EMBED_STEP
         params.n_seq_max = 1
         params.embeddings = True
         params.pooling_type = lib.LLAMA_POOLING_TYPE_UNSPECIFIED  # NONE for chat models
         try:
-            ctx = _internals.LlamaContext(model=self._llm._model, params=params, verbose=False)
+            ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
             if ctx.pooling_type() != lib.LLAMA_POOLING_TYPE_NONE:
                 ctx.close()  # an embedding model pools by itself; we want per-token rows
                 params.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
-                ctx = _internals.LlamaContext(model=self._llm._model, params=params, verbose=False)
+                ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
             batch = _internals.LlamaBatch(n_tokens=EMBED_STEP, embd=0, n_seq_max=1, verbose=False)
         except Exception as exc:
             raise ModelLoadError(
@@ -516,15 +599,45 @@ class LlamaCppEngine(Engine):
         return self._embedder
 
     def close(self) -> None:
-        """Free the contexts and the model now rather than whenever GC gets to them."""
+        """Stop the scheduler and free the contexts and the model now, not whenever GC runs."""
+        scheduler = getattr(self, "_scheduler", None)
+        if scheduler is not None:
+            scheduler.close()
+            self._scheduler = None
         with self._embed_lock:
             if self._embedder is not None:
                 for part in self._embedder:
                     part.close()
                 self._embedder = None
-            llm = getattr(self, "_llm", None)
-            if llm is not None:
-                llm.close()
+        for part in (getattr(self, "_ctx", None), getattr(self, "_model", None)):
+            if part is not None:
+                part.close()
+
+
+def _logprob(row: np.ndarray, token: int, top: int, piece: Callable[[int], bytes]) -> TokenLogprob:
+    """Log-softmax of the logits row the sampler just used (one row, not all of them).
+
+    These are the model's own probabilities, before temperature, top-k/p or a grammar
+    reshaped them, which is what a confidence signal wants.
+    """
+    n_vocab = row.shape[0]
+    peak = float(row.max())
+    log_z = peak + float(np.log(np.exp(row - peak, dtype=np.float64).sum()))
+    alternatives: list[tuple[str, float]] = []
+    if top > 0:
+        top = min(top, n_vocab)
+        best = np.argpartition(row, -top)[-top:]
+        best = best[np.argsort(row[best])[::-1]]
+        alternatives = [
+            (piece(int(t)).decode("utf-8", "replace"), float(row[t]) - log_z) for t in best
+        ]
+    text = piece(token)
+    return TokenLogprob(
+        token=text.decode("utf-8", "replace"),
+        logprob=min(0.0, float(row[token]) - log_z),
+        bytes=list(text),
+        top=alternatives,
+    )
 
 
 class _Utf8Stream:

@@ -147,7 +147,7 @@ class OnnxEngine(Engine):
     supports_logprobs = True
     supports_grammar = True
     supports_seed = True
-    concurrent_streams = False
+    concurrent_streams = 1
 
     def __init__(
         self,

@@ -47,7 +47,7 @@ class RemoteEngine(Engine):
     supports_embeddings = True
     supports_grammar = True  # response_format is passed through; the upstream enforces it
     supports_seed = True
-    concurrent_streams = True  # the upstream does its own batching and queueing
+    concurrent_streams = 64  # the upstream does its own batching and queueing
 
     def __init__(
         self,

@@ -1,0 +1,506 @@
+"""Continuous batching for llama.cpp: several sequences share one context and one decode step.
+
+One scheduler thread per loaded model owns the llama.cpp context. Requests join and leave the
+running batch between steps: each loop evaluates at most one prompt chunk of one newcomer,
+then one decode step in which every running sequence advances by a token. A decode step for
+N sequences reads the weights once, so on a bandwidth-limited machine N streams cost little
+more than one, and a newcomer waits for at most one step before its prompt is read (instead
+of for every answer in front of it).
+
+Why prompt chunks are not mixed into the decode step (as llama.cpp's server does): llama.cpp's
+matrix kernels compute a row slightly differently depending on the shape of the batch it is in,
+and a prompt evaluated in its own batches gives exactly the KV state and logits a request
+served alone gets. Mixing would save one weight pass per newcomer chunk, which on CPUs is a
+small share of a prompt's cost.
+
+Each sequence has its own KV stream (``kv_unified = false``), of the full context size. In a
+unified cache the sequences' cells interleave, and attention then sums the same values in
+another order: at temperature 0 SmolLM2 gave other answers under concurrency than alone (and
+with flash attention on top, answers that changed from run to run). Separate streams made the
+batched answers identical to the sequential ones, at the price of one context of KV memory
+per parallel stream.
+
+Prefix caching: each sequence id is a *slot* that keeps the KV entries of its last request
+(prompt and answer) after it finished. A newcomer takes the slot whose cached tokens share the
+longest prefix with its prompt (the previous turn of the same conversation, or the same system
+prompt), or copies that prefix from a busy slot into a free one. How much to keep is decided
+by :func:`edgelm.engines.llamacpp.plan_reuse`, so reproducible requests stay reproducible.
+
+Should a step not fit the cache anyway (llama_decode reports no KV slot), idle slots' caches
+are dropped first; if that is not enough, a running sequence is *paused*: its KV entries are
+dropped and it waits at the head of the queue, to resume by re-reading its prompt and the
+tokens it has produced so far. Its stream just pauses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("edgelm.engines.batching")
+
+# What the scheduler sends to a stream: a sampled token (with its logprob entry, if asked),
+# the end of the sequence, or an exception raised while serving it.
+TOKEN, DONE, ERROR = "token", "done", "error"
+
+PlanFn = Callable[[list[int], int, list[int], bool], tuple[int, int]]
+
+
+@dataclass(eq=False)
+class Sampling:
+    """Per-request sampling settings, turned into a llama.cpp sampler chain per sequence."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    seed: int = 0
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    grammar: tuple[str, str] | None = None  # (GBNF text, root rule)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that reshapes logits: an argmax of the row is the whole job."""
+        return (
+            self.temperature <= 0
+            and self.grammar is None
+            and self.repeat_penalty == 1.0
+            and not self.frequency_penalty
+            and not self.presence_penalty
+        )
+
+
+@dataclass(eq=False)
+class Job:
+    """One request inside the scheduler. Only the scheduler thread touches the mutable parts."""
+
+    prompt: list[int]
+    limit: int
+    sampling: Sampling
+    exact: bool
+    logprobs: bool = False
+    top_logprobs: int = 0
+    cancel: threading.Event = field(default_factory=threading.Event)
+    events: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
+    # scheduler state
+    slot: int = -1
+    todo: list[int] = field(default_factory=list)  # tokens still to evaluate (prompt phase)
+    n_past: int = 0  # tokens of this sequence in the KV cache
+    last: int = -1  # sampled token not yet evaluated (decode phase)
+    produced: list[int] = field(default_factory=list)
+    sampler: Any = None
+    clean_after: int = 0
+    admitted_at: float = 0.0
+
+    @property
+    def inputs(self) -> list[int]:
+        """What the KV cache must hold before the next token: the prompt, and after a pause
+        the tokens produced so far."""
+        return self.prompt + self.produced
+
+    def send(self, kind: str, value: Any = None) -> None:
+        self.events.put((kind, value))
+
+
+@dataclass
+class Slot:
+    """A sequence id and the tokens whose KV entries it holds (positions 0..len-1)."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    clean: int = 0
+    job: Job | None = None
+    last_used: float = 0.0
+
+
+class BatchScheduler:
+    """Runs every stream of one model through a single llama.cpp context.
+
+    ``lib`` is the ``llama_cpp`` module; ``ctx`` a context made with ``n_seq_max = slots``
+    and ``kv_size`` KV cells per sequence. ``plan`` decides prefix reuse,
+    ``is_eog`` says whether a token ends generation, ``logprob(row, token, top)`` builds the
+    logprob entry for a token from its logits row.
+    """
+
+    def __init__(
+        self,
+        lib: Any,
+        ctx: Any,
+        vocab: Any,
+        n_vocab: int,
+        slots: int,
+        kv_size: int,
+        n_batch: int,
+        plan: PlanFn,
+        logprob: Callable[[np.ndarray, int, int], Any],
+    ):
+        self._lib = lib
+        self._ctx = ctx
+        self._mem = lib.llama_get_memory(ctx)
+        self._vocab = vocab
+        self._n_vocab = n_vocab
+        self.kv_size = kv_size
+        self.n_batch = n_batch
+        self._plan = plan
+        self._logprob = logprob
+        self.slots = [Slot(seq_id=i) for i in range(slots)]
+        self._batch = lib.llama_batch_init(max(n_batch, slots), 0, 1)
+        self._pending: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._calls: deque[tuple[Callable[[], Any], queue.SimpleQueue[tuple[bool, Any]]]] = deque()
+        self._wake = threading.Condition()
+        self._stop = False
+        self._hold = False  # no admissions while a paused sequence waits for room
+        self.steps = 0  # decode steps (each advances every running sequence by a token)
+        self.preemptions = 0
+        self.reused_tokens = 0  # prompt tokens whose KV came from a slot's cache
+        self.prefix_copies = 0  # prefixes copied from another slot
+        self._thread = threading.Thread(target=self._loop, name="edgelm-batch", daemon=True)
+        self._thread.start()
+
+    # -- called from request threads ---------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            if self._stop:
+                raise RuntimeError("the model was unloaded")
+            self._pending.append(job)
+            self._wake.notify()
+
+    def poke(self) -> None:
+        """Wake the loop (a stream was cancelled while it waited)."""
+        with self._wake:
+            self._wake.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the scheduler thread while no sequence is running (exclusive use of
+        the context, e.g. for the raw speed benchmark); raise if streams are being served."""
+        box: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        with self._wake:
+            if self._stop:
+                raise RuntimeError("the model was unloaded")
+            self._calls.append((fn, box))
+            self._wake.notify()
+        ok, value = box.get()
+        if not ok:
+            raise value
+        return value
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "slots": len(self.slots),
+            "running": len(self._running),
+            "waiting": len(self._pending),
+            "decode_steps": self.steps,
+            "reused_prompt_tokens": self.reused_tokens,
+            "prefix_copies": self.prefix_copies,
+            "preemptions": self.preemptions,
+        }
+
+    @property
+    def busy(self) -> int:
+        return len(self._running) + len(self._pending)
+
+    def close(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join()
+        self._lib.llama_batch_free(self._batch)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stop or self._pending or self._running or self._calls):
+                    self._wake.wait()
+                if self._stop:
+                    break
+                call = self._calls.popleft() if self._calls and not self._running else None
+                newcomers = []
+                while (
+                    self._pending
+                    and not self._hold
+                    and len(self._running) + len(newcomers) < len(self.slots)
+                ):
+                    newcomers.append(self._pending.popleft())
+            try:
+                if call is not None:
+                    self._run_call(*call)
+                for job in newcomers:
+                    self._admit(job)
+                self._step()
+            except Exception as exc:  # llama.cpp failing must fail the requests, not hang them
+                log.exception("batch step failed")
+                for job in list(self._running):
+                    self._finish(job, ERROR, exc)
+        for job in [*self._running, *self._pending]:
+            job.send(ERROR, RuntimeError("the model was unloaded"))
+        for fn_box in self._calls:
+            fn_box[1].put((False, RuntimeError("the model was unloaded")))
+        for job in self._running:
+            self._free_sampler(job)
+
+    def _run_call(self, fn: Callable[[], Any], box: queue.SimpleQueue[tuple[bool, Any]]) -> None:
+        try:
+            box.put((True, fn()))
+        except Exception as exc:
+            box.put((False, exc))
+        finally:  # whatever fn did to the cache, no slot's bookkeeping can be trusted
+            self._lib.llama_memory_clear(self._mem, True)
+            for slot in self.slots:
+                slot.tokens, slot.clean = [], 0
+
+    # -- admission and prefix reuse --------------------------------------------------------------
+    def _admit(self, job: Job) -> None:
+        if job.cancel.is_set():
+            job.send(DONE, "cancelled")
+            return
+        tokens = job.inputs
+        # The slot holding the longest common prefix; on a tie an idle one (no copy needed).
+        source = max(self.slots, key=lambda s: (_common_prefix(s.tokens, tokens), s.job is None))
+        keep, clean_after = self._plan(source.tokens, source.clean, tokens, job.exact)
+        if source.job is None and keep > 0:
+            target = source
+        else:  # a free slot, least recently used first; its own cache gets overwritten
+            free = [s for s in self.slots if s.job is None]
+            target = min(free, key=lambda s: (s.last_used, len(s.tokens)))
+        mem = self._mem
+        if target is source:
+            self._lib.llama_memory_seq_rm(mem, target.seq_id, keep, -1)
+            target.tokens = target.tokens[:keep]
+            target.clean = min(target.clean, keep)
+        else:
+            self._lib.llama_memory_seq_rm(mem, target.seq_id, -1, -1)
+            target.tokens, target.clean = [], 0
+            if keep > 0:
+                # Sequences live in separate KV streams; llama.cpp copies a stream whole (the
+                # data at the next decode, tens of MB: far cheaper than re-reading a prompt).
+                self._lib.llama_memory_seq_cp(mem, source.seq_id, target.seq_id, -1, -1)
+                self._lib.llama_memory_seq_rm(mem, target.seq_id, keep, -1)
+                self.prefix_copies += 1
+                target.tokens = tokens[:keep]
+                target.clean = min(source.clean, keep)
+        self.reused_tokens += keep
+        target.job = job
+        job.slot = target.seq_id
+        job.n_past = keep
+        job.todo = tokens[keep:]
+        job.last = -1
+        job.clean_after = clean_after
+        job.admitted_at = time.perf_counter()
+        if job.sampler is None:  # a resumed sequence keeps its grammar and penalty state
+            job.sampler = self._make_sampler(job.sampling)
+        self._running.append(job)
+
+    def _make_sampler(self, s: Sampling) -> Any:
+        lib = self._lib
+        if s.plain_greedy:
+            return None
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
+            lib.llama_sampler_chain_add(
+                chain,
+                lib.llama_sampler_init_penalties(
+                    self._n_vocab, 64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
+                ),
+            )
+        if s.grammar is not None:
+            text, root = s.grammar
+            grammar = lib.llama_sampler_init_grammar(
+                self._vocab, text.encode("utf-8"), root.encode("utf-8")
+            )
+            if not grammar:  # checked when the request was made; never hand llama.cpp a NULL
+                lib.llama_sampler_free(chain)
+                raise ValueError("llama.cpp could not parse the grammar")
+            lib.llama_sampler_chain_add(chain, grammar)
+        if s.temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+        else:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(s.top_k))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(s.top_p, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(s.min_p, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(s.temperature))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(s.seed))
+        return chain
+
+    def _free_sampler(self, job: Job) -> None:
+        if job.sampler is not None:
+            self._lib.llama_sampler_free(job.sampler)
+            job.sampler = None
+
+    # -- one step ------------------------------------------------------------------------------
+    def _step(self) -> None:
+        for job in list(self._running):
+            if job.cancel.is_set():
+                self._finish(job, DONE, "cancelled")
+        prompting = [j for j in self._running if j.todo]
+        if prompting:
+            self._prompt_chunk(prompting[0])
+        decoding = [j for j in self._running if not j.todo and j.last >= 0]
+        if decoding:
+            self._decode(decoding)
+
+    def _prompt_chunk(self, job: Job) -> None:
+        """Evaluate the next chunk of one newcomer's prompt; sample its first token at the end.
+
+        Chunks end at the same positions as in a request served alone (every n_batch tokens
+        from where reuse stopped), which keeps reproducible requests bit-identical.
+        """
+        chunk = job.todo[: self.n_batch]
+        last = len(chunk) == len(job.todo)
+        batch = self._batch
+        batch.n_tokens = len(chunk)
+        for i, token in enumerate(chunk):
+            batch.token[i] = token
+            batch.pos[i] = job.n_past + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = job.slot
+            batch.logits[i] = 0
+        batch.logits[len(chunk) - 1] = 1 if last else 0
+        if not self._decode_or_make_room(exclude=job):
+            return
+        slot = self.slots[job.slot]
+        slot.tokens.extend(chunk)
+        job.n_past += len(chunk)
+        job.todo = job.todo[len(chunk) :]
+        if last:
+            slot.clean = job.clean_after
+            self._sample(job, len(chunk) - 1)
+
+    def _decode(self, jobs: list[Job]) -> None:
+        batch = self._batch
+        batch.n_tokens = len(jobs)
+        for i, job in enumerate(jobs):
+            batch.token[i] = job.last
+            batch.pos[i] = job.n_past
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = job.slot
+            batch.logits[i] = 1
+        if not self._decode_or_make_room(exclude=None):
+            return
+        self.steps += 1
+        for i, job in enumerate(jobs):
+            self.slots[job.slot].tokens.append(job.last)
+            job.n_past += 1
+            self._sample(job, i)
+
+    def _decode_or_make_room(self, exclude: Job | None) -> bool:
+        """Run llama_decode on the prepared batch. On a full KV cache, free idle slots' caches;
+        if there are none, pause a sequence (``exclude``, a newcomer whose prompt does not
+        fit, or else the newest one) and hold admissions until a sequence finishes. Return
+        whether the batch was evaluated; if not, the step is retried on the next loop."""
+        status = self._lib.llama_decode(self._ctx, self._batch)
+        if status == 0:
+            return True
+        if status != 1:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        idle = [s for s in self.slots if s.job is None and s.tokens]
+        if idle:
+            for slot in idle:
+                self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+                slot.tokens, slot.clean = [], 0
+            return False
+        if len(self._running) == 1:
+            # Alone in an empty cache and still no room; check_context keeps requests within
+            # the context, so this is a cache smaller than the context.
+            self._finish(
+                self._running[0], ERROR, RuntimeError("the KV cache cannot hold this request")
+            )
+            return False
+        victim = exclude or max(self._running, key=lambda j: j.admitted_at)
+        self._preempt(victim)
+        return False
+
+    def _preempt(self, job: Job) -> None:
+        log.info("KV cache full: pausing sequence %d until another finishes", job.slot)
+        self.preemptions += 1
+        slot = self.slots[job.slot]
+        self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        slot.tokens, slot.clean, slot.job = [], 0, None
+        self._running.remove(job)
+        job.exact = False  # it resumes from a re-read answer, not as a fresh request would
+        self._hold = True
+        with self._wake:
+            self._pending.appendleft(job)
+
+    def _sample(self, job: Job, index: int) -> None:
+        lib = self._lib
+        if job.sampler is None:
+            row = np.ctypeslib.as_array(
+                lib.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,)
+            )
+            token = int(row.argmax())
+        else:
+            token = lib.llama_sampler_sample(job.sampler, self._ctx, index)
+            row = None
+        if lib.llama_vocab_is_eog(self._vocab, token):
+            self._finish(job, DONE, "stop")
+            return
+        entry = None
+        if job.logprobs:
+            if row is None:
+                row = np.ctypeslib.as_array(
+                    lib.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,)
+                )
+            entry = self._logprob(row, token, job.top_logprobs)
+        job.produced.append(token)
+        job.last = token
+        job.send(TOKEN, (token, entry))
+        if len(job.produced) >= job.limit:
+            self._finish(job, DONE, "length")
+
+    def _finish(self, job: Job, kind: str, value: Any) -> None:
+        if job in self._running:
+            self._running.remove(job)
+            self._hold = False
+        slot = self.slots[job.slot] if job.slot >= 0 else None
+        if slot is not None and slot.job is job:
+            slot.job = None
+            slot.last_used = time.monotonic()
+            if len(slot.tokens) != job.n_past:  # out of step after an error: forget it
+                self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+                slot.tokens, slot.clean = [], 0
+        self._free_sampler(job)
+        job.send(kind, value)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def piece_reader(lib: Any, vocab: Any) -> Callable[[int], bytes]:
+    """A thread-safe token → bytes function with buffers that grow (llama-cpp-python's own
+    detokenize uses 32 bytes and returns nothing for longer tokens).
+
+    Each thread gets its own buffer: streams turn tokens into text in their own threads, and a
+    shared buffer let one stream read another's bytes (garbled words under concurrency).
+    """
+    local = threading.local()
+
+    def piece(token: int) -> bytes:
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = ctypes.create_string_buffer(64)
+        n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = local.buf = ctypes.create_string_buffer(-n)
+            n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    return piece
