@@ -10,13 +10,22 @@ clear 400 before any work starts, instead of failing deep inside a backend.
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from typing import ClassVar
 
 from edgelm.errors import InvalidRequest, Unsupported
-from edgelm.types import Chunk, Completion, FinishReason, GenerationRequest, Timing, Usage
+from edgelm.types import (
+    Chunk,
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    Timing,
+    TokenLogprob,
+    Usage,
+)
 
 
 class Engine(ABC):
@@ -139,6 +148,65 @@ class StopBuffer:
 
     def flush(self) -> str:
         out, self.pending = self.pending, ""
+        return out
+
+
+class TokenChunker:
+    """Turns sampled tokens into stream chunks, for engines that decode token by token.
+
+    Each chunk carries the token ids and logprobs added since the previous one, the running
+    completion count and timing; stop sequences are held back by a :class:`StopBuffer`.
+    Engines keep only their own decode loop.
+    """
+
+    def __init__(
+        self,
+        start: float,
+        prompt_tokens: int,
+        stops: Iterable[str],
+        prompt_seconds: float | None = None,
+    ):
+        self.start = start
+        self.prompt_tokens = prompt_tokens
+        self.prompt_seconds = prompt_seconds
+        self.produced = 0
+        self.stopped = False
+        self._stops = StopBuffer(stops)
+        self._ids: list[int] = []
+        self._logprobs: list[TokenLogprob] = []
+
+    def token(self, token_id: int, piece: str, logprob: TokenLogprob | None = None) -> Chunk | None:
+        """Add one sampled token and its text; a chunk when there is something to send.
+
+        When the text completes a stop sequence the chunk ends the answer (``stopped``).
+        """
+        self.produced += 1
+        self._ids.append(token_id)
+        if logprob is not None:
+            self._logprobs.append(logprob)
+        text, hit = self._stops.push(piece)
+        if hit:
+            self.stopped = True
+            return self.chunk(text, "stop")
+        return self.chunk(text) if text or self._logprobs else None
+
+    def finish(self, reason: FinishReason) -> Chunk:
+        """The last chunk: whatever the stop buffer still held back."""
+        return self.chunk(self._stops.flush(), reason)
+
+    def chunk(self, text: str, reason: FinishReason | None = None) -> Chunk:
+        out = Chunk(
+            text=text,
+            token_ids=self._ids.copy(),
+            logprobs=self._logprobs.copy(),
+            t=time.perf_counter() - self.start,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.produced,
+            finish_reason=reason,
+            prompt_seconds=self.prompt_seconds,
+        )
+        self._ids.clear()
+        self._logprobs.clear()
         return out
 
 

@@ -40,7 +40,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from edgelm.engines.base import Engine, StopBuffer, chatml, check_capabilities, check_context
+from edgelm.engines.base import (
+    Engine,
+    TokenChunker,
+    chatml,
+    check_capabilities,
+    check_context,
+)
 from edgelm.engines.batching import DONE, ERROR, BatchScheduler, Job, Sampling, piece_reader
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
 from edgelm.types import Chunk, FinishReason, GenerationRequest, TokenLogprob
@@ -409,28 +415,8 @@ class LlamaCppEngine(Engine):
             ),
         )
         text_out = _Utf8Stream()
-        stops = StopBuffer(request.stop)
-        produced = 0
-        prompt_s: float | None = None
+        out = TokenChunker(start, n_prompt, request.stop)
         finish: FinishReason = "length"
-        ids: list[int] = []
-        lps: list[TokenLogprob] = []
-
-        def chunk(text: str, reason: FinishReason | None = None) -> Chunk:
-            out = Chunk(
-                text=text,
-                token_ids=ids.copy(),
-                logprobs=lps.copy(),
-                t=time.perf_counter() - start,
-                prompt_tokens=n_prompt,
-                completion_tokens=produced,
-                finish_reason=reason,
-                prompt_seconds=prompt_s,
-            )
-            ids.clear()
-            lps.clear()
-            return out
-
         self._scheduler.submit(job)
         try:
             while True:
@@ -446,27 +432,22 @@ class LlamaCppEngine(Engine):
                 if kind == DONE:
                     finish = value
                     break
-                if prompt_s is None:
-                    prompt_s = time.perf_counter() - start
+                if out.prompt_seconds is None:
+                    out.prompt_seconds = time.perf_counter() - start
                 if job.cancel.is_set():
                     finish = "cancelled"
                     break
                 token, entry = value
-                produced += 1
-                ids.append(token)
-                if entry is not None:
-                    lps.append(entry)
-                text, hit = stops.push(text_out.push(self._piece(token)))
-                if hit:
-                    yield chunk(text, "stop")
-                    return
-                if text or lps:
-                    yield chunk(text)
+                piece = out.token(token, text_out.push(self._piece(token)), entry)
+                if piece is not None:
+                    yield piece
+                    if out.stopped:
+                        return
         finally:
             job.cancel.set()  # a stop string, a consumer that went away, or done: all the same
             self._scheduler.poke()
         text_out.finish()
-        yield chunk(stops.flush(), finish)
+        yield out.finish(finish)
 
     def batch_stats(self) -> dict[str, int]:
         """Counters of the batch scheduler: decode steps, reused prompt tokens, pauses."""

@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgelm.engines.base import Engine, StopBuffer, chatml, check_capabilities, check_context
+from edgelm.engines.base import (
+    Engine,
+    TokenChunker,
+    chatml,
+    check_capabilities,
+    check_context,
+)
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
 from edgelm.types import Chunk, FinishReason, GenerationRequest, TokenLogprob
 
@@ -364,29 +370,10 @@ class OnnxEngine(Engine):
             raise ModelLoadError(f"onnxruntime-genai failed on the prompt: {exc}") from None
         prompt_s = time.perf_counter() - start
         text_out = self._tokenizer.create_stream()
-        stops = StopBuffer(request.stop)
-        produced = 0
+        out = TokenChunker(start, n_prompt, request.stop, prompt_s)
         finish: FinishReason = "length"
-        ids: list[int] = []
-        lps: list[TokenLogprob] = []
-
-        def chunk(text: str, reason: FinishReason | None = None) -> Chunk:
-            out = Chunk(
-                text=text,
-                token_ids=ids.copy(),
-                logprobs=lps.copy(),
-                t=time.perf_counter() - start,
-                prompt_tokens=n_prompt,
-                completion_tokens=produced,
-                finish_reason=reason,
-                prompt_seconds=prompt_s,
-            )
-            ids.clear()
-            lps.clear()
-            return out
-
         try:
-            while produced < limit and not generator.is_done():
+            while out.produced < limit and not generator.is_done():
                 if cancel is not None and cancel.is_set():
                     finish = "cancelled"
                     break
@@ -396,19 +383,15 @@ class OnnxEngine(Engine):
                 if token in self._eos:
                     finish = "stop"
                     break
-                produced += 1
-                ids.append(token)
-                if row is not None:
-                    lps.append(self._logprob(row, token, request.top_logprobs))
-                text, hit = stops.push(text_out.decode(token))
-                if hit:
-                    yield chunk(text, "stop")
-                    return
-                if text or lps:
-                    yield chunk(text)
+                entry = None if row is None else self._logprob(row, token, request.top_logprobs)
+                piece = out.token(token, text_out.decode(token), entry)
+                if piece is not None:
+                    yield piece
+                    if out.stopped:
+                        return
         finally:
             del generator  # frees the KV cache now, not whenever GC runs
-        yield chunk(stops.flush(), finish)
+        yield out.finish(finish)
 
     def _logprob(self, row: np.ndarray, token: int, top: int) -> TokenLogprob:
         """Log-softmax of the logits row the sampler used: the model's own probabilities,
