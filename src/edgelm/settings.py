@@ -101,6 +101,13 @@ class ComputeSettings(_Section):
         "batching); more requests wait in the queue. Each stream has its own KV cache of "
         "n_ctx tokens, so memory grows with this.",
     )
+    batch_invariant: bool = Field(
+        False,
+        description="Answer every reproducible request (temperature 0 or a seed) exactly as "
+        "it would be answered alone on an idle engine, whatever else is running or cached. "
+        "Costs time to first token: cached prompt prefixes are reused only in aligned 32-token "
+        "blocks. Off, the longest cached prefix is reused, as llama.cpp's server does.",
+    )
     onnx: OnnxSettings = Field(default_factory=OnnxSettings)
 
 

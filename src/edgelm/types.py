@@ -61,6 +61,9 @@ class GenerationRequest(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
+    ignore_eos: bool = False
+    """Generate until max_tokens even past the end-of-generation token, as vLLM's and
+    llama.cpp's servers allow: benchmarks then compare answers of the same length."""
 
     @property
     def is_chat(self) -> bool:

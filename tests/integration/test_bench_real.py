@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.integration.conftest import TINY, models_dir
 
 
@@ -42,6 +44,7 @@ def test_bench_service_and_engine_on_tiny_model(live_service: str, tmp_path: Pat
         "1,2",
         "--max-tokens",
         "32",
+        "--ignore-eos",
         "--micro",
         "--out",
         str(tmp_path / "out"),
@@ -56,10 +59,17 @@ def test_bench_service_and_engine_on_tiny_model(live_service: str, tmp_path: Pat
     for scenario in run["scenarios"]:
         ok = [r for r in scenario["requests"] if r["ok"]]
         assert len(ok) == 3
-        assert all(r["ttft_s"] and r["completion_tokens"] > 0 for r in ok)
+        # --ignore-eos: every answer, over HTTP or in-process, ran to max_tokens
+        assert all(r["ttft_s"] and r["completion_tokens"] == 32 for r in ok)
         assert scenario["resources"]["peak_rss_bytes"]
     assert {m["test"] for m in run["micro"]} == {"pp512", "tg128"}
+    tg = next(m for m in run["micro"] if m["test"] == "tg128")
+    assert tg["memory_gb_per_s"] > 0 and tg["weights_gb_per_s"] > 0
+    assert tg["bandwidth_share"] == pytest.approx(
+        tg["weights_gb_per_s"] / tg["memory_gb_per_s"], rel=0.05
+    )
     assert "service vs raw engine" in result.stdout
+    assert "TTFT p50 over in-process" in result.stdout
 
 
 def test_compare_on_tiny_model(live_service: str, tmp_path: Path) -> None:

@@ -63,6 +63,15 @@ def test_max_tokens_gives_length_with_exactly_that_many_tokens(engine) -> None:
     assert result.usage.completion_tokens == 7 == len(result.token_ids)
 
 
+def test_ignore_eos_runs_past_the_end_of_the_answer_to_max_tokens(engine) -> None:
+    request = chat("Name a colour.", temperature=0, max_tokens=60)
+    natural = collect(engine.stream(request))
+    assert natural.finish_reason == "stop" and natural.usage.completion_tokens < 60
+    forced = collect(engine.stream(request.model_copy(update={"ignore_eos": True})))
+    assert forced.finish_reason == "length"
+    assert forced.usage.completion_tokens == 60 == len(forced.token_ids)
+
+
 def test_stop_sequence_is_never_emitted(engine) -> None:
     request = GenerationRequest(prompt="1, 2, 3, 4, 5,", temperature=0, max_tokens=30)
     free = collect(engine.stream(request)).text

@@ -145,3 +145,23 @@ def test_json_block_is_workshop_shaped(settings, bench_catalog) -> None:
     assert header == "[BENCHMARK RESULTS]"
     rows = json.loads(body)
     assert rows[0]["target"] == "local:timed"
+
+
+def test_memory_bandwidth_probe_reads_the_whole_buffer() -> None:
+    from edgelm.bench.micro import memory_bandwidth
+
+    # Any machine reads 16 MB faster than 0.1 GB/s and slower than 10 TB/s.
+    assert 0.1 < memory_bandwidth(threads=2, size_mb=16, reps=2) < 10_000
+
+
+def test_ignore_eos_is_sent_only_when_asked() -> None:
+    assert "ignore_eos" not in BenchConfig().params()
+    assert BenchConfig(ignore_eos=True).params()["ignore_eos"] is True
+
+
+def test_unique_set_never_repeats_a_prompt() -> None:
+    prompts = load_prompts("unique")
+    assert len({p.text for p in prompts}) == len(prompts) >= 128
+    assert [p.id for p in load_prompts("unique", seed=3)] == [
+        p.id for p in load_prompts("unique", seed=3)
+    ]

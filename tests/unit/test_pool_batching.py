@@ -77,6 +77,22 @@ def test_engine_gets_exactly_as_many_streams_as_it_batches(
     asyncio.run(main())
 
 
+def test_wide_batches_are_not_capped_by_a_thread_pool(isolated_home: Path) -> None:
+    """Each stream holds a thread for its whole answer; asyncio's default executor has at most
+    32 (cores + 4 on small machines), which once made the 7th and 8th streams on 2 cores wait
+    for whole answers."""
+
+    async def main() -> None:
+        pool = make_pool(isolated_home, 40, **{"compute.parallel": 40})
+        await asyncio.gather(*(drain(pool) for _ in range(40)))
+        engine = pool.models["m"].engine
+        assert isinstance(engine, CountingEngine)
+        assert engine.peak == 40
+        await pool.close()
+
+    asyncio.run(main())
+
+
 def test_requests_beyond_the_batch_wait_in_the_bounded_queue(isolated_home: Path) -> None:
     async def main() -> None:
         pool = make_pool(isolated_home, 2, **{"service.max_queue": 1})

@@ -244,6 +244,18 @@ def test_mock_completions_and_their_logprobs_shape() -> None:
     assert lp["top"] == [(" once", -0.25), (" twice", -1.5)]
 
 
+def test_ignore_eos_is_sent_only_when_asked() -> None:
+    seen: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return _event_stream(_sse(_delta("Hi"), _delta(finish="length")))
+
+    list(_mock(handler).stream(chat("x", ignore_eos=True)))
+    list(_mock(handler).stream(chat("x")))
+    assert seen[0]["ignore_eos"] is True and "ignore_eos" not in seen[1]
+
+
 def test_mock_chat_logprobs_map_to_token_logprobs() -> None:
     seen: list[dict] = []
 

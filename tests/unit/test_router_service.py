@@ -29,6 +29,7 @@ def hybrid_catalog(isolated_home: Path) -> Catalog:
         fake("small", "slm", reply=SURE, logprobs=[-0.1, -0.2]),
         fake("small-unsure", "custom", reply="Lyon, probably.", logprobs=[-2.5, -3.0]),
         fake("small-idk", "custom", reply="I don't know."),
+        fake("small-slow", "custom", reply=SURE, logprobs=[-0.1], token_delay_s=0.02),
         fake("big", "llm", reply=BIG),
         fake(
             "big-slow",
@@ -82,6 +83,20 @@ def test_draft_route_non_streaming(base: str) -> None:
     assert ext["complete"] is True
     # usage is the visible answer's
     assert completion.usage.completion_tokens == 6
+
+
+def test_draft_route_timings_are_the_slms_not_the_replays(base: str) -> None:
+    """The draft reaches the client in one burst; ``timings`` must still show how fast the SLM
+    produced it (a replay-time decode rate read in the tens of thousands of tokens/s)."""
+    completion = oai(base).chat.completions.create(
+        model="hybrid:small-slow+big@never", messages=MSG
+    )
+    timings = completion.model_extra["timings"]
+    ext = completion.model_extra["edgelm"]
+    assert ext["route"] == "draft"
+    # 6 tokens, 20 ms apart: at most 50 tokens/s after the first, whatever the machine.
+    assert 5 < timings["predicted_per_second"] <= 51
+    assert timings["ttft_ms"] <= ext["draft"]["total_ms"] + ext["draft"]["started_ms"]
 
 
 def test_refine_calls_the_llm_with_question_and_draft(app, base: str) -> None:  # type: ignore[no-untyped-def]

@@ -63,7 +63,7 @@ def test_detached_lifecycle(isolated_home: Path) -> None:
         assert down.returncode == 1 and "not running" in down.stderr
         log = (isolated_home / "logs" / "service.log").read_text()
         assert "Uvicorn running" in log or "Application startup complete" in log
-        assert "edgelm.access" in log and "\"request_id\"" in log  # structured access log
+        assert "edgelm.access" in log and '"request_id"' in log  # structured access log
     finally:
         edgelm("service", "stop", env=env)
 

@@ -42,9 +42,17 @@ class BenchConfig:
     max_seconds: float = 600.0
     cold: bool = True
     slo: SLO | None = None
+    ignore_eos: bool = False
 
     def params(self) -> dict[str, Any]:
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "seed": self.seed}
+        params: dict[str, Any] = {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "seed": self.seed,
+        }
+        if self.ignore_eos:  # only when asked: strict OpenAI-style servers may reject it
+            params["ignore_eos"] = True
+        return params
 
 
 def _noop(done: int, total: int, description: str) -> None:
@@ -153,8 +161,14 @@ def run_bench(
             levels: list[tuple[int, float | None]] = (
                 [(1, config.rate)] if config.rate else [(c, None) for c in config.concurrency]
             )
+            # Each level goes on where the previous one stopped in the prompt list, so that with
+            # a large set (``unique``) no level re-sends prompts a server may still have cached.
+            offset = config.warmup
             for level, rate in levels:
-                scenario = run_scenario(target, prompts, config, level, rate, progress)
+                start = offset % len(prompts)
+                rotated = prompts[start:] + prompts[:start]
+                scenario = run_scenario(target, rotated, config, level, rate, progress)
+                offset += config.requests
                 if levels.index((level, rate)) == 0:
                     scenario.cold = cold
                 run.scenarios.append(scenario)

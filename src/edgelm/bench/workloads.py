@@ -1,4 +1,5 @@
-"""Prompt sets for benchmarks: built-in short / medium / long sets, or a user's JSONL file.
+"""Prompt sets for benchmarks: built-in short / medium / long / unique sets, or a user's
+JSONL file.
 
 The order is shuffled with a fixed seed, so two runs with the same options send the same
 prompts in the same order and their figures can be compared.
@@ -15,7 +16,43 @@ from typing import Any
 
 from edgelm.errors import InvalidRequest
 
-BUILTIN_SETS = ("short", "medium", "long", "mixed")
+BUILTIN_SETS = ("short", "medium", "long", "mixed", "unique")
+
+# The "unique" set: every question a different prompt, so that servers with a prompt cache
+# (ours, llama.cpp's RAM cache) can reuse only what real chats share, the chat template and
+# system prompt, and not whole repeated prompts as in a small fixed set. 16 x 12 = 192.
+_SUBJECTS = (
+    "a hash table",
+    "photosynthesis",
+    "the French Revolution",
+    "a binary search",
+    "inflation",
+    "a black hole",
+    "the immune system",
+    "public-key cryptography",
+    "plate tectonics",
+    "a compiler",
+    "the water cycle",
+    "supply and demand",
+    "a neural network",
+    "the Roman Empire",
+    "climate change",
+    "a database index",
+)
+_QUESTIONS = (
+    "Explain what {} is to a ten-year-old.",
+    "Give three facts about {}.",
+    "What is the most common misconception about {}?",
+    "Describe {} in two sentences.",
+    "Why does {} matter?",
+    "Write a short quiz question about {}.",
+    "Compare {} with something from everyday life.",
+    "What is the history of {}?",
+    "List two advantages and one drawback of {}.",
+    "How would you teach {} in five minutes?",
+    "What question about {} do experts still argue over?",
+    "Summarise {} for a busy manager.",
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +91,9 @@ def _to_prompt(row: dict[str, Any], fallback_id: str) -> Prompt:
 
 
 def builtin(name: str) -> list[Prompt]:
+    if name == "unique":
+        questions = [q.format(s) for q in _QUESTIONS for s in _SUBJECTS]
+        return [_to_prompt({"prompt": q}, f"unique-{i + 1:03d}") for i, q in enumerate(questions)]
     text = resources.files("edgelm").joinpath("data/bench_prompts.jsonl").read_text("utf-8")
     rows = _rows_from_jsonl(text, "built-in prompts")
     if name not in BUILTIN_SETS:

@@ -73,9 +73,16 @@ def run(
         None, "--prompt", envvar="BENCH_PROMPT", help="One prompt for every request."
     ),
     prompts: str = typer.Option(
-        "short", help="Prompt set: short, medium, long, mixed or a .jsonl file."
+        "short",
+        help="Prompt set: short, medium, long, mixed, unique (192 distinct questions) or a .jsonl file.",
     ),
     max_tokens: int = typer.Option(128, envvar="BENCH_MAX_TOKENS", min=1),
+    ignore_eos: bool = typer.Option(
+        False,
+        "--ignore-eos",
+        help="Every answer runs to --max-tokens (as in vLLM's bench): equal lengths across "
+        "targets, and decode speed without the step that only yields the end token.",
+    ),
     stream: bool = typer.Option(
         True, "--stream/--no-stream", envvar="BENCH_STREAM", help="Stream (measures TTFT) or not."
     ),
@@ -104,15 +111,17 @@ def run(
         seed=seed,
         max_seconds=max_seconds,
         slo=SLO(ttft_s=slo_ttft, itl_s=slo_itl) if (slo_ttft or slo_itl) else None,
+        ignore_eos=ignore_eos,
     )
     workload = load_prompts(prompts, prompt, seed)
     targets = [make_target(spec, settings, stream=stream, api_key=api_key) for spec in specs]
     progress, update = progress_bars()
     with progress:
         result = run_bench(targets, workload, config, update, system_info(), name)
-        if micro:
-            for target in targets:
-                result.micro.extend(micro_bench(target.model, settings, reps=3))
+        if micro:  # once per catalog model; other servers' models have no raw engine here
+            local = dict.fromkeys(t.model for t in targets if t.kind in ("in-process", "service"))
+            for model in local:
+                result.micro.extend(micro_bench(model, settings, reps=3))
     run_id = history.save_run(_db(settings), result)
     directory = _write_outputs(result, out, settings, html)
     console().print(report.results_table(result))
@@ -125,19 +134,34 @@ def run(
 def _print_engine_ratio(result) -> None:  # type: ignore[no-untyped-def]
     """Service decode speed as a share of the raw engine's, both measured in this run."""
     table = Table(title="service vs raw engine (same run)")
-    for column in ("target", "concurrency", "decode tok/s p50", "engine tg tok/s", "ratio"):
+    columns = ("target", "concurrency", "decode tok/s p50", "engine tg tok/s", "ratio")
+    for column in (*columns, "TTFT p50 over in-process"):
         table.add_column(column)
     tg = {row["model"]: row["tokens_per_s"] for row in result.micro if row["test"].startswith("tg")}
+    in_process = {
+        (s.model, s.concurrency): s.stats["ttft"]["p50"]
+        for s in result.scenarios
+        if s.kind == "in-process" and s.stats.get("ttft", {}).get("p50") is not None
+    }
     for scenario in result.scenarios:
+        if scenario.model not in tg:
+            continue
         decode = (scenario.stats.get("decode_tps") or {}).get("p50")
-        raw = tg.get(scenario.model)
-        ratio = f"{decode / raw:.1%}" if decode and raw else "-"
+        raw = tg[scenario.model]
+        ttft = (scenario.stats.get("ttft") or {}).get("p50")
+        reference = in_process.get((scenario.model, scenario.concurrency))
+        over = (
+            f"{(ttft - reference) * 1000:+.1f} ms"
+            if scenario.kind != "in-process" and ttft is not None and reference is not None
+            else "-"
+        )
         table.add_row(
             scenario.target,
             str(scenario.concurrency),
             f"{decode or 0:.1f}",
-            f"{raw or 0:.1f}",
-            ratio,
+            f"{raw:.1f}",
+            f"{decode / raw:.1%}" if decode else "-",
+            over,
         )
     console().print(table)
 
@@ -166,6 +190,15 @@ def micro(
             f"{row['tokens_per_s']:.2f} ± {row['std']:.2f}",
         )
     console().print(table)
+    for row in rows:
+        if "bandwidth_share" in row:
+            console().print(
+                f"decode reads the {row['weights_mb']:.0f} MB of weights once per token: "
+                f"{row['weights_gb_per_s']:.1f} GB/s at {row['tokens_per_s']:.1f} tok/s, "
+                f"{row['bandwidth_share']:.0%} of the {row['memory_gb_per_s']:.1f} GB/s this "
+                f"machine reads with {row['threads']} threads "
+                f"({'compute' if row['bandwidth_share'] < 0.6 else 'bandwidth'}-bound)"
+            )
 
 
 @app.command("history")

@@ -1,30 +1,34 @@
 """Continuous batching for llama.cpp: several sequences share one context and one decode step.
 
 One scheduler thread per loaded model owns the llama.cpp context. Requests join and leave the
-running batch between steps: each loop evaluates at most one prompt chunk of one newcomer,
-then one decode step in which every running sequence advances by a token. A decode step for
-N sequences reads the weights once, so on a bandwidth-limited machine N streams cost little
-more than one, and a newcomer waits for at most one step before its prompt is read (instead
-of for every answer in front of it).
+running batch between steps; a decode step for N sequences reads the weights once: on
+Qwen2.5-0.5B with 2 threads, 4 sequences step in 55 ms and 8 in 89 ms where one takes 36 ms,
+so aggregate decode speed grows 2-3x with concurrency, and a newcomer waits for at most one
+step before its prompt is read (instead of for every answer in front of it).
 
-Why prompt chunks are not mixed into the decode step (as llama.cpp's server does): llama.cpp's
-matrix kernels compute a row slightly differently depending on the shape of the batch it is in,
-and a prompt evaluated in its own batches gives exactly the KV state and logits a request
-served alone gets. Mixing would save one weight pass per newcomer chunk, which on CPUs is a
-small share of a prompt's cost.
+Two modes, chosen by ``compute.batch_invariant``:
 
-Each sequence has its own KV stream (``kv_unified = false``), of the full context size. In a
-unified cache the sequences' cells interleave, and attention then sums the same values in
-another order: at temperature 0 SmolLM2 gave other answers under concurrency than alone (and
-with flash attention on top, answers that changed from run to run). Separate streams made the
-batched answers identical to the sequential ones, at the price of one context of KV memory
-per parallel stream.
+* Fast (the default), as llama.cpp's server does it: one KV pool shared by all sequences
+  (``kv_unified``), and each step is a single llama_decode with every running sequence's next
+  token plus up to n_batch tokens of newcomers' prompts (:meth:`BatchScheduler._mixed_step`).
+  A newcomer's prompt costs no weight pass of its own and the running streams never stop for
+  it. The price: attention sums a sequence's values in an order that depends on what else is
+  in the pool, so a greedy answer can differ slightly with the load.
+* Batch-invariant: every sequence has its own KV stream, and prompts are evaluated in batches
+  of their own, cut where they would be cut for the request alone, so every reproducible
+  request (temperature 0 or a seed) gets exactly the answer it gets on an idle engine. Two
+  things follow from how llama.cpp splits a batch over separate streams (``split_equal``):
+  the sequences of one micro-batch must have consecutive ids, so running sequences are kept on
+  ids 0..n-1 (:meth:`BatchScheduler._compact`); and each contributes the same number of tokens
+  to a micro-batch, so prompts could not ride along in decode steps anyway. Each loop
+  evaluates the newcomers' prompts (up to n_batch tokens, so one long prompt cannot stall the
+  others for long), then one decode step.
 
 Prefix caching: each sequence id is a *slot* that keeps the KV entries of its last request
-(prompt and answer) after it finished. A newcomer takes the slot whose cached tokens share the
-longest prefix with its prompt (the previous turn of the same conversation, or the same system
-prompt), or copies that prefix from a busy slot into a free one. How much to keep is decided
-by :func:`edgelm.engines.llamacpp.plan_reuse`, so reproducible requests stay reproducible.
+(prompt and answer) after it finished. A newcomer gets the lowest free id and the longest
+prefix any slot holds of its prompt (the previous turn of the same conversation, or the same
+system prompt), copied over when another slot holds it. How much to keep is decided by
+:func:`edgelm.engines.llamacpp.plan_reuse`.
 
 Should a step not fit the cache anyway (llama_decode reports no KV slot), idle slots' caches
 are dropped first; if that is not enough, a running sequence is *paused*: its KV entries are
@@ -35,12 +39,14 @@ tokens it has produced so far. Its stream just pauses.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +59,25 @@ log = logging.getLogger("edgelm.engines.batching")
 TOKEN, DONE, ERROR = "token", "done", "error"
 
 PlanFn = Callable[[list[int], int, list[int], bool], tuple[int, int]]
+
+
+@functools.cache
+def compute_thread() -> ThreadPoolExecutor:
+    """The one OS thread on which every llama.cpp evaluation in this process runs.
+
+    llama.cpp parallelises with OpenMP, and libgomp keeps a team of worker threads for each
+    OS thread that starts parallel work. With two models loaded (two scheduler threads, two
+    teams) there are more OpenMP threads than cores, and libgomp then spins only ~100 times at
+    each barrier before sleeping: Qwen2.5-1.5B decoded at 10.6 tok/s instead of 14.2 as soon
+    as an idle Qwen2.5-0.5B had answered once in the same process. One evaluating thread keeps
+    one team whatever is loaded. It is process-wide because the OpenMP runtime is.
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgelm-compute")
+
+
+def evaluate(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` (llama_decode, or work made of it) on :func:`compute_thread`."""
+    return compute_thread().submit(fn, *args).result()
 
 
 @dataclass(eq=False)
@@ -91,6 +116,7 @@ class Job:
     exact: bool
     logprobs: bool = False
     top_logprobs: int = 0
+    ignore_eos: bool = False
     cancel: threading.Event = field(default_factory=threading.Event)
     events: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
     # scheduler state
@@ -121,7 +147,6 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     clean: int = 0
     job: Job | None = None
-    last_used: float = 0.0
 
 
 class BatchScheduler:
@@ -144,6 +169,7 @@ class BatchScheduler:
         n_batch: int,
         plan: PlanFn,
         logprob: Callable[[np.ndarray, int, int], Any],
+        mixed: bool = False,
     ):
         self._lib = lib
         self._ctx = ctx
@@ -154,8 +180,16 @@ class BatchScheduler:
         self.n_batch = n_batch
         self._plan = plan
         self._logprob = logprob
+        self.mixed = mixed
+        # Every ctypes call gives up the GIL, and getting it back can wait for a stream thread's
+        # whole turn: under load the scheduler's per-token calls (logits row, "is this token an
+        # end?") cost more in waiting than in work. So: the end tokens as a set, read once, and
+        # one logits pointer per step (see _row).
+        self._eog = frozenset(t for t in range(n_vocab) if lib.llama_vocab_is_eog(vocab, t))
+        self._out_index: dict[int, int] = {}  # batch row -> row of llama.cpp's output logits
+        self._outputs: np.ndarray | None = None
         self.slots = [Slot(seq_id=i) for i in range(slots)]
-        self._batch = lib.llama_batch_init(max(n_batch, slots), 0, 1)
+        self._batch = lib.llama_batch_init(n_batch + slots, 0, 1)
         self._pending: deque[Job] = deque()
         self._running: list[Job] = []
         self._calls: deque[tuple[Callable[[], Any], queue.SimpleQueue[tuple[bool, Any]]]] = deque()
@@ -166,6 +200,7 @@ class BatchScheduler:
         self.preemptions = 0
         self.reused_tokens = 0  # prompt tokens whose KV came from a slot's cache
         self.prefix_copies = 0  # prefixes copied from another slot
+        self.moves = 0  # running sequences moved to a lower id (see _compact)
         self._thread = threading.Thread(target=self._loop, name="edgelm-batch", daemon=True)
         self._thread.start()
 
@@ -204,6 +239,7 @@ class BatchScheduler:
             "decode_steps": self.steps,
             "reused_prompt_tokens": self.reused_tokens,
             "prefix_copies": self.prefix_copies,
+            "moves": self.moves,
             "preemptions": self.preemptions,
         }
 
@@ -253,7 +289,7 @@ class BatchScheduler:
 
     def _run_call(self, fn: Callable[[], Any], box: queue.SimpleQueue[tuple[bool, Any]]) -> None:
         try:
-            box.put((True, fn()))
+            box.put((True, evaluate(fn)))
         except Exception as exc:
             box.put((False, exc))
         finally:  # whatever fn did to the cache, no slot's bookkeeping can be trusted
@@ -270,11 +306,9 @@ class BatchScheduler:
         # The slot holding the longest common prefix; on a tie an idle one (no copy needed).
         source = max(self.slots, key=lambda s: (_common_prefix(s.tokens, tokens), s.job is None))
         keep, clean_after = self._plan(source.tokens, source.clean, tokens, job.exact)
-        if source.job is None and keep > 0:
-            target = source
-        else:  # a free slot, least recently used first; its own cache gets overwritten
-            free = [s for s in self.slots if s.job is None]
-            target = min(free, key=lambda s: (s.last_used, len(s.tokens)))
+        # Always the lowest free id, so running sequences stay 0..n-1 (see _compact); a cached
+        # prefix held elsewhere is copied over.
+        target = next(s for s in self.slots if s.job is None)
         mem = self._mem
         if target is source:
             self._lib.llama_memory_seq_rm(mem, target.seq_id, keep, -1)
@@ -284,9 +318,7 @@ class BatchScheduler:
             self._lib.llama_memory_seq_rm(mem, target.seq_id, -1, -1)
             target.tokens, target.clean = [], 0
             if keep > 0:
-                # Sequences live in separate KV streams; llama.cpp copies a stream whole (the
-                # data at the next decode, tens of MB: far cheaper than re-reading a prompt).
-                self._lib.llama_memory_seq_cp(mem, source.seq_id, target.seq_id, -1, -1)
+                self._copy_stream(source, target)
                 self._lib.llama_memory_seq_rm(mem, target.seq_id, keep, -1)
                 self.prefix_copies += 1
                 target.tokens = tokens[:keep]
@@ -339,20 +371,121 @@ class BatchScheduler:
             self._lib.llama_sampler_free(job.sampler)
             job.sampler = None
 
+    def _copy_stream(self, source: Slot, target: Slot) -> None:
+        """Give ``target`` the KV entries of ``source``. In the shared pool this only tags the
+        cells with one more sequence id; between separate streams llama.cpp copies the stream
+        whole (at the next decode: ~50 MB for Qwen2.5-0.5B at 4096 tokens, a few ms; far
+        cheaper than re-reading a prompt)."""
+        self._lib.llama_memory_seq_rm(self._mem, target.seq_id, -1, -1)
+        self._lib.llama_memory_seq_cp(self._mem, source.seq_id, target.seq_id, -1, -1)
+
+    def _compact(self) -> None:
+        """Keep the running sequences on ids 0..n-1 by moving the highest one into a gap.
+
+        llama.cpp splits a batch over separate KV streams into micro-batches of *consecutive*
+        sequence ids (``split_equal``), and each micro-batch reads all the weights again: a
+        decode step for sequences {0, 2, 3} costs two weight passes where {0, 1, 2} costs one.
+        Measured on Qwen2.5-0.5B, 2 threads: four sequences on scattered ids took 78 ms a step,
+        on consecutive ones 55 ms. A gap opens when a sequence finishes while others run; moving
+        one stream (a few ms, once) beats paying an extra pass at every later step. The moved
+        sequence's old slot keeps its entries as an idle prefix cache.
+        """
+        while True:
+            used = sorted(j.slot for j in self._running)
+            free = next((s for s in self.slots if s.job is None), None)
+            if not used or free is None or used[-1] < free.seq_id:
+                return
+            job = next(j for j in self._running if j.slot == used[-1])
+            old = self.slots[job.slot]
+            self._copy_stream(old, free)
+            free.tokens, free.clean, free.job = list(old.tokens), old.clean, job
+            old.job = None
+            job.slot = free.seq_id
+            self.moves += 1
+
     # -- one step ------------------------------------------------------------------------------
     def _step(self) -> None:
         for job in list(self._running):
             if job.cancel.is_set():
                 self._finish(job, DONE, "cancelled")
-        prompting = [j for j in self._running if j.todo]
-        if prompting:
-            self._prompt_chunk(prompting[0])
-        decoding = [j for j in self._running if not j.todo and j.last >= 0]
+        if self.mixed:
+            self._mixed_step()
+            return
+        self._compact()
+        # Newcomers' prompts first, up to n_batch tokens a step: a burst of short chats all get
+        # their first token before the next decode step, while one long prompt still lets the
+        # running streams advance between its chunks.
+        budget = self.n_batch
+        for job in sorted((j for j in self._running if j.todo), key=lambda j: j.slot):
+            if budget <= 0 or job not in self._running:
+                continue
+            evaluated = self._prompt_chunk(job)
+            if not evaluated:
+                break  # the cache was full: the loop retries after making room
+            budget -= evaluated
+        decoding = sorted(
+            (j for j in self._running if not j.todo and j.last >= 0), key=lambda j: j.slot
+        )
         if decoding:
             self._decode(decoding)
 
-    def _prompt_chunk(self, job: Job) -> None:
+    def _mixed_step(self) -> None:
+        """One llama_decode for everything (unified KV pool): each decoding sequence's next
+        token, then newcomers' prompt tokens up to n_batch. A newcomer's prompt costs no weight
+        pass of its own and the running streams do not stop for it, which is how llama.cpp's
+        server keeps TTFT low under load."""
+        decoding = [j for j in self._running if not j.todo and j.last >= 0]
+        batch = self._batch
+        rows = 0
+
+        self._out_index = {}
+
+        def add(token: int, pos: int, seq: int, logits: bool) -> None:
+            nonlocal rows
+            batch.token[rows] = token
+            batch.pos[rows] = pos
+            batch.n_seq_id[rows] = 1
+            batch.seq_id[rows][0] = seq
+            batch.logits[rows] = logits
+            if logits:
+                self._out_index[rows] = len(self._out_index)
+            rows += 1
+
+        for job in decoding:
+            add(job.last, job.n_past, job.slot, True)
+        budget = self.n_batch
+        prompts: list[tuple[Job, int, int]] = []  # job, tokens taken, row of its last token
+        for job in [j for j in self._running if j.todo]:
+            if budget <= 0:
+                break
+            take = min(len(job.todo), budget)
+            for i, token in enumerate(job.todo[:take]):
+                add(token, job.n_past + i, job.slot, take == len(job.todo) and i == take - 1)
+            prompts.append((job, take, rows - 1))
+            budget -= take
+        if rows == 0:
+            return
+        batch.n_tokens = rows
+        if not self._decode_or_make_room(exclude=None):
+            return
+        if decoding:
+            self.steps += 1
+        for i, job in enumerate(decoding):
+            self.slots[job.slot].tokens.append(job.last)
+            job.n_past += 1
+            self._sample(job, i)
+        for job, take, last_row in prompts:
+            slot = self.slots[job.slot]
+            slot.tokens.extend(job.todo[:take])
+            job.n_past += take
+            job.todo = job.todo[take:]
+            if not job.todo:
+                slot.clean = job.clean_after
+                self._sample(job, last_row)
+
+    def _prompt_chunk(self, job: Job) -> int:
         """Evaluate the next chunk of one newcomer's prompt; sample its first token at the end.
+        Return how many tokens were evaluated (0 when the cache had no room).
 
         Chunks end at the same positions as in a request served alone (every n_batch tokens
         from where reuse stopped), which keeps reproducible requests bit-identical.
@@ -368,8 +501,9 @@ class BatchScheduler:
             batch.seq_id[i][0] = job.slot
             batch.logits[i] = 0
         batch.logits[len(chunk) - 1] = 1 if last else 0
+        self._out_index = {len(chunk) - 1: 0}
         if not self._decode_or_make_room(exclude=job):
-            return
+            return 0
         slot = self.slots[job.slot]
         slot.tokens.extend(chunk)
         job.n_past += len(chunk)
@@ -377,6 +511,7 @@ class BatchScheduler:
         if last:
             slot.clean = job.clean_after
             self._sample(job, len(chunk) - 1)
+        return len(chunk)
 
     def _decode(self, jobs: list[Job]) -> None:
         batch = self._batch
@@ -387,6 +522,7 @@ class BatchScheduler:
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = job.slot
             batch.logits[i] = 1
+        self._out_index = {i: i for i in range(len(jobs))}
         if not self._decode_or_make_room(exclude=None):
             return
         self.steps += 1
@@ -400,7 +536,8 @@ class BatchScheduler:
         if there are none, pause a sequence (``exclude``, a newcomer whose prompt does not
         fit, or else the newest one) and hold admissions until a sequence finishes. Return
         whether the batch was evaluated; if not, the step is retried on the next loop."""
-        status = self._lib.llama_decode(self._ctx, self._batch)
+        self._outputs = None
+        status = evaluate(self._lib.llama_decode, self._ctx, self._batch)
         if status == 0:
             return True
         if status != 1:
@@ -437,28 +574,41 @@ class BatchScheduler:
     def _sample(self, job: Job, index: int) -> None:
         lib = self._lib
         if job.sampler is None:
-            row = np.ctypeslib.as_array(
-                lib.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,)
-            )
+            row = self._row(index)
             token = int(row.argmax())
         else:
             token = lib.llama_sampler_sample(job.sampler, self._ctx, index)
             row = None
-        if lib.llama_vocab_is_eog(self._vocab, token):
-            self._finish(job, DONE, "stop")
-            return
+        if token in self._eog:
+            if not job.ignore_eos:
+                self._finish(job, DONE, "stop")
+                return
+            if row is None:
+                row = self._row(index)
+            token = self._best_not_eog(row)
         entry = None
         if job.logprobs:
             if row is None:
-                row = np.ctypeslib.as_array(
-                    lib.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,)
-                )
+                row = self._row(index)
             entry = self._logprob(row, token, job.top_logprobs)
         job.produced.append(token)
         job.last = token
         job.send(TOKEN, (token, entry))
         if len(job.produced) >= job.limit:
             self._finish(job, DONE, "length")
+
+    def _row(self, index: int) -> np.ndarray:
+        """The logits of batch row ``index``: a view into llama.cpp's output buffer, which
+        holds the rows that asked for logits in batch order, fetched once per step."""
+        if self._outputs is None:
+            pointer = self._lib.llama_get_logits(self._ctx)
+            shape = (len(self._out_index), self._n_vocab)
+            self._outputs = np.ctypeslib.as_array(pointer, shape=shape)
+        return self._outputs[self._out_index[index]]
+
+    def _best_not_eog(self, row: np.ndarray) -> int:
+        """The likeliest token that does not end generation (for ``ignore_eos``)."""
+        return int(next(t for t in np.argsort(row)[::-1] if int(t) not in self._eog))
 
     def _finish(self, job: Job, kind: str, value: Any) -> None:
         if job in self._running:
@@ -467,7 +617,6 @@ class BatchScheduler:
         slot = self.slots[job.slot] if job.slot >= 0 else None
         if slot is not None and slot.job is job:
             slot.job = None
-            slot.last_used = time.monotonic()
             if len(slot.tokens) != job.n_past:  # out of step after an error: forget it
                 self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
                 slot.tokens, slot.clean = [], 0

@@ -18,8 +18,10 @@ each handled below:
   batch it was evaluated in was shaped (one token alone, or rows left over after groups of 8
   in the repacked Q4_K kernels), and a KV cache filled one generated token at a time differs
   from one filled by a prompt batch. Naive prefix reuse therefore changes greedy output
-  between two identical requests. See :func:`plan_reuse` for how we keep prefix
-  reuse and still answer a reproducible request (temperature 0 or a seed) the same every time.
+  between two identical requests. By default we reuse the longest cached prefix anyway, as
+  llama.cpp's server does: it halves the time to first token of short chats that share a
+  system prompt. With ``compute.batch_invariant`` on, :func:`plan_reuse` keeps reuse to what
+  answers a reproducible request (temperature 0 or a seed) the same every time.
 * In embedding mode llama.cpp computes vocabulary logits for every token; ``Llama.embed``
   with a second ``Llama`` cost +560 MB for Qwen2.5-0.5B. :meth:`LlamaCppEngine.embed` uses a
   small second context on the same model instead (+86 MB).
@@ -47,7 +49,15 @@ from edgelm.engines.base import (
     check_capabilities,
     check_context,
 )
-from edgelm.engines.batching import DONE, ERROR, BatchScheduler, Job, Sampling, piece_reader
+from edgelm.engines.batching import (
+    DONE,
+    ERROR,
+    BatchScheduler,
+    Job,
+    Sampling,
+    evaluate,
+    piece_reader,
+)
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
 from edgelm.types import Chunk, FinishReason, GenerationRequest, TokenLogprob
 
@@ -146,13 +156,14 @@ class LlamaCppEngine(Engine):
         n_batch: int = 512,
         parallel: int = 1,
         flash_attn: bool = FLASH_ATTN,
-        kv_unified: bool = False,
+        batch_invariant: bool = False,
     ):
         self._lib = _import_llama_cpp()
         self.model_id = model_id
         self.model_path = Path(model_path)
         self.threads = threads or default_threads()
         self.concurrent_streams = max(1, parallel)
+        self.batch_invariant = batch_invariant
         _check_gguf(self.model_path)
         rss_before = _rss()
         self._model = self._load_model()
@@ -162,7 +173,10 @@ class LlamaCppEngine(Engine):
         self.n_batch = _aligned_batch(n_batch, self.n_ctx)
         self._vocab = self._model.vocab
         self._n_vocab = self._model.n_vocab()
-        self._ctx = self._new_context(flash_attn, kv_unified)
+        # Fast mode shares one KV pool so prompts can ride along in decode steps; the
+        # batch-invariant mode needs a stream per sequence (see edgelm.engines.batching).
+        self.kv_unified = not batch_invariant
+        self._ctx = self._new_context(flash_attn)
         self._piece = piece_reader(self._lib, self._vocab)
         self._embedder: Any = None
         self._embed_lock = threading.Lock()
@@ -182,6 +196,7 @@ class LlamaCppEngine(Engine):
             slots=self.concurrent_streams,
             kv_size=self.n_ctx,
             n_batch=self.n_batch,
+            mixed=self.kv_unified,
             plan=lambda cached, clean, prompt, exact: plan_reuse(
                 cached, clean, prompt, exact, self.n_batch
             ),
@@ -201,6 +216,7 @@ class LlamaCppEngine(Engine):
             threads=settings.compute.threads,
             n_batch=settings.compute.n_batch,
             parallel=settings.compute.parallel,
+            batch_invariant=settings.compute.batch_invariant,
         )
 
     def _memory_estimate(self, loaded: int) -> int:
@@ -238,25 +254,23 @@ class LlamaCppEngine(Engine):
                 f"re-download it with 'edgelm model download {self.model_id} --force'."
             ) from None
 
-    def _new_context(self, flash_attn: bool, kv_unified: bool) -> Any:
-        """One context for all streams, with ``parallel`` sequences of n_ctx KV cells each.
-
-        Separate KV streams (not unified) keep each answer identical to the one the request
-        gets alone; see :mod:`edgelm.engines.batching`. Flash attention stays off, as in
-        llama-cpp-python's default (with a unified cache it made greedy answers under
-        concurrency vary from run to run).
+    def _new_context(self, flash_attn: bool) -> Any:
+        """One context for all streams: ``parallel`` × n_ctx KV cells, in one pool (fast
+        mode) or as one stream of n_ctx cells per sequence (batch-invariant mode, where each
+        answer must be the one the request gets alone); see :mod:`edgelm.engines.batching`.
+        Flash attention stays off, as in llama-cpp-python's default (with a unified cache it
+        made greedy answers under concurrency vary from run to run).
         """
         from llama_cpp import _internals
 
         lib = self._lib
         params = lib.llama_context_default_params()
-        params.n_ctx = self.n_ctx
-        params.n_batch = self.n_batch
+        params.n_ctx = self.n_ctx * self.concurrent_streams
+        # A mixed step carries every running sequence's next token besides n_batch prompt ones.
+        params.n_batch = self.n_batch + self.concurrent_streams
         params.n_ubatch = min(self.n_batch, 512)
         params.n_seq_max = self.concurrent_streams
-        params.kv_unified = kv_unified
-        if not kv_unified:  # each sequence gets its own n_ctx cells
-            params.n_ctx = self.n_ctx * self.concurrent_streams
+        params.kv_unified = self.kv_unified
         params.n_threads = params.n_threads_batch = self.threads
         params.flash_attn_type = (
             lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -398,9 +412,10 @@ class LlamaCppEngine(Engine):
         job = Job(
             prompt=prompt,
             limit=limit,
-            exact=greedy or request.seed is not None,
+            exact=self.batch_invariant and (greedy or request.seed is not None),
             logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,
+            ignore_eos=request.ignore_eos,
             cancel=cancel or threading.Event(),
             sampling=Sampling(
                 temperature=0.0 if greedy else request.temperature,
@@ -536,7 +551,7 @@ class LlamaCppEngine(Engine):
                 for at in range(0, len(tokens), EMBED_STEP):
                     part = tokens[at : at + EMBED_STEP]
                     batch.set_batch(batch=part, n_past=at, logits_all=True)
-                    ctx.decode(batch)
+                    evaluate(ctx.decode, batch)
                     rows = np.ctypeslib.as_array(
                         self._lib.llama_get_embeddings(ctx.ctx), shape=(len(part), n_embd)
                     )

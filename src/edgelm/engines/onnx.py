@@ -291,6 +291,8 @@ class OnnxEngine(Engine):
     def _params(self, request: GenerationRequest, max_length: int) -> Any:
         params = self._og.GeneratorParams(self._model)
         options: dict[str, Any] = {"max_length": max_length, "batch_size": 1}
+        if request.ignore_eos:  # no end of sequence before max_length
+            options["min_length"] = max_length
         if request.repeat_penalty and request.repeat_penalty != 1.0:
             options["repetition_penalty"] = float(request.repeat_penalty)
         if request.temperature <= 0:

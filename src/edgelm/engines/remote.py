@@ -134,6 +134,8 @@ class RemoteEngine(Engine):
             body["presence_penalty"] = request.presence_penalty
         if request.frequency_penalty:
             body["frequency_penalty"] = request.frequency_penalty
+        if request.ignore_eos:  # vLLM's and llama.cpp's servers take it; OpenAI's ignores it
+            body["ignore_eos"] = True
         if request.logprobs:
             if request.is_chat:
                 body["logprobs"] = True

@@ -299,11 +299,17 @@ class HybridRouter:
     async def _replay(
         self, buffered: list[Chunk], keep_logprobs: bool, t0: float, record: RouteRecord
     ) -> AsyncIterator[Chunk]:
+        """Send the buffered draft. The client gets it in one burst, so the delivery times say
+        nothing about the SLM; the chunks keep the times the SLM produced them at (on the
+        hybrid request's clock), which is what the response's ``timings`` then describe. What
+        the client waited is ``ttft_s`` in the route record."""
+        started = record.draft.started_s if record.draft is not None else 0.0
         for chunk in buffered:
-            t = self.clock() - t0
             if record.ttft_s is None and chunk.text:
-                record.ttft_s = t
-            yield replace(chunk, t=t, logprobs=chunk.logprobs if keep_logprobs else [])
+                record.ttft_s = self.clock() - t0
+            yield replace(
+                chunk, t=started + chunk.t, logprobs=chunk.logprobs if keep_logprobs else []
+            )
         record.complete = True
         self._finish(record, t0)
 

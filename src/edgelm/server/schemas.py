@@ -39,6 +39,7 @@ class _Common(BaseModel):
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     repeat_penalty: Annotated[float, Field(ge=0.0, le=4.0)] | None = None
+    ignore_eos: bool = False
     user: str | None = None
 
     @field_validator("stop")
@@ -60,6 +61,7 @@ class _Common(BaseModel):
             "seed": self.seed,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
+            "ignore_eos": self.ignore_eos,
         }
         for key in ("temperature", "top_p", "top_k", "repeat_penalty"):
             value = getattr(self, key)
