@@ -3,17 +3,13 @@ test makes one with a fake engine in a line and several can live in one process.
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from edgelm import __version__
@@ -24,14 +20,14 @@ from edgelm.rag import routes as rag_routes
 from edgelm.rag.service import RagModels
 from edgelm.router_service import HybridModels
 from edgelm.server import browser_models, manage_routes, openai_routes, playground
-from edgelm.server.errors import error_body, install_error_handlers
+from edgelm.server.access import RequestContext
+from edgelm.server.errors import install_error_handlers
 from edgelm.server.limits import BodyLimitMiddleware
 from edgelm.server.state import ServiceState
 from edgelm.server.virtual import VirtualModel
 from edgelm.settings import Settings, load_settings
 
 log = logging.getLogger("edgelm.server")
-access = logging.getLogger("edgelm.access")
 
 
 def create_app(
@@ -75,46 +71,11 @@ def create_app(
     app.include_router(browser_models.build_router())
     playground.mount(app)
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):  # type: ignore[no-untyped-def]
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        key = settings.service.api_key
-        needs_key = key and request.method != "OPTIONS" and not _is_open(request.url.path)
-        if needs_key and not _authorised(request, key):
-            response: Response = JSONResponse(
-                error_body(
-                    "missing or invalid API key; send 'Authorization: Bearer <key>'",
-                    "invalid_request_error",
-                    None,
-                    "invalid_api_key",
-                ),
-                status_code=401,
-            )
-            response.headers["x-request-id"] = request_id
-            return response
-        started = time.perf_counter()
-        response = await call_next(request)
-        response.headers["x-request-id"] = request_id
-        route = request.scope.get("route")
-        path = getattr(route, "path", None) or "unmatched"
-        state.metrics.count_response(path, response.status_code)
-        access.info(
-            json.dumps(
-                {
-                    "request_id": request_id,
-                    "method": request.method,
-                    "path": request.url.path,
-                    "status": response.status_code,
-                    "ms": round((time.perf_counter() - started) * 1000, 1),
-                }
-            )
-        )
-        return response
-
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         return Response(state.metrics.prometheus(), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(RequestContext, settings=settings, metrics=state.metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.service.max_body_bytes)
     app.add_middleware(
         CORSMiddleware,
@@ -129,16 +90,3 @@ def create_app(
 def default_virtual_models() -> list[VirtualModel]:
     """The virtual model families every service offers: the hybrid router and RAG."""
     return [HybridModels(), RagModels()]
-
-
-def _is_open(path: str) -> bool:
-    """Paths served without a key: the health probe and the playground's own files."""
-    return path in ("/", "/health", "/favicon.ico") or path.startswith("/static/")
-
-
-def _authorised(request: Request, key: str) -> bool:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(token.strip().encode(), key.encode())
