@@ -98,8 +98,8 @@ class ComputeSettings(_Section):
         ge=1,
         le=64,
         description="Streams one loaded llama.cpp model decodes together (continuous "
-        "batching); more requests wait in the queue. Each stream has its own KV cache of "
-        "n_ctx tokens, so memory grows with this.",
+        "batching); more requests wait in the queue. The KV cache holds n_ctx tokens for "
+        "each stream, so memory grows with this.",
     )
     batch_invariant: bool = Field(
         False,
