@@ -45,7 +45,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -314,15 +314,15 @@ class BatchScheduler:
             self._lib.llama_memory_seq_rm(mem, target.seq_id, keep, -1)
             target.tokens = target.tokens[:keep]
             target.clean = min(target.clean, keep)
+        elif keep > 0:
+            self._copy_stream(source, target)
+            self._lib.llama_memory_seq_rm(mem, target.seq_id, keep, -1)
+            self.prefix_copies += 1
+            target.tokens = tokens[:keep]
+            target.clean = min(source.clean, keep)
         else:
             self._lib.llama_memory_seq_rm(mem, target.seq_id, -1, -1)
             target.tokens, target.clean = [], 0
-            if keep > 0:
-                self._copy_stream(source, target)
-                self._lib.llama_memory_seq_rm(mem, target.seq_id, keep, -1)
-                self.prefix_copies += 1
-                target.tokens = tokens[:keep]
-                target.clean = min(source.clean, keep)
         self.reused_tokens += keep
         target.job = job
         job.slot = target.seq_id
@@ -435,53 +435,31 @@ class BatchScheduler:
         pass of its own and the running streams do not stop for it, which is how llama.cpp's
         server keeps TTFT low under load."""
         decoding = [j for j in self._running if not j.todo and j.last >= 0]
-        batch = self._batch
-        rows = 0
-
-        self._out_index = {}
-
-        def add(token: int, pos: int, seq: int, logits: bool) -> None:
-            nonlocal rows
-            batch.token[rows] = token
-            batch.pos[rows] = pos
-            batch.n_seq_id[rows] = 1
-            batch.seq_id[rows][0] = seq
-            batch.logits[rows] = logits
-            if logits:
-                self._out_index[rows] = len(self._out_index)
-            rows += 1
-
-        for job in decoding:
-            add(job.last, job.n_past, job.slot, True)
+        rows = [(job.last, job.n_past, job.slot, True) for job in decoding]
         budget = self.n_batch
         prompts: list[tuple[Job, int, int]] = []  # job, tokens taken, row of its last token
         for job in [j for j in self._running if j.todo]:
             if budget <= 0:
                 break
             take = min(len(job.todo), budget)
-            for i, token in enumerate(job.todo[:take]):
-                add(token, job.n_past + i, job.slot, take == len(job.todo) and i == take - 1)
-            prompts.append((job, take, rows - 1))
+            done = take == len(job.todo)
+            rows.extend(
+                (token, job.n_past + i, job.slot, done and i == take - 1)
+                for i, token in enumerate(job.todo[:take])
+            )
+            prompts.append((job, take, len(rows) - 1))
             budget -= take
-        if rows == 0:
+        if not rows:
             return
-        batch.n_tokens = rows
+        self._fill(rows)
         if not self._decode_or_make_room(exclude=None):
             return
         if decoding:
             self.steps += 1
         for i, job in enumerate(decoding):
-            self.slots[job.slot].tokens.append(job.last)
-            job.n_past += 1
-            self._sample(job, i)
+            self._decoded(job, i)
         for job, take, last_row in prompts:
-            slot = self.slots[job.slot]
-            slot.tokens.extend(job.todo[:take])
-            job.n_past += take
-            job.todo = job.todo[take:]
-            if not job.todo:
-                slot.clean = job.clean_after
-                self._sample(job, last_row)
+            self._prompted(job, take, last_row)
 
     def _prompt_chunk(self, job: Job) -> int:
         """Evaluate the next chunk of one newcomer's prompt; sample its first token at the end.
@@ -492,44 +470,56 @@ class BatchScheduler:
         """
         chunk = job.todo[: self.n_batch]
         last = len(chunk) == len(job.todo)
-        batch = self._batch
-        batch.n_tokens = len(chunk)
-        for i, token in enumerate(chunk):
-            batch.token[i] = token
-            batch.pos[i] = job.n_past + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = job.slot
-            batch.logits[i] = 0
-        batch.logits[len(chunk) - 1] = 1 if last else 0
-        self._out_index = {len(chunk) - 1: 0}
+        self._fill(
+            (token, job.n_past + i, job.slot, last and i == len(chunk) - 1)
+            for i, token in enumerate(chunk)
+        )
         if not self._decode_or_make_room(exclude=job):
             return 0
-        slot = self.slots[job.slot]
-        slot.tokens.extend(chunk)
-        job.n_past += len(chunk)
-        job.todo = job.todo[len(chunk) :]
-        if last:
-            slot.clean = job.clean_after
-            self._sample(job, len(chunk) - 1)
+        self._prompted(job, len(chunk), len(chunk) - 1)
         return len(chunk)
 
     def _decode(self, jobs: list[Job]) -> None:
-        batch = self._batch
-        batch.n_tokens = len(jobs)
-        for i, job in enumerate(jobs):
-            batch.token[i] = job.last
-            batch.pos[i] = job.n_past
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = job.slot
-            batch.logits[i] = 1
-        self._out_index = {i: i for i in range(len(jobs))}
+        self._fill((job.last, job.n_past, job.slot, True) for job in jobs)
         if not self._decode_or_make_room(exclude=None):
             return
         self.steps += 1
         for i, job in enumerate(jobs):
-            self.slots[job.slot].tokens.append(job.last)
-            job.n_past += 1
-            self._sample(job, i)
+            self._decoded(job, i)
+
+    def _fill(self, rows: Iterable[tuple[int, int, int, bool]]) -> None:
+        """Write (token, position, sequence id, wants logits) rows into the batch, and note
+        which row of llama.cpp's output logits each logits row becomes (see _row)."""
+        batch = self._batch
+        self._out_index = {}
+        n = 0
+        for token, pos, seq, logits in rows:
+            batch.token[n] = token
+            batch.pos[n] = pos
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = seq
+            batch.logits[n] = logits
+            if logits:
+                self._out_index[n] = len(self._out_index)
+            n += 1
+        batch.n_tokens = n
+
+    def _decoded(self, job: Job, row: int) -> None:
+        """``job.last`` is in the cache now: sample the next token from batch row ``row``."""
+        self.slots[job.slot].tokens.append(job.last)
+        job.n_past += 1
+        self._sample(job, row)
+
+    def _prompted(self, job: Job, taken: int, row: int) -> None:
+        """The next ``taken`` prompt tokens are in the cache; once the whole prompt is, sample
+        the first token from batch row ``row``."""
+        slot = self.slots[job.slot]
+        slot.tokens.extend(job.todo[:taken])
+        job.n_past += taken
+        job.todo = job.todo[taken:]
+        if not job.todo:
+            slot.clean = job.clean_after
+            self._sample(job, row)
 
     def _decode_or_make_room(self, exclude: Job | None) -> bool:
         """Run llama_decode on the prepared batch. On a full KV cache, free idle slots' caches;

@@ -173,9 +173,6 @@ class LlamaCppEngine(Engine):
         self.n_batch = _aligned_batch(n_batch, self.n_ctx)
         self._vocab = self._model.vocab
         self._n_vocab = self._model.n_vocab()
-        # Fast mode shares one KV pool so prompts can ride along in decode steps; the
-        # batch-invariant mode needs a stream per sequence (see edgelm.engines.batching).
-        self.kv_unified = not batch_invariant
         self._ctx = self._new_context(flash_attn)
         self._piece = piece_reader(self._lib, self._vocab)
         self._embedder: Any = None
@@ -196,7 +193,7 @@ class LlamaCppEngine(Engine):
             slots=self.concurrent_streams,
             kv_size=self.n_ctx,
             n_batch=self.n_batch,
-            mixed=self.kv_unified,
+            mixed=not batch_invariant,
             plan=lambda cached, clean, prompt, exact: plan_reuse(
                 cached, clean, prompt, exact, self.n_batch
             ),
@@ -270,7 +267,9 @@ class LlamaCppEngine(Engine):
         params.n_batch = self.n_batch + self.concurrent_streams
         params.n_ubatch = min(self.n_batch, 512)
         params.n_seq_max = self.concurrent_streams
-        params.kv_unified = self.kv_unified
+        # Fast mode shares one KV pool so prompts can ride along in decode steps; the
+        # batch-invariant mode needs a stream per sequence (see edgelm.engines.batching).
+        params.kv_unified = not self.batch_invariant
         params.n_threads = params.n_threads_batch = self.threads
         params.flash_attn_type = (
             lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
