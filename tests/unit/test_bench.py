@@ -165,3 +165,82 @@ def test_unique_set_never_repeats_a_prompt() -> None:
     assert [p.id for p in load_prompts("unique", seed=3)] == [
         p.id for p in load_prompts("unique", seed=3)
     ]
+
+
+class _Logged(InProcessTarget):
+    """An in-process target that notes when it serves, to check who goes when."""
+
+    def __init__(self, alias: str, settings, catalog, log: list[str]) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(alias, settings, catalog)
+        self.log = log
+
+    def request(self, prompt, params):  # type: ignore[no-untyped-def]
+        self.log.append(f"{self.model}:{prompt.id}")
+        return super().request(prompt, params)
+
+
+class _StubRaw:
+    """Stands for a RawEngine: tg rates 10, 11, 12... as rounds go."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.entry = CatalogEntry(alias="timed", engine="fake")
+        self.engine_name = "fake"
+        self.threads = 2
+        self.weights_bytes = None
+
+    def tg(self, n: int, seed: int = 0) -> float:
+        self.log.append(f"raw:{seed}")
+        return 10.0 + seed
+
+
+def test_interleaved_run_takes_turns_on_the_same_prompt(settings, bench_catalog) -> None:
+    bench_catalog.add_user_entry(CatalogEntry(alias="other", engine="fake", options=TIMED))
+    log: list[str] = []
+    targets = [
+        _Logged("timed", settings, bench_catalog, log),
+        _Logged("other", settings, bench_catalog, log),
+    ]
+    config = BenchConfig(requests=3, warmup=1, interleave=True, max_tokens=8)
+    prompts = load_prompts("unique")
+    run = run_bench(targets, prompts, config, raw={"timed": _StubRaw(log)})  # type: ignore[dict-item]
+    measured = log[-9:]  # after each target's cold request and warm-up
+    ids = [p.id for p in prompts[1:4]]
+    assert measured == [
+        entry for i, pid in enumerate(ids) for entry in (f"raw:{i}", f"timed:{pid}", f"other:{pid}")
+    ]
+    first, second = run.scenarios
+    assert [r.prompt_id for r in first.requests] == [r.prompt_id for r in second.requests] == ids
+    assert first.cold is not None and first.cold.first_request.ok
+    # each target's wall time is its own serving time, not the whole interleaved run
+    assert (
+        sum(r.e2e_s for r in first.requests)
+        <= first.wall_s
+        < 2 * sum(r.e2e_s for r in first.requests)
+    )
+    assert first.stats["throughput_tokens_per_s"] > 0
+    (row,) = run.micro
+    assert row["test"] == "tg8 interleaved" and row["reps"] == 3 and row["tokens_per_s"] == 11.0
+
+
+def test_ttft_over_in_process_pairs_the_same_prompts() -> None:
+    from edgelm.bench.results import RequestResult, Scenario
+    from edgelm.cli.bench_cmd import ttft_over
+
+    def scenario(kind: str, ttfts: dict[str, float]) -> Scenario:
+        requests = [RequestResult(prompt_id=p, ttft_s=t) for p, t in ttfts.items()]
+        return Scenario(
+            target=kind,
+            kind=kind,
+            model="m",
+            requests=requests,
+            stats={"ttft": {"p50": sorted(ttfts.values())[len(ttfts) // 2]}},
+        )
+
+    reference = scenario("in-process", {"a": 0.100, "b": 0.300, "c": 0.200})
+    service = scenario("service", {"a": 0.250, "b": 0.301, "c": 0.202})
+    # pairs: +150, +1, +2 ms, median +2 ms; the medians alone would say 0.250 - 0.200
+    assert ttft_over(service, reference) == pytest.approx(0.002)
+    shuffled = scenario("service", {"b": 0.301, "a": 0.250, "c": 0.202})
+    assert ttft_over(shuffled, reference) == pytest.approx(0.050)
+    assert ttft_over(service, None) is None

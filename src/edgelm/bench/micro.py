@@ -42,57 +42,82 @@ def memory_bandwidth(threads: int, size_mb: int = 512, reps: int = 3) -> float:
     return best
 
 
-def micro_bench(
-    alias: str, settings: Settings, n_prompt: int = 512, n_gen: int = 128, reps: int = 3
-) -> list[dict[str, Any]]:
-    """Rows like llama-bench's: one for pp{n_prompt} and one for tg{n_gen}, mean ± std t/s."""
-    catalog = Catalog.load(settings.home)
-    entry = catalog.resolve(alias)
-    store = ModelStore(settings)
-    if entry.needs_file and not store.is_cached(entry):
-        raise InvalidRequest(
-            f"'{entry.alias}' is not downloaded; run: edgelm model download {alias}"
-        )
-    engine = create_engine(entry, settings, store.path_for(entry) if entry.needs_file else None)
-    try:
-        raw_speed = getattr(engine, "raw_speed", None)
-        if raw_speed is None:
-            raise Unsupported(f"the {engine.name} engine has no raw pp/tg benchmark")
-        raw_speed(min(n_prompt, 32), min(n_gen, 4))  # warm-up: page in weights, build graphs
-        pp_rates, tg_rates = [], []
-        for rep in range(reps):
-            # Two tests, as in llama-bench: tg starts from an empty context, not after the
-            # prompt (at 512 tokens of context attention already costs Qwen2.5-0.5B ~5%).
-            if n_prompt:
-                pp_rates.append(n_prompt / raw_speed(n_prompt, 0, seed=rep)[0])
-            if n_gen:
-                tg_rates.append(n_gen / raw_speed(0, n_gen, seed=rep)[1])
-        threads = getattr(engine, "threads", None)
-        weights = getattr(engine, "model_path", None)
-        weights_bytes = weights.stat().st_size if weights is not None else None
-    finally:
-        engine.close()
-    rows = []
-    for test, rates in ((f"pp{n_prompt}", pp_rates), (f"tg{n_gen}", tg_rates)):
-        if rates:
-            rows.append(
-                {
-                    "model": entry.alias,
-                    "engine": entry.engine_name(settings.compute.engine),
-                    "threads": threads,
-                    "test": test,
-                    "reps": reps,
-                    "tokens_per_s": round(statistics.fmean(rates), 2),
-                    "std": round(statistics.stdev(rates), 2) if len(rates) > 1 else 0.0,
-                }
+class RawEngine:
+    """One catalog model loaded for raw measurements, warmed up (weights paged in, graphs
+    built): the llama-bench-style reference that ``micro_bench`` and the interleaved runs of
+    ``edgelm bench run --interleave --micro`` read."""
+
+    def __init__(self, alias: str, settings: Settings):
+        catalog = Catalog.load(settings.home)
+        self.entry = catalog.resolve(alias)
+        self.engine_name = self.entry.engine_name(settings.compute.engine)
+        store = ModelStore(settings)
+        if self.entry.needs_file and not store.is_cached(self.entry):
+            raise InvalidRequest(
+                f"'{self.entry.alias}' is not downloaded; run: edgelm model download {alias}"
             )
-    if tg_rates and weights_bytes:
-        bandwidth = memory_bandwidth(threads or 1)
-        need = statistics.fmean(tg_rates) * weights_bytes / 1e9
-        rows[-1].update(
-            weights_mb=round(weights_bytes / 2**20, 1),
+        path = store.path_for(self.entry) if self.entry.needs_file else None
+        self.engine = create_engine(self.entry, settings, path)
+        self._raw_speed = getattr(self.engine, "raw_speed", None)
+        if self._raw_speed is None:
+            self.engine.close()
+            raise Unsupported(f"the {self.engine.name} engine has no raw pp/tg benchmark")
+        self._raw_speed(32, 4)
+        self.threads: int | None = getattr(self.engine, "threads", None)
+        weights = getattr(self.engine, "model_path", None)
+        self.weights_bytes: int | None = weights.stat().st_size if weights is not None else None
+
+    def pp(self, n: int, seed: int = 0) -> float:
+        """Prompt processing: tokens/s reading ``n`` random tokens from an empty context."""
+        return n / self._raw_speed(n, 0, seed=seed)[0]
+
+    def tg(self, n: int, seed: int = 0) -> float:
+        """Token generation: tokens/s of ``n`` single-token steps from an empty context (as
+        llama-bench: at 512 tokens of context attention already costs Qwen2.5-0.5B ~5%)."""
+        return n / self._raw_speed(0, n, seed=seed)[1]
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def tg_row(raw: RawEngine, test: str, rates: list[float]) -> dict[str, Any]:
+    """A tg row: mean ± std tokens/s, and where that stands against memory bandwidth."""
+    row = _row(raw, test, rates)
+    if raw.weights_bytes:
+        bandwidth = memory_bandwidth(raw.threads or 1)
+        need = row["tokens_per_s"] * raw.weights_bytes / 1e9
+        row.update(
+            weights_mb=round(raw.weights_bytes / 2**20, 1),
             weights_gb_per_s=round(need, 2),
             memory_gb_per_s=round(bandwidth, 2),
             bandwidth_share=round(need / bandwidth, 3),
         )
-    return rows
+    return row
+
+
+def _row(raw: RawEngine, test: str, rates: list[float]) -> dict[str, Any]:
+    return {
+        "model": raw.entry.alias,
+        "engine": raw.engine_name,
+        "threads": raw.threads,
+        "test": test,
+        "reps": len(rates),
+        "tokens_per_s": round(statistics.fmean(rates), 2),
+        "std": round(statistics.stdev(rates), 2) if len(rates) > 1 else 0.0,
+    }
+
+
+def micro_bench(
+    alias: str, settings: Settings, n_prompt: int = 512, n_gen: int = 128, reps: int = 3
+) -> list[dict[str, Any]]:
+    """Rows like llama-bench's: one for pp{n_prompt} and one for tg{n_gen}, mean ± std t/s."""
+    raw = RawEngine(alias, settings)
+    try:
+        pp_rates = [raw.pp(n_prompt, seed=rep) for rep in range(reps)] if n_prompt else []
+        tg_rates = [raw.tg(n_gen, seed=rep) for rep in range(reps)] if n_gen else []
+        rows = [_row(raw, f"pp{n_prompt}", pp_rates)] if pp_rates else []
+        if tg_rates:
+            rows.append(tg_row(raw, f"tg{n_gen}", tg_rates))
+        return rows
+    finally:
+        raw.close()

@@ -41,6 +41,9 @@ class ResourceSampler:
         self._gpu_mem: list[int] = []
         self._gpu_util: list[float] = []
         self._energy_start: int | None = None
+        self._active = threading.Event()  # samples count only while set (see pause)
+        self._active.set()
+        self._paused = False
 
     def __enter__(self) -> ResourceSampler:
         self._energy_start = _read_int(RAPL_FILE)
@@ -60,6 +63,16 @@ class ResourceSampler:
             self._thread.join(timeout=5)
         self.result = self._summary()
 
+    def pause(self) -> None:
+        """Stop counting samples until :meth:`resume`: in an interleaved run, each target's
+        sampler counts only while that target serves. Energy is then left out, as the counter
+        cannot be split between targets."""
+        self._active.clear()
+        self._paused = True
+
+    def resume(self) -> None:
+        self._active.set()
+
     def _run(self) -> None:
         try:
             proc = psutil.Process(self.pid)
@@ -70,10 +83,13 @@ class ResourceSampler:
         try:
             while not self._stop.wait(self.interval_s):
                 try:
-                    self._rss.append(proc.memory_info().rss)
-                    self._cpu.append(proc.cpu_percent(None))
+                    rss, cpu = proc.memory_info().rss, proc.cpu_percent(None)
                 except psutil.Error:
                     return
+                if not self._active.is_set():
+                    continue
+                self._rss.append(rss)
+                self._cpu.append(cpu)
                 if nvml is not None:
                     mem, util = nvml.sample()
                     self._gpu_mem.append(mem)
@@ -95,7 +111,7 @@ class ResourceSampler:
             sample.gpu_peak_memory_bytes = max(self._gpu_mem)
             sample.gpu_mean_util_percent = round(sum(self._gpu_util) / len(self._gpu_util), 1)
         end = _read_int(RAPL_FILE)
-        if self._energy_start is not None and end is not None:
+        if self._energy_start is not None and end is not None and not self._paused:
             delta = end - self._energy_start
             if delta < 0:  # the counter wrapped around
                 delta += _read_int(RAPL_RANGE) or 0

@@ -7,14 +7,16 @@ Options can also come from the environment variables the Foundry Local workshop 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import statistics
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from edgelm.bench import history, report
-from edgelm.bench.micro import micro_bench
+from edgelm.bench.micro import RawEngine, micro_bench
 from edgelm.bench.runner import BenchConfig, run_bench
 from edgelm.bench.stats import SLO
 from edgelm.bench.targets import make_target
@@ -91,6 +93,13 @@ def run(
     slo_ttft: float | None = typer.Option(None, help="Goodput SLO: TTFT at most this (s)."),
     slo_itl: float | None = typer.Option(None, help="Goodput SLO: time per token at most (s)."),
     micro: bool = typer.Option(False, help="Also measure the raw engine (pp/tg) as a reference."),
+    interleave: bool = typer.Option(
+        False,
+        "--interleave",
+        help="One stream, the targets answering each prompt in turn (with --micro, the raw "
+        "engine's tg measured every round): a drifting machine then slows all alike. For "
+        "comparing a service with its engine; in-process RSS then includes the raw engine.",
+    ),
     out: Path | None = typer.Option(None, help="Directory for results.json/.csv/report.html."),
     html: bool = typer.Option(True, "--html/--no-html"),
     name: str = typer.Option("", help="A label for this run in the history."),
@@ -102,6 +111,8 @@ def run(
     levels = [int(c) for c in split_list(concurrency)]
     if any(level < 1 or level > 64 for level in levels):
         fail("concurrency levels must be between 1 and 64")
+    if interleave and (levels != [1] or rate):
+        fail("--interleave compares single streams: leave out --concurrency and --rate")
     config = BenchConfig(
         requests=rounds,
         warmup=warmup,
@@ -112,14 +123,21 @@ def run(
         max_seconds=max_seconds,
         slo=SLO(ttft_s=slo_ttft, itl_s=slo_itl) if (slo_ttft or slo_itl) else None,
         ignore_eos=ignore_eos,
+        interleave=interleave,
     )
     workload = load_prompts(prompts, prompt, seed)
     targets = [make_target(spec, settings, stream=stream, api_key=api_key) for spec in specs]
+    # The raw engine, once per catalog model; other servers' models have no raw engine here.
+    local = dict.fromkeys(t.model for t in targets if t.kind in ("in-process", "service"))
     progress, update = progress_bars()
-    with progress:
-        result = run_bench(targets, workload, config, update, system_info(), name)
-        if micro:  # once per catalog model; other servers' models have no raw engine here
-            local = dict.fromkeys(t.model for t in targets if t.kind in ("in-process", "service"))
+    with progress, contextlib.ExitStack() as stack:
+        raw = {}
+        if micro and interleave:
+            for model in local:
+                raw[model] = RawEngine(model, settings)
+                stack.callback(raw[model].close)
+        result = run_bench(targets, workload, config, update, system_info(), name, raw)
+        if micro and not interleave:
             for model in local:
                 result.micro.extend(micro_bench(model, settings, reps=3))
     run_id = history.save_run(_db(settings), result)
@@ -132,38 +150,47 @@ def run(
 
 
 def _print_engine_ratio(result) -> None:  # type: ignore[no-untyped-def]
-    """Service decode speed as a share of the raw engine's, both measured in this run."""
+    """Service decode speed as a share of the raw engine's, both measured in this run, and
+    TTFT over the in-process engine's."""
     table = Table(title="service vs raw engine (same run)")
     columns = ("target", "concurrency", "decode tok/s p50", "engine tg tok/s", "ratio")
     for column in (*columns, "TTFT p50 over in-process"):
         table.add_column(column)
     tg = {row["model"]: row["tokens_per_s"] for row in result.micro if row["test"].startswith("tg")}
-    in_process = {
-        (s.model, s.concurrency): s.stats["ttft"]["p50"]
-        for s in result.scenarios
-        if s.kind == "in-process" and s.stats.get("ttft", {}).get("p50") is not None
-    }
+    in_process = {(s.model, s.concurrency): s for s in result.scenarios if s.kind == "in-process"}
     for scenario in result.scenarios:
         if scenario.model not in tg:
             continue
         decode = (scenario.stats.get("decode_tps") or {}).get("p50")
         raw = tg[scenario.model]
-        ttft = (scenario.stats.get("ttft") or {}).get("p50")
         reference = in_process.get((scenario.model, scenario.concurrency))
-        over = (
-            f"{(ttft - reference) * 1000:+.1f} ms"
-            if scenario.kind != "in-process" and ttft is not None and reference is not None
-            else "-"
-        )
+        over = ttft_over(scenario, reference) if scenario.kind != "in-process" else None
         table.add_row(
             scenario.target,
             str(scenario.concurrency),
             f"{decode or 0:.1f}",
             f"{raw:.1f}",
             f"{decode / raw:.1%}" if decode else "-",
-            over,
+            f"{over * 1000:+.1f} ms" if over is not None else "-",
         )
     console().print(table)
+
+
+def ttft_over(scenario, reference) -> float | None:  # type: ignore[no-untyped-def]
+    """How much later than ``reference`` the first token came, in seconds: the median of the
+    per-prompt differences when both answered the same prompts in the same order (pairs: each
+    prompt's own length and cache luck cancel out), else the difference of the medians."""
+    if reference is None:
+        return None
+    mine = [(r.prompt_id, r.ttft_s) for r in scenario.requests if r.ok]
+    theirs = [(r.prompt_id, r.ttft_s) for r in reference.requests if r.ok]
+    if mine and [p for p, _ in mine] == [p for p, _ in theirs]:
+        pairs = [a - b for (_, a), (_, b) in zip(mine, theirs, strict=True) if a and b]
+        if pairs:
+            return statistics.median(pairs)
+    ttft = (scenario.stats.get("ttft") or {}).get("p50")
+    base = (reference.stats.get("ttft") or {}).get("p50")
+    return ttft - base if ttft is not None and base is not None else None
 
 
 @app.command("micro")

@@ -1,7 +1,8 @@
 """Continuous batching for llama.cpp: several sequences share one context and one decode step.
 
-One scheduler thread per loaded model owns the llama.cpp context. Requests join and leave the
-running batch between steps; a decode step for N sequences reads the weights once: on
+One scheduler per loaded model owns its llama.cpp context; all of them take turns on one
+process-wide compute thread (:class:`ComputeLoop`). Requests join and leave the running batch
+between steps; a decode step for N sequences reads the weights once: on
 Qwen2.5-0.5B with 2 threads, 4 sequences step in 55 ms and 8 in 89 ms where one takes 36 ms,
 so aggregate decode speed grows 2-3x with concurrency, and a newcomer waits for at most one
 step before its prompt is read (instead of for every answer in front of it).
@@ -46,7 +47,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,23 +62,82 @@ TOKEN, DONE, ERROR = "token", "done", "error"
 PlanFn = Callable[[list[int], int, list[int], bool], tuple[int, int]]
 
 
-@functools.cache
-def compute_thread() -> ThreadPoolExecutor:
-    """The one OS thread on which every llama.cpp evaluation in this process runs.
+class ComputeLoop:
+    """The one OS thread on which every llama.cpp evaluation in this process runs, and with
+    it every batch scheduler's turns.
 
     llama.cpp parallelises with OpenMP, and libgomp keeps a team of worker threads for each
-    OS thread that starts parallel work. With two models loaded (two scheduler threads, two
+    OS thread that starts parallel work. With two models loaded (two evaluating threads, two
     teams) there are more OpenMP threads than cores, and libgomp then spins only ~100 times at
     each barrier before sleeping: Qwen2.5-1.5B decoded at 10.6 tok/s instead of 14.2 as soon
     as an idle Qwen2.5-0.5B had answered once in the same process. One evaluating thread keeps
-    one team whatever is loaded. It is process-wide because the OpenMP runtime is.
+    one team whatever is loaded; it is process-wide because the OpenMP runtime is.
+
+    The schedulers run *on* this thread too (a turn each, in rotation) rather than on threads
+    of their own that hand each llama_decode over: the two thread hand-offs per step cost
+    ~0.2 ms of every token (0.6% of Qwen2.5-0.5B's decode speed on 2 cores), time in which
+    neither the model nor anything else ran. Other threads' evaluations (embeddings) queue
+    here as calls, run between turns.
     """
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgelm-compute")
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self._schedulers: list[BatchScheduler] = []
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._thread = threading.Thread(target=self._run, name="edgelm-compute", daemon=True)
+        self._thread.start()
+
+    def on_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def add(self, scheduler: BatchScheduler) -> None:
+        with self.cond:
+            self._schedulers.append(scheduler)
+            self.cond.notify()
+
+    def remove(self, scheduler: BatchScheduler) -> None:
+        """Called by the scheduler's own last turn, on this thread."""
+        with self.cond:
+            self._schedulers.remove(scheduler)
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.on_thread():
+            return fn(*args)
+        future: Future[Any] = Future()
+        with self.cond:
+            self._calls.append((functools.partial(fn, *args), future))
+            self.cond.notify()
+        return future.result()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self._calls and not any(s.has_work() for s in self._schedulers):
+                    self.cond.wait()
+                calls = list(self._calls)
+                self._calls.clear()
+                ready = [s for s in self._schedulers if s.has_work()]
+            for fn, future in calls:
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed to the caller
+                    future.set_exception(exc)
+            for scheduler in ready:
+                try:
+                    scheduler.turn()
+                except Exception:  # one model's failure must not stop the others
+                    log.exception("batch scheduler turn failed")
+
+
+@functools.cache
+def compute_loop() -> ComputeLoop:
+    """The process's :class:`ComputeLoop`, started on first use."""
+    return ComputeLoop()
 
 
 def evaluate(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn(*args)`` (llama_decode, or work made of it) on :func:`compute_thread`."""
-    return compute_thread().submit(fn, *args).result()
+    """Run ``fn(*args)`` (llama_decode, or work made of it) on the compute loop's thread."""
+    return compute_loop().run(fn, *args)
 
 
 @dataclass(eq=False)
@@ -108,7 +168,7 @@ class Sampling:
 
 @dataclass(eq=False)
 class Job:
-    """One request inside the scheduler. Only the scheduler thread touches the mutable parts."""
+    """One request inside the scheduler. Only the compute thread touches the mutable parts."""
 
     prompt: list[int]
     limit: int
@@ -188,21 +248,24 @@ class BatchScheduler:
         self._eog = frozenset(t for t in range(n_vocab) if lib.llama_vocab_is_eog(vocab, t))
         self._out_index: dict[int, int] = {}  # batch row -> row of llama.cpp's output logits
         self._outputs: np.ndarray | None = None
+        self._view_key: tuple[int | None, int] = (None, 0)  # (address, rows) of self._view
+        self._view = np.empty((0, n_vocab), dtype=np.float32)
         self.slots = [Slot(seq_id=i) for i in range(slots)]
         self._batch = lib.llama_batch_init(n_batch + slots, 0, 1)
         self._pending: deque[Job] = deque()
         self._running: list[Job] = []
-        self._calls: deque[tuple[Callable[[], Any], queue.SimpleQueue[tuple[bool, Any]]]] = deque()
-        self._wake = threading.Condition()
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._compute = compute_loop()
+        self._wake = self._compute.cond  # guards the queues; notifying it wakes the loop
         self._stop = False
+        self._closed = threading.Event()
         self._hold = False  # no admissions while a paused sequence waits for room
         self.steps = 0  # decode steps (each advances every running sequence by a token)
         self.preemptions = 0
         self.reused_tokens = 0  # prompt tokens whose KV came from a slot's cache
         self.prefix_copies = 0  # prefixes copied from another slot
         self.moves = 0  # running sequences moved to a lower id (see _compact)
-        self._thread = threading.Thread(target=self._loop, name="edgelm-batch", daemon=True)
-        self._thread.start()
+        self._compute.add(self)
 
     # -- called from request threads ---------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -218,18 +281,15 @@ class BatchScheduler:
             self._wake.notify()
 
     def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the scheduler thread while no sequence is running (exclusive use of
-        the context, e.g. for the raw speed benchmark); raise if streams are being served."""
-        box: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        """Run ``fn`` on the compute thread while none of this model's sequences is running
+        (exclusive use of the context, e.g. for the raw speed benchmark)."""
+        future: Future[Any] = Future()
         with self._wake:
             if self._stop:
                 raise RuntimeError("the model was unloaded")
-            self._calls.append((fn, box))
+            self._calls.append((fn, future))
             self._wake.notify()
-        ok, value = box.get()
-        if not ok:
-            raise value
-        return value
+        return future.result()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -248,50 +308,60 @@ class BatchScheduler:
         return len(self._running) + len(self._pending)
 
     def close(self) -> None:
+        """Fail what is still queued or running and leave the compute loop; the context is
+        untouched once this returns."""
         with self._wake:
             self._stop = True
             self._wake.notify()
-        self._thread.join()
+        self._closed.wait()
         self._lib.llama_batch_free(self._batch)
 
-    # -- the loop ------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not (self._stop or self._pending or self._running or self._calls):
-                    self._wake.wait()
-                if self._stop:
-                    break
-                call = self._calls.popleft() if self._calls and not self._running else None
-                newcomers = []
-                while (
-                    self._pending
-                    and not self._hold
-                    and len(self._running) + len(newcomers) < len(self.slots)
-                ):
-                    newcomers.append(self._pending.popleft())
-            try:
-                if call is not None:
-                    self._run_call(*call)
-                for job in newcomers:
-                    self._admit(job)
-                self._step()
-            except Exception as exc:  # llama.cpp failing must fail the requests, not hang them
-                log.exception("batch step failed")
-                for job in list(self._running):
-                    self._finish(job, ERROR, exc)
-        for job in [*self._running, *self._pending]:
-            job.send(ERROR, RuntimeError("the model was unloaded"))
-        for fn_box in self._calls:
-            fn_box[1].put((False, RuntimeError("the model was unloaded")))
-        for job in self._running:
-            self._free_sampler(job)
+    # -- turns on the compute loop ----------------------------------------------------------------
+    def has_work(self) -> bool:
+        """Whether a turn would do anything (asked by the compute loop, holding ``_wake``)."""
+        return bool(self._stop or self._pending or self._running or self._calls)
 
-    def _run_call(self, fn: Callable[[], Any], box: queue.SimpleQueue[tuple[bool, Any]]) -> None:
+    def turn(self) -> None:
+        """Admit what fits, then one step for every running sequence (or a queued exclusive
+        call when none runs)."""
+        with self._wake:
+            if self._stop:
+                self._shut_down()
+                return
+            call = self._calls.popleft() if self._calls and not self._running else None
+            newcomers = []
+            while (
+                self._pending
+                and not self._hold
+                and len(self._running) + len(newcomers) < len(self.slots)
+            ):
+                newcomers.append(self._pending.popleft())
         try:
-            box.put((True, evaluate(fn)))
+            if call is not None:
+                self._run_call(*call)
+            for job in newcomers:
+                self._admit(job)
+            self._step()
+        except Exception as exc:  # llama.cpp failing must fail the requests, not hang them
+            log.exception("batch step failed")
+            for job in list(self._running):
+                self._finish(job, ERROR, exc)
+
+    def _shut_down(self) -> None:
+        unloaded = RuntimeError("the model was unloaded")
+        for job in [*self._running, *self._pending]:
+            job.send(ERROR, unloaded)
+            self._free_sampler(job)
+        for _fn, future in self._calls:
+            future.set_exception(unloaded)
+        self._compute.remove(self)
+        self._closed.set()
+
+    def _run_call(self, fn: Callable[[], Any], future: Future[Any]) -> None:
+        try:
+            future.set_result(fn())
         except Exception as exc:
-            box.put((False, exc))
+            future.set_exception(exc)
         finally:  # whatever fn did to the cache, no slot's bookkeeping can be trusted
             self._lib.llama_memory_clear(self._mem, True)
             for slot in self.slots:
@@ -589,11 +659,20 @@ class BatchScheduler:
 
     def _row(self, index: int) -> np.ndarray:
         """The logits of batch row ``index``: a view into llama.cpp's output buffer, which
-        holds the rows that asked for logits in batch order, fetched once per step."""
+        holds the rows that asked for logits in batch order, fetched once per step.
+
+        The buffer stays where it is from step to step (llama.cpp reallocates it only to grow
+        it), so the numpy view is rebuilt only when its address or row count changes: building
+        one (``np.ctypeslib.as_array``) took a quarter of the scheduler's time per token, time
+        the next decode step waited for.
+        """
         if self._outputs is None:
             pointer = self._lib.llama_get_logits(self._ctx)
-            shape = (len(self._out_index), self._n_vocab)
-            self._outputs = np.ctypeslib.as_array(pointer, shape=shape)
+            key = (ctypes.cast(pointer, ctypes.c_void_p).value, len(self._out_index))
+            if key != self._view_key:
+                self._view = np.ctypeslib.as_array(pointer, shape=(key[1], self._n_vocab))
+                self._view_key = key
+            self._outputs = self._view
         return self._outputs[self._out_index[index]]
 
     def _best_not_eog(self, row: np.ndarray) -> int:

@@ -380,7 +380,7 @@ class LlamaCppEngine(Engine):
         """Queue the request with the batch scheduler and turn its tokens into chunks.
 
         Text work (UTF-8 assembly, stop sequences) happens here, in the caller's thread; the
-        scheduler thread only evaluates and samples. A stop sequence or a cancel ends the
+        compute thread only evaluates and samples. A stop sequence or a cancel ends the
         sequence at the scheduler's next step.
         """
         check_capabilities(self, request)

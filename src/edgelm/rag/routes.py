@@ -85,6 +85,6 @@ def build_router() -> APIRouter:
         )
         name = f"{PREFIX}{INLINE if documents is not None else collection}"
         answer = VirtualAnswer(chunks=chunks, extension=extension)
-        return await respond_with_answer(request, state, name, answer, body.stream)
+        return await respond_with_answer(state, name, answer, body.stream)
 
     return router

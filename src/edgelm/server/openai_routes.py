@@ -128,7 +128,6 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
 
 
 async def _respond(
-    request: Request,
     state: ServiceState,
     body: ChatCompletionRequest | CompletionRequest,
     gen: GenerationRequest,
@@ -140,7 +139,6 @@ async def _respond(
     stream, first, queue_s, virtual = await _open(state, model, gen)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _serve(
-        request,
         state,
         model,
         (stream, first, queue_s, virtual),
@@ -151,7 +149,7 @@ async def _respond(
 
 
 async def respond_with_answer(
-    request: Request, state: ServiceState, model: str, answer: VirtualAnswer, stream: bool
+    state: ServiceState, model: str, answer: VirtualAnswer, stream: bool
 ) -> JSONResponse | StreamingResponse:
     """Serve a virtual answer started by another route (e.g. ``/v1/rag/answer``) exactly as
     ``/v1/chat/completions`` serves one: same JSON, same SSE, usage in the last chunk."""
@@ -159,11 +157,10 @@ async def respond_with_answer(
     first, queue_s = await _first_chunk(answer.chunks, started)
     renderers = _chat_renderers(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), model)
     opened = (answer.chunks, first, queue_s, answer)
-    return await _serve(request, state, model, opened, stream, True, renderers)
+    return await _serve(state, model, opened, stream, True, renderers)
 
 
 async def _serve(
-    request: Request,
     state: ServiceState,
     model: str,
     opened: tuple[AsyncIterator[Chunk], Chunk | None, float, VirtualAnswer | None],
@@ -197,11 +194,12 @@ async def _serve(
             opening = render_chunk(Chunk(text=""), True)
             if opening is not None:
                 yield _sse(opening)
+            # A client that leaves is noticed by StreamingResponse, which cancels this
+            # generator (the finally block records the cancellation). Asking
+            # request.is_disconnected() per chunk cost ~15% of the event loop's time per token.
             pending = [first] if first is not None else []
             async for chunk in _chain(pending, stream):
                 fold.add(chunk)
-                if await request.is_disconnected():
-                    return  # nobody to send to; the finally block records a cancellation
                 payload = render_chunk(chunk, False)
                 if payload is not None:
                     yield _sse(payload)
@@ -326,7 +324,7 @@ def build_router() -> APIRouter:
         model = model_name(state, body.model)
 
         renderers = _chat_renderers(rid, created, model, gen.logprobs)
-        return await _respond(request, state, body, gen, *renderers)
+        return await _respond(state, body, gen, *renderers)
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):  # type: ignore[no-untyped-def]
@@ -386,7 +384,7 @@ def build_router() -> APIRouter:
         def final_extra(_fold: Fold) -> dict[str, Any]:
             return {**base(), "choices": []}
 
-        return await _respond(request, state, body, gen, render_chunk, render_whole, final_extra)
+        return await _respond(state, body, gen, render_chunk, render_whole, final_extra)
 
     @router.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
