@@ -487,7 +487,7 @@ class LlamaCppEngine(Engine):
         def measure() -> tuple[float, float]:
             batch = lib.llama_batch_init(max(self.n_batch, 1), 0, 1)
             try:
-                lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+                lib.llama_memory_clear(lib.llama_get_memory(ctx), False)
 
                 def decode(part: list[int], at: int) -> None:
                     batch.n_tokens = len(part)
