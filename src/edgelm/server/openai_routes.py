@@ -191,9 +191,11 @@ async def _serve(
     async def events() -> AsyncIterator[bytes]:
         completed = False
         try:
+            # The opening event (the role) leaves in one write with the first token's, and the
+            # last one with [DONE]: each write is a trip through the middleware and the kernel,
+            # taken from cores on which the model is already computing the next token.
             opening = render_chunk(Chunk(text=""), True)
-            if opening is not None:
-                yield _sse(opening)
+            head = _sse(opening) if opening is not None else b""
             # A client that leaves is noticed by StreamingResponse, which cancels this
             # generator (the finally block records the cancellation). Asking
             # request.is_disconnected() per chunk cost ~15% of the event loop's time per token.
@@ -202,15 +204,15 @@ async def _serve(
                 fold.add(chunk)
                 payload = render_chunk(chunk, False)
                 if payload is not None:
-                    yield _sse(payload)
+                    yield head + _sse(payload)
+                    head = b""
             tail = final_extra(fold)
             tail["timings"] = timings_payload(fold, queue_s)
             if extension is not None:
                 tail["edgelm"] = extension
             if include_usage:
                 tail["usage"] = fold.usage().model_dump()
-            yield _sse(tail)
-            yield _sse("[DONE]")
+            yield head + _sse(tail) + _sse("[DONE]")
             completed = True
         except EdgelmError as exc:
             yield _sse(exc.to_dict())
