@@ -212,3 +212,36 @@ def test_a_second_model_adds_no_native_compute_threads(tiny_model_path: Path) ->
     finally:
         first.close()
         second.close()
+
+
+def test_schedulers_take_turns_on_the_one_compute_thread(
+    tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No thread per model: every scheduler's turns (sampling, admission) and every
+    llama_decode run on the compute loop's thread, so no token waits for thread hand-offs; a
+    closed model leaves the loop."""
+    from edgelm.engines import batching
+    from edgelm.engines.llamacpp import LlamaCppEngine
+
+    ran_on: set[str] = set()
+    turn = batching.BatchScheduler.turn
+
+    def noted_turn(self: batching.BatchScheduler) -> None:
+        ran_on.add(threading.current_thread().name)
+        turn(self)
+
+    monkeypatch.setattr(batching.BatchScheduler, "turn", noted_turn)
+    threads_before = threading.active_count()
+    first = LlamaCppEngine(tiny_model_path, "a", n_ctx=512, threads=2, parallel=2)
+    second = LlamaCppEngine(tiny_model_path, "b", n_ctx=512, threads=2, parallel=2)
+    try:
+        assert collect(first.stream(ask("Name a colour.", system=None))).text
+        assert collect(second.stream(ask("Name a fruit.", system=None))).text
+        assert ran_on == {"edgelm-compute"}
+        # at most the compute loop itself, if no earlier test had started it
+        assert threading.active_count() <= threads_before + 1
+    finally:
+        first.close()
+        second.close()
+    loop = batching.compute_loop()
+    assert first._scheduler not in loop._schedulers and second._scheduler not in loop._schedulers
