@@ -225,7 +225,7 @@ def test_interleaved_run_takes_turns_on_the_same_prompt(settings, bench_catalog)
 
 def test_ttft_over_in_process_pairs_the_same_prompts() -> None:
     from edgelm.bench.results import RequestResult, Scenario
-    from edgelm.cli.bench_cmd import ttft_over
+    from edgelm.bench.stats import ttft_over
 
     def scenario(kind: str, ttfts: dict[str, float]) -> Scenario:
         requests = [RequestResult(prompt_id=p, ttft_s=t) for p, t in ttfts.items()]

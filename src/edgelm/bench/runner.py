@@ -48,7 +48,8 @@ class BenchConfig:
     interleave: bool = False
     """Single stream, the targets taking turns request by request (see run_interleaved)."""
 
-    def params(self) -> dict[str, Any]:
+    def params(self, prompt: Prompt | None = None) -> dict[str, Any]:
+        """Request parameters; a prompt's own ``max_tokens`` wins over the run's."""
         params: dict[str, Any] = {
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
@@ -56,6 +57,8 @@ class BenchConfig:
         }
         if self.ignore_eos:  # only when asked: strict OpenAI-style servers may reject it
             params["ignore_eos"] = True
+        if prompt is not None and prompt.max_tokens:
+            params["max_tokens"] = prompt.max_tokens
         return params
 
 
@@ -82,11 +85,8 @@ def run_scenario(
     scenario_start = time.perf_counter()
 
     def one(prompt: Prompt) -> None:
-        params = config.params()
-        if prompt.max_tokens:
-            params["max_tokens"] = prompt.max_tokens
         started = time.perf_counter() - scenario_start
-        result = target.request(prompt, params)
+        result = target.request(prompt, config.params(prompt))
         result.started_at = started
         with lock:
             results.append(result)
@@ -157,14 +157,15 @@ def run_bench(
         system=system or {},
     )
     if config.interleave:
+        raw = raw or {}
         try:
             colds = [_open_and_warm(target, prompts, config, progress) for target in targets]
-            run.scenarios, rounds = run_interleaved(targets, prompts, config, raw or {}, progress)
+            run.scenarios, rounds = run_interleaved(targets, prompts, config, raw, progress)
             for scenario, cold in zip(run.scenarios, colds, strict=True):
                 scenario.cold = cold
             run.micro = [
                 tg_row(engine, f"tg{config.max_tokens} interleaved", rounds[model])
-                for model, engine in (raw or {}).items()
+                for model, engine in raw.items()
             ]
         finally:
             for target in targets:
@@ -180,8 +181,7 @@ def run_bench(
             # a large set (``unique``) no level re-sends prompts a server may still have cached.
             offset = config.warmup
             for level, rate in levels:
-                start = offset % len(prompts)
-                rotated = prompts[start:] + prompts[:start]
+                rotated = _rotated(prompts, offset)
                 scenario = run_scenario(target, rotated, config, level, rate, progress)
                 offset += config.requests
                 if levels.index((level, rate)) == 0:
@@ -190,6 +190,12 @@ def run_bench(
         finally:
             target.close()
     return run
+
+
+def _rotated(prompts: list[Prompt], offset: int) -> list[Prompt]:
+    """The prompt list starting at ``offset`` (wrapping round)."""
+    start = offset % len(prompts)
+    return prompts[start:] + prompts[:start]
 
 
 def _open_and_warm(
@@ -220,8 +226,7 @@ def run_interleaved(
     sought. Target after target, that drift lands on whichever ran later; in turns, it lands
     on all alike, and the same prompt makes each round a pair.
     """
-    start = config.warmup % len(prompts)
-    order = (prompts[start:] + prompts[:start]) * (config.requests // len(prompts) + 1)
+    order = itertools.islice(itertools.cycle(_rotated(prompts, config.warmup)), config.requests)
     results: list[list[RequestResult]] = [[] for _ in targets]
     busy = [0.0 for _ in targets]
     rates: dict[str, list[float]] = {model: [] for model in raw}
@@ -231,14 +236,12 @@ def run_interleaved(
     with contextlib.ExitStack() as stack:
         for sampler in samplers:
             stack.enter_context(sampler).pause()
-        for i, prompt in enumerate(order[: config.requests]):
+        for i, prompt in enumerate(order):
             if time.monotonic() >= deadline:
                 break
             for model, engine in raw.items():
                 rates[model].append(engine.tg(config.max_tokens, seed=i))
-            params = config.params()
-            if prompt.max_tokens:
-                params["max_tokens"] = prompt.max_tokens
+            params = config.params(prompt)
             for k, target in enumerate(targets):
                 samplers[k].resume()
                 began = time.perf_counter()

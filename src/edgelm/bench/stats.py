@@ -10,6 +10,7 @@ requests does not depend on array conversions.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -178,3 +179,20 @@ def stats_for(s: Scenario) -> dict[str, Any]:
     """
     slo = s.stats.get("slo")
     return scenario_stats(s, SLO(**slo) if isinstance(slo, dict) else None)
+
+
+def ttft_over(scenario: Scenario, reference: Scenario | None) -> float | None:
+    """How much later than ``reference`` the first token came, in seconds: the median of the
+    per-prompt differences when both answered the same prompts in the same order (pairs: each
+    prompt's own length and cache luck cancel out), else the difference of the medians."""
+    if reference is None:
+        return None
+    mine = [(r.prompt_id, r.ttft_s) for r in scenario.requests if r.ok]
+    theirs = [(r.prompt_id, r.ttft_s) for r in reference.requests if r.ok]
+    if mine and [p for p, _ in mine] == [p for p, _ in theirs]:
+        pairs = [a - b for (_, a), (_, b) in zip(mine, theirs, strict=True) if a and b]
+        if pairs:
+            return statistics.median(pairs)
+    ttft = (scenario.stats.get("ttft") or {}).get("p50")
+    base = (reference.stats.get("ttft") or {}).get("p50")
+    return ttft - base if ttft is not None and base is not None else None

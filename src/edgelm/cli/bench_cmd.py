@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import statistics
 from pathlib import Path
 
 import typer
@@ -18,7 +17,7 @@ from rich.table import Table
 from edgelm.bench import history, report
 from edgelm.bench.micro import RawEngine, micro_bench
 from edgelm.bench.runner import BenchConfig, run_bench
-from edgelm.bench.stats import SLO
+from edgelm.bench.stats import SLO, ttft_over
 from edgelm.bench.targets import make_target
 from edgelm.bench.workloads import load_prompts
 from edgelm.catalog import Catalog
@@ -174,23 +173,6 @@ def _print_engine_ratio(result) -> None:  # type: ignore[no-untyped-def]
             f"{over * 1000:+.1f} ms" if over is not None else "-",
         )
     console().print(table)
-
-
-def ttft_over(scenario, reference) -> float | None:  # type: ignore[no-untyped-def]
-    """How much later than ``reference`` the first token came, in seconds: the median of the
-    per-prompt differences when both answered the same prompts in the same order (pairs: each
-    prompt's own length and cache luck cancel out), else the difference of the medians."""
-    if reference is None:
-        return None
-    mine = [(r.prompt_id, r.ttft_s) for r in scenario.requests if r.ok]
-    theirs = [(r.prompt_id, r.ttft_s) for r in reference.requests if r.ok]
-    if mine and [p for p, _ in mine] == [p for p, _ in theirs]:
-        pairs = [a - b for (_, a), (_, b) in zip(mine, theirs, strict=True) if a and b]
-        if pairs:
-            return statistics.median(pairs)
-    ttft = (scenario.stats.get("ttft") or {}).get("p50")
-    base = (reference.stats.get("ttft") or {}).get("p50")
-    return ttft - base if ttft is not None and base is not None else None
 
 
 @app.command("micro")
