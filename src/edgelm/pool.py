@@ -92,11 +92,12 @@ class ModelPool:
         self.stats = PoolStats()
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
-        # Each stream holds a thread for its whole answer. asyncio's default executor has
-        # cores + 4 threads (6 here), so the 7th and 8th concurrent streams waited for whole
-        # answers before starting (TTFT p50 0.93 s at 8 streams instead of 0.2 s); and loads,
-        # downloads and embeddings share that executor. Streams get threads of their own,
-        # created on demand and bounded by the models' slots.
+        # A stream of an engine without a native astream() (ONNX, remote) holds a thread for
+        # its whole answer. asyncio's default executor has cores + 4 threads (6 here), so the
+        # 7th and 8th concurrent streams waited for whole answers before starting (TTFT p50
+        # 0.93 s at 8 streams instead of 0.2 s); and loads, downloads and embeddings share that
+        # executor. Streams get threads of their own, created on demand and bounded by the
+        # models' slots.
         self._stream_threads = ThreadPoolExecutor(
             max_workers=max(32, settings.pool.max_loaded * 64), thread_name_prefix="edgelm-stream"
         )
@@ -268,11 +269,13 @@ class ModelPool:
             self._release(loaded)
 
     async def stream(self, name: str, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Run ``engine.stream`` in a worker thread and yield its chunks on the event loop.
+        """Run the engine's stream and yield its chunks on the event loop.
 
-        Closing this iterator early (a client went away) sets the engine's cancel event, so the
-        model stops at the next token; the slot is released only once the worker has really
-        finished, so an engine that cannot run two streams never sees two.
+        An engine with a native :meth:`~Engine.astream` runs as a task on the loop; any other
+        runs ``engine.stream`` in a worker thread. Closing this iterator early (a client went
+        away) sets the engine's cancel event, so the model stops at the next token; the slot is
+        released only once the producer has really finished, so an engine that cannot run two
+        streams never sees two.
         """
         loaded = await self.get(name)
         engine = await self._acquire(loaded)
@@ -291,8 +294,23 @@ class ModelPool:
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 
+        async def produce_on_loop() -> None:
+            try:
+                async for chunk in engine.astream(request, cancel):
+                    queue.put_nowait(chunk)
+            except asyncio.CancelledError:
+                raise  # the consumer left and cancelled this task; nobody is listening
+            except BaseException as exc:  # handed to the consumer and re-raised there
+                queue.put_nowait(exc)
+            finally:
+                queue.put_nowait(_DONE)
+
+        worker: asyncio.Future[None]
         try:
-            worker = loop.run_in_executor(self._stream_threads, produce)
+            if engine.native_async:
+                worker = loop.create_task(produce_on_loop())
+            else:
+                worker = loop.run_in_executor(self._stream_threads, produce)
         except BaseException:
             self._release(loaded)
             raise
@@ -326,6 +344,8 @@ class ModelPool:
                 cancel.set()
                 loaded.cancelled += 1
                 worker.add_done_callback(lambda _f: self._release(loaded))
+                if isinstance(worker, asyncio.Task):
+                    worker.cancel()
 
     async def embed(self, name: str, texts: list[str]) -> tuple[list[list[float]], int]:
         loaded = await self.get(name)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -301,3 +303,104 @@ def test_reuse_plan_keeps_only_clean_aligned_prefixes_for_exact_requests() -> No
     assert plan_reuse(again, 2 * A, prompt[: 2 * A + 1], True, 512) == (A, 2 * A)
     assert plan_reuse(again, 2 * A, prompt[: 2 * A + 1], False, 512) == (2 * A, A * 2)
     assert plan_reuse([], 0, prompt, True, 512) == (0, 96)
+
+
+def test_astream_on_an_event_loop_answers_as_stream_does(tiny_model_path: Path) -> None:
+    """The service's path: tokens go from the compute thread straight to the event loop.
+    (Batch-invariant, so that the second of two identical requests, which finds the first's
+    prefix cached, is answered identically.)"""
+    from edgelm.engines.llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine(
+        tiny_model_path, "smollm2-135m", n_ctx=1024, threads=2, batch_invariant=True
+    )
+    requests = [
+        chat("Name a colour.", temperature=0, max_tokens=12),
+        GenerationRequest(prompt="1, 2, 3, 4, 5,", temperature=0, max_tokens=30, stop=[" 8"]),
+        chat("Name a fruit.", temperature=0, max_tokens=4, logprobs=True, top_logprobs=2),
+        chat("Say hi.", max_tokens=0),
+    ]
+
+    async def on_loop(request: GenerationRequest) -> tuple[list, set[str]]:
+        threads = set()
+        chunks = []
+        async for chunk in engine.astream(request):
+            threads.add(threading.current_thread().name)
+            chunks.append(chunk)
+        return chunks, threads
+
+    try:
+        for request in requests:
+            expected = list(engine.stream(request))
+            chunks, threads = asyncio.run(on_loop(request))
+            assert threads == {threading.current_thread().name}  # no thread in between
+            fields = ("text", "token_ids", "logprobs", "finish_reason", "completion_tokens")
+            assert [[getattr(c, f) for f in fields] for c in chunks] == [
+                [getattr(c, f) for f in fields] for c in expected
+            ]
+    finally:
+        engine.close()
+    assert chunks[-1].finish_reason == "length" and not chunks[-1].text  # max_tokens=0
+
+
+def test_astream_left_early_ends_the_sequence(engine) -> None:
+    async def main() -> None:
+        stream = engine.astream(chat("Write a long story.", temperature=0, max_tokens=200))
+        async for chunk in stream:
+            assert chunk.text is not None
+            break
+        await stream.aclose()
+        for _ in range(100):
+            if engine.batch_stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    assert engine.batch_stats()["running"] == 0
+
+
+def test_a_request_that_leaves_while_queued_goes_at_once(tiny_model_path: Path) -> None:
+    """Cancelled while every slot is busy: it leaves the queue at the next step, not when a
+    slot would have come free (the pool's deadline relies on this for queued requests)."""
+    from edgelm.engines.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine(tiny_model_path, "smollm2-135m", n_ctx=1024, threads=2, parallel=1)
+    busy = threading.Event()
+    long_answer = chat("Write a long story.", temperature=0, max_tokens=400, ignore_eos=True)
+
+    def occupy() -> None:
+        for _chunk in eng.stream(long_answer, busy):
+            pass
+
+    async def main() -> list[str | None]:
+        waiting = threading.Event()
+        finishes = []
+
+        async def queued() -> None:
+            async for chunk in eng.astream(chat("Hi"), waiting):
+                finishes.append(chunk.finish_reason)
+
+        task = asyncio.create_task(queued())
+        for _ in range(200):
+            if eng.batch_stats()["waiting"]:
+                break
+            await asyncio.sleep(0.01)
+        assert eng.batch_stats()["waiting"] == 1
+        waiting.set()
+        await asyncio.wait_for(task, 5)
+        assert eng.batch_stats()["waiting"] == 0
+        assert eng.batch_stats()["running"] == 1  # the long answer is still being written
+        return finishes
+
+    worker = threading.Thread(target=occupy)
+    worker.start()
+    try:
+        for _ in range(200):
+            if eng.batch_stats()["running"]:
+                break
+            time.sleep(0.01)
+        assert asyncio.run(main()) == ["cancelled"]
+    finally:
+        busy.set()
+        worker.join()
+        eng.close()

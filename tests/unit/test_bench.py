@@ -206,9 +206,12 @@ def test_interleaved_run_takes_turns_on_the_same_prompt(settings, bench_catalog)
     run = run_bench(targets, prompts, config, raw={"timed": _StubRaw(log)})  # type: ignore[dict-item]
     measured = log[-9:]  # after each target's cold request and warm-up
     ids = [p.id for p in prompts[1:4]]
+    # the same prompt for everyone in a round; the round's first turn goes round the targets
     assert measured == [
-        entry for i, pid in enumerate(ids) for entry in (f"raw:{i}", f"timed:{pid}", f"other:{pid}")
-    ]
+        "raw:0", f"timed:{ids[0]}", f"other:{ids[0]}",
+        "raw:1", f"other:{ids[1]}", f"timed:{ids[1]}",
+        "raw:2", f"timed:{ids[2]}", f"other:{ids[2]}",
+    ]  # fmt: skip
     first, second = run.scenarios
     assert [r.prompt_id for r in first.requests] == [r.prompt_id for r in second.requests] == ids
     assert first.cold is not None and first.cold.first_request.ok

@@ -23,6 +23,7 @@ def slow_catalog(isolated_home) -> Catalog:
         [
             fake_entry("single", single_stream=True, reply="w " * 10, token_delay_s=0.03),
             fake_entry("crawl", reply="w " * 40, token_delay_s=0.05),
+            fake_entry("crawl-on-loop", reply="w " * 40, token_delay_s=0.05, on_loop=True),
             fake_entry("fake-a"),
         ],
         user_file=isolated_home / "models.toml",
@@ -61,13 +62,14 @@ def test_message_count_limit(settings, catalog) -> None:
         assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
 
 
-def test_generation_timeout(settings, slow_catalog) -> None:
+@pytest.mark.parametrize("model", ["crawl", "crawl-on-loop"])
+def test_generation_timeout(settings, slow_catalog, model: str) -> None:
     settings.service.request_timeout_s = 0.3
     with TestClient(create_app(settings, catalog=slow_catalog)) as client:
-        response = client.post("/v1/chat/completions", json={"model": "crawl", "messages": MSG})
+        response = client.post("/v1/chat/completions", json={"model": model, "messages": MSG})
         assert response.status_code == 504
         assert response.json()["error"]["code"] == "generation_timeout"
-        payload = {"model": "crawl", "messages": MSG, "stream": True}
+        payload = {"model": model, "messages": MSG, "stream": True}
         with client.stream("POST", "/v1/chat/completions", json=payload) as stream:
             text = stream.read().decode()
         assert "generation_timeout" in text and text.rstrip().endswith("data: [DONE]")
@@ -105,9 +107,10 @@ def test_overload_answers_503_with_retry_after(settings, slow_catalog, serve_app
     assert all(a.choices[0].message.content for a in answers)
 
 
-def test_client_disconnect_stops_generation(settings, slow_catalog, serve_app) -> None:
+@pytest.mark.parametrize("model", ["crawl", "crawl-on-loop"])
+def test_client_disconnect_stops_generation(settings, slow_catalog, serve_app, model) -> None:
     base = serve_app(create_app(settings, catalog=slow_catalog))
-    payload = {"model": "crawl", "messages": MSG, "stream": True}
+    payload = {"model": model, "messages": MSG, "stream": True}
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=30) as response:
         for line in response.iter_lines():
             if '"content":"w ' in line:
@@ -115,13 +118,13 @@ def test_client_disconnect_stops_generation(settings, slow_catalog, serve_app) -
     deadline = time.monotonic() + 5
     info = {}
     while time.monotonic() < deadline:
-        info = httpx.get(f"{base}/openai/loadedmodels").json()[0]
+        info = next(m for m in httpx.get(f"{base}/openai/loadedmodels").json() if m["id"] == model)
         if info["active"] == 0 and info["cancelled"] == 1:
             break
         time.sleep(0.05)
     assert info["active"] == 0 and info["cancelled"] == 1
     metrics = httpx.get(f"{base}/metrics").text
-    assert 'edgelm_generations_total{finish="cancelled",model="crawl"} 1.0' in metrics
+    assert f'edgelm_generations_total{{finish="cancelled",model="{model}"}} 1.0' in metrics
 
 
 def test_metrics_exposition(settings, catalog) -> None:

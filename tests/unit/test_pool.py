@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 
 from edgelm.catalog import Catalog, CatalogEntry
-from edgelm.errors import Busy, ModelLoadError, Overloaded
+from edgelm.errors import Busy, GenerationTimeout, ModelLoadError, Overloaded
 from edgelm.pool import ModelPool
 from edgelm.settings import load_settings
 from edgelm.types import GenerationRequest, Message
@@ -157,6 +158,80 @@ def test_failed_load_is_reported_and_retried(isolated_home: Path) -> None:
             await pool.get("bad")
         assert await drain(pool, "good")
         assert pool.stats.load_failures == 1 and "bad" not in pool.models
+        await pool.close()
+
+    asyncio.run(main())
+
+
+# -- an engine that streams on the event loop (as llama.cpp's does) -------------------------
+
+
+def test_an_on_loop_engine_streams_without_a_thread(isolated_home: Path) -> None:
+    async def main() -> None:
+        pool = make_pool(isolated_home, [entry("loop", reply="a b c", on_loop=True)])
+        before = {t.name for t in threading.enumerate()}
+        assert await drain(pool, "loop") == "a b c"
+        started = {t.name for t in threading.enumerate()} - before
+        assert not [name for name in started if name.startswith("edgelm-stream")]
+        loaded = pool.models["loop"]
+        assert loaded.engine.native_async and loaded.active == 0
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_closing_an_on_loop_stream_cancels_it_and_frees_the_slot(isolated_home: Path) -> None:
+    async def main() -> None:
+        pool = make_pool(
+            isolated_home, [entry("loop", reply="w " * 200, token_delay_s=0.01, on_loop=True)]
+        )
+        stream = pool.stream("loop", REQ)
+        async for _chunk in stream:
+            break
+        await stream.aclose()
+        loaded = pool.models["loop"]
+        for _ in range(100):
+            if loaded.active == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert loaded.active == 0 and loaded.cancelled == 1
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_an_on_loop_engine_failure_reaches_the_consumer(isolated_home: Path) -> None:
+    async def main() -> None:
+        pool = make_pool(
+            isolated_home, [entry("loop", reply="a b c d", fail_after_tokens=2, on_loop=True)]
+        )
+        seen = []
+        with pytest.raises(RuntimeError, match="scripted failure"):
+            async for chunk in pool.stream("loop", REQ):
+                seen.append(chunk.text)
+        assert "".join(seen) == "a b "
+        await asyncio.sleep(0.01)  # the slot is released by the finished producer's callback
+        assert pool.models["loop"].active == 0
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_an_on_loop_stream_past_its_deadline_is_stopped(isolated_home: Path) -> None:
+    async def main() -> None:
+        pool = make_pool(
+            isolated_home,
+            [entry("loop", reply="w " * 200, token_delay_s=0.02, on_loop=True)],
+            **{"service.request_timeout_s": 0.2},
+        )
+        with pytest.raises(GenerationTimeout, match="request_timeout_s"):
+            await drain(pool, "loop")
+        loaded = pool.models["loop"]
+        for _ in range(100):
+            if loaded.active == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert loaded.active == 0 and loaded.cancelled == 1
         await pool.close()
 
     asyncio.run(main())

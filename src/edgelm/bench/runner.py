@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from edgelm.bench.micro import RawEngine, tg_row
 from edgelm.bench.resources import ResourceSampler
@@ -29,6 +29,12 @@ from edgelm.bench.workloads import Prompt
 # (done, total, description) — the CLI turns this into a progress bar.
 ProgressFn = Callable[[int, int, str], None]
 MAX_IN_FLIGHT = 64
+T = TypeVar("T")
+# Pause between two targets' turns in an interleaved run. When llama.cpp finishes an answer,
+# a libgomp worker keeps spinning on a core for ~4 ms (measured: 4.4 ms of CPU in the 5 ms after
+# an answer); a target starting at once reads its prompt on one core and a half, and that
+# showed up as TTFT in whichever target came next.
+SETTLE_S = 0.02
 
 
 @dataclass
@@ -192,10 +198,10 @@ def run_bench(
     return run
 
 
-def _rotated(prompts: list[Prompt], offset: int) -> list[Prompt]:
-    """The prompt list starting at ``offset`` (wrapping round)."""
-    start = offset % len(prompts)
-    return prompts[start:] + prompts[:start]
+def _rotated(items: list[T], offset: int) -> list[T]:
+    """The list starting at ``offset`` (wrapping round)."""
+    start = offset % len(items)
+    return items[start:] + items[:start]
 
 
 def _open_and_warm(
@@ -224,7 +230,8 @@ def run_interleaved(
     A shared machine's speed drifts by a few percent over minutes (measured here: the same
     raw tg read 26.7 and 28.3 tok/s five minutes apart), as much as the service overhead being
     sought. Target after target, that drift lands on whichever ran later; in turns, it lands
-    on all alike, and the same prompt makes each round a pair.
+    on all alike, and the same prompt makes each round a pair. The turns start with a
+    different target each round and a short pause apart (``SETTLE_S``).
     """
     order = itertools.islice(itertools.cycle(_rotated(prompts, config.warmup)), config.requests)
     results: list[list[RequestResult]] = [[] for _ in targets]
@@ -240,9 +247,15 @@ def run_interleaved(
             if time.monotonic() >= deadline:
                 break
             for model, engine in raw.items():
+                time.sleep(SETTLE_S)
                 rates[model].append(engine.tg(config.max_tokens, seed=i))
             params = config.params(prompt)
-            for k, target in enumerate(targets):
+            # Each round starts with the next target, so that none always follows the same
+            # neighbour (measured: whichever came right after the in-process engine read its
+            # prompt ~1 ms slower).
+            for k in _rotated(list(range(len(targets))), i):
+                target = targets[k]
+                time.sleep(SETTLE_S)
                 samplers[k].resume()
                 began = time.perf_counter()
                 result = target.request(prompt, params)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import asdict
 from typing import ClassVar
 
@@ -41,6 +41,8 @@ class Engine(ABC):
     # How many streams one instance serves at once (a batching engine runs them together);
     # the pool hands it that many and queues the rest. 1: the pool serialises requests.
     concurrent_streams: int = 1
+    # Whether the pool consumes astream() on its event loop (True) or runs stream() in a thread.
+    native_async: bool = False
 
     model_id: str = ""
     n_ctx: int = 4096
@@ -54,6 +56,14 @@ class Engine(ABC):
 
         ``cancel`` is checked between tokens so a client that goes away frees the model.
         """
+
+    def astream(
+        self, request: GenerationRequest, cancel: threading.Event | None = None
+    ) -> AsyncIterator[Chunk]:
+        """The same stream, consumed on an event loop without a thread of its own. Engines
+        that set ``native_async`` implement it; for the others the pool runs :meth:`stream`
+        in a worker thread."""
+        raise NotImplementedError(f"{type(self).__name__} streams through stream() only")
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Return one vector per text and the number of tokens read."""

@@ -179,6 +179,9 @@ class Job:
     ignore_eos: bool = False
     cancel: threading.Event = field(default_factory=threading.Event)
     events: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
+    # How events reach the consumer: put on ``events`` for a consumer thread, or handed to an
+    # event loop by a consumer that lives there.
+    deliver: Callable[[tuple[str, Any]], object] | None = None
     # scheduler state
     slot: int = -1
     todo: list[int] = field(default_factory=list)  # tokens still to evaluate (prompt phase)
@@ -196,7 +199,7 @@ class Job:
         return self.prompt + self.produced
 
     def send(self, kind: str, value: Any = None) -> None:
-        self.events.put((kind, value))
+        (self.deliver or self.events.put)((kind, value))
 
 
 @dataclass
@@ -329,6 +332,10 @@ class BatchScheduler:
                 self._shut_down()
                 return
             call = self._calls.popleft() if self._calls and not self._running else None
+            # Those that left while they waited go now, not when a slot would have come free.
+            left = [job for job in self._pending if job.cancel.is_set()]
+            for job in left:
+                self._pending.remove(job)
             newcomers = []
             while (
                 self._pending
@@ -336,6 +343,9 @@ class BatchScheduler:
                 and len(self._running) + len(newcomers) < len(self.slots)
             ):
                 newcomers.append(self._pending.popleft())
+        for job in left:
+            self._free_sampler(job)  # a paused sequence keeps its sampler while it waits
+            job.send(DONE, "cancelled")
         try:
             if call is not None:
                 self._run_call(*call)

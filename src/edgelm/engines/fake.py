@@ -7,13 +7,14 @@ failures can be scripted per engine; with no script the reply is derived from th
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,9 @@ class FakeScript:
     """Behave like an engine that serves one stream at a time, so the pool queues the rest."""
     streams: int | None = None
     """Behave like a batching engine that serves this many streams at once (default 64)."""
+    on_loop: bool = False
+    """Stream on the service's event loop (``astream``), as the llama.cpp engine does, rather
+    than in a worker thread of the pool."""
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> FakeScript:
@@ -81,6 +85,7 @@ class FakeEngine(Engine):
             self.concurrent_streams = 1
         elif self.script.streams:
             self.concurrent_streams = self.script.streams
+        self.native_async = self.script.on_loop
         self.memory_bytes = self.script.memory_mb * 1024 * 1024
         self._replies: deque[str] = deque(self.script.replies)
         self._lock = threading.Lock()
@@ -111,6 +116,27 @@ class FakeEngine(Engine):
     def stream(
         self, request: GenerationRequest, cancel: threading.Event | None = None
     ) -> Iterator[Chunk]:
+        for step in self._script(request, cancel):
+            if isinstance(step, Chunk):
+                yield step
+            else:
+                time.sleep(step)
+
+    async def astream(
+        self, request: GenerationRequest, cancel: threading.Event | None = None
+    ) -> AsyncIterator[Chunk]:
+        """The same chunks on the event loop, delays awaited (script ``on_loop``): how the
+        llama.cpp engine serves the service, for tests of that path without a model."""
+        for step in self._script(request, cancel):
+            if isinstance(step, Chunk):
+                yield step
+            else:
+                await asyncio.sleep(step)
+
+    def _script(
+        self, request: GenerationRequest, cancel: threading.Event | None
+    ) -> Iterator[Chunk | float]:
+        """The answer as chunks, with the scripted delays (seconds) between them."""
         check_capabilities(self, request)
         start = time.perf_counter()
         self.requests.append(request)
@@ -121,7 +147,7 @@ class FakeEngine(Engine):
         produced = 0
         finish = "stop"
         if self.script.first_token_delay_s:
-            time.sleep(self.script.first_token_delay_s)
+            yield self.script.first_token_delay_s
         for i, token in enumerate(tokens):
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
@@ -132,7 +158,7 @@ class FakeEngine(Engine):
             if self.script.fail_after_tokens is not None and i >= self.script.fail_after_tokens:
                 raise RuntimeError("scripted failure in the fake engine")
             if i and self.script.token_delay_s:
-                time.sleep(self.script.token_delay_s)
+                yield self.script.token_delay_s
             produced += 1
             text, hit = stops.push(token)
             lps = [self._logprob(i, token, request)] if request.logprobs else []

@@ -29,14 +29,16 @@ each handled below:
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import contextlib
 import json
 import os
 import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -139,6 +141,7 @@ class LlamaCppEngine(Engine):
     (see :mod:`edgelm.engines.batching`); the pool hands it that many at once."""
 
     name = "llamacpp"
+    native_async = True
     supports_logprobs = True
     supports_embeddings = True
     supports_grammar = True
@@ -377,12 +380,58 @@ class LlamaCppEngine(Engine):
     def stream(
         self, request: GenerationRequest, cancel: threading.Event | None = None
     ) -> Iterator[Chunk]:
-        """Queue the request with the batch scheduler and turn its tokens into chunks.
+        """Queue the request with the batch scheduler and turn its tokens into chunks, in the
+        caller's thread (the in-process bench, the terminal chat, the router)."""
+        answer = self._answer(request, cancel)
+        if not answer.done:
+            self._scheduler.submit(answer.job)
+            try:
+                while not answer.done:
+                    try:
+                        event = answer.job.events.get(timeout=0.05)
+                    except queue.Empty:
+                        if answer.job.cancel.is_set():  # still queued behind others: leave now
+                            answer.finish = "cancelled"
+                        continue
+                    chunk = answer.take(*event)
+                    if chunk is not None:
+                        yield chunk
+            finally:
+                answer.job.cancel.set()  # a stop string, a consumer gone away, or done: alike
+                self._scheduler.poke()
+        last = answer.last()
+        if last is not None:
+            yield last
 
-        Text work (UTF-8 assembly, stop sequences) happens here, in the caller's thread; the
-        compute thread only evaluates and samples. A stop sequence or a cancel ends the
-        sequence at the scheduler's next step.
+    async def astream(
+        self, request: GenerationRequest, cancel: threading.Event | None = None
+    ) -> AsyncIterator[Chunk]:
+        """The same stream for the service: the compute thread hands each token straight to
+        the event loop, so no thread sits between the model and the socket.
+
+        Through a stream thread, every token woke two threads in turn (that one, then the
+        event loop), each needing a core and the GIL while the model's threads were already
+        computing the next token; and every open stream held a thread for its whole answer.
         """
+        answer = self._answer(request, cancel)
+        if not answer.done:
+            events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+            answer.job.deliver = _on_loop(asyncio.get_running_loop(), events.put_nowait)
+            self._scheduler.submit(answer.job)
+            try:
+                while not answer.done:
+                    chunk = answer.take(*await events.get())
+                    if chunk is not None:
+                        yield chunk
+            finally:
+                answer.job.cancel.set()
+                self._scheduler.poke()
+        last = answer.last()
+        if last is not None:
+            yield last
+
+    def _answer(self, request: GenerationRequest, cancel: threading.Event | None) -> _Answer:
+        """Check and tokenize the request and build its job (not yet queued)."""
         check_capabilities(self, request)
         start = time.perf_counter()
         prompt = self.tokenize_prompt(self.render(request))
@@ -390,18 +439,8 @@ class LlamaCppEngine(Engine):
             if self._model.token_bos() < 0:
                 raise InvalidRequest("the prompt is empty", param="prompt")
             prompt = [self._model.token_bos()]
-        n_prompt = len(prompt)
-        limit = check_context(self, n_prompt, request.max_tokens)
+        limit = check_context(self, len(prompt), request.max_tokens)
         grammar = self._grammar(request)
-        cancelled = cancel is not None and cancel.is_set()
-        if limit <= 0 or cancelled:  # max_tokens=0, or the client left while it queued
-            yield Chunk(
-                text="",
-                t=time.perf_counter() - start,
-                prompt_tokens=n_prompt,
-                finish_reason="cancelled" if cancelled else "length",
-            )
-            return
         greedy = request.temperature <= 0
         if request.seed is not None:
             seed = request.seed % 2**32
@@ -428,40 +467,12 @@ class LlamaCppEngine(Engine):
                 grammar=grammar,
             ),
         )
-        text_out = _Utf8Stream()
-        out = TokenChunker(start, n_prompt, request.stop)
-        finish: FinishReason = "length"
-        self._scheduler.submit(job)
-        try:
-            while True:
-                try:
-                    kind, value = job.events.get(timeout=0.05)
-                except queue.Empty:
-                    if job.cancel.is_set():  # still queued behind others: leave now
-                        finish = "cancelled"
-                        break
-                    continue
-                if kind == ERROR:
-                    raise value
-                if kind == DONE:
-                    finish = value
-                    break
-                if out.prompt_seconds is None:
-                    out.prompt_seconds = time.perf_counter() - start
-                if job.cancel.is_set():
-                    finish = "cancelled"
-                    break
-                token, entry = value
-                piece = out.token(token, text_out.push(self._piece(token)), entry)
-                if piece is not None:
-                    yield piece
-                    if out.stopped:
-                        return
-        finally:
-            job.cancel.set()  # a stop string, a consumer that went away, or done: all the same
-            self._scheduler.poke()
-        text_out.finish()
-        yield out.finish(finish)
+        answer = _Answer(job, TokenChunker(start, len(prompt), request.stop), self._piece)
+        if job.cancel.is_set():  # the client left while the request queued
+            answer.finish = "cancelled"
+        elif limit <= 0:  # max_tokens=0
+            answer.finish = "length"
+        return answer
 
     def batch_stats(self) -> dict[str, int]:
         """Counters of the batch scheduler: decode steps, reused prompt tokens, pauses."""
@@ -633,6 +644,62 @@ def _logprob(row: np.ndarray, token: int, top: int, piece: Callable[[int], bytes
         bytes=list(text),
         top=alternatives,
     )
+
+
+class _Answer:
+    """One request's way through the scheduler: its job, and the text work that turns the
+    job's events into chunks (UTF-8 assembly, stop sequences).
+
+    That work runs wherever the events are consumed, never on the compute thread, where the
+    next decode step would wait for it.
+    """
+
+    def __init__(self, job: Job, out: TokenChunker, piece: Callable[[int], bytes]):
+        self.job = job
+        self.out = out
+        self.finish: FinishReason | None = None
+        self._piece = piece
+        self._text = _Utf8Stream()
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None or self.out.stopped
+
+    def take(self, kind: str, value: Any) -> Chunk | None:
+        """One event from the scheduler; a chunk when there is something to send."""
+        if kind == ERROR:
+            raise value
+        if kind == DONE:
+            self.finish = value
+            return None
+        out = self.out
+        if out.prompt_seconds is None:
+            out.prompt_seconds = time.perf_counter() - out.start
+        if self.job.cancel.is_set():
+            self.finish = "cancelled"
+            return None
+        token, entry = value
+        return out.token(token, self._text.push(self._piece(token)), entry)
+
+    def last(self) -> Chunk | None:
+        """The closing chunk, unless the chunk that completed a stop sequence closed it."""
+        if self.out.stopped:
+            return None
+        self._text.finish()
+        return self.out.finish(self.finish or "length")
+
+
+def _on_loop(
+    loop: asyncio.AbstractEventLoop, put: Callable[[tuple[str, Any]], None]
+) -> Callable[[tuple[str, Any]], None]:
+    """A job's ``deliver`` for a consumer on ``loop``, callable from the compute thread."""
+
+    def deliver(event: tuple[str, Any]) -> None:
+        # A closed loop raises RuntimeError; whoever was listening there is gone too.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(put, event)
+
+    return deliver
 
 
 class _Utf8Stream:
