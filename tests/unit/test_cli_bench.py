@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 from edgelm.bench.report import read_json
@@ -119,3 +120,26 @@ def test_compare(isolated_home: Path) -> None:
     assert by_model["small"]["warm_e2e_s"] < by_model["large"]["warm_e2e_s"]
     assert "lowest warm latency" in by_model["small"]["best_use"]
     assert by_model["small"]["cost"]["cloud_per_1k"]
+
+
+def test_interleaved_run_prints_ttft_over_the_in_process_engine(
+    isolated_home: Path, serve_app
+) -> None:
+    """Without --micro there is no raw tg to divide by, but a TTFT comparison still shows."""
+    from edgelm.server.app import create_app
+    from edgelm.settings import load_settings
+
+    register(isolated_home)
+    settings = load_settings(env={"EDGELM_HOME": str(isolated_home)})
+    base = serve_app(create_app(settings, catalog=Catalog.load(isolated_home)))
+    result = run(
+        "--endpoint", base, "bench", "run", "-m", "local:small,service:small",
+        "--interleave", "-n", "4", "--max-tokens", "2", "--no-html",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "service vs in-process engine" in result.output
+    table = result.output.split("TTFT p50 over in-process", 1)[1].split("[BENCHMARK RESULTS]")[0]
+    rows = {line.split("│")[1].strip(): line for line in table.splitlines() if "│" in line}
+    assert set(rows) == {"local:small", "small"}
+    # a TTFT difference for the service, and no decode ratio without a raw tg
+    assert re.search(r"│ [+-]\d+\.\d ms", rows["small"]) and "%" not in rows["small"]

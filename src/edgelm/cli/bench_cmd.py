@@ -142,37 +142,40 @@ def run(
     run_id = history.save_run(_db(settings), result)
     directory = _write_outputs(result, out, settings, html)
     console().print(report.results_table(result))
-    if result.micro:
+    if result.micro or any(s.kind == "in-process" for s in result.scenarios):
         _print_engine_ratio(result)
     console().print(report.print_json_block(result), markup=False, highlight=False)
     console().print(f"run [bold]{run_id}[/] saved; files in {directory}")
 
 
 def _print_engine_ratio(result) -> None:  # type: ignore[no-untyped-def]
-    """Service decode speed as a share of the raw engine's, both measured in this run, and
-    TTFT over the in-process engine's."""
-    table = Table(title="service vs raw engine (same run)")
+    """Service decode speed as a share of the raw engine's (with ``--micro``), both measured
+    in this run, and TTFT over the in-process engine's (when one ran)."""
+    tg = {row["model"]: row["tokens_per_s"] for row in result.micro if row["test"].startswith("tg")}
+    table = Table(title=f"service vs {'raw' if tg else 'in-process'} engine (same run)")
     columns = ("target", "concurrency", "decode tok/s p50", "engine tg tok/s", "ratio")
     for column in (*columns, "TTFT p50 over in-process"):
         table.add_column(column)
-    tg = {row["model"]: row["tokens_per_s"] for row in result.micro if row["test"].startswith("tg")}
     in_process = {(s.model, s.concurrency): s for s in result.scenarios if s.kind == "in-process"}
+    shown = 0
     for scenario in result.scenarios:
-        if scenario.model not in tg:
+        raw = tg.get(scenario.model)
+        reference = in_process.get((scenario.model, scenario.concurrency))
+        if raw is None and reference is None:
             continue
         decode = (scenario.stats.get("decode_tps") or {}).get("p50")
-        raw = tg[scenario.model]
-        reference = in_process.get((scenario.model, scenario.concurrency))
         over = ttft_over(scenario, reference) if scenario.kind != "in-process" else None
         table.add_row(
             scenario.target,
             str(scenario.concurrency),
             f"{decode or 0:.1f}",
-            f"{raw:.1f}",
-            f"{decode / raw:.1%}" if decode else "-",
+            f"{raw:.1f}" if raw else "-",
+            f"{decode / raw:.1%}" if decode and raw else "-",
             f"{over * 1000:+.1f} ms" if over is not None else "-",
         )
-    console().print(table)
+        shown += over is not None or raw is not None
+    if shown:
+        console().print(table)
 
 
 @app.command("micro")
