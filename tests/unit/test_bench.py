@@ -247,3 +247,29 @@ def test_ttft_over_in_process_pairs_the_same_prompts() -> None:
     shuffled = scenario("service", {"b": 0.301, "a": 0.250, "c": 0.202})
     assert ttft_over(shuffled, reference) == pytest.approx(0.050)
     assert ttft_over(service, None) is None
+
+
+def test_ttft_over_in_turns_cancels_who_went_first() -> None:
+    """Going second costs +5 ms, whoever it is; the service is truly 2 ms slower. Three
+    rounds with the service first and five with it second: a plain median says +7 ms."""
+    from edgelm.bench.results import RequestResult, Scenario
+    from edgelm.bench.stats import ttft_over
+
+    service_first = [True, False, True, False, True, False, False, False]
+    reference, service = [], []
+    for i, first in enumerate(service_first):
+        base = 0.100 + i * 0.010  # each prompt its own length
+        mine = RequestResult(prompt_id=f"p{i}", ttft_s=base + 0.002, started_at=10 * i)
+        theirs = RequestResult(prompt_id=f"p{i}", ttft_s=base, started_at=10 * i)
+        second = theirs if first else mine
+        second.ttft_s += 0.005
+        second.started_at += 1
+        service.append(mine)
+        reference.append(theirs)
+
+    def scenario(kind: str, requests: list[RequestResult]) -> Scenario:
+        return Scenario(target=kind, kind=kind, model="m", requests=requests)
+
+    ours, theirs = scenario("service", service), scenario("in-process", reference)
+    assert ttft_over(ours, theirs) == pytest.approx(0.007)
+    assert ttft_over(ours, theirs, turns=True) == pytest.approx(0.002)

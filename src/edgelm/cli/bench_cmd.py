@@ -18,7 +18,7 @@ from edgelm.bench import history, report
 from edgelm.bench.micro import RawEngine, micro_bench
 from edgelm.bench.runner import BenchConfig, run_bench
 from edgelm.bench.stats import SLO, ttft_over
-from edgelm.bench.targets import make_target
+from edgelm.bench.targets import Target, make_target
 from edgelm.bench.workloads import load_prompts
 from edgelm.catalog import Catalog
 from edgelm.cli.common import (
@@ -164,7 +164,11 @@ def _print_engine_ratio(result) -> None:  # type: ignore[no-untyped-def]
         if raw is None and reference is None:
             continue
         decode = (scenario.stats.get("decode_tps") or {}).get("p50")
-        over = ttft_over(scenario, reference) if scenario.kind != "in-process" else None
+        over = (
+            ttft_over(scenario, reference, turns=bool(result.config.get("interleave")))
+            if scenario.kind != "in-process"
+            else None
+        )
         table.add_row(
             scenario.target,
             str(scenario.concurrency),
@@ -290,7 +294,7 @@ def compare_command(
     catalog = Catalog.load(settings.home)
     slm_alias = slm or catalog.for_tier("slm").alias
     llm_alias = llm or catalog.for_tier("llm").alias
-    pairs = []
+    pairs: list[tuple[Target, str]] = []
     for spec in (slm_alias, llm_alias):
         target = make_target(spec, settings)
         tier = catalog.resolve(target.model).tier if target.kind != "openai" else "external"

@@ -336,7 +336,7 @@ class BatchScheduler:
             left = [job for job in self._pending if job.cancel.is_set()]
             for job in left:
                 self._pending.remove(job)
-            newcomers = []
+            newcomers: list[Job] = []
             while (
                 self._pending
                 and not self._hold

@@ -609,7 +609,7 @@ class LlamaCppEngine(Engine):
         scheduler = getattr(self, "_scheduler", None)
         if scheduler is not None:
             scheduler.close()
-            self._scheduler = None
+            del self._scheduler  # a closed engine has none (close() twice is fine)
         with self._embed_lock:
             if self._embedder is not None:
                 for part in self._embedder:
