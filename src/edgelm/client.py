@@ -215,23 +215,14 @@ class EdgelmClient:
         values are left out. Usage is always requested so the token counts are the server's.
         """
         start = time.perf_counter()
-        params = {k: v for k, v in params.items() if v is not None and k != "stream"}
-        stream_options = {**(params.pop("stream_options", None) or {}), "include_usage": True}
-        body = {
-            "model": model,
-            "messages": _messages(prompt),
-            **params,
-            "stream": True,
-            "stream_options": stream_options,
-        }
-        request = self.http.build_request("POST", "/v1/chat/completions", json=body)
+        request = self.http.build_request(
+            "POST", "/v1/chat/completions", json=chat_body(model, prompt, params)
+        )
         result = ChatResult(model=model, prepare_s=time.perf_counter() - start)
         try:
             response = self.http.send(request, stream=True)
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from None
-        deltas = 0
-        last_token_t: float | None = None
         try:
             result.ttfb_s = time.perf_counter() - start
             result.send_s = result.ttfb_s - result.prepare_s
@@ -241,41 +232,11 @@ class EdgelmClient:
             result.headers = {
                 k: v for k, v in response.headers.items() if k.lower().startswith("x-edgelm-")
             }
-            for event in _sse_events(response.iter_lines()):
-                if "error" in event:
-                    raise _in_band_error(event["error"])
-                usage = event.get("usage")
-                if usage:
-                    result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                    result.completion_tokens = int(usage.get("completion_tokens") or 0)
-                if event.get("timings"):
-                    result.server_timings = event["timings"]
-                if isinstance(event.get("edgelm"), dict):
-                    result.extension = event["edgelm"]
-                result.model = event.get("model") or result.model
-                for choice in event.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") or ""
-                    if text:
-                        now = time.perf_counter() - start
-                        if last_token_t is None:
-                            result.ttft_s = now
-                        else:
-                            result.itl_s.append(now - last_token_t)
-                        last_token_t = now
-                        deltas += 1
-                        result.text += text
-                        yield StreamEvent(text=text)
-                    if choice.get("finish_reason"):
-                        result.finish_reason = choice["finish_reason"]
+            yield from read_stream(response.iter_lines(), result, start)
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from None
         finally:
             response.close()
-        result.total_s = time.perf_counter() - start
-        if not result.completion_tokens and deltas:
-            # Not an edgelm service, or one that ignores include_usage: one delta ≈ one token.
-            result.completion_tokens = deltas
-            result.usage_estimated = True
         yield StreamEvent(result=result)
 
     def chat_once(self, model: str, prompt: Messages, **params: Any) -> ChatResult:
@@ -284,6 +245,57 @@ class EdgelmClient:
             if event.result is not None:
                 return event.result
         raise ServiceError(500, "the stream ended without a result")  # pragma: no cover
+
+
+def chat_body(model: str, prompt: Messages, params: dict[str, Any]) -> dict[str, Any]:
+    """A streamed chat request's body, asking for usage; ``None`` parameters are left out."""
+    params = {k: v for k, v in params.items() if v is not None and k != "stream"}
+    stream_options = {**(params.pop("stream_options", None) or {}), "include_usage": True}
+    return {
+        "model": model,
+        "messages": _messages(prompt),
+        **params,
+        "stream": True,
+        "stream_options": stream_options,
+    }
+
+
+def read_stream(lines: Iterator[str], result: ChatResult, start: float) -> Iterator[StreamEvent]:
+    """Read a chat answer's server-sent events into ``result``, yielding the text deltas as
+    they arrive; times are measured from ``start`` (``time.perf_counter()``)."""
+    deltas = 0
+    last_token_t: float | None = None
+    for event in _sse_events(lines):
+        if "error" in event:
+            raise _in_band_error(event["error"])
+        usage = event.get("usage")
+        if usage:
+            result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            result.completion_tokens = int(usage.get("completion_tokens") or 0)
+        if event.get("timings"):
+            result.server_timings = event["timings"]
+        if isinstance(event.get("edgelm"), dict):
+            result.extension = event["edgelm"]
+        result.model = event.get("model") or result.model
+        for choice in event.get("choices") or []:
+            text = (choice.get("delta") or {}).get("content") or ""
+            if text:
+                now = time.perf_counter() - start
+                if last_token_t is None:
+                    result.ttft_s = now
+                else:
+                    result.itl_s.append(now - last_token_t)
+                last_token_t = now
+                deltas += 1
+                result.text += text
+                yield StreamEvent(text=text)
+            if choice.get("finish_reason"):
+                result.finish_reason = choice["finish_reason"]
+    result.total_s = time.perf_counter() - start
+    if not result.completion_tokens and deltas:
+        # Not an edgelm service, or one that ignores include_usage: one delta ≈ one token.
+        result.completion_tokens = deltas
+        result.usage_estimated = True
 
 
 def _sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
@@ -317,15 +329,18 @@ def _in_band_error(err: Any) -> ServiceError:
 
 
 def _error_from(response: httpx.Response) -> ServiceError:
+    return error_from_body(response.status_code, response.text)
+
+
+def error_from_body(status: int, text: str) -> ServiceError:
+    """The error an HTTP error response describes (an OpenAI-style body, or whatever it is)."""
     try:
-        err = response.json()["error"]
+        err = json.loads(text)["error"]
         return ServiceError(
-            response.status_code, err["message"], err.get("type"), err.get("code"), err.get("param")
+            status, err["message"], err.get("type"), err.get("code"), err.get("param")
         )
     except (ValueError, KeyError, TypeError):
-        return ServiceError(
-            response.status_code, f"HTTP {response.status_code}: {response.text[:200]}"
-        )
+        return ServiceError(status, f"HTTP {status}: {text[:200]}")
 
 
 def chat_once(model: str, prompt: Messages, **params: Any) -> ChatResult:

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from edgelm.bench.results import ColdStart, RequestResult
+from edgelm.bench.wire import WireClient
 from edgelm.bench.workloads import Prompt
 from edgelm.catalog import Catalog
 from edgelm.client import ChatResult, EdgelmClient
@@ -160,6 +161,7 @@ class HttpTarget(Target):
         self.name = model if kind == "service" else f"{model}@{self.root}"
         self._pid = pid
         self.client = EdgelmClient(self.root, api_key=api_key or None)
+        self.wire = WireClient(self.root, api_key=api_key or None)  # what answers are timed by
 
     def open(self) -> ColdStart:
         cold = ColdStart()
@@ -180,7 +182,7 @@ class HttpTarget(Target):
         try:
             if not self.stream:
                 return self._non_streaming(prompt, params, start)
-            result: ChatResult = self.client.chat_once(self.model, prompt.messages, **params)
+            result: ChatResult = self.wire.chat_once(self.model, prompt.messages, **params)
         except Exception as exc:  # a failed request is a data point, not a crash
             return _failed(exc, prompt, start)
         return _derive(
@@ -235,6 +237,7 @@ class HttpTarget(Target):
 
     def close(self) -> None:
         self.client.close()
+        self.wire.close()
 
 
 def make_target(
