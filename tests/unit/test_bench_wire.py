@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -69,3 +70,40 @@ def test_errors_are_the_services_own(service: str) -> None:
         WireClient(f"http://127.0.0.1:{free_port()}").chat_once("fake-a", "hi")
     with pytest.raises(ValueError):
         WireClient("ftp://example")
+
+
+def test_the_end_of_a_chunked_answer_is_read_before_the_next_request() -> None:
+    """A server that sends the chunked body's last, empty chunk a moment after [DONE] (as
+    uvicorn does): the next answer on the connection must not start with it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as incoming:
+            for n in range(2):
+                length = 0
+                while (line := incoming.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                incoming.read(length)
+                event = b'data: {"choices":[{"delta":{"content":"answer %d"}}]}\n\n' % n
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n"
+                    + chunk(event)
+                    + chunk(b"data: [DONE]\n\n")
+                )
+                time.sleep(0.05)
+                conn.sendall(b"0\r\n\r\n")
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    wire = WireClient(f"http://127.0.0.1:{port}")
+    assert [wire.chat_once("m", "hi").text for _ in range(2)] == ["answer 0", "answer 1"]
+    wire.close()
+    server.join(timeout=5)
+    listener.close()

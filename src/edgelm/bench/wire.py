@@ -71,6 +71,10 @@ class WireClient:
             }
             for _event in read_stream(_lines(response), result, start):
                 pass
+            # The stream ends at [DONE]; the rest of the body (the chunked encoding's last,
+            # empty chunk) must be read too, or the next response on this connection starts
+            # with it.
+            response.read()
         except (OSError, http.client.HTTPException) as exc:
             self._drop()
             raise ServiceUnavailable(f"the connection to {self.root} failed: {exc!r}") from None
