@@ -32,8 +32,7 @@ MAX_IN_FLIGHT = 64
 T = TypeVar("T")
 # Pause between two targets' turns in an interleaved run. When llama.cpp finishes an answer,
 # a libgomp worker keeps spinning on a core for ~4 ms (measured: 4.4 ms of CPU in the 5 ms after
-# an answer); a target starting at once reads its prompt on one core and a half, and that
-# showed up as TTFT in whichever target came next.
+# an answer); a target starting at once would read its prompt on one core and a half.
 SETTLE_S = 0.02
 
 
@@ -250,9 +249,9 @@ def run_interleaved(
                 time.sleep(SETTLE_S)
                 rates[model].append(engine.tg(config.max_tokens, seed=i))
             params = config.params(prompt)
-            # Each round starts with the next target, so that none always follows the same
-            # neighbour (measured: whichever came right after the in-process engine read its
-            # prompt ~1 ms slower).
+            # Each round starts with the next target: whichever answers a prompt second reads
+            # it more slowly (measured: 1-2 ms on Qwen2.5-0.5B, 3-5 ms on 1.5B), so no target
+            # may always go second (see ttft_over, which then cancels the effect).
             for k in _rotated(list(range(len(targets))), i):
                 target = targets[k]
                 time.sleep(SETTLE_S)

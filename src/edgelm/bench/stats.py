@@ -188,10 +188,10 @@ def ttft_over(scenario: Scenario, reference: Scenario | None, turns: bool = Fals
 
     ``turns``: the two answered each prompt one after the other (``--interleave``), and the
     rounds alternated who went first. Whichever goes second reads its prompt more slowly
-    (measured on Qwen2.5-1.5B: 4-5 ms of ~240 ms, in-process engine or service alike), and a
-    plain median of such a two-humped spread lands anywhere between the humps. So the pairs
-    are split by who went first, and the two medians averaged: the order effect cancels
-    whatever its size or sign.
+    (measured on Qwen2.5-1.5B: typically 3-5 ms of ~240 ms, in-process engine or service
+    alike), and a plain median of such a two-humped spread lands anywhere between the humps.
+    So the pairs are split by who went first, and the two medians averaged: the order effect
+    cancels whatever its size or sign.
     """
     if reference is None:
         return None
