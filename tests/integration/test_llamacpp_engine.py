@@ -321,33 +321,31 @@ def test_astream_on_an_event_loop_answers_as_stream_does(tiny_model_path: Path) 
         chat("Say hi.", max_tokens=0),
     ]
 
-    async def on_loop(request: GenerationRequest) -> tuple[list, set[str]]:
-        threads = set()
-        chunks = []
-        async for chunk in engine.astream(request):
-            threads.add(threading.current_thread().name)
-            chunks.append(chunk)
-        return chunks, threads
+    async def on_loop(request: GenerationRequest) -> list:
+        return [chunk async for chunk in engine.astream(request)]
 
     try:
         for request in requests:
             expected = list(engine.stream(request))
-            chunks, threads = asyncio.run(on_loop(request))
-            assert threads == {threading.current_thread().name}  # no thread in between
+            chunks = asyncio.run(on_loop(request))
             fields = ("text", "token_ids", "logprobs", "finish_reason", "completion_tokens")
             assert [[getattr(c, f) for f in fields] for c in chunks] == [
                 [getattr(c, f) for f in fields] for c in expected
             ]
+        assert chunks[-1].finish_reason == "length" and not chunks[-1].text  # max_tokens=0
+        # a long request is read off the loop; its errors still reach the consumer
+        with pytest.raises(ContextLengthExceeded):
+            asyncio.run(on_loop(chat("word " * 2000)))
     finally:
         engine.close()
-    assert chunks[-1].finish_reason == "length" and not chunks[-1].text  # max_tokens=0
 
 
 def test_astream_left_early_ends_the_sequence(engine) -> None:
+    long_answer = chat("Write a long story.", temperature=0, max_tokens=800, ignore_eos=True)
+
     async def main() -> None:
-        stream = engine.astream(chat("Write a long story.", temperature=0, max_tokens=200))
-        async for chunk in stream:
-            assert chunk.text is not None
+        stream = engine.astream(long_answer)
+        async for _chunk in stream:
             break
         await stream.aclose()
         for _ in range(100):
@@ -356,7 +354,10 @@ def test_astream_left_early_ends_the_sequence(engine) -> None:
             await asyncio.sleep(0.02)
 
     asyncio.run(main())
+    steps = engine.batch_stats()["decode_steps"]
+    time.sleep(0.3)  # an answer still being written would take several steps meanwhile
     assert engine.batch_stats()["running"] == 0
+    assert engine.batch_stats()["decode_steps"] == steps
 
 
 def test_a_request_that_leaves_while_queued_goes_at_once(tiny_model_path: Path) -> None:

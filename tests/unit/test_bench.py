@@ -273,3 +273,18 @@ def test_ttft_over_in_turns_cancels_who_went_first() -> None:
     ours, theirs = scenario("service", service), scenario("in-process", reference)
     assert ttft_over(ours, theirs) == pytest.approx(0.007)
     assert ttft_over(ours, theirs, turns=True) == pytest.approx(0.002)
+
+
+def test_interleaved_turns_give_each_prompt_every_order(settings, bench_catalog) -> None:
+    """With fewer prompts than rounds, a prompt comes round again with the other target first."""
+    bench_catalog.add_user_entry(CatalogEntry(alias="other", engine="fake", options=TIMED))
+    log: list[str] = []
+    targets = [
+        _Logged("timed", settings, bench_catalog, log),
+        _Logged("other", settings, bench_catalog, log),
+    ]
+    prompts = load_prompts("unique")[:2]
+    run_bench(targets, prompts, BenchConfig(requests=4, warmup=1, interleave=True), raw={})
+    measured = log[-8:]
+    firsts = {(measured[k].split(":")[1], measured[k].split(":")[0]) for k in range(0, 8, 2)}
+    assert firsts == {(p.id, model) for p in prompts for model in ("timed", "other")}

@@ -3,6 +3,7 @@ same way, and a keep-alive connection that went away is replaced."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -33,15 +34,15 @@ def test_answers_read_as_the_httpx_client_reads_them(service: str) -> None:
     wire.close()
 
 
-def test_one_connection_per_thread_is_kept_and_replaced_when_it_went_away(service: str) -> None:
+def test_connections_are_kept_and_replaced_when_they_went_away(service: str) -> None:
     wire = WireClient(service)
     assert wire.chat_once("fake-a", "one").text == "Fake answer to: one"
-    conn = wire._local.conn
+    (conn,) = wire._idle
     assert wire.chat_once("fake-a", "two").text == "Fake answer to: two"
-    assert wire._local.conn is conn  # kept alive
+    assert wire._idle == [conn]  # kept alive
     conn.sock.shutdown(socket.SHUT_RDWR)  # as a server closing an idle connection would
     assert wire.chat_once("fake-a", "three").text == "Fake answer to: three"
-    assert wire._local.conn is not conn
+    assert len(wire._idle) == 1 and wire._idle[0] is not conn
 
     answers: list[str] = []
     threads = [
@@ -53,8 +54,9 @@ def test_one_connection_per_thread_is_kept_and_replaced_when_it_went_away(servic
     for thread in threads:
         thread.join()
     assert sorted(answers) == [f"Fake answer to: t{i}" for i in range(3)]
-    assert len(wire._opened) == 5  # the first, its replacement, one per worker thread
+    assert 1 <= len(wire._idle) <= 3  # as many as were needed at once, all kept for later
     wire.close()
+    assert wire._idle == []
 
 
 def test_errors_are_the_services_own(service: str) -> None:
@@ -72,9 +74,11 @@ def test_errors_are_the_services_own(service: str) -> None:
         WireClient("ftp://example")
 
 
-def test_the_end_of_a_chunked_answer_is_read_before_the_next_request() -> None:
+@pytest.mark.parametrize("first", ["answer", "error"])
+def test_the_end_of_a_chunked_answer_is_read_before_the_next_request(first: str) -> None:
     """A server that sends the chunked body's last, empty chunk a moment after [DONE] (as
-    uvicorn does): the next answer on the connection must not start with it."""
+    uvicorn does): the next answer must not start with it, whether the first one ended well
+    or with an in-band error (a generation timeout, say)."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
 
@@ -82,28 +86,42 @@ def test_the_end_of_a_chunked_answer_is_read_before_the_next_request() -> None:
         return b"%x\r\n%s\r\n" % (len(data), data)
 
     def serve() -> None:
-        conn, _ = listener.accept()
-        with conn, conn.makefile("rb") as incoming:
-            for n in range(2):
-                length = 0
-                while (line := incoming.readline()) not in (b"\r\n", b""):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                incoming.read(length)
-                event = b'data: {"choices":[{"delta":{"content":"answer %d"}}]}\n\n' % n
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                    b"Transfer-Encoding: chunked\r\n\r\n"
-                    + chunk(event)
-                    + chunk(b"data: [DONE]\n\n")
-                )
-                time.sleep(0.05)
-                conn.sendall(b"0\r\n\r\n")
+        answered = 0
+        while answered < 2:  # a client that dropped its connection comes back on a new one
+            conn, _ = listener.accept()
+            with conn, conn.makefile("rb") as incoming:
+                while answered < 2:
+                    length = 0
+                    while (line := incoming.readline()) not in (b"\r\n", b""):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    if not line:
+                        break  # the client closed this connection
+                    incoming.read(length)
+                    n = answered
+                    event = b'data: {"choices":[{"delta":{"content":"answer %d"}}]}\n\n' % n
+                    if n == 0 and first == "error":
+                        event = b'data: {"error":{"message":"too slow","type":"server_error"}}\n\n'
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n"
+                        + chunk(event)
+                        + chunk(b"data: [DONE]\n\n")
+                    )
+                    time.sleep(0.05)
+                    with contextlib.suppress(OSError):  # the client may have left already
+                        conn.sendall(b"0\r\n\r\n")
+                    answered += 1
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
     wire = WireClient(f"http://127.0.0.1:{port}")
-    assert [wire.chat_once("m", "hi").text for _ in range(2)] == ["answer 0", "answer 1"]
+    if first == "error":
+        with pytest.raises(ServiceError, match="too slow"):
+            wire.chat_once("m", "hi")
+    else:
+        assert wire.chat_once("m", "hi").text == "answer 0"
+    assert wire.chat_once("m", "hi").text == "answer 1"
     wire.close()
     server.join(timeout=5)
     listener.close()

@@ -252,7 +252,9 @@ def run_interleaved(
             # Each round starts with the next target: whichever answers a prompt second reads
             # it more slowly (measured: 1-2 ms on Qwen2.5-0.5B, 3-5 ms on 1.5B), so no target
             # may always go second (see ttft_over, which then cancels the effect).
-            for k in _rotated(list(range(len(targets))), i):
+            # On every pass through the prompt list the rotation shifts by one more, so each
+            # prompt is answered in every order when it comes round again.
+            for k in _rotated(list(range(len(targets))), i + i // len(prompts)):
                 target = targets[k]
                 time.sleep(SETTLE_S)
                 samplers[k].resume()

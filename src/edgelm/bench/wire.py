@@ -1,5 +1,5 @@
-"""The bench's client for streamed chat answers: the standard library's ``http.client``, one
-keep-alive connection per thread.
+"""The bench's client for streamed chat answers: the standard library's ``http.client``, with
+kept-alive connections shared by the bench's threads.
 
 The bench measures servers, so its own share of each figure should be as small as it can be.
 httpx, which the rest of edgelm uses, builds each request and parses each response in pure
@@ -29,14 +29,16 @@ from edgelm.client import (
     read_stream,
 )
 
-# What a keep-alive connection the server has closed in the meantime looks like; the request
-# never reached the server, so it is sent again once on a new connection.
+# What a kept-alive connection the server has closed in the meantime looks like. It is sent
+# again once, on a new connection; a new connection that fails is not retried, so a request
+# the server may have received is never sent twice.
 _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
 
 class WireClient:
     """Streams chat answers from one OpenAI-compatible server; safe to share between the
-    bench's worker threads (each keeps its own connection)."""
+    bench's worker threads. Idle connections are kept for whichever thread asks next, so a
+    concurrency level's new workers do not pay a connect in their first timed request."""
 
     def __init__(self, root: str, api_key: str | None = None, timeout: float = 600.0):
         url = urlsplit(root)
@@ -51,8 +53,7 @@ class WireClient:
         self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._local = threading.local()
-        self._opened: list[http.client.HTTPConnection] = []
+        self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
     def chat_once(self, model: str, prompt: Messages, **params: Any) -> ChatResult:
@@ -60,12 +61,15 @@ class WireClient:
         start = time.perf_counter()
         body = json.dumps(chat_body(model, prompt, params)).encode()
         result = ChatResult(model=model, prepare_s=time.perf_counter() - start)
-        response = self._post("/v1/chat/completions", body)
+        conn, response = self._post("/v1/chat/completions", body)
+        clean = False
         try:
             result.ttfb_s = time.perf_counter() - start
             result.send_s = result.ttfb_s - result.prepare_s
             if response.status >= 400:
-                raise error_from_body(response.status, response.read().decode("utf-8", "replace"))
+                text = response.read().decode("utf-8", "replace")
+                clean = True
+                raise error_from_body(response.status, text)
             result.headers = {
                 k.lower(): v for k, v in response.getheaders() if k.lower().startswith("x-edgelm-")
             }
@@ -75,53 +79,48 @@ class WireClient:
             # empty chunk) must be read too, or the next response on this connection starts
             # with it.
             response.read()
+            clean = True
         except (OSError, http.client.HTTPException) as exc:
-            self._drop()
             raise ServiceUnavailable(f"the connection to {self.root} failed: {exc!r}") from None
         finally:
             response.close()
-        if response.will_close:
-            self._drop()
+            # Only a connection whose answer was read to its end can carry another; one left
+            # mid-answer (an in-band error, a malformed event) is closed.
+            if clean and not response.will_close:
+                with self._lock:
+                    self._idle.append(conn)
+            else:
+                conn.close()
         return result
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._opened:
+            for conn in self._idle:
                 conn.close()
-            self._opened.clear()
+            self._idle.clear()
 
-    def _post(self, path: str, body: bytes) -> http.client.HTTPResponse:
-        for attempt in (1, 2):
-            conn = self._connection()
+    def _post(
+        self, path: str, body: bytes
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            reused = conn is not None
+            if conn is None:
+                kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+                conn = kind(self._host, self._port, timeout=self._timeout)
             try:
                 conn.request("POST", self._prefix + path, body, self._headers)
-                return conn.getresponse()
+                return conn, conn.getresponse()
             except _STALE as exc:
-                self._drop()
-                if attempt == 2:
+                conn.close()
+                if not reused:
                     raise ServiceUnavailable(
                         f"{self.root} closed the connection: {exc!r}"
                     ) from None
             except (OSError, http.client.HTTPException) as exc:
-                self._drop()
+                conn.close()
                 raise ServiceUnavailable(f"could not reach {self.root}: {exc!r}") from None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _connection(self) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            conn = kind(self._host, self._port, timeout=self._timeout)
-            self._local.conn = conn
-            with self._lock:
-                self._opened.append(conn)
-        return conn
-
-    def _drop(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
 
 
 def _lines(response: http.client.HTTPResponse) -> Iterator[str]:

@@ -336,6 +336,8 @@ class BatchScheduler:
             left = [job for job in self._pending if job.cancel.is_set()]
             for job in left:
                 self._pending.remove(job)
+                if job.produced:  # a paused sequence, which admissions were held for
+                    self._hold = False
             newcomers: list[Job] = []
             while (
                 self._pending

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import contextlib
 import json
 import os
 import queue
@@ -381,10 +380,12 @@ class LlamaCppEngine(Engine):
         self, request: GenerationRequest, cancel: threading.Event | None = None
     ) -> Iterator[Chunk]:
         """Queue the request with the batch scheduler and turn its tokens into chunks, in the
-        caller's thread (the in-process bench, the terminal chat, the router)."""
+        caller's thread (the bench's in-process target; the service streams through
+        :meth:`astream`)."""
         answer = self._answer(request, cancel)
+        scheduler = self._scheduler  # still there to poke after an unload
         if not answer.done:
-            self._scheduler.submit(answer.job)
+            scheduler.submit(answer.job)
             try:
                 while not answer.done:
                     try:
@@ -398,7 +399,7 @@ class LlamaCppEngine(Engine):
                         yield chunk
             finally:
                 answer.job.cancel.set()  # a stop string, a consumer gone away, or done: alike
-                self._scheduler.poke()
+                scheduler.poke()
         last = answer.last()
         if last is not None:
             yield last
@@ -413,11 +414,17 @@ class LlamaCppEngine(Engine):
         event loop), each needing a core and the GIL while the model's threads were already
         computing the next token; and every open stream held a thread for its whole answer.
         """
-        answer = self._answer(request, cancel)
+        if _long(request):  # rendering and tokenizing it would hold up every other stream
+            answer = await asyncio.to_thread(self._answer, request, cancel)
+        else:
+            answer = self._answer(request, cancel)
+        scheduler = self._scheduler
         if not answer.done:
             events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-            answer.job.deliver = _on_loop(asyncio.get_running_loop(), events.put_nowait)
-            self._scheduler.submit(answer.job)
+            answer.job.deliver = _on_loop(
+                asyncio.get_running_loop(), events.put_nowait, answer.job.cancel
+            )
+            scheduler.submit(answer.job)
             try:
                 while not answer.done:
                     chunk = answer.take(*await events.get())
@@ -425,7 +432,7 @@ class LlamaCppEngine(Engine):
                         yield chunk
             finally:
                 answer.job.cancel.set()
-                self._scheduler.poke()
+                scheduler.poke()
         last = answer.last()
         if last is not None:
             yield last
@@ -690,16 +697,34 @@ class _Answer:
 
 
 def _on_loop(
-    loop: asyncio.AbstractEventLoop, put: Callable[[tuple[str, Any]], None]
+    loop: asyncio.AbstractEventLoop,
+    put: Callable[[tuple[str, Any]], None],
+    cancel: threading.Event,
 ) -> Callable[[tuple[str, Any]], None]:
     """A job's ``deliver`` for a consumer on ``loop``, callable from the compute thread."""
 
     def deliver(event: tuple[str, Any]) -> None:
-        # A closed loop raises RuntimeError; whoever was listening there is gone too.
-        with contextlib.suppress(RuntimeError):
+        try:
             loop.call_soon_threadsafe(put, event)
+        except RuntimeError:  # the loop has closed: nobody listens, so stop the sequence
+            cancel.set()
 
     return deliver
+
+
+# Requests with more text than this are rendered and tokenized off the event loop. A short
+# chat takes ~0.2 ms there, less than a thread hop; tokenizing tens of kilobytes, or turning a
+# JSON schema into a grammar, can take milliseconds that every other stream would wait for.
+_LONG_REQUEST_CHARS = 8192
+
+
+def _long(request: GenerationRequest) -> bool:
+    if request.response_format is not None and request.response_format.type == "json_schema":
+        return True
+    text = len(request.prompt or "")
+    for message in request.messages or []:
+        text += len(message.text())
+    return text > _LONG_REQUEST_CHARS
 
 
 class _Utf8Stream:
