@@ -194,13 +194,15 @@ class _StubRaw:
         return 10.0 + seed
 
 
-def test_interleaved_run_takes_turns_on_the_same_prompt(settings, bench_catalog) -> None:
+def _two_logged(settings, bench_catalog, log: list[str]) -> list[_Logged]:  # type: ignore[no-untyped-def]
+    """Targets "timed" and "other", noting in ``log`` when each serves which prompt."""
     bench_catalog.add_user_entry(CatalogEntry(alias="other", engine="fake", options=TIMED))
+    return [_Logged(alias, settings, bench_catalog, log) for alias in ("timed", "other")]
+
+
+def test_interleaved_run_takes_turns_on_the_same_prompt(settings, bench_catalog) -> None:
     log: list[str] = []
-    targets = [
-        _Logged("timed", settings, bench_catalog, log),
-        _Logged("other", settings, bench_catalog, log),
-    ]
+    targets = _two_logged(settings, bench_catalog, log)
     config = BenchConfig(requests=3, warmup=1, interleave=True, max_tokens=8)
     prompts = load_prompts("unique")
     run = run_bench(targets, prompts, config, raw={"timed": _StubRaw(log)})  # type: ignore[dict-item]
@@ -277,12 +279,8 @@ def test_ttft_over_in_turns_cancels_who_went_first() -> None:
 
 def test_interleaved_turns_give_each_prompt_every_order(settings, bench_catalog) -> None:
     """With fewer prompts than rounds, a prompt comes round again with the other target first."""
-    bench_catalog.add_user_entry(CatalogEntry(alias="other", engine="fake", options=TIMED))
     log: list[str] = []
-    targets = [
-        _Logged("timed", settings, bench_catalog, log),
-        _Logged("other", settings, bench_catalog, log),
-    ]
+    targets = _two_logged(settings, bench_catalog, log)
     prompts = load_prompts("unique")[:2]
     run_bench(targets, prompts, BenchConfig(requests=4, warmup=1, interleave=True), raw={})
     measured = log[-8:]

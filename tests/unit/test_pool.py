@@ -117,18 +117,27 @@ def test_serialised_engine_and_queue_limit(isolated_home: Path) -> None:
     asyncio.run(main())
 
 
-def test_closing_stream_cancels_generation(isolated_home: Path) -> None:
+async def wait_idle(loaded) -> None:  # type: ignore[no-untyped-def]
+    """Until the model's last stream has let go of its slot (or a second has passed)."""
+    for _ in range(100):
+        if loaded.active == 0:
+            return
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("on_loop", [False, True], ids=["thread", "on-loop"])
+def test_closing_stream_cancels_generation(isolated_home: Path, on_loop: bool) -> None:
     async def main() -> None:
-        pool = make_pool(isolated_home, [entry("slow", reply="w " * 200, token_delay_s=0.01)])
+        pool = make_pool(
+            isolated_home,
+            [entry("slow", reply="w " * 200, token_delay_s=0.01, on_loop=on_loop)],
+        )
         stream = pool.stream("slow", REQ)
         async for _chunk in stream:
             break
         await stream.aclose()
         loaded = pool.models["slow"]
-        for _ in range(100):
-            if loaded.active == 0:
-                break
-            await asyncio.sleep(0.01)
+        await wait_idle(loaded)
         assert loaded.active == 0 and loaded.cancelled == 1
         engine = loaded.engine
         assert len(engine.requests) == 1
@@ -180,26 +189,6 @@ def test_an_on_loop_engine_streams_without_a_thread(isolated_home: Path) -> None
     asyncio.run(main())
 
 
-def test_closing_an_on_loop_stream_cancels_it_and_frees_the_slot(isolated_home: Path) -> None:
-    async def main() -> None:
-        pool = make_pool(
-            isolated_home, [entry("loop", reply="w " * 200, token_delay_s=0.01, on_loop=True)]
-        )
-        stream = pool.stream("loop", REQ)
-        async for _chunk in stream:
-            break
-        await stream.aclose()
-        loaded = pool.models["loop"]
-        for _ in range(100):
-            if loaded.active == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert loaded.active == 0 and loaded.cancelled == 1
-        await pool.close()
-
-    asyncio.run(main())
-
-
 def test_an_on_loop_engine_failure_reaches_the_consumer(isolated_home: Path) -> None:
     async def main() -> None:
         pool = make_pool(
@@ -227,10 +216,7 @@ def test_an_on_loop_stream_past_its_deadline_is_stopped(isolated_home: Path) -> 
         with pytest.raises(GenerationTimeout, match="request_timeout_s"):
             await drain(pool, "loop")
         loaded = pool.models["loop"]
-        for _ in range(100):
-            if loaded.active == 0:
-                break
-            await asyncio.sleep(0.01)
+        await wait_idle(loaded)
         assert loaded.active == 0 and loaded.cancelled == 1
         await pool.close()
 
