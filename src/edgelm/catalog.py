@@ -17,6 +17,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgelm.errors import ConfigError, InvalidRequest, ModelNotFound
+from edgelm.reporting import write_atomically
 
 Tier = Literal["tiny", "slm", "llm", "custom"]
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}(:[a-z0-9][a-z0-9._-]{0,31})?$")
@@ -160,10 +161,7 @@ class Catalog:
             for e in self.entries.values()
             if e.user
         ]
-        self.user_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.user_file.with_suffix(".toml.tmp")
-        tmp.write_text(tomli_w.dumps({"model": rows}), encoding="utf-8")
-        tmp.replace(self.user_file)
+        write_atomically(self.user_file, tomli_w.dumps({"model": rows}))
 
 
 def _parse(text: str, origin: str, user: bool = False) -> list[CatalogEntry]:

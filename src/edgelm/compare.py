@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgelm.bench.results import Scenario
-from edgelm.bench.runner import BenchConfig, ProgressFn, _noop, run_scenario
+from edgelm.bench.runner import BenchConfig, ProgressFn, no_progress, run_scenario
 from edgelm.bench.targets import Target
 from edgelm.bench.workloads import Prompt
 from edgelm.cost import Prices, cost_table
@@ -56,7 +56,7 @@ def compare(
     prompts: list[Prompt],
     config: BenchConfig,
     prices: Prices,
-    progress: ProgressFn = _noop,
+    progress: ProgressFn = no_progress,
     judge: Any = None,
 ) -> Comparison:
     """``targets`` are (target, tier) pairs, usually the catalog's slm and llm."""

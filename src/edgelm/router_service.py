@@ -24,17 +24,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgelm.cost import Prices
 from edgelm.errors import EdgelmError, InvalidRequest, ModelNotFound
 from edgelm.router.pipeline import REFINE_PROMPT, HybridRouter
 from edgelm.router.policies import parse_policy
-from edgelm.server.virtual import VirtualAnswer, VirtualModel
+from edgelm.server.virtual import StateView, VirtualAnswer, VirtualModel
 from edgelm.types import Chunk, GenerationRequest
-
-if TYPE_CHECKING:
-    from edgelm.server.state import ServiceState
 
 PREFIX = "hybrid"
 
@@ -92,7 +89,7 @@ class HybridModels(VirtualModel):
     def matches(self, name: str) -> bool:
         return name == PREFIX or name.startswith((PREFIX + ":", PREFIX + "@"))
 
-    def _pair(self, state: ServiceState, parsed: HybridName) -> tuple[str, str]:
+    def _pair(self, state: StateView, parsed: HybridName) -> tuple[str, str]:
         config = state.settings.router
         slm = parsed.slm or config.slm
         llm = parsed.llm or config.llm
@@ -103,7 +100,7 @@ class HybridModels(VirtualModel):
             raise ModelNotFound(f"hybrid: {exc.message}", param="model") from None
         return slm_entry.alias, llm_entry.alias
 
-    def cards(self, state: ServiceState) -> list[dict[str, Any]]:
+    def cards(self, state: StateView) -> list[dict[str, Any]]:
         try:
             slm, llm = self._pair(state, HybridName())
         except EdgelmError:
@@ -120,12 +117,12 @@ class HybridModels(VirtualModel):
             )
         ]
 
-    def prices(self, state: ServiceState) -> Prices:
+    def prices(self, state: StateView) -> Prices:
         if self._prices is None:
             self._prices = Prices.load(state.settings.home)
         return self._prices
 
-    def router(self, state: ServiceState, name: str) -> HybridRouter:
+    def router(self, state: StateView, name: str) -> HybridRouter:
         """The router a name asks for; errors (unknown model, bad policy) are 4xx."""
         parsed = HybridName.parse(name)
         config = state.settings.router
@@ -141,7 +138,7 @@ class HybridModels(VirtualModel):
         )
 
     async def answer(
-        self, state: ServiceState, name: str, request: GenerationRequest
+        self, state: StateView, name: str, request: GenerationRequest
     ) -> VirtualAnswer:
         routed = await self.router(state, name).start(request)
         record = routed.record

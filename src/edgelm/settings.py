@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edgelm.errors import ConfigError
-from edgelm.rag.config import RagSettings
+from edgelm.errors import ConfigError, EdgelmError
+from edgelm.policy_spec import parse_spec
+from edgelm.reporting import write_atomically
 
 EngineName = Literal["llamacpp", "onnx", "remote", "fake"]
+RetrievalMode = Literal["lexical", "dense", "hybrid"]
 
 # Names that other tools' docs use; mapped onto dotted keys.
 ENV_ALIASES = {
@@ -152,6 +154,53 @@ class RouterSettings(_Section):
     refine_prompt: str | None = Field(
         None, description="Instruction given to the LLM with the question and the draft."
     )
+
+
+class RagSettings(_Section):
+    """The ``rag.*`` keys: collections, chunking, retrieval and the grounded answer."""
+
+    collection: str = Field("default", description="Collection used when none is named.")
+    chunk_size: int = Field(800, ge=100, description="Largest chunk, in characters.")
+    overlap: int = Field(120, ge=0, description="Characters repeated between neighbour chunks.")
+    embed_model: str | None = Field(
+        None,
+        description="Model serving /v1/embeddings for dense retrieval (none: lexical only).",
+    )
+    top_k: int = Field(4, ge=1, le=50, description="Context blocks given to the model.")
+    mode: RetrievalMode = Field(
+        "hybrid", description="Retrieval: lexical (BM25), dense, or hybrid (RRF of both)."
+    )
+    min_relevance: float = Field(
+        0.4,
+        ge=0.0,
+        le=1.0,
+        description="Least share of the question's (IDF-weighted) terms a chunk must contain.",
+    )
+    min_similarity: float = Field(
+        0.6, ge=-1.0, le=1.0, description="Least cosine similarity for a dense-only hit."
+    )
+    model: str = Field("slm", description="Model that writes grounded answers.")
+    fallback_model: str | None = Field(
+        "llm", description="Model asked when the first answer is insufficient (none: never)."
+    )
+    fallback_policy: str = Field(
+        "insufficient",
+        description="When the first answer escalates: a hybrid-router policy spec, e.g. "
+        "'insufficient' or 'insufficient,confidence=-0.8' (see router.policy).",
+    )
+    max_tokens: int = Field(300, ge=1, description="Longest answer, in tokens.")
+    temperature: float = Field(0.3, ge=0.0, le=2.0, description="Sampling temperature.")
+
+    @field_validator("fallback_policy")
+    @classmethod
+    def _policy_parses(cls, spec: str) -> str:
+        """A bad spec is a settings error now, not a 400 on the first question. Only the
+        spec's grammar is needed for that (:mod:`edgelm.policy_spec`), not the router."""
+        try:
+            parse_spec(spec)
+        except EdgelmError as exc:
+            raise ValueError(exc.message) from None
+        return spec
 
 
 class Settings(_Section):
@@ -297,10 +346,7 @@ def set_in_file(home: Path, key: str, raw_value: str) -> Any:
     validated = _validate({**data, "home": home}, f"'{key} = {raw_value}'")
     # Store what pydantic accepted (e.g. "8080" → 8080) so the file stays typed.
     _set_dotted(data, key, _plain(get_value(validated, key)))
-    home.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(data), encoding="utf-8")
-    tmp.replace(path)
+    write_atomically(path, tomli_w.dumps(data))
     return get_value(validated, key)
 
 
@@ -312,9 +358,7 @@ def unset_in_file(home: Path, key: str) -> None:
     for part in parts[:-1]:
         node = node.get(part, {})
     node.pop(parts[-1], None)
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(data), encoding="utf-8")
-    tmp.replace(path)
+    write_atomically(path, tomli_w.dumps(data))
 
 
 def _plain(value: Any) -> Any:

@@ -13,7 +13,6 @@ from edgelm.errors import InvalidRequest, ModelNotFound
 from edgelm.rag.embed import EngineEmbedder
 from edgelm.rag.evaluate import corpus_dir, evaluate_retrieval, load_questions
 from edgelm.rag.ingest import (
-    ChunkSpec,
     chunk_document,
     chunk_text,
     ingest_paths,
@@ -25,6 +24,7 @@ from edgelm.rag.pdfwriter import write_pdf
 from edgelm.rag.retrieve import rank_inline, retrieve, rrf
 from edgelm.rag.store import RagStore, list_collections, remove_collection
 from edgelm.rag.terms import terms
+from edgelm.rag.types import ChunkSpec
 
 MD = """# Guide
 
@@ -144,8 +144,6 @@ def test_reingest_skips_unchanged_and_handles_changes(tmp_path: Path) -> None:
 
 
 def test_store_is_atomic(tmp_path: Path) -> None:
-    from edgelm.rag.ingest import ChunkSpec
-
     with RagStore(tmp_path / "a.db") as store:
         store.replace_source("s", "", "text", "h", None, [ChunkSpec("first", 0, 5)])
         with pytest.raises(ValueError):

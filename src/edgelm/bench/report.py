@@ -10,18 +10,14 @@ archived and opened on machines without internet.
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
 import json
 import math
-import os
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 from rich.table import Table
@@ -30,9 +26,15 @@ from rich.text import Text
 from edgelm.bench.results import BenchRun, RequestResult, Scenario
 from edgelm.bench.stats import percentile, stats_for
 from edgelm.errors import InvalidRequest
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from edgelm.reporting import (
+    escape,
+    figure_data_uri,
+    html_page,
+    html_table,
+    mpl_text,
+    new_figure,
+    write_atomically,
+)
 
 CSV_REQUEST_FIELDS = (
     "ok",
@@ -182,24 +184,9 @@ def _overview_rows(run: BenchRun) -> list[list[str]]:
 # ---------------------------------------------------------------------- files
 
 
-def _write_atomically(path: Path, text: str, newline: str | None = None) -> Path:
-    """Write via a temporary file and rename, so a reader never sees half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json(run: BenchRun, path: Path) -> Path:
     """The whole run, raw requests included: the lossless export (``read_json`` reads it)."""
-    return _write_atomically(Path(path), run.model_dump_json(indent=2) + "\n")
+    return write_atomically(Path(path), run.model_dump_json(indent=2) + "\n")
 
 
 def read_json(path: Path) -> BenchRun:
@@ -245,7 +232,7 @@ def write_csv(run: BenchRun, path: Path) -> Path:
         ]
         for idx, req in enumerate(s.requests):
             writer.writerow([*scenario, idx, *_csv_request_values(req)])
-    return _write_atomically(Path(path), buffer.getvalue(), newline="")
+    return write_atomically(Path(path), buffer.getvalue(), newline="")
 
 
 # ---------------------------------------------------------------------- terminal
@@ -317,33 +304,13 @@ def print_json_block(run: BenchRun, label: str = "BENCHMARK RESULTS") -> str:
 # ---------------------------------------------------------------------- plots
 
 
-def _mpl(text: str) -> str:
-    """Text for matplotlib labels: a ``$`` in a target name must not start mathtext."""
-    return text.replace("$", r"\$")
-
-
-def _new_figure(width: float = 8, height: float = 4) -> Figure:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _data_uri(figure: Figure) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _ok_values(s: Scenario, get: Callable[[RequestResult], float | None]) -> list[float]:
     values = (get(r) for r in s.requests if r.ok)
     return [v for v in values if v is not None and not math.isnan(v)]
 
 
 def _label_axis(axes: Any, labels: Sequence[str]) -> None:
-    axes.set_xticks(range(1, len(labels) + 1), [_mpl(label) for label in labels])
+    axes.set_xticks(range(1, len(labels) + 1), [mpl_text(label) for label in labels])
     if len(labels) > 3 or max(len(label) for label in labels) > 14:
         axes.tick_params(axis="x", labelrotation=25)
 
@@ -364,7 +331,7 @@ def plot_latency(run: BenchRun) -> str | None:
             panels.append((title, series))
     if not panels:
         return None
-    figure = _new_figure(5 * len(panels) + 1, 4)
+    figure = new_figure(5 * len(panels) + 1, 4)
     for index, (title, series) in enumerate(panels, start=1):
         axes = figure.add_subplot(1, len(panels), index)
         axes.boxplot([values for _, values in series])
@@ -372,7 +339,7 @@ def plot_latency(run: BenchRun) -> str | None:
         axes.set_title(title)
         axes.set_ylabel("seconds")
         axes.grid(axis="y", alpha=0.3)
-    return _data_uri(figure)
+    return figure_data_uri(figure)
 
 
 def plot_decode(run: BenchRun) -> str | None:
@@ -385,7 +352,7 @@ def plot_decode(run: BenchRun) -> str | None:
             bars.append((label, p50, p50 - p10, p90 - p50))
     if not bars:
         return None
-    figure = _new_figure(max(5, 1.2 * len(bars) + 2), 4)
+    figure = new_figure(max(5, 1.2 * len(bars) + 2), 4)
     axes = figure.add_subplot(1, 1, 1)
     positions = range(1, len(bars) + 1)
     errors = [[low for *_, low, _ in bars], [high for *_, high in bars]]
@@ -394,7 +361,7 @@ def plot_decode(run: BenchRun) -> str | None:
     axes.set_title("Decode speed (p50, error bars p10–p90)")
     axes.set_ylabel("tokens/s")
     axes.grid(axis="y", alpha=0.3)
-    return _data_uri(figure)
+    return figure_data_uri(figure)
 
 
 def plot_throughput(run: BenchRun) -> str | None:
@@ -412,11 +379,11 @@ def plot_throughput(run: BenchRun) -> str | None:
             lines.setdefault(s.target, []).append((s.concurrency, throughput))
     if not lines:
         return None
-    figure = _new_figure(7, 4)
+    figure = new_figure(7, 4)
     axes = figure.add_subplot(1, 1, 1)
     for target, points in lines.items():
         points.sort()
-        axes.plot([c for c, _ in points], [t for _, t in points], marker="o", label=_mpl(target))
+        axes.plot([c for c, _ in points], [t for _, t in points], marker="o", label=mpl_text(target))
     concurrency = sorted({c for points in lines.values() for c, _ in points})
     axes.set_xticks(concurrency)
     axes.set_xlabel("concurrency")
@@ -424,7 +391,7 @@ def plot_throughput(run: BenchRun) -> str | None:
     axes.set_title("Aggregate throughput vs concurrency")
     axes.grid(alpha=0.3)
     axes.legend()
-    return _data_uri(figure)
+    return figure_data_uri(figure)
 
 
 def plot_ttft_vs_prompt(run: BenchRun) -> str | None:
@@ -436,16 +403,16 @@ def plot_ttft_vs_prompt(run: BenchRun) -> str | None:
                 points.setdefault(s.target, []).append((r.prompt_tokens, r.ttft_s))
     if not points:
         return None
-    figure = _new_figure(7, 4)
+    figure = new_figure(7, 4)
     axes = figure.add_subplot(1, 1, 1)
     for target, xy in points.items():
-        axes.scatter([x for x, _ in xy], [y for _, y in xy], s=14, alpha=0.7, label=_mpl(target))
+        axes.scatter([x for x, _ in xy], [y for _, y in xy], s=14, alpha=0.7, label=mpl_text(target))
     axes.set_xlabel("prompt tokens")
     axes.set_ylabel("TTFT (s)")
     axes.set_title("Time to first token vs prompt length")
     axes.grid(alpha=0.3)
     axes.legend()
-    return _data_uri(figure)
+    return figure_data_uri(figure)
 
 
 PLOTS: tuple[tuple[str, Callable[[BenchRun], str | None]], ...] = (
@@ -457,28 +424,6 @@ PLOTS: tuple[tuple[str, Callable[[BenchRun], str | None]], ...] = (
 
 
 # ---------------------------------------------------------------------- HTML
-
-
-CSS = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
-.meta { color: #666; }
-table { border-collapse: collapse; margin: 0.6em 0; font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; vertical-align: top; }
-th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
-figure { margin: 1em 0; } figure img { max-width: 100%; }
-.errors { color: #a00; }
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
@@ -499,19 +444,19 @@ def _html_header(run: BenchRun) -> str:
     title = run.name or run.id or "unsaved run"
     meta = f"run {run.id or '(unsaved)'} · {_fmt_time(run.created_at)}"
     meta += f" · {len(run.scenarios)} scenario(s)"
-    return f"<h1>edgelm bench: {_e(title)}</h1><p class='meta'>{_e(meta)}</p>"
+    return f"<h1>edgelm bench: {escape(title)}</h1><p class='meta'>{escape(meta)}</p>"
 
 
 def _html_dict_section(title: str, data: dict[str, Any]) -> str:
     if not data:
         return ""
-    return f"<h2>{_e(title)}</h2>" + _table(("key", "value"), _flatten(data))
+    return f"<h2>{escape(title)}</h2>" + html_table(("key", "value"), _flatten(data))
 
 
 def _html_overview(run: BenchRun) -> str:
     if not run.scenarios:
         return "<h2>Summary</h2><p>No scenarios were measured.</p>"
-    return "<h2>Summary</h2>" + _table(OVERVIEW_COLUMNS, _overview_rows(run))
+    return "<h2>Summary</h2>" + html_table(OVERVIEW_COLUMNS, _overview_rows(run))
 
 
 def _html_plots(run: BenchRun) -> str:
@@ -520,7 +465,7 @@ def _html_plots(run: BenchRun) -> str:
         uri = plot(run)
         if uri is not None:
             figures.append(
-                f'<figure><img src="{uri}" alt="{_e(title)}"><figcaption>{_e(title)}'
+                f'<figure><img src="{uri}" alt="{escape(title)}"><figcaption>{escape(title)}'
                 "</figcaption></figure>"
             )
     return "<h2>Plots</h2>" + "".join(figures) if figures else ""
@@ -581,13 +526,13 @@ def _html_scenario(label: str, s: Scenario) -> str:
     stats = stats_for(s)
     rows = [(name, *_summary_cells(stats[key], scale)) for name, key, scale in SUMMARY_ROWS]
     parts = [
-        f"<h3>{_e(label)}</h3>",
-        _table(("", "value"), _scenario_facts(s, stats)),
-        _table(("metric", *SUMMARY_KEYS), rows),
+        f"<h3>{escape(label)}</h3>",
+        html_table(("", "value"), _scenario_facts(s, stats)),
+        html_table(("metric", *SUMMARY_KEYS), rows),
     ]
     errors = list(dict.fromkeys(r.error or "unknown error" for r in s.requests if not r.ok))
     if errors:
-        shown = "".join(f"<li>{_e(message)}</li>" for message in errors[:5])
+        shown = "".join(f"<li>{escape(message)}</li>" for message in errors[:5])
         parts.append(f"<p class='errors'>Errors:</p><ul class='errors'>{shown}</ul>")
     return "".join(parts)
 
@@ -620,7 +565,7 @@ def _html_cold(run: BenchRun) -> str:
     if not rows:
         return ""
     header = ("target", "model", "load", "first TTFT", "first e2e", "first request")
-    return "<h2>Cold start</h2>" + _table(header, rows)
+    return "<h2>Cold start</h2>" + html_table(header, rows)
 
 
 def _html_micro(run: BenchRun) -> str:
@@ -628,14 +573,13 @@ def _html_micro(run: BenchRun) -> str:
         return ""
     columns = list(dict.fromkeys(key for row in run.micro for key in row))
     rows = [[_fmt_value(row.get(key)) for key in columns] for row in run.micro]
-    return "<h2>Micro benchmarks (prompt processing / token generation)</h2>" + _table(
+    return "<h2>Micro benchmarks (prompt processing / token generation)</h2>" + html_table(
         columns, rows
     )
 
 
 def render_html(run: BenchRun) -> str:
     """The report as one HTML string; every text from the run is escaped."""
-    title = _e(f"edgelm bench {run.name or run.id}".strip())
     body = "".join(
         (
             _html_header(run),
@@ -648,12 +592,9 @@ def render_html(run: BenchRun) -> str:
             _html_micro(run),
         )
     )
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f"<title>{title}</title><style>{CSS}</style></head><body>{body}</body></html>\n"
-    )
+    return html_page(f"edgelm bench {run.name or run.id}".strip(), body)
 
 
 def write_html(run: BenchRun, path: Path) -> Path:
     """A self-contained offline HTML report: open it anywhere, no network needed."""
-    return _write_atomically(Path(path), render_html(run))
+    return write_atomically(Path(path), render_html(run))

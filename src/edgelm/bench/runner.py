@@ -67,7 +67,8 @@ class BenchConfig:
         return params
 
 
-def _noop(done: int, total: int, description: str) -> None:
+def no_progress(done: int, total: int, description: str) -> None:
+    """The default :data:`ProgressFn`: report nothing."""
     return None
 
 
@@ -77,7 +78,7 @@ def run_scenario(
     config: BenchConfig,
     concurrency: int,
     rate: float | None = None,
-    progress: ProgressFn = _noop,
+    progress: ProgressFn = no_progress,
 ) -> Scenario:
     """One target at one concurrency level (or arrival rate)."""
     count = max(config.requests, concurrency)
@@ -142,7 +143,7 @@ def run_bench(
     targets: list[Target],
     prompts: list[Prompt],
     config: BenchConfig,
-    progress: ProgressFn = _noop,
+    progress: ProgressFn = no_progress,
     system: dict[str, Any] | None = None,
     name: str = "",
     raw: dict[str, RawEngine] | None = None,
@@ -220,7 +221,7 @@ def run_interleaved(
     prompts: list[Prompt],
     config: BenchConfig,
     raw: dict[str, RawEngine],
-    progress: ProgressFn = _noop,
+    progress: ProgressFn = no_progress,
 ) -> tuple[list[Scenario], dict[str, list[float]]]:
     """One stream at a time, every target answering the same prompt in turn, round after
     round; with ``raw`` engines, each model's raw tg (``max_tokens`` steps) is measured at the

@@ -18,7 +18,6 @@ from rich.table import Table
 
 from edgelm.cli.common import console, fail, settings_of
 from edgelm.rag.answer import AnswerOptions
-from edgelm.rag.config import rag_settings
 
 app = typer.Typer(help="Local RAG: ingest documents, ask questions with cited answers.")
 
@@ -48,7 +47,7 @@ def ingest(
     if not paths:
         fail("name files or folders to ingest (or --demo for the shipped demo corpus)")
     settings = settings_of(ctx)
-    rag = rag_settings(settings)
+    rag = settings.rag
     name = collection or rag.collection
     model = embed_model or rag.embed_model
     embedder = None
@@ -176,7 +175,7 @@ def eval_(
     from edgelm.rag.store import RagStore
 
     settings = settings_of(ctx)
-    rag = rag_settings(settings)
+    rag = settings.rag
     folder = corpus or corpus_dir()
     rows = load_questions(questions)
     model = embed_model or rag.embed_model
@@ -243,7 +242,7 @@ def chat(
     from edgelm.rag.store import check_name
 
     settings = settings_of(ctx)
-    name = check_name(collection or rag_settings(settings).collection)
+    name = check_name(collection or settings.rag.collection)
     cmd = chainlit_command(port, host, headless)
     env = chainlit_env(settings.home, settings.endpoint, name)
     raise typer.Exit(subprocess.call(cmd, env=env, cwd=env["CHAINLIT_APP_ROOT"]))

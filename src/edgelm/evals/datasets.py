@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import InvalidRequest
+from edgelm.settings import RagSettings
 
 SHIPPED_LICENCE = "CC0-1.0 (written for edgelm)"
 
@@ -215,7 +216,6 @@ def with_supporting_chunks(items: list[QAItem]) -> list[QAItem]:
     each evidence entry, plus the ``chunking`` used, so a run stores what it was scored
     against. Unanswerable items get an empty list.
     """
-    from edgelm.rag.config import RagSettings
     from edgelm.rag.evaluate import corpus_dir, evidence_spans
     from edgelm.rag.ingest import chunk_document, parse_file
 

@@ -5,8 +5,9 @@ report of a resumed run or of a run read back months later shows the same figure
 row counts as quality 0 (the user got no answer) and is also counted on its own. Costs use
 :mod:`edgelm.cost`: local cost from each answer's measured end-to-end latency (energy plus
 written-off hardware while the machine was busy with it) and cloud-equivalent cost from its
-token counts at the prices file's per-token rates. The HTML report reuses the bench report's
-offline style (inline CSS, matplotlib Agg PNGs as data URIs, no scripts, no network).
+token counts at the prices file's per-token rates. The HTML report is made with
+:mod:`edgelm.reporting`, like the bench's (inline CSS, matplotlib Agg PNGs as data URIs, no
+scripts, no network).
 """
 
 from __future__ import annotations
@@ -20,11 +21,19 @@ from typing import Any
 
 from rich.table import Table
 
-from edgelm.bench.report import CSS, _data_uri, _e, _mpl, _new_figure, _table, _write_atomically
 from edgelm.bench.stats import percentile
 from edgelm.cost import Prices, local_cost_per_request
 from edgelm.evals.judge import CRITERIA
 from edgelm.evals.store import EvalRun, ResultRow
+from edgelm.reporting import (
+    escape,
+    figure_data_uri,
+    html_page,
+    html_table,
+    mpl_text,
+    new_figure,
+    write_atomically,
+)
 
 HIGHER_IS_WORSE = frozenset({"false_refusal", "escalated"})
 """Metrics where a rise is a regression (every other metric: a fall is). ``escalated`` is the
@@ -310,17 +319,17 @@ def plot_quality_latency(runs: Sequence[LoadedRun]) -> str | None:
     points = _points(runs, None, "e2e_p50_s")
     if not points:
         return None
-    figure = _new_figure(7, 4.5)
+    figure = new_figure(7, 4.5)
     axes = figure.add_subplot(1, 1, 1)
     for label, x, y in points:
         axes.scatter([x], [y], s=60)
-        axes.annotate(_mpl(label), (x, y), textcoords="offset points", xytext=(6, 4))
+        axes.annotate(mpl_text(label), (x, y), textcoords="offset points", xytext=(6, 4))
     axes.set_xlabel("end-to-end latency p50 (s)")
     axes.set_ylabel("quality")
     axes.set_ylim(-0.05, 1.05)
     axes.set_title("Quality vs latency")
     axes.grid(alpha=0.3)
-    return _data_uri(figure)
+    return figure_data_uri(figure)
 
 
 def plot_quality_cost(runs: Sequence[LoadedRun], prices: Prices) -> str | None:
@@ -340,17 +349,17 @@ def plot_quality_cost(runs: Sequence[LoadedRun], prices: Prices) -> str | None:
                     series.append((name, label, cost, s["quality"]))
     if not series:
         return None
-    figure = _new_figure(8, 4.5)
+    figure = new_figure(8, 4.5)
     axes = figure.add_subplot(1, 1, 1)
     markers = "os^Dvp*"
     kinds = list(dict.fromkeys(kind for kind, *_ in series))
     for index, kind in enumerate(kinds):
         xs = [x for k, _, x, _ in series if k == kind]
         ys = [y for k, _, _, y in series if k == kind]
-        axes.scatter(xs, ys, marker=markers[index % len(markers)], s=55, label=_mpl(kind))
+        axes.scatter(xs, ys, marker=markers[index % len(markers)], s=55, label=mpl_text(kind))
     for kind, label, x, y in series:
         if kind == "local":
-            axes.annotate(_mpl(label), (x, y), textcoords="offset points", xytext=(6, 4))
+            axes.annotate(mpl_text(label), (x, y), textcoords="offset points", xytext=(6, 4))
     axes.set_xscale("log")
     axes.set_xlabel(f"cost per 1,000 requests ({prices.local.currency}, log scale)")
     axes.set_ylabel("quality")
@@ -358,7 +367,7 @@ def plot_quality_cost(runs: Sequence[LoadedRun], prices: Prices) -> str | None:
     axes.set_title("Quality vs cost (local measured; cloud = same tokens at example prices)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    return _data_uri(figure)
+    return figure_data_uri(figure)
 
 
 # ------------------------------------------------------------------ HTML
@@ -372,15 +381,15 @@ def render_html(runs: Sequence[LoadedRun], prices: Prices | None = None) -> str:
     """One self-contained HTML page for one or more runs (diffs: first run against each)."""
     prices = prices or Prices()
     many = len(runs) > 1
-    parts = [f"<h1>edgelm eval {_e(', '.join(lr.run.id for lr in runs))}</h1>"]
+    parts = [f"<h1>edgelm eval {escape(', '.join(lr.run.id for lr in runs))}</h1>"]
     for lr in runs:
         r = lr.run
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at))
         params = ", ".join(f"{k}={v}" for k, v in sorted(r.params.items()))
         parts.append(
-            f"<p class='meta'>run {_e(r.id)} · {_e(when)} · dataset {_e(r.dataset)} "
-            f"({len(r.items)} items) · models {_e(', '.join(r.models))} · judge "
-            f"{_e(r.judge_model or 'none')} · status {_e(r.status)}<br>{_e(params)}</p>"
+            f"<p class='meta'>run {escape(r.id)} · {escape(when)} · dataset {escape(r.dataset)} "
+            f"({len(r.items)} items) · models {escape(', '.join(r.models))} · judge "
+            f"{escape(r.judge_model or 'none')} · status {escape(r.status)}<br>{escape(params)}</p>"
         )
     header = ["model", "answered", "errors", "quality", "judge", "judge parse failures",
               "TTFT p50 s", "e2e p50 s", "tokens in", "tokens out",
@@ -405,7 +414,7 @@ def render_html(runs: Sequence[LoadedRun], prices: Prices | None = None) -> str:
                     *(_cell(s["cloud_cost_per_1k"].get(c.name), 4) for c in prices.cloud),
                 ]
             )
-    parts.append("<h2>Per model</h2>" + _table(header, body))
+    parts.append("<h2>Per model</h2>" + html_table(header, body))
     names = sorted({m for lr in runs for s in summarize(lr) for m in s["metrics"]})
     if names:
         metric_rows = [
@@ -413,7 +422,7 @@ def render_html(runs: Sequence[LoadedRun], prices: Prices | None = None) -> str:
             for lr in runs
             for s in summarize(lr)
         ]
-        parts.append("<h2>Metrics</h2>" + _table(["model", *names], metric_rows))
+        parts.append("<h2>Metrics</h2>" + html_table(["model", *names], metric_rows))
     columns = [(lr.label(m, many), cats) for lr in runs for m, cats in by_category(lr).items()]
     categories = sorted({c for _, cats in columns for c in cats})
     cat_rows = [
@@ -422,7 +431,7 @@ def render_html(runs: Sequence[LoadedRun], prices: Prices | None = None) -> str:
         for cat in categories
     ]  # fmt: skip
     parts.append(
-        "<h2>Quality per category</h2>" + _table(["category", *(c for c, _ in columns)], cat_rows)
+        "<h2>Quality per category</h2>" + html_table(["category", *(c for c, _ in columns)], cat_rows)
     )
     plots = [
         ("Quality vs latency", plot_quality_latency(runs)),
@@ -431,13 +440,13 @@ def render_html(runs: Sequence[LoadedRun], prices: Prices | None = None) -> str:
     parts.append("<h2>Plots</h2>")
     for title, uri in plots:
         if uri:
-            parts.append(f"<figure><img alt='{_e(title)}' src='{uri}'></figure>")
-    parts.append(f"<p class='meta'>costs: {_e(prices.source or 'default example prices')}</p>")
+            parts.append(f"<figure><img alt='{escape(title)}' src='{uri}'></figure>")
+    parts.append(f"<p class='meta'>costs: {escape(prices.source or 'default example prices')}</p>")
     for other in runs[1:]:
         diff = diff_runs(runs[0], other)
-        parts.append(f"<h2>Diff {_e(diff['a'])} → {_e(diff['b'])}</h2>")
+        parts.append(f"<h2>Diff {escape(diff['a'])} → {escape(diff['b'])}</h2>")
         parts.append(
-            _table(
+            html_table(
                 ["model", "metric", "A", "B", "Δ", ""],
                 (
                     [r["model"], r["metric"], _cell(r["a"]), _cell(r["b"]), _cell(r["delta"]),
@@ -450,16 +459,11 @@ def render_html(runs: Sequence[LoadedRun], prices: Prices | None = None) -> str:
         if lost:
             parts.append(
                 "<p class='errors'>items that got worse: "
-                + _e(", ".join(f"{f['model']}/{f['item']}" for f in lost))
+                + escape(", ".join(f"{f['model']}/{f['item']}" for f in lost))
                 + "</p>"
             )
     parts.append(_answers_section(runs, many))
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f"<title>edgelm eval</title><style>{CSS}</style></head><body>"
-        + "".join(parts)
-        + "</body></html>\n"
-    )
+    return html_page("edgelm eval", "".join(parts))
 
 
 def _answers_section(runs: Sequence[LoadedRun], many: bool) -> str:
@@ -478,11 +482,11 @@ def _answers_section(runs: Sequence[LoadedRun], many: bool) -> str:
                     _cell(_quality(r), 2),
                 ]
             )
-    return "<h2>Answers</h2>" + _table(
+    return "<h2>Answers</h2>" + html_table(
         ["model", "item", "question", "reference", "answer", "quality"], rows
     )
 
 
 def write_html(runs: Sequence[LoadedRun], path: Path, prices: Prices | None = None) -> Path:
     """Write the report atomically (a reader never sees half a file)."""
-    return _write_atomically(Path(path), render_html(runs, prices))
+    return write_atomically(Path(path), render_html(runs, prices))

@@ -45,8 +45,8 @@ from edgelm.router.policies import (
 from edgelm.types import Chunk
 
 if TYPE_CHECKING:
-    from edgelm.rag.config import RagSettings, RetrievalMode
-    from edgelm.rag.retrieve import Hit
+    from edgelm.rag.types import Hit
+    from edgelm.settings import RagSettings, RetrievalMode
 
 SYSTEM_RULE = "Answer using ONLY the provided context. If insufficient, say so."
 SYSTEM_PROMPT = (

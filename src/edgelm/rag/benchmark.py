@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelm.rag.ingest import ChunkSpec
 from edgelm.rag.retrieve import retrieve
 from edgelm.rag.store import RagStore
+from edgelm.rag.types import ChunkSpec
 
 
 @dataclass

@@ -16,10 +16,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgelm.rag.config import RetrievalMode
 from edgelm.rag.ingest import parse_file
 from edgelm.rag.retrieve import Hit, retrieve
 from edgelm.rag.store import RagStore
+from edgelm.settings import RetrievalMode
 
 
 def corpus_dir() -> Path:

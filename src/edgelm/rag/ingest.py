@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgelm.errors import InvalidRequest
+from edgelm.rag.types import ChunkSpec
 
 if TYPE_CHECKING:
     from edgelm.rag.embed import Embedder
@@ -53,22 +54,6 @@ class ParsedDocument:
     text: str
     sections: list[Section]
     title: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkSpec:
-    """One chunk before it is stored: its text and where it came from."""
-
-    text: str
-    start: int
-    end: int
-    heading: tuple[str, ...] = ()
-    page: int | None = None
-    ordinal: int = 0
-
-    @property
-    def heading_path(self) -> str:
-        return " > ".join(self.heading)
 
 
 # -- parsers ------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import httpx
 
 from edgelm.client import ServiceError, ServiceUnavailable, _error_from, _in_band_error
 from edgelm.rag.answer import AnswerOptions, answer_stream
-from edgelm.rag.config import rag_settings
 from edgelm.rag.embed import ServiceEmbedder
 from edgelm.rag.ingest import IngestReport, ingest_paths
 from edgelm.rag.retrieve import Hit, find_hits
@@ -125,7 +124,7 @@ class LocalRag:
 
     def __init__(self, settings: Settings, endpoint: str | None = None):
         self.settings = settings
-        self.rag = rag_settings(settings)
+        self.rag = settings.rag
         self.endpoint = (endpoint or settings.endpoint).rstrip("/")
         self.api_key = settings.client.api_key or settings.service.api_key
 

@@ -12,36 +12,20 @@ calling a model. Dense hits have their own floor (``min_similarity``, cosine).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from edgelm.errors import InvalidRequest
-from edgelm.rag.config import RetrievalMode
-from edgelm.rag.ingest import ChunkSpec, chunk_text
-from edgelm.rag.store import RagStore, StoredChunk
+from edgelm.rag.ingest import chunk_text
+from edgelm.rag.store import RagStore
 from edgelm.rag.terms import terms
-
-if TYPE_CHECKING:
-    from edgelm.rag.answer import AnswerOptions
+from edgelm.rag.types import ChunkSpec, Hit, RetrievalOptions, StoredChunk
+from edgelm.settings import RetrievalMode
 
 EmbedQuery = Callable[[str, str], Sequence[float]]
 """``(embedding model, question) -> vector``: however the caller reaches that model."""
 
 RRF_K = 60
 CANDIDATES = 50
-
-
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """A retrieved chunk with the score of the mode used and the evidence behind it."""
-
-    chunk: StoredChunk
-    score: float
-    relevance: float | None = None
-    """Lexical coverage in [0, 1] (None when the chunk was only found densely)."""
-    similarity: float | None = None
-    """Cosine similarity to the question (None without vectors)."""
 
 
 def rrf(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[tuple[int, float]]:
@@ -178,7 +162,7 @@ def rank_inline(
 
 def find_hits(
     question: str,
-    options: AnswerOptions,
+    options: RetrievalOptions,
     *,
     store: RagStore | None = None,
     documents: Sequence[dict[str, str]] | None = None,

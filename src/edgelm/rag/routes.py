@@ -17,11 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgelm.errors import InvalidRequest
 from edgelm.rag.answer import AnswerOptions
-from edgelm.rag.config import RetrievalMode, rag_settings
 from edgelm.rag.service import INLINE, PREFIX, RagModels
 from edgelm.server.openai_routes import respond_with_answer
 from edgelm.server.state import ServiceState
 from edgelm.server.virtual import VirtualAnswer
+from edgelm.settings import RetrievalMode
 from edgelm.types import Message
 
 
@@ -59,7 +59,7 @@ def build_router() -> APIRouter:
         state: ServiceState = request.app.state.edgelm
         family = state.find_virtual(f"{PREFIX}x")
         rag = family if isinstance(family, RagModels) else fallback_family
-        settings = rag_settings(state.settings)
+        settings = state.settings.rag
         if body.collection and body.documents is not None:
             raise InvalidRequest("send either collection or documents, not both", param="documents")
         overrides: dict[str, Any] = {

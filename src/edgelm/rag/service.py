@@ -14,18 +14,14 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgelm.errors import InvalidRequest
 from edgelm.rag.answer import AnswerOptions, answer_stream
-from edgelm.rag.config import rag_settings
 from edgelm.rag.retrieve import Hit, find_hits
 from edgelm.rag.store import RagStore, check_name, collections_dir, list_collections
-from edgelm.server.virtual import VirtualAnswer, VirtualModel
+from edgelm.server.virtual import StateView, VirtualAnswer, VirtualModel
 from edgelm.types import Chunk, GenerationRequest, Message
-
-if TYPE_CHECKING:
-    from edgelm.server.state import ServiceState
 
 PREFIX = "rag:"
 INLINE = "inline"
@@ -35,7 +31,7 @@ class PoolGenerator:
     """Streams from models the service itself serves (real ones through the pool, virtual
     ones such as ``hybrid`` through their family), so RAG never holds a private model."""
 
-    def __init__(self, state: ServiceState):
+    def __init__(self, state: StateView):
         self.state = state
 
     async def stream(
@@ -96,7 +92,7 @@ class RagModels(VirtualModel):
     def matches(self, name: str) -> bool:
         return name.startswith(PREFIX)
 
-    def cards(self, state: ServiceState) -> list[dict[str, Any]]:
+    def cards(self, state: StateView) -> list[dict[str, Any]]:
         cards = [
             self.card(state, f"{PREFIX}{name}", description=f"RAG over collection '{name}'")
             for name in list_collections(state.settings.home)
@@ -118,7 +114,7 @@ class RagModels(VirtualModel):
             return self._stores[key]
 
     async def answer(
-        self, state: ServiceState, name: str, request: GenerationRequest
+        self, state: StateView, name: str, request: GenerationRequest
     ) -> VirtualAnswer:
         target, _, model = name[len(PREFIX) :].partition("@")
         messages = request.messages or []
@@ -133,7 +129,7 @@ class RagModels(VirtualModel):
             overrides["max_tokens"] = request.max_tokens
         if "temperature" in request.model_fields_set:
             overrides["temperature"] = request.temperature
-        options = AnswerOptions.from_settings(rag_settings(state.settings), **overrides)
+        options = AnswerOptions.from_settings(state.settings.rag, **overrides)
         documents = inline_documents(messages) if target == INLINE else None
         collection = None if target == INLINE else target
         chunks, extension = await self.start(
@@ -143,7 +139,7 @@ class RagModels(VirtualModel):
 
     async def start(
         self,
-        state: ServiceState,
+        state: StateView,
         question: str,
         options: AnswerOptions,
         *,
@@ -160,14 +156,14 @@ class RagModels(VirtualModel):
 
     async def retrieve(
         self,
-        state: ServiceState,
+        state: StateView,
         question: str,
         options: AnswerOptions,
         collection: str | None,
         documents: Sequence[dict[str, str]] | None,
     ) -> list[Hit]:
         """:func:`find_hits` in a worker thread; the query is embedded by the service's pool."""
-        rag = rag_settings(state.settings)
+        rag = state.settings.rag
         if documents is None and not collection:
             raise InvalidRequest("name a collection: rag:<collection>", param="model")
         store, lock = (

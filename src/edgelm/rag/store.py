@@ -33,8 +33,8 @@ from typing import Any, TypeAlias
 import numpy as np
 
 from edgelm.errors import InvalidRequest, MissingExtra, ModelNotFound
-from edgelm.rag.ingest import ChunkSpec
 from edgelm.rag.terms import terms
+from edgelm.rag.types import ChunkSpec, StoredChunk
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -127,36 +127,6 @@ class SourceInfo:
     title: str | None
     n_chunks: int
     ingested_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class StoredChunk:
-    """A chunk as retrieved: enough to cite it (source, location) and to show it."""
-
-    id: int
-    source: str
-    ordinal: int
-    heading: str
-    page: int | None
-    start: int
-    end: int
-    text: str
-
-    @property
-    def chunk_id(self) -> str:
-        """Stable across re-ingests of an unchanged file (unlike the SQLite row id)."""
-        return f"{self.source}#{self.ordinal}"
-
-    @property
-    def location(self) -> str:
-        """Human-readable position: page (PDF) or heading path, plus the character span."""
-        parts = []
-        if self.page is not None:
-            parts.append(f"page {self.page}")
-        if self.heading:
-            parts.append(f"§ {self.heading}")
-        parts.append(f"chars {self.start}-{self.end}")
-        return ", ".join(parts)
 
 
 class RagStore:

@@ -17,23 +17,27 @@ baselines and the hybrid configurations are measured the same way in the same ru
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgelm.bench.report import _write_atomically
 from edgelm.client import EdgelmClient
 from edgelm.cost import Prices, local_cost_per_request
+from edgelm.reporting import (
+    escape,
+    figure_data_uri,
+    html_page,
+    html_table,
+    mpl_text,
+    new_figure,
+    write_atomically,
+)
 from edgelm.router.policies import Draft, Policy, decide_before_draft, parse_policy, route_for
 from edgelm.router_service import name_for
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
     from rich.table import Table
 
 ProgressFn = Callable[[int, int, str], None]
@@ -478,7 +482,7 @@ def rich_table(report: EvalReport) -> Table:
 
 
 def write_json(report: EvalReport, path: Path) -> Path:
-    return _write_atomically(path, json.dumps(report.to_dict(), indent=2))
+    return write_atomically(path, json.dumps(report.to_dict(), indent=2))
 
 
 def read_pieces(path: Path) -> list[Pieces]:
@@ -487,19 +491,10 @@ def read_pieces(path: Path) -> list[Pieces]:
     return [Pieces.from_dict(p) for p in data["pieces"]]
 
 
-def _figure() -> Figure:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(8, 5), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
 def frontier_png(report: EvalReport) -> str:
     """Quality against mean latency for every configuration, the Pareto frontier drawn through
     them and the target region shaded; a PNG data URI (Agg canvas, no pyplot, no display)."""
-    figure = _figure()
+    figure = new_figure(8, 5)
     axes = figure.add_subplot()
     llm = report.baseline("llm-only")
     if llm is not None:
@@ -519,7 +514,7 @@ def frontier_png(report: EvalReport) -> str:
         axes.scatter(c.mean_latency_s, c.quality, color=colours[c.kind], s=30, zorder=3)
         if c.kind != "hybrid" or c in frontier:
             axes.annotate(
-                c.name.replace("$", r"\$"),
+                mpl_text(c.name),
                 (c.mean_latency_s, c.quality),
                 fontsize=7,
                 xytext=(3, 3),
@@ -529,19 +524,12 @@ def frontier_png(report: EvalReport) -> str:
     axes.set_ylabel(f"quality ({report.metric})")
     axes.set_xlim(left=0)
     axes.set_title("hybrid router: quality vs latency (shaded: ≤60% of LLM latency)")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return figure_data_uri(figure)
 
 
 def write_html(report: EvalReport, path: Path) -> Path:
     """One offline file: the frontier plot, the table and the per-question routes."""
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in table_header(report))
-    body = "".join(
-        "<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>"
-        for row in table_rows(report)
-    )
+    e = escape
     best = report.best()
     verdict = (
         f"Best: <b>{e(best.name)}</b> keeps {_pct(best.quality_share)} of LLM-only quality at "
@@ -550,18 +538,19 @@ def write_html(report: EvalReport, path: Path) -> Path:
         if best
         else "No hybrid configuration."
     )
-    meta = "".join(f"<li>{e(str(k))}: {e(str(v))}</li>" for k, v in report.meta.items())
-    questions = "".join(
-        f"<tr><td>{e(p.id)}</td><td>{e(p.question)}</td><td>{e(' | '.join(p.answers))}</td>"
-        f"<td>{e(p.draft.text[:200])}</td><td>{p.mean_logprob}</td><td>{e(p.direct.text[:200])}</td></tr>"
-        for p in report.pieces
+    meta = "".join(f"<li>{e(k)}: {e(v)}</li>" for k, v in report.meta.items())
+    questions = html_table(
+        ("id", "question", "answers", "draft", "mean logprob", "LLM"),
+        (
+            (p.id, p.question, " | ".join(p.answers), p.draft.text[:200], p.mean_logprob,
+             p.direct.text[:200])
+            for p in report.pieces
+        ),
+    )  # fmt: skip
+    body = (
+        f"<h1>edgelm hybrid eval</h1><p>{verdict}</p><ul>{meta}</ul>"
+        f'<img alt="quality vs latency frontier" src="{frontier_png(report)}">'
+        f"{html_table(table_header(report), table_rows(report))}"
+        f"<h2>Questions</h2>{questions}"
     )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edgelm hybrid eval</title>
-<style>body{{font-family:sans-serif;margin:2em;}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}td:first-child{{text-align:left}}</style>
-</head><body><h1>edgelm hybrid eval</h1><p>{verdict}</p><ul>{meta}</ul>
-<img alt="quality vs latency frontier" src="{frontier_png(report)}">
-<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<h2>Questions</h2><table><thead><tr><th>id</th><th>question</th><th>answers</th><th>draft</th>
-<th>mean logprob</th><th>LLM</th></tr></thead><tbody>{questions}</tbody></table></body></html>"""
-    return _write_atomically(path, page)
+    return write_atomically(path, html_page("edgelm hybrid eval", body))

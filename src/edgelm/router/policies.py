@@ -24,7 +24,6 @@ or ``{"any": ["length=600", {"policy": "confidence", "threshold": -1}]}``.
 
 from __future__ import annotations
 
-import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,14 +31,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from edgelm.errors import InvalidRequest
+from edgelm.policy_spec import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_INSUFFICIENT_CHARS,
+    DEFAULT_LENGTH,
+    Action,
+    AllOfSpec,
+    AnyOfSpec,
+    Spec,
+    Term,
+    parse_spec,
+)
 
 Route = Literal["draft", "refine", "direct"]
-Action = Literal["refine", "direct"]
-
-DEFAULT_LENGTH = 600
-DEFAULT_CONFIDENCE = -1.0
-DEFAULT_CONFIDENCE_MIN = -6.0
-DEFAULT_INSUFFICIENT_CHARS = 3
 
 # Phrases with which small models say they cannot answer. Lower-case; matched as regexes.
 INSUFFICIENT_PATTERNS: tuple[str, ...] = (
@@ -464,98 +468,47 @@ def route_for(policy: Policy, question: str, draft: Draft) -> Decision:
     return decide(policy, question, draft)
 
 
-# -- parsing -----------------------------------------------------------------------------------
-
-
-def _number(name: str, raw: str | None, default: float) -> float:
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidRequest(
-            f"policy '{name}' needs a number, got '{raw}'", param="policy"
-        ) from None
-    if math.isnan(value):
-        raise InvalidRequest(f"policy '{name}' needs a number, got '{raw}'", param="policy")
-    return value
-
-
-def _term(text: str, topic_patterns: Sequence[str]) -> Policy:
-    term, arrow, action = text.partition(">")
-    if arrow:
-        action = action.strip().lower()
-        if action not in ("refine", "direct"):
-            raise InvalidRequest(
-                f"'{text.strip()}': escalate with '>refine' or '>direct', not '>{action}'",
-                param="policy",
-            )
-        return Escalate(_term(term, topic_patterns), action)  # type: ignore[arg-type]
-    name, _, raw = text.strip().partition("=")
-    name = name.strip().lower()
-    raw = raw.strip()
-    if name == "never":
-        return Never()
-    if name == "always":
-        return Always()
-    if name == "length":
-        return Length(int(_number(name, raw, DEFAULT_LENGTH)))
-    if name in ("confidence", "confidence-mean"):
-        return Confidence(_number(name, raw, DEFAULT_CONFIDENCE), "mean")
-    if name == "confidence-min":
-        return Confidence(_number(name, raw, DEFAULT_CONFIDENCE_MIN), "min")
-    if name == "insufficient":
-        return Insufficient(int(_number(name, raw, DEFAULT_INSUFFICIENT_CHARS)))
-    if name == "keywords":
-        words = [w for w in raw.split(";") if w.strip()]
-        if not words:
-            raise InvalidRequest("policy 'keywords' needs words: keywords=a;b", param="policy")
-        return Keywords.words(words)
-    if name == "topic":
-        return Keywords(tuple(topic_patterns), "topic")
-    raise InvalidRequest(
-        f"unknown policy '{name}'; use never, always, length, confidence, confidence-min, "
-        "insufficient, keywords or topic",
-        param="policy",
-    )
+# -- building from a spec ----------------------------------------------------------------------
 
 
 def parse_policy(
     spec: str | Mapping[str, Any] | Sequence[Any], topic_patterns: Sequence[str] = ()
 ) -> Policy:
-    """Build a policy from a spec string or its JSON-like form (see the module docstring)."""
-    if isinstance(spec, Mapping):
-        return _from_mapping(spec, topic_patterns)
-    if not isinstance(spec, str):
-        return _one([parse_policy(s, topic_patterns) for s in spec], AnyOf)
-    if not spec.strip():
-        raise InvalidRequest("empty policy", param="policy")
-    alternatives = [a for a in re.split(r"[,|]", spec) if a.strip()]
-    any_children: list[Policy] = []
-    for alternative in alternatives:
-        terms = [_term(t, topic_patterns) for t in alternative.split("&") if t.strip()]
-        any_children.append(_one(terms, AllOf))
-    return _one(any_children, AnyOf)
+    """Build a policy from a spec string or its JSON-like form (see the module docstring);
+    the grammar itself is :func:`edgelm.policy_spec.parse_spec`."""
+    return _build(parse_spec(spec), topic_patterns)
 
 
-def _one(children: list[Policy], kind: type[_Composite]) -> Policy:
-    return children[0] if len(children) == 1 else kind(children)
+def _build(spec: Spec, topic_patterns: Sequence[str]) -> Policy:
+    if isinstance(spec, AnyOfSpec):
+        return AnyOf([_build(child, topic_patterns) for child in spec.children])
+    if isinstance(spec, AllOfSpec):
+        return AllOf([_build(child, topic_patterns) for child in spec.children])
+    policy = _leaf(spec, topic_patterns)
+    return Escalate(policy, spec.action) if spec.action else policy
 
 
-def _from_mapping(data: Mapping[str, Any], topic_patterns: Sequence[str]) -> Policy:
-    if "any" in data:
-        return AnyOf([parse_policy(s, topic_patterns) for s in data["any"]])
-    if "all" in data:
-        return AllOf([parse_policy(s, topic_patterns) for s in data["all"]])
-    name = str(data.get("policy") or "")
-    if not name:
-        raise InvalidRequest("a policy object needs 'policy', 'any' or 'all'", param="policy")
-    if name == "keywords":
-        words = data.get("keywords") or data.get("words") or []
-        if isinstance(words, str):
-            words = words.split(";")
-        return Keywords.words(words)
-    if name == "topic" and data.get("patterns"):
-        return Keywords(tuple(data["patterns"]), "topic")
-    threshold = data.get("threshold")
-    return _term(name if threshold is None else f"{name}={threshold}", topic_patterns)
+def _leaf(term: Term, topic_patterns: Sequence[str]) -> Policy:
+    if term.name == "never":
+        return Never()
+    if term.name == "always":
+        return Always()
+    if term.name == "length":
+        return Length(int(_value(term)))
+    if term.name == "confidence":
+        return Confidence(float(_value(term)), "mean")
+    if term.name == "confidence-min":
+        return Confidence(float(_value(term)), "min")
+    if term.name == "insufficient":
+        return Insufficient(int(_value(term)))
+    if term.name == "keywords":
+        return Keywords.words(term.words)
+    if term.name == "topic":
+        patterns = topic_patterns if term.patterns is None else term.patterns
+        return Keywords(tuple(patterns), "topic")
+    raise InvalidRequest(f"unknown policy '{term.name}'", param="policy")
+
+
+def _value(term: Term) -> float | int:
+    assert term.value is not None, f"the spec parser gives '{term.name}' a value"
+    return term.value

@@ -6,6 +6,10 @@ stream of chunks (usually by calling real models through the pool) and may attac
 ``extension`` — route, citations, timings — that the service returns under the ``edgelm``
 key of the response (or the final stream chunk) and, for short facts, as response headers.
 OpenAI clients ignore both; edgelm's own tools read them.
+
+A virtual model sees the running service through :class:`StateView`, the part of
+:class:`edgelm.server.state.ServiceState` it may use; the state holds the virtual models, so
+naming the state itself here would make the two modules import each other.
 """
 
 from __future__ import annotations
@@ -13,12 +17,27 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edgelm.types import Chunk, GenerationRequest
 
 if TYPE_CHECKING:
-    from edgelm.server.state import ServiceState
+    from edgelm.catalog import Catalog
+    from edgelm.pool import ModelPool
+    from edgelm.settings import Settings
+
+
+class StateView(Protocol):
+    """What a virtual model may use of the running service (``ServiceState`` provides it)."""
+
+    settings: Settings
+    catalog: Catalog
+    pool: ModelPool
+    started_at: float
+
+    def find_virtual(self, name: str) -> VirtualModel | None:
+        """The virtual model family that serves ``name``, if any."""
+        ...
 
 
 @dataclass
@@ -42,16 +61,16 @@ class VirtualModel(ABC):
         """Whether ``name`` (as sent in a request's ``model``) belongs to this family."""
 
     @abstractmethod
-    def cards(self, state: ServiceState) -> list[dict[str, Any]]:
+    def cards(self, state: StateView) -> list[dict[str, Any]]:
         """Entries for ``GET /v1/models`` (OpenAI model objects with edgelm's extra fields)."""
 
     @abstractmethod
     async def answer(
-        self, state: ServiceState, name: str, request: GenerationRequest
+        self, state: StateView, name: str, request: GenerationRequest
     ) -> VirtualAnswer:
         """Start answering; raise an EdgelmError for a bad name or request."""
 
-    def card(self, state: ServiceState, model_id: str, **extra: Any) -> dict[str, Any]:
+    def card(self, state: StateView, model_id: str, **extra: Any) -> dict[str, Any]:
         """A model object in the same shape as real models' cards."""
         return {
             "id": model_id,
