@@ -237,3 +237,16 @@ def test_leaf_modules_stay_leaves(leaf: str) -> None:
     circle (the settings schema validates policy specs through policy_spec for that reason)."""
     graph = dependencies(SRC)
     assert graph[leaf] <= {"edgelm.errors"}, graph[leaf]
+
+
+def test_the_settings_schema_imports_no_feature_package() -> None:
+    """Core modules sit below the features: everything ``edgelm.settings`` runs on import
+    stays outside rag, router, server, bench, evals and cli."""
+    graph = dependencies(SRC)
+    seen, todo = set(), ["edgelm.settings"]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    features = ("rag", "router", "server", "bench", "evals", "cli")
+    assert not {m for m in seen if m.split(".")[1] in features}, sorted(seen)

@@ -2,10 +2,9 @@
 
 Every report is computed from the run's raw requests (statistics through
 :func:`edgelm.bench.stats.stats_for`), so a run read back from JSON or SQLite reports the same
-figures as when it was measured. The HTML report is a single file with no network use at all:
-CSS inline, no scripts, plots as PNG data URIs drawn with matplotlib's Agg canvas (no pyplot,
-so no global backend state and nothing that needs a display), because reports get mailed,
-archived and opened on machines without internet.
+figures as when it was measured. The HTML report is a single file with no network use at all
+(CSS inline, no scripts, plots as PNG data URIs), made with :mod:`edgelm.reporting` like the
+eval and hybrid-router reports.
 """
 
 from __future__ import annotations
