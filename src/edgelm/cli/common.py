@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from edgelm.settings import Settings, load_settings
 
@@ -104,12 +104,6 @@ JSON_OPTION = typer.Option(
     False, "--json", help="Print one JSON document and nothing else (for scripts and jq)."
 )
 
-# Wide enough for any table's natural width; only used to measure.
-_UNBOUNDED = 10_000
-# Characters a folded column keeps when a terminal is too narrow for the whole table.
-_NARROWEST = 4
-
-
 SECRET_SUFFIXES = ("api_key", "token")
 
 
@@ -133,6 +127,12 @@ def show(data: Any, as_json: bool, human: Callable[[], object]) -> None:
         human()
 
 
+# Wide enough for any table's natural width; only used to measure.
+_UNBOUNDED = 10_000
+# Characters a folded column keeps when a terminal is too narrow for the whole table.
+_NARROWEST = 4
+
+
 def print_table(table: Table, key_columns: int = 1, out: Console | None = None) -> None:
     """Print ``table`` without ever cutting its first ``key_columns`` columns: the alias, id or
     name that a reader or ``grep`` looks for.
@@ -147,7 +147,7 @@ def print_table(table: Table, key_columns: int = 1, out: Console | None = None) 
     out = out or console()
     wide = out.options.update_width(_UNBOUNDED)
 
-    def widest(column: Any) -> int:
+    def widest(column: Column) -> int:
         cells = [column.header, *column.cells]
         return max(Measurement.get(out, wide, c).maximum for c in cells)
 
