@@ -25,7 +25,8 @@ def fake_entry(alias: str, **options: Any) -> CatalogEntry:
 
 @pytest.fixture
 def settings(isolated_home: Path) -> Settings:
-    return load_settings(env={"EDGELM_HOME": str(isolated_home)})
+    """The test's settings: its own home, and a service port nothing listens on."""
+    return load_settings()
 
 
 @pytest.fixture

@@ -126,7 +126,8 @@ def test_non_streaming_and_external_target(settings, bench_catalog, serve_app) -
 def test_make_target_kinds(settings) -> None:
     assert isinstance(make_target("local:smollm2-135m", settings), InProcessTarget)
     assert make_target("service:smollm2-135m", settings).kind == "service"
-    # nothing listens on the default port in tests: a bare alias runs in-process
+    # nothing listens on a test's service port (tests/conftest.py), even while a developer's
+    # service runs on 5273: a bare alias runs in-process
     assert make_target("smollm2-135m", settings).kind == "in-process"
     with pytest.raises(InvalidRequest):
         make_target("gpu:x", settings)

@@ -77,7 +77,9 @@ def test_model_add_remove(tmp_path: Path, isolated_home: Path) -> None:
     assert run("model", "remove", "smollm2-135m").exit_code == 1
 
 
-def test_config_commands(isolated_home: Path) -> None:
+def test_config_commands(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the file layer and the defaults give: without the test's port from the environment.
+    monkeypatch.delenv("EDGELM_SERVICE__PORT")
     assert run("config", "set", "service.port", "6001").exit_code == 0
     assert run("config", "get", "service.port").output.strip() == "6001"
     bad = run("config", "set", "service.port", "abc")

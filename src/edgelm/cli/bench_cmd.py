@@ -1,14 +1,17 @@
-"""``edgelm bench run | micro | history | diff | report`` and ``edgelm compare``.
+"""``edgelm bench [run | micro | history | diff | report]`` and ``edgelm compare``.
 
 Options can also come from the environment variables the Foundry Local workshop scripts use
 (``BENCH_MODELS``, ``BENCH_ROUNDS``, ``BENCH_PROMPT``, ``BENCH_MAX_TOKENS``, ``BENCH_STREAM``,
-``SLM_ALIAS``, ``LLM_ALIAS``, ``COMPARE_PROMPT``), so those scripts' habits carry over.
+``SLM_ALIAS``, ``LLM_ALIAS``, ``COMPARE_PROMPT``, ``FOUNDRY_LOCAL_ENDPOINT``: see
+:mod:`edgelm.bench.workshop`), so those scripts' habits carry over; ``edgelm bench`` alone
+runs ``bench run`` with them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -20,26 +23,55 @@ from edgelm.bench.runner import BenchConfig, run_bench
 from edgelm.bench.stats import SLO, ttft_over
 from edgelm.bench.targets import Target, make_target
 from edgelm.bench.workloads import load_prompts
+from edgelm.bench.workshop import workshop_endpoint
 from edgelm.catalog import Catalog
 from edgelm.cli.common import (
+    JSON_OPTION,
     cell,
     console,
     fail,
     human_bytes,
+    print_table,
     progress_bars,
     records_table,
     settings_of,
+    show,
     split_list,
 )
 from edgelm.cost import Prices, monthly_tco
 from edgelm.settings import Settings
 from edgelm.sysinfo import system_info
 
-app = typer.Typer(help="Measure models: latency, throughput, memory, cost.")
+app = typer.Typer(
+    help="Measure models: latency, throughput, memory, cost. Alone, `edgelm bench` runs "
+    "`bench run` configured by the Foundry Local workshop's variables (BENCH_MODELS, "
+    "BENCH_ROUNDS, BENCH_PROMPT, BENCH_MAX_TOKENS, BENCH_STREAM, FOUNDRY_LOCAL_ENDPOINT)."
+)
+
+
+@app.callback(invoke_without_command=True)
+def bench(ctx: typer.Context) -> None:
+    """Without a subcommand, run ``bench run`` as if typed with no options: its values then
+    come from the workshop's environment variables, or its defaults."""
+    if ctx.invoked_subcommand is not None:
+        return
+    command = ctx.command.get_command(ctx, "run")  # type: ignore[attr-defined]
+    with command.make_context("run", [], parent=ctx) as run_ctx:
+        command.invoke(run_ctx)
 
 
 def _db(settings: Settings) -> Path:
     return settings.home / "results.db"
+
+
+def _bench_settings(ctx: typer.Context) -> Settings:
+    """Settings whose endpoint falls back to the workshop's FOUNDRY_LOCAL_ENDPOINT when neither
+    ``--endpoint`` nor ``EDGELM_ENDPOINT`` names the service."""
+    settings = settings_of(ctx)
+    workshop = workshop_endpoint(os.environ)
+    if workshop and not settings.client.endpoint:
+        settings = settings_of(ctx, **{"client.endpoint": workshop})
+    return settings
 
 
 def _write_outputs(run, out: Path | None, settings: Settings, html: bool) -> Path:  # type: ignore[no-untyped-def]
@@ -105,7 +137,7 @@ def run(
     api_key: str | None = typer.Option(None, help="Key for an external endpoint."),
 ) -> None:
     """Benchmark one or more targets; store the run and write JSON, CSV and an HTML report."""
-    settings = settings_of(ctx)
+    settings = _bench_settings(ctx)
     specs = split_list(models) if models else [settings.service.default_model]
     levels = [int(c) for c in split_list(concurrency)]
     if any(level < 1 or level > 64 for level in levels):
@@ -141,7 +173,7 @@ def run(
                 result.micro.extend(micro_bench(model, settings, reps=3))
     run_id = history.save_run(_db(settings), result)
     directory = _write_outputs(result, out, settings, html)
-    console().print(report.results_table(result))
+    print_table(report.results_table(result))
     if result.micro or any(s.kind == "in-process" for s in result.scenarios):
         _print_engine_ratio(result)
     console().print(report.print_json_block(result), markup=False, highlight=False)
@@ -179,7 +211,7 @@ def _print_engine_ratio(result) -> None:  # type: ignore[no-untyped-def]
         )
         shown += over is not None or raw is not None
     if shown:
-        console().print(table)
+        print_table(table)
 
 
 @app.command("micro")
@@ -205,7 +237,7 @@ def micro(
             row["test"],
             f"{row['tokens_per_s']:.2f} ± {row['std']:.2f}",
         )
-    console().print(table)
+    print_table(table)
     for row in rows:
         if "bandwidth_share" in row:
             console().print(
@@ -218,13 +250,19 @@ def micro(
 
 
 @app.command("history")
-def history_(ctx: typer.Context, limit: int = typer.Option(20, min=1)) -> None:
+def history_(
+    ctx: typer.Context, limit: int = typer.Option(20, min=1), as_json: bool = JSON_OPTION
+) -> None:
     """Stored runs, newest first."""
     rows = history.list_runs(_db(settings_of(ctx)), limit)
-    if not rows:
-        console().print("no benchmark runs stored yet")
-        return
-    console().print(records_table("benchmark runs", rows))
+
+    def human() -> None:
+        if not rows:
+            console().print("no benchmark runs stored yet")
+            return
+        print_table(records_table("benchmark runs", rows))
+
+    show(rows, as_json, human)
 
 
 @app.command("diff")
@@ -254,7 +292,7 @@ def diff(
             f"{ratio:.3f}" if isinstance(ratio, float) else "-",
             flag,
         )
-    console().print(table)
+    print_table(table)
     if regressed:
         raise typer.Exit(1)
 
@@ -269,7 +307,7 @@ def report_(
     settings = settings_of(ctx)
     result = history.load_run(_db(settings), run_id)
     directory = _write_outputs(result, out, settings, html=True)
-    console().print(report.results_table(result))
+    print_table(report.results_table(result))
     console().print(f"written to {directory}")
 
 
@@ -290,7 +328,7 @@ def compare_command(
     """Same prompts to an SLM and an LLM: latency, memory, cost, answers, and a decision."""
     from edgelm.compare import compare, comparison_json
 
-    settings = settings_of(ctx)
+    settings = _bench_settings(ctx)
     catalog = Catalog.load(settings.home)
     slm_alias = slm or catalog.for_tier("slm").alias
     llm_alias = llm or catalog.for_tier("llm").alias
@@ -316,7 +354,7 @@ def _print_comparison(result, prices: Prices, requests_per_day: float) -> None: 
     for m in result.models:
         answers.add_column(m.model, overflow="fold", ratio=1)
     answers.add_row(*(m.answers[0][1] if m.answers else "(failed)" for m in result.models))
-    console().print(answers)
+    console().print(answers)  # one column per model, side by side: no key column
     decision = Table(title=f"decision table (costs per 1k requests, {currency}; {prices.source})")
     for column in (
         "model",
@@ -345,7 +383,7 @@ def _print_comparison(result, prices: Prices, requests_per_day: float) -> None: 
             cloud,
             m.best_use,
         )
-    console().print(decision)
+    print_table(decision)
     tco = Table(title=f"a month at {requests_per_day:.0f} requests/day ({currency})")
     for column in ("model", "machine busy", "local total", "cloud totals"):
         tco.add_column(column, overflow="fold")
@@ -359,4 +397,4 @@ def _print_comparison(result, prices: Prices, requests_per_day: float) -> None: 
             f"{month['local_total']:.2f}",
             ", ".join(f"{k}: {v:.2f}" for k, v in month["cloud_total"].items()),
         )
-    console().print(tco)
+    print_table(tco)

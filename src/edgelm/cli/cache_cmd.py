@@ -6,26 +6,41 @@ import typer
 from rich.table import Table
 
 from edgelm.catalog import Catalog
-from edgelm.cli.common import console, fail, human_bytes, settings_of
+from edgelm.cli.common import (
+    JSON_OPTION,
+    console,
+    fail,
+    human_bytes,
+    print_table,
+    settings_of,
+    show,
+)
 from edgelm.store import ModelStore
 
 app = typer.Typer(help="Manage the model cache ($EDGELM_HOME/models by default).")
 
 
 @app.command("list")
-def list_(ctx: typer.Context) -> None:
+def list_(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     """Models on disk with their size."""
     store = ModelStore(settings_of(ctx))
-    cached = store.list()
-    if not cached:
-        console().print(f"no models in {store.location()}")
-        return
-    table = Table(title=str(store.location()))
-    for column in ("alias", "size", "path"):
-        table.add_column(column)
-    for item in cached:
-        table.add_row(item.alias, human_bytes(item.size_bytes), str(item.path))
-    console().print(table)
+    rows = [
+        {"alias": item.alias, "size_bytes": item.size_bytes, "path": str(item.path)}
+        for item in store.list()
+    ]
+
+    def human() -> None:
+        if not rows:
+            console().print(f"no models in {store.location()}")
+            return
+        table = Table(title=str(store.location()))
+        for column in ("alias", "size", "path"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row["alias"], human_bytes(row["size_bytes"]), row["path"])
+        print_table(table)
+
+    show(rows, as_json, human)
 
 
 @app.command("verify")

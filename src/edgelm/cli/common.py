@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from edgelm.settings import Settings, load_settings
 
@@ -94,3 +96,79 @@ def progress_bars() -> tuple[Progress, Callable[[int, int, str], None]]:
         progress.update(tasks[description], completed=done, total=total)
 
     return progress, update
+
+
+# Output for people and for scripts: every listing and status command takes --json.
+
+JSON_OPTION = typer.Option(
+    False, "--json", help="Print one JSON document and nothing else (for scripts and jq)."
+)
+
+SECRET_SUFFIXES = ("api_key", "token")
+
+
+def hide_secret(key: str, value: Any) -> Any:
+    """``****`` for a set API key or token, so listings can be pasted into a bug report."""
+    return "****" if value and key.endswith(SECRET_SUFFIXES) else value
+
+
+def print_json(data: Any) -> None:
+    """``data`` as one JSON document on stdout and nothing else, so ``edgelm … --json | jq``
+    works: plain text (no rich markup, colour or wrapping at the terminal width)."""
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def show(data: Any, as_json: bool, human: Callable[[], object]) -> None:
+    """What every listing and status command ends with: ``data`` as JSON with ``--json``,
+    otherwise ``human()`` prints it for people (tables, sentences)."""
+    if as_json:
+        print_json(data)
+    else:
+        human()
+
+
+# Wide enough for any table's natural width; only used to measure.
+_UNBOUNDED = 10_000
+# Characters a folded column keeps when a terminal is too narrow for the whole table.
+_NARROWEST = 4
+
+
+def print_table(table: Table, key_columns: int = 1, out: Console | None = None) -> None:
+    """Print ``table`` without ever cutting its first ``key_columns`` columns: the alias, id or
+    name that a reader or ``grep`` looks for.
+
+    Left alone, rich fits a table to the terminal by shrinking every column and cutting words
+    with '…'; piped, it has no terminal and assumes 80 columns, so ``edgelm model list | grep
+    qwen2.5-1.5b`` found nothing. Here the key columns never wrap and keep their widest cell,
+    and the other columns fold onto more lines instead of losing text. In a terminal the table
+    fits its width when folding can make room (wider when it cannot); piped, every row stays on
+    one line at the table's natural width, which is what ``grep`` and ``awk`` read.
+    """
+    out = out or console()
+    wide = out.options.update_width(_UNBOUNDED)
+
+    def widest(column: Column) -> int:
+        cells = [column.header, *column.cells]
+        return max(Measurement.get(out, wide, c).maximum for c in cells)
+
+    folding = 0  # how much the folding columns can give up
+    for index, column in enumerate(table.columns):
+        if index < key_columns:
+            column.no_wrap = True
+            column.min_width = max(column.min_width or 0, widest(column))
+        else:
+            if column.overflow == "ellipsis":
+                column.overflow = "fold"
+            if not column.no_wrap and column.width is None:
+                folding += max(0, widest(column) - _NARROWEST)
+    natural = Measurement.get(out, wide, table).maximum
+    needed = natural - folding if out.is_terminal else natural
+    if needed <= out.width:
+        out.print(table)
+        return
+    terminal_width = out.width
+    out.width = needed
+    try:
+        out.print(table)
+    finally:
+        out.width = terminal_width

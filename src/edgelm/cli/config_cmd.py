@@ -7,18 +7,14 @@ import json
 import typer
 from rich.table import Table
 
-from edgelm.cli.common import console, settings_of
+from edgelm.cli.common import JSON_OPTION, console, hide_secret, print_table, settings_of, show
 from edgelm.settings import get_value, iter_keys, set_in_file, unset_in_file
 
 app = typer.Typer(help="Read and change settings (stored in $EDGELM_HOME/config.toml).")
 
 
-SECRET_SUFFIXES = ("api_key", "token")
-
-
 def _show(value: object, key: str = "") -> str:
-    if value and key.endswith(SECRET_SUFFIXES):
-        return "****"
+    value = hide_secret(key, value)
     if hasattr(value, "model_dump"):
         return json.dumps(value.model_dump(mode="json"))  # type: ignore[attr-defined]
     if isinstance(value, list | dict | bool) or value is None:
@@ -50,37 +46,30 @@ def unset(ctx: typer.Context, key: str) -> None:
 
 
 @app.command("list")
-def list_(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
+def list_(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     """Every key with its type, current value and description."""
     settings = settings_of(ctx)
     rows = []
     for key, field in iter_keys():
         annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
         rows.append(
-            (
-                key,
-                annotation.replace("typing.", ""),
-                get_value(settings, key),
-                field.description or "",
-            )
+            {
+                "key": key,
+                "type": annotation.replace("typing.", ""),
+                "value": _show(get_value(settings, key), key),
+                "description": field.description or "",
+            }
         )
-    if as_json:
-        console().print_json(
-            json.dumps(
-                [
-                    {"key": k, "type": t, "value": _show(v, k), "description": d}
-                    for k, t, v, d in rows
-                ],
-                default=str,
-            )
-        )
-        return
-    table = Table(title=f"settings ({settings.config_path})")
+    show(rows, as_json, lambda: print_table(_settings_table(settings.config_path, rows)))
+
+
+def _settings_table(path: object, rows: list[dict[str, str]]) -> Table:
+    table = Table(title=f"settings ({path})")
     for column in ("key", "type", "value", "description"):
         table.add_column(column, overflow="fold")
-    for key, type_, value, description in rows:
-        table.add_row(key, type_, _show(value, key), description)
-    console().print(table)
+    for row in rows:
+        table.add_row(row["key"], row["type"], row["value"], row["description"])
+    return table
 
 
 @app.command("path")

@@ -11,13 +11,16 @@ import typer
 from rich.table import Table
 
 from edgelm.cli.common import (
+    JSON_OPTION,
     cell,
     console,
     err_console,
     fail,
+    print_table,
     progress_bars,
     records_table,
     settings_of,
+    show,
     split_list,
 )
 from edgelm.client import EdgelmClient
@@ -51,12 +54,11 @@ def _load(settings: Settings, run_ids: list[str]) -> list[eval_report.LoadedRun]
 
 
 def _print_report(runs: list[eval_report.LoadedRun], prices: Prices) -> None:
-    out = console()
-    out.print(eval_report.summary_table(runs, prices))
+    print_table(eval_report.summary_table(runs, prices))
     metrics = eval_report.metrics_table(runs)
     if metrics is not None:
-        out.print(metrics)
-    out.print(eval_report.category_table(runs))
+        print_table(metrics)
+    print_table(eval_report.category_table(runs))
 
 
 def _html_path(settings: Settings, run_ids: list[str], out: Path | None) -> Path:
@@ -145,7 +147,7 @@ def report(
     prices = Prices.load(settings.home)
     _print_report(runs, prices)
     for other in runs[1:]:
-        console().print(eval_report.diff_table(eval_report.diff_runs(runs[0], other, threshold)))
+        print_table(eval_report.diff_table(eval_report.diff_runs(runs[0], other, threshold)))
     path = eval_report.write_html(
         runs, _html_path(settings, [lr.run.id for lr in runs], out), prices
     )
@@ -163,7 +165,7 @@ def diff(
     settings = settings_of(ctx)
     a, b = _load(settings, [run_a, run_b])
     result = eval_report.diff_runs(a, b, threshold)
-    console().print(eval_report.diff_table(result))
+    print_table(eval_report.diff_table(result))
     worse = [f for f in result["flips"] if f["regression"]]
     if worse:
         console().print(
@@ -174,13 +176,19 @@ def diff(
 
 
 @app.command("list")
-def list_(ctx: typer.Context, limit: int = typer.Option(20, min=1)) -> None:
+def list_(
+    ctx: typer.Context, limit: int = typer.Option(20, min=1), as_json: bool = JSON_OPTION
+) -> None:
     """Stored evaluation runs, newest first."""
     rows = store.list_runs(_db(settings_of(ctx)), limit)
-    if not rows:
-        console().print("no evaluation runs stored yet")
-        return
-    console().print(records_table("evaluation runs", rows))
+
+    def human() -> None:
+        if not rows:
+            console().print("no evaluation runs stored yet")
+            return
+        print_table(records_table("evaluation runs", rows))
+
+    show(rows, as_json, human)
 
 
 @app.command("ragas")
@@ -206,7 +214,7 @@ def ragas(
     for r in rows:
         cells = (r.edgelm, r.ragas, r.delta)
         table.add_row(r.item_id, r.model, r.metric, *(cell(v) for v in cells), r.error)
-    console().print(table)
+    print_table(table, key_columns=2)
     failed = sum(1 for r in rows if r.error)
     if failed:
         console().print(
@@ -215,11 +223,16 @@ def ragas(
 
 
 @app.command("datasets")
-def datasets() -> None:
+def datasets(as_json: bool = JSON_OPTION) -> None:
     """The shipped question sets with their size and licence."""
-    table = Table(title="datasets")
-    for column in ("name", "size", "licence", "description"):
-        table.add_column(column, overflow="fold")
-    for row in list_datasets():
-        table.add_row(row["name"], str(row["size"]), row["licence"], row["description"])
-    console().print(table)
+    rows = list_datasets()
+
+    def human() -> None:
+        table = Table(title="datasets")
+        for column in ("name", "size", "licence", "description"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(row["name"], str(row["size"]), row["licence"], row["description"])
+        print_table(table)
+
+    show(rows, as_json, human)

@@ -16,7 +16,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from edgelm.cli.common import console, fail, settings_of, split_list
+from edgelm.cli.common import console, fail, print_table, settings_of, split_list
 from edgelm.client import ChatResult, EdgelmClient
 from edgelm.cost import Prices
 from edgelm.router import evaluate as ev
@@ -58,7 +58,7 @@ def _ask(
         out.print(json.dumps(payload, indent=2), markup=False, highlight=False)
         return
     out.print()
-    out.print(_record_table(result.extension or {}))
+    print_table(_record_table(result.extension or {}), out=out)
 
 
 _PROMPT = typer.Option(None, "--prompt", "-p", help="The question.")
@@ -224,7 +224,7 @@ def eval_(
     directory = out or settings.home / "hybrid" / time.strftime("%Y%m%d-%H%M%S")
     ev.write_json(report, directory / "results.json")
     ev.write_html(report, directory / "report.html")
-    console().print(ev.rich_table(report))
+    print_table(ev.rich_table(report))
     best = report.best()
     if best is not None:
         console().print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.progress import (
@@ -17,7 +18,16 @@ from rich.table import Table
 
 from edgelm import service
 from edgelm.catalog import Catalog, CatalogEntry
-from edgelm.cli.common import console, fail, human_bytes, settings_of
+from edgelm.cli.common import (
+    JSON_OPTION,
+    console,
+    fail,
+    hide_secret,
+    human_bytes,
+    print_table,
+    settings_of,
+    show,
+)
 from edgelm.client import EdgelmClient
 from edgelm.settings import Settings
 from edgelm.store import ModelStore
@@ -30,40 +40,70 @@ def _catalog(settings: Settings) -> Catalog:
 
 
 @app.command("list")
-def list_(ctx: typer.Context) -> None:
+def list_(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     """The catalog: aliases, tiers, sizes and whether each model is downloaded."""
     settings = settings_of(ctx)
     store = ModelStore(settings)
+    rows = [
+        {
+            "alias": entry.alias,
+            "aliases": entry.aliases,
+            "tier": entry.tier,
+            "name": entry.name,
+            "engine": entry.engine_name(settings.compute.engine),
+            "parameters": entry.parameters,
+            "quantization": entry.quantization,
+            "size_bytes": entry.size_bytes,
+            "license": entry.license,
+            "cached": not entry.needs_file or store.is_cached(entry),
+            "user": entry.user,
+        }
+        for entry in _catalog(settings)
+    ]
+    show(rows, as_json, lambda: print_table(_models_table(rows)))
+
+
+def _models_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="edgelm models")
     for column in ("alias", "tier", "name", "params", "quant", "size", "licence", "cached"):
         table.add_column(column)
-    for entry in _catalog(settings):
-        cached = "yes" if (not entry.needs_file or store.is_cached(entry)) else "no"
+    for row in rows:
         table.add_row(
-            entry.alias,
-            entry.tier,
-            entry.name or "-",
-            entry.parameters or "-",
-            entry.quantization or "-",
-            human_bytes(entry.size_bytes),
-            entry.license or "-",
-            cached,
+            row["alias"],
+            row["tier"],
+            row["name"] or "-",
+            row["parameters"] or "-",
+            row["quantization"] or "-",
+            human_bytes(row["size_bytes"]),
+            row["license"] or "-",
+            "yes" if row["cached"] else "no",
         )
-    console().print(table)
+    return table
 
 
 @app.command("info")
-def info(ctx: typer.Context, alias: str) -> None:
+def info(ctx: typer.Context, alias: str, as_json: bool = JSON_OPTION) -> None:
     """Everything the catalog knows about one model."""
     settings = settings_of(ctx)
     entry = _catalog(settings).resolve(alias)
     store = ModelStore(settings)
+    data = entry.model_dump(mode="json")
+    data["options"] = {k: hide_secret(k, v) for k, v in entry.options.items()}
+    if entry.needs_file:
+        data["cached_path"] = str(store.path_for(entry))
+        data["cached"] = store.is_cached(entry)
+    else:
+        data["cached"] = True
+    show(data, as_json, lambda: print_table(_info_table(entry, data)))
+
+
+def _info_table(entry: CatalogEntry, data: dict[str, Any]) -> Table:
     table = Table(show_header=False, title=entry.alias)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
-    data = entry.model_dump(mode="json", exclude={"source", "options"})
+    shown_below = ("source", "options", "cached_path", "cached")
     for key, value in data.items():
-        if value not in (None, "", [], {}):
+        if key not in shown_below and value not in (None, "", [], {}):
             table.add_row(key, str(value))
     for i, source in enumerate(entry.source, 1):
         if source.kind == "hub":
@@ -72,9 +112,9 @@ def info(ctx: typer.Context, alias: str) -> None:
             where = f"{len(source.parts)} PyPI package(s): {source.parts[0].package} …"
         table.add_row(f"source {i} ({source.kind})", where)
     if entry.needs_file:
-        table.add_row("path", str(store.path_for(entry)))
-        table.add_row("cached", "yes" if store.is_cached(entry) else "no")
-    console().print(table)
+        table.add_row("path", data["cached_path"])
+        table.add_row("cached", "yes" if data["cached"] else "no")
+    return table
 
 
 def download_with_progress(settings: Settings, entry: CatalogEntry, force: bool = False) -> Path:

@@ -16,7 +16,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from edgelm.cli.common import console, fail, settings_of
+from edgelm.cli.common import JSON_OPTION, console, fail, print_table, settings_of, show
 from edgelm.rag.answer import AnswerOptions
 
 app = typer.Typer(help="Local RAG: ingest documents, ask questions with cited answers.")
@@ -126,24 +126,27 @@ def ask(
 
 
 @app.command("list")
-def list_(ctx: typer.Context) -> None:
+def list_(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     """Collections with their sources, chunks and embedding model."""
-    from edgelm.rag.store import RagStore, list_collections
+    from edgelm.rag.store import describe_collections
 
-    settings = settings_of(ctx)
-    table = Table(title="RAG collections")
-    for column in ("collection", "sources", "chunks", "vectors", "embedding model"):
-        table.add_column(column)
-    for name in list_collections(settings.home):
-        with RagStore.open(settings.home, name) as store:
+    rows = describe_collections(settings_of(ctx).home)
+
+    def human() -> None:
+        table = Table(title="RAG collections")
+        for column in ("collection", "sources", "chunks", "vectors", "embedding model"):
+            table.add_column(column)
+        for row in rows:
             table.add_row(
-                name,
-                str(len(store.sources())),
-                str(store.count_chunks()),
-                str(store.count_vectors()),
-                store.embedding_model or "-",
+                row["name"],
+                str(row["sources"]),
+                str(row["chunks"]),
+                str(row["vectors"]),
+                row["embedding_model"] or "-",
             )
-    console().print(table)
+        print_table(table)
+
+    show(rows, as_json, human)
 
 
 @app.command("remove")
@@ -210,7 +213,7 @@ def eval_(
             f"{s.no_hit_answerable:.0%}",
             f"{s.refused_unanswerable:.0%}",
         )
-    console().print(table)
+    print_table(table)
     if not embedder:
         console().print("[dim]dense and hybrid need --embed-model (a model serving embeddings)[/]")
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.table import Table
 
 from edgelm import service
-from edgelm.cli.common import console, fail, settings_of
+from edgelm.cli.common import JSON_OPTION, console, fail, print_json, print_table, settings_of
 from edgelm.client import EdgelmClient
 
 app = typer.Typer(help="Run the local OpenAI-compatible service.")
@@ -59,16 +61,30 @@ def restart(ctx: typer.Context, model: str | None = typer.Option(None, "--model"
 
 
 @app.command("status")
-def status(ctx: typer.Context) -> None:
-    """Endpoint, uptime and loaded models of the service."""
+def status(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+    """Endpoint, uptime and loaded models of the service (exit code 1 when it is not running).
+
+    With ``--json``: ``{"running": false, "endpoint": …}`` when it is down, else ``running``,
+    ``endpoint`` and the service's own ``status`` report (``status.loaded`` lists the models).
+    """
     settings = settings_of(ctx)
     client = EdgelmClient(settings.endpoint, api_key=settings.client.api_key)
     if not client.is_up():
+        if as_json:
+            print_json({"running": False, "endpoint": settings.endpoint})
+            raise typer.Exit(1)
         fail(
             f"the service at {settings.endpoint} is not running; start it with: edgelm service start"
         )
     data = client.status()
-    console().print(f"service running at [bold]{settings.endpoint}[/] (edgelm {data['version']})")
+    if as_json:
+        print_json({"running": True, "endpoint": settings.endpoint, "status": data})
+        return
+    _print_status(settings.endpoint, data)
+
+
+def _print_status(endpoint: str, data: dict[str, Any]) -> None:
+    console().print(f"service running at [bold]{endpoint}[/] (edgelm {data['version']})")
     console().print(f"uptime {data['uptime_s']} s, model dir {data['model_dir']}")
     loaded = data.get("loaded") or []
     if not loaded:
@@ -85,4 +101,4 @@ def status(ctx: typer.Context) -> None:
             str(item["requests"]),
             str(item["idle_seconds"]),
         )
-    console().print(table)
+    print_table(table)

@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 from rich.table import Table
 
-from edgelm.cli.common import console, human_bytes
+from edgelm.cli.common import JSON_OPTION, human_bytes, print_table, show
 from edgelm.sysinfo import system_info
 
 app = typer.Typer(help="Describe this machine.")
 
 
 @app.command("info")
-def info(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def info(as_json: bool = JSON_OPTION) -> None:
     """CPU, SIMD features, memory, GPUs, engines and ONNX Runtime providers."""
     data = system_info()
-    if as_json:
-        console().print_json(json.dumps(data, default=str))
-        return
+    show(data, as_json, lambda: print_table(_system_table(data)))
+
+
+def _system_table(data: dict[str, object]) -> Table:
     table = Table(title="system", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in data.items():
         table.add_row(key, _render(key, value))
-    console().print(table)
+    return table
 
 
 def _render(key: str, value: object) -> str:

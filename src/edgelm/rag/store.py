@@ -110,6 +110,24 @@ def list_collections(home: Path) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.db")) if folder.exists() else []
 
 
+def describe_collections(home: Path) -> list[dict[str, Any]]:
+    """One summary per collection (sources, chunks, vectors, embedding model), by name: what
+    ``edgelm rag list`` shows and prints as JSON."""
+    rows = []
+    for name in list_collections(home):
+        with RagStore.open(home, name) as store:
+            rows.append(
+                {
+                    "name": name,
+                    "sources": len(store.sources()),
+                    "chunks": store.count_chunks(),
+                    "vectors": store.count_vectors(),
+                    "embedding_model": store.embedding_model,
+                }
+            )
+    return rows
+
+
 def remove_collection(home: Path, name: str) -> bool:
     path = collections_dir(home) / f"{check_name(name)}.db"
     existed = path.exists()
