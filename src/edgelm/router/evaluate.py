@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 from edgelm.bench.report import _write_atomically
 from edgelm.client import EdgelmClient
 from edgelm.cost import Prices, local_cost_per_request
-from edgelm.router.policies import Draft, Policy, decide_before_draft, parse_policy, route_for
+from edgelm.router.policies import (
+    Draft,
+    Policy,
+    bind_learned,
+    decide_before_draft,
+    parse_policy,
+    route_for,
+)
 from edgelm.router_service import name_for
 
 if TYPE_CHECKING:
@@ -181,6 +188,8 @@ class Config:
     name: str
     kind: str  # "slm-only" | "llm-only" | "hybrid"
     policy: Policy | None = None
+    learned: dict[str, float] | None = None
+    """Question id → the learned router's (out-of-fold) probability, for ``learned`` terms."""
 
 
 @dataclass
@@ -203,7 +212,10 @@ def outcome(config: Config, p: Pieces) -> Outcome:
     if config.kind == "slm-only":
         return _out("draft", d, [d], d.total_s, d.total_s)
     assert config.policy is not None
-    decision = route_for(config.policy, p.question, p.draft_view())
+    policy = config.policy
+    if config.learned is not None:
+        policy = bind_learned(policy, config.learned.get(p.id), "question not scored")
+    decision = route_for(policy, p.question, p.draft_view())
     if decision.route == "draft":
         # The draft is buffered while the policy decides: its first token shows at its end.
         return _out("draft", d, [d], d.total_s, d.total_s, decision.reason)
@@ -216,7 +228,7 @@ def outcome(config: Config, p: Pieces) -> Outcome:
             d.total_s + (r.ttft_s or 0.0),
             decision.reason,
         )
-    if decide_before_draft(config.policy, p.question) is not None:
+    if decide_before_draft(policy, p.question) is not None:
         # A question rule sent it straight to the LLM: no draft was made.
         return _out("direct", x, [x], x.total_s, x.ttft_s, decision.reason)
     # Escalated after drafting (the draft declined): the draft's time is spent too.
@@ -353,6 +365,46 @@ def configurations(
                 add(f"{head}{name}={value}>direct")
     for spec in specs:
         add(spec)
+    return out
+
+
+LEARNED_THRESHOLDS = ("0.2", "0.3", "0.4", "0.5", "0.6")
+
+
+def learned_configurations(
+    pieces: Sequence[Pieces],
+    examples: Sequence[Any],
+    embed: Callable[[list[str]], list[list[float]]],
+    thresholds: Sequence[str] = LEARNED_THRESHOLDS,
+    folds: int = 5,
+    l2: float | None = None,
+    with_insufficient: bool = True,
+) -> list[Config]:
+    """``learned=<t>`` configurations scored with cross-validation: each question's
+    probability comes from a router trained without that question (by text, across every
+    eval run in ``examples``); a question no example asks is scored by a router trained on
+    all of them. Also each threshold with ``insufficient>direct`` (a draft that declines
+    goes to the LLM too)."""
+    from edgelm.router.learned import DEFAULT_L2, cross_validated, train
+
+    penalty = DEFAULT_L2 if l2 is None else l2
+    texts = list(dict.fromkeys([e.question for e in examples] + [p.question for p in pieces]))
+    vectors = dict(zip(texts, embed(texts), strict=True))
+    example_vectors = [vectors[e.question] for e in examples]
+    scores = cross_validated(examples, example_vectors, folds=folds, l2=penalty)
+    unseen = [p.question for p in pieces if p.question not in scores]
+    if unseen:
+        model = train(examples, example_vectors, l2=penalty)
+        probs = model.predict(unseen, [vectors[q] for q in unseen])
+        scores.update(zip(unseen, (float(x) for x in probs), strict=True))
+    by_id = {p.id: scores[p.question] for p in pieces}
+    out = []
+    for t in thresholds:
+        specs = [f"learned={t}"] + (
+            [f"learned={t},insufficient>direct"] if with_insufficient else []
+        )
+        for spec in specs:
+            out.append(Config(spec, "hybrid", parse_policy(spec), learned=by_id))
     return out
 
 
@@ -534,6 +586,38 @@ def frontier_png(report: EvalReport) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def share_png(report: EvalReport) -> str:
+    """Quality against the share of questions that reach the LLM (RouteLLM's view of a
+    router): learned configurations in green beside the heuristic ones; a PNG data URI."""
+    figure = _figure()
+    axes = figure.add_subplot()
+    llm = report.baseline("llm-only")
+    if llm is not None:
+        axes.axhline(llm.quality * QUALITY_TARGET, color="green", lw=0.8, ls="--")
+        axes.axvspan(0, 0.5, alpha=0.06, color="green")
+    for c in report.configs:
+        learned = c.name.startswith("learned")
+        colour = {"slm-only": "tab:blue", "llm-only": "tab:red"}.get(
+            c.kind, "tab:green" if learned else "tab:orange"
+        )
+        axes.scatter(c.escalated, c.quality, color=colour, s=34 if learned else 22, zorder=3)
+        if c.kind != "hybrid" or learned:
+            axes.annotate(
+                c.name,
+                (c.escalated, c.quality),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    axes.set_xlabel("share of questions reaching the LLM")
+    axes.set_ylabel(f"quality ({report.metric})")
+    axes.set_xlim(-0.02, 1.02)
+    axes.set_title("quality vs LLM share (green: learned router, cross-validated)")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def write_html(report: EvalReport, path: Path) -> Path:
     """One offline file: the frontier plot, the table and the per-question routes."""
     e = html.escape
@@ -561,6 +645,7 @@ def write_html(report: EvalReport, path: Path) -> Path:
 td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}td:first-child{{text-align:left}}</style>
 </head><body><h1>edgelm hybrid eval</h1><p>{verdict}</p><ul>{meta}</ul>
 <img alt="quality vs latency frontier" src="{frontier_png(report)}">
+<img alt="quality vs share sent to the LLM" src="{share_png(report)}">
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <h2>Questions</h2><table><thead><tr><th>id</th><th>question</th><th>answers</th><th>draft</th>
 <th>mean logprob</th><th>LLM</th></tr></thead><tbody>{questions}</tbody></table></body></html>"""
