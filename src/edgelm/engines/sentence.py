@@ -85,7 +85,10 @@ class SentenceEngine(Engine):
         self.dimensions = self._model.n_embd()
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = params.n_batch = params.n_ubatch = self.n_ctx
-        params.n_seq_max = MAX_SEQUENCES
+        # llama.cpp aborts the process (GGML_ASSERT on n_outputs_max) when a pooled context
+        # may hold more sequences than its batch has rows; a small encoder must keep fewer.
+        self.max_sequences = min(MAX_SEQUENCES, self.n_ctx)
+        params.n_seq_max = self.max_sequences
         params.kv_unified = True  # an encoder keeps no KV cache; this keeps n_ctx as asked
         params.embeddings = True
         params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED  # the GGUF's (mean)
@@ -94,7 +97,7 @@ class SentenceEngine(Engine):
         try:
             self._ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
             self._batch = _internals.LlamaBatch(
-                n_tokens=self.n_ctx, embd=0, n_seq_max=MAX_SEQUENCES, verbose=False
+                n_tokens=self.n_ctx, embd=0, n_seq_max=self.max_sequences, verbose=False
             )
         except Exception as exc:
             self._model.close()
@@ -144,7 +147,8 @@ class SentenceEngine(Engine):
             group: list[list[int]] = []
             used = 0
             for tokens in tokenized:
-                if group and (used + len(tokens) > self.n_ctx or len(group) >= MAX_SEQUENCES):
+                full = len(group) >= self.max_sequences
+                if group and (used + len(tokens) > self.n_ctx or full):
                     out.extend(self._decode(group))
                     group, used = [], 0
                 group.append(tokens)
