@@ -174,6 +174,12 @@ def eval_(
         help="Also score the learned router (cross-validated on the stored eval runs of the "
         "pair; questions embedded by the service).",
     ),
+    from_run: str | None = typer.Option(
+        None,
+        "--from-run",
+        help="Score a stored eval run of both tiers instead of asking the models (routes "
+        "draft/direct only: the learned router and '>direct' text policies).",
+    ),
     learned_thresholds: str = typer.Option(
         ";".join(ev.LEARNED_THRESHOLDS), "--learned-thresholds", help="Probabilities to sweep."
     ),
@@ -189,7 +195,19 @@ def eval_(
         fail(str(exc))
     started = time.time()
     slm_alias, llm_alias = slm or config.slm or "", llm or config.llm or ""
-    if pieces is not None:
+    if from_run is not None:
+        slm_alias, llm_alias = _pair(settings, slm, llm)
+        recorded = ev.pieces_from_run(settings.home / "evals.db", from_run, slm_alias, llm_alias)
+        if not recorded:
+            fail(
+                f"eval run {from_run} has no question answered by both {slm_alias} and {llm_alias}"
+            )
+        # No refinements or logprobs were recorded: keep what routes draft or direct only.
+        configs = [c for c in configs if c.kind != "hybrid"] + [
+            ev.Config(s, "hybrid", ev.parse_policy(s))
+            for s in ("insufficient>direct", "length=100>direct", "length=200>direct")
+        ]
+    elif pieces is not None:
         recorded = ev.read_pieces(pieces)
     else:
         from edgelm.evals.datasets import load_dataset
@@ -220,7 +238,7 @@ def eval_(
         configs += _learned_configs(settings, recorded, slm_alias, llm_alias, learned_thresholds)
     report = ev.evaluate(recorded, configs, Prices.load(settings.home), metric)
     report.meta = {
-        "dataset": str(pieces or dataset),
+        "dataset": f"eval run {from_run}" if from_run else str(pieces or dataset),
         "questions": len(recorded),
         "slm": slm_alias,
         "llm": llm_alias,

@@ -178,6 +178,42 @@ def collect(
     return out
 
 
+def pieces_from_run(db_path: Path, run_id: str, slm: str, llm: str) -> list[Pieces]:
+    """Pieces from a stored eval run in which both tiers answered: the SLM's answer is the
+    draft, the LLM's the direct answer. Such a run records no refinement and no draft
+    logprobs, so only routes ``draft`` and ``direct`` can be scored from it (the learned
+    router, ``...>direct`` text policies); ``refine`` pieces are left empty."""
+    from edgelm.evals import store
+
+    run, rows = store.load_run(db_path, run_id)
+    answers = {(r.item_id, r.model): r for r in rows if r.ok}
+
+    def piece(row: Any) -> Piece:
+        return Piece(
+            row.answer, row.e2e_s or 0.0, row.ttft_s, row.prompt_tokens, row.completion_tokens
+        )
+
+    out = []
+    for item in run.items:
+        draft, direct = answers.get((item.id, slm)), answers.get((item.id, llm))
+        if draft is None or direct is None:
+            continue
+        out.append(
+            Pieces(
+                id=item.id,
+                question=item.question,
+                answers=list(item.answers),
+                category=item.category,
+                draft=piece(draft),
+                mean_logprob=None,
+                min_logprob=None,
+                refine=Piece("", 0.0, None, 0, 0),
+                direct=piece(direct),
+            )
+        )
+    return out
+
+
 # -- offline computation -------------------------------------------------------------------
 
 
