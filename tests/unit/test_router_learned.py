@@ -248,3 +248,54 @@ def test_eval_scores_learned_configs_with_out_of_fold_probabilities() -> None:
     # A direct route decided before drafting costs only the LLM's time, not a draft too.
     assert learned.mean_latency_s == pytest.approx(1.0)
     assert ev.share_png(report).startswith("data:image/png;base64,")
+
+
+# -- the CLI against a fake service -----------------------------------------------------------
+
+
+def test_cli_train_then_eval_from_run(isolated_home: Path, serve_app) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgelm.cli.main import app as cli
+    from edgelm.server.app import create_app
+    from edgelm.settings import load_settings
+
+    run_id = write_runs(isolated_home / "evals.db")
+    entries = [
+        CatalogEntry(alias="small", engine="fake", tier="slm"),
+        CatalogEntry(alias="big", engine="fake", tier="llm"),
+        CatalogEntry(alias="all-minilm-l6-v2", engine="fake", tier="embedding"),
+    ]
+    settings = load_settings(env={"EDGELM_HOME": str(isolated_home)})
+    catalog = Catalog(entries, user_file=isolated_home / "models.toml")
+    user = Catalog([], user_file=isolated_home / "models.toml")  # what the CLI resolves with
+    user.add_user_entry(entries[0])
+    user.add_user_entry(entries[1])
+    base = serve_app(create_app(settings, catalog=catalog))
+    env = {"EDGELM_ENDPOINT": base, "COLUMNS": "200"}
+    runner = CliRunner()
+
+    result = runner.invoke(
+        cli, ["hybrid", "train", "--slm", "small", "--llm", "big", "--folds", "3"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    assert "trained on 24 questions (12 where big did better)" in result.output
+    saved = json.loads(lr.home_path(isolated_home).read_text())
+    assert saved["meta"]["runs"] == [run_id] and saved["meta"]["slm"] == "small"
+    assert saved["embedder"] == "all-minilm-l6-v2" and saved["dims"] == 64
+    assert "hybrid train" in saved["meta"]["command"]
+    assert lr.load_router(isolated_home).meta["examples"] == 24  # the user's file wins
+
+    out = isolated_home / "heval"
+    args = ["hybrid", "eval", "--from-run", run_id, "--slm", "small", "--llm", "big"]
+    result = runner.invoke(cli, [*args, "--learned", "--out", str(out)], env=env)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "results.json").read_text())
+    names = [c["name"] for c in report["configs"]]
+    assert "learned=0.5" in names and "insufficient>direct" in names and "always" not in names
+    assert "quality vs share sent to the LLM" in (out / "report.html").read_text()
+
+    missing = runner.invoke(cli, ["hybrid", "train", "--slm", "small", "--llm", "x"], env=env)
+    assert missing.exit_code != 0 and "x" in missing.output

@@ -324,7 +324,6 @@ def train(
     """Fit the learned router on stored eval runs in which both tiers answered; the policy
     term 'learned=<p>' then sends a question to the LLM before any draft when P >= p."""
     import shlex
-    import sys
 
     from edgelm.errors import EdgelmError
     from edgelm.router import learned as lr
@@ -351,6 +350,11 @@ def train(
     finally:
         client.close()
     vectors = [table[e.question] for e in examples]
+    target = out or lr.home_path(settings.home)
+    # The command that reproduces this file from the same eval database, every choice spelled out.
+    command = ["edgelm", "hybrid", "train", "--runs", ",".join(used), "--slm", slm_alias]
+    command += ["--llm", llm_alias, "--embedder", embedder, "--l2", f"{l2:g}"]
+    command += ["--folds", str(folds), "--out", str(target)]
     cv = lr.cross_validated(examples, vectors, folds=folds, l2=l2)
     summary = lr.routing_summary(
         examples, [cv[e.question] for e in examples], [0.2, 0.3, 0.4, 0.5, 0.6]
@@ -360,12 +364,12 @@ def train(
         "llm": llm_alias,
         "runs": used,
         "datasets": sorted({e.dataset for e in examples}),
-        "command": shlex.join(["edgelm", *sys.argv[1:]]),
+        "command": shlex.join(command),
         "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "cross_validation": {"folds": folds, "by_threshold": summary},
     }
     model = lr.train(examples, vectors, embedder=embedder, l2=l2, meta=meta)
-    path = model.save(out or lr.home_path(settings.home))
+    path = model.save(target)
     result = Table(
         title=f"learned router: {len(examples)} questions, {folds}-fold cross-validation"
     )
