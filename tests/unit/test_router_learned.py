@@ -122,6 +122,9 @@ def test_a_router_file_for_other_features_is_refused(tmp_path: Path) -> None:
     bad.write_text(json.dumps({**data, "weights": data["weights"][:-1]}))
     with pytest.raises(ConfigError, match="weights"):
         lr.LearnedRouter.load(bad)
+    bad.write_text(json.dumps({**data, "scale": [0.0] * len(data["scale"])}))
+    with pytest.raises(ConfigError, match="scale"):
+        lr.LearnedRouter.load(bad)
     bad.write_text(json.dumps({**data, "format": 99}))
     with pytest.raises(ConfigError, match="format"):
         lr.LearnedRouter.load(bad)
@@ -131,6 +134,10 @@ def test_shipped_router_loads_and_parses() -> None:
     router = lr.LearnedRouter.load(lr.shipped_path())
     assert router.embedder == "all-minilm-l6-v2" and router.dims == 384
     assert "hybrid train" in router.meta["command"]
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(0, 0.05, (3, 384))
+    probs = router.predict(["What is 7 times 8?", "Name a fruit.", "Why?"], vectors)
+    assert np.all(np.isfinite(probs)) and np.all((probs > 0) & (probs < 1))
 
 
 def test_policy_language() -> None:

@@ -109,10 +109,10 @@ class LearnedRouter:
             "dims": self.dims,
             "lexical_features": list(LEXICAL_FEATURES),
             "l2": self.l2,
-            "bias": round(self.bias, 6),
-            "weights": [round(w, 6) for w in self.weights],
-            "mean": [round(m, 6) for m in self.mean],
-            "scale": [round(s, 6) for s in self.scale],
+            "bias": _short(self.bias),
+            "weights": [_short(w) for w in self.weights],
+            "mean": [_short(m) for m in self.mean],
+            "scale": [_short(s) for s in self.scale],
             "meta": self.meta,
         }
 
@@ -126,6 +126,8 @@ class LearnedRouter:
         for key in ("weights", "mean", "scale"):
             if len(data[key]) != width:
                 raise ConfigError(f"{origin}: '{key}' has {len(data[key])} values, not {width}")
+        if min(float(s) for s in data["scale"]) <= 0:
+            raise ConfigError(f"{origin}: a feature scale is not positive")
         return cls(
             embedder=str(data["embedder"]),
             weights=[float(w) for w in data["weights"]],
@@ -152,6 +154,12 @@ class LearnedRouter:
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot read the learned router {path}: {exc}") from None
         return cls.from_dict(data, str(path))
+
+
+def _short(value: float) -> float:
+    """Eight significant digits: a small file that predicts what the fitted model did
+    (rounding to decimal places turned a near-constant feature's scale into 0)."""
+    return float(f"{value:.8g}")
 
 
 def shipped_path() -> Path:
@@ -229,7 +237,7 @@ def train(
     y = np.asarray([e.label for e in examples], dtype=np.float64)
     mean = x.mean(axis=0)
     scale = x.std(axis=0)
-    scale[scale < 1e-9] = 1.0
+    scale[scale < 1e-6] = 1.0  # a (nearly) constant feature carries nothing to learn from
     weights, bias = fit_logistic((x - mean) / scale, y, l2)
     info = {"examples": len(examples), "positives": int(y.sum()), **(meta or {})}
     return LearnedRouter(
