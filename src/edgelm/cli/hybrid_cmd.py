@@ -235,6 +235,8 @@ def eval_(
                 progress=progress,
             )
     if learned:
+        if not (slm_alias and llm_alias):  # re-scored pieces: the configured (or tier) pair
+            slm_alias, llm_alias = _pair(settings, slm, llm)
         configs += _learned_configs(settings, recorded, slm_alias, llm_alias, learned_thresholds)
     report = ev.evaluate(recorded, configs, Prices.load(settings.home), metric)
     report.meta = {
