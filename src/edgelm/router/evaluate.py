@@ -34,7 +34,14 @@ from edgelm.reporting import (
     new_figure,
     write_atomically,
 )
-from edgelm.router.policies import Draft, Policy, decide_before_draft, parse_policy, route_for
+from edgelm.router.policies import (
+    Draft,
+    Policy,
+    bind_learned,
+    decide_before_draft,
+    parse_policy,
+    route_for,
+)
 from edgelm.router_service import name_for
 
 if TYPE_CHECKING:
@@ -175,6 +182,42 @@ def collect(
     return out
 
 
+def pieces_from_run(db_path: Path, run_id: str, slm: str, llm: str) -> list[Pieces]:
+    """Pieces from a stored eval run in which both tiers answered: the SLM's answer is the
+    draft, the LLM's the direct answer. Such a run records no refinement and no draft
+    logprobs, so only routes ``draft`` and ``direct`` can be scored from it (the learned
+    router, ``...>direct`` text policies); ``refine`` pieces are left empty."""
+    from edgelm.evals import store
+
+    run, rows = store.load_run(db_path, run_id)
+    answers = {(r.item_id, r.model): r for r in rows if r.ok}
+
+    def piece(row: Any) -> Piece:
+        return Piece(
+            row.answer, row.e2e_s or 0.0, row.ttft_s, row.prompt_tokens, row.completion_tokens
+        )
+
+    out = []
+    for item in run.items:
+        draft, direct = answers.get((item.id, slm)), answers.get((item.id, llm))
+        if draft is None or direct is None:
+            continue
+        out.append(
+            Pieces(
+                id=item.id,
+                question=item.question,
+                answers=list(item.answers),
+                category=item.category,
+                draft=piece(draft),
+                mean_logprob=None,
+                min_logprob=None,
+                refine=Piece("", 0.0, None, 0, 0),
+                direct=piece(direct),
+            )
+        )
+    return out
+
+
 # -- offline computation -------------------------------------------------------------------
 
 
@@ -185,6 +228,8 @@ class Config:
     name: str
     kind: str  # "slm-only" | "llm-only" | "hybrid"
     policy: Policy | None = None
+    learned: dict[str, float] | None = None
+    """Question id → the learned router's (out-of-fold) probability, for ``learned`` terms."""
 
 
 @dataclass
@@ -207,7 +252,10 @@ def outcome(config: Config, p: Pieces) -> Outcome:
     if config.kind == "slm-only":
         return _out("draft", d, [d], d.total_s, d.total_s)
     assert config.policy is not None
-    decision = route_for(config.policy, p.question, p.draft_view())
+    policy = config.policy
+    if config.learned is not None:
+        policy = bind_learned(policy, config.learned.get(p.id), "question not scored")
+    decision = route_for(policy, p.question, p.draft_view())
     if decision.route == "draft":
         # The draft is buffered while the policy decides: its first token shows at its end.
         return _out("draft", d, [d], d.total_s, d.total_s, decision.reason)
@@ -220,7 +268,7 @@ def outcome(config: Config, p: Pieces) -> Outcome:
             d.total_s + (r.ttft_s or 0.0),
             decision.reason,
         )
-    if decide_before_draft(config.policy, p.question) is not None:
+    if decide_before_draft(policy, p.question) is not None:
         # A question rule sent it straight to the LLM: no draft was made.
         return _out("direct", x, [x], x.total_s, x.ttft_s, decision.reason)
     # Escalated after drafting (the draft declined): the draft's time is spent too.
@@ -357,6 +405,46 @@ def configurations(
                 add(f"{head}{name}={value}>direct")
     for spec in specs:
         add(spec)
+    return out
+
+
+LEARNED_THRESHOLDS = ("0.2", "0.3", "0.4", "0.5", "0.6")
+
+
+def learned_configurations(
+    pieces: Sequence[Pieces],
+    examples: Sequence[Any],
+    embed: Callable[[list[str]], list[list[float]]],
+    thresholds: Sequence[str] = LEARNED_THRESHOLDS,
+    folds: int = 5,
+    l2: float | None = None,
+    with_insufficient: bool = True,
+) -> list[Config]:
+    """``learned=<t>`` configurations scored with cross-validation: each question's
+    probability comes from a router trained without that question (by text, across every
+    eval run in ``examples``); a question no example asks is scored by a router trained on
+    all of them. Also each threshold with ``insufficient>direct`` (a draft that declines
+    goes to the LLM too)."""
+    from edgelm.router.learned import DEFAULT_L2, cross_validated, train
+
+    penalty = DEFAULT_L2 if l2 is None else l2
+    texts = list(dict.fromkeys([e.question for e in examples] + [p.question for p in pieces]))
+    vectors = dict(zip(texts, embed(texts), strict=True))
+    example_vectors = [vectors[e.question] for e in examples]
+    scores = cross_validated(examples, example_vectors, folds=folds, l2=penalty)
+    unseen = [p.question for p in pieces if p.question not in scores]
+    if unseen:
+        model = train(examples, example_vectors, l2=penalty)
+        probs = model.predict(unseen, [vectors[q] for q in unseen])
+        scores.update(zip(unseen, (float(x) for x in probs), strict=True))
+    by_id = {p.id: scores[p.question] for p in pieces}
+    out = []
+    for t in thresholds:
+        specs = [f"learned={t}"] + (
+            [f"learned={t},insufficient>direct"] if with_insufficient else []
+        )
+        for spec in specs:
+            out.append(Config(spec, "hybrid", parse_policy(spec), learned=by_id))
     return out
 
 
@@ -527,6 +615,36 @@ def frontier_png(report: EvalReport) -> str:
     return figure_data_uri(figure)
 
 
+def share_png(report: EvalReport) -> str:
+    """Quality against the share of questions that reach the LLM (RouteLLM's view of a
+    router): learned configurations in green beside the heuristic ones; a PNG data URI."""
+    figure = new_figure(8, 5)
+    axes = figure.add_subplot()
+    llm = report.baseline("llm-only")
+    if llm is not None:
+        axes.axhline(llm.quality * QUALITY_TARGET, color="green", lw=0.8, ls="--")
+        axes.axvspan(0, 0.5, alpha=0.06, color="green")
+    for c in report.configs:
+        learned = c.name.startswith("learned")
+        colour = {"slm-only": "tab:blue", "llm-only": "tab:red"}.get(
+            c.kind, "tab:green" if learned else "tab:orange"
+        )
+        axes.scatter(c.escalated, c.quality, color=colour, s=34 if learned else 22, zorder=3)
+        if c.kind != "hybrid" or learned:
+            axes.annotate(
+                c.name,
+                (c.escalated, c.quality),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    axes.set_xlabel("share of questions reaching the LLM")
+    axes.set_ylabel(f"quality ({report.metric})")
+    axes.set_xlim(-0.02, 1.02)
+    axes.set_title("quality vs LLM share (green: learned router, cross-validated)")
+    return figure_data_uri(figure)
+
+
 def write_html(report: EvalReport, path: Path) -> Path:
     """One offline file: the frontier plot, the table and the per-question routes."""
     e = escape
@@ -550,6 +668,7 @@ def write_html(report: EvalReport, path: Path) -> Path:
     body = (
         f"<h1>edgelm hybrid eval</h1><p>{verdict}</p><ul>{meta}</ul>"
         f'<img alt="quality vs latency frontier" src="{frontier_png(report)}">'
+        f'<img alt="quality vs share sent to the LLM" src="{share_png(report)}">'
         f"{html_table(table_header(report), table_rows(report))}"
         f"<h2>Questions</h2>{questions}"
     )

@@ -24,15 +24,18 @@ from typing import Any
 
 from edgelm.cost import Prices, local_cost_per_request
 from edgelm.engines.base import Fold
-from edgelm.errors import InvalidRequest
+from edgelm.errors import EdgelmError, InvalidRequest
 from edgelm.pool import ModelPool
+from edgelm.router.learned import LearnedRouter
 from edgelm.router.policies import (
     Decision,
     Draft,
     Policy,
     Route,
+    bind_learned,
     decide,
     decide_before_draft,
+    uses_learned,
 )
 from edgelm.types import Chunk, GenerationRequest, Message
 
@@ -224,7 +227,9 @@ class HybridRouter:
         prices: Prices,
         refine_prompt: str = REFINE_PROMPT,
         clock: Callable[[], float] = time.perf_counter,
+        learned: LearnedRouter | None = None,
     ):
+        self.learned = learned
         self.pool = pool
         self.slm = slm
         self.llm = llm
@@ -243,7 +248,10 @@ class HybridRouter:
         t0 = self.clock()
         question = question_of(request)
         record = RouteRecord(self.slm, self.llm, self.policy.spec())
-        early = decide_before_draft(self.policy, question)
+        policy = self.policy
+        if uses_learned(policy):  # scored before any draft: a predicted miss costs no draft
+            policy = await self._bind_learned(question)
+        early = decide_before_draft(policy, question)
         if early is not None and early.route == "direct":
             self._decided(record, early, self.clock() - t0)
             return RoutedAnswer(self._second(request, request, "direct", t0, record), record)
@@ -266,7 +274,7 @@ class HybridRouter:
         record.draft_min_logprob = draft.min_logprob
 
         before = self.clock()
-        decision = early if early is not None else decide(self.policy, question, draft)
+        decision = early if early is not None else decide(policy, question, draft)
         self._decided(record, decision, self.clock() - before)
         if decision.route == "draft":
             chunks = self._replay(buffered, request.logprobs, t0, record)
@@ -278,6 +286,19 @@ class HybridRouter:
         else:
             chunks = self._second(request, request, "direct", t0, record)
         return RoutedAnswer(chunks, record)
+
+    async def _bind_learned(self, question: str) -> Policy:
+        """The policy with the learned router's probability for ``question``: its embedding
+        comes from the pool like any /v1/embeddings request. Without a router or an embedder
+        the learned terms stay unbound and do not fire (the note says why)."""
+        if self.learned is None:
+            return bind_learned(self.policy, None, "no learned router")
+        try:
+            vectors, _ = await self.pool.embed(self.learned.embedder, [question])
+            probability = float(self.learned.predict([question], vectors)[0])
+        except EdgelmError as exc:
+            return bind_learned(self.policy, None, f"embedder unavailable: {exc.message}")
+        return bind_learned(self.policy, probability)
 
     async def _slm_logprobs(self) -> bool:
         """Ask the SLM for logprobs whenever it can give them (one log-softmax row per token in

@@ -14,7 +14,9 @@ string used alike in settings, model names (``hybrid@length=600,confidence=-0.8`
   tighter: ``topic,length=600&confidence=-1`` is topic OR (length AND confidence));
 * a term is ``name`` or ``name=value``: ``never``, ``always``, ``length=<chars>``,
   ``confidence=<mean logprob>``, ``confidence-min=<min logprob>``, ``insufficient[=<chars>]``,
-  ``keywords=<word;word;...>``, ``topic`` (the regexes from settings ``router.direct_patterns``);
+  ``keywords=<word;word;...>``, ``topic`` (the regexes from settings ``router.direct_patterns``),
+  ``learned[=<probability>]`` (the learned router, :mod:`edgelm.router.learned`: a question
+  it predicts the LLM answers better goes to the LLM before any draft);
 * a term may end in ``>direct`` or ``>refine`` to choose how it escalates
   (``confidence=-0.5>direct``: an unsure draft is dropped and the LLM answers the question).
 
@@ -34,6 +36,7 @@ from edgelm.errors import InvalidRequest
 from edgelm.policy_spec import (
     DEFAULT_CONFIDENCE,
     DEFAULT_INSUFFICIENT_CHARS,
+    DEFAULT_LEARNED,
     DEFAULT_LENGTH,
     Action,
     AllOfSpec,
@@ -313,6 +316,65 @@ class Keywords(Policy):
 
 
 @dataclass
+class Learned(Policy):
+    """The learned router's prediction, taken before any draft: when P(the LLM answers better)
+    is at least ``threshold`` the LLM answers the question alone and no draft is paid for.
+
+    The probability needs the question's embedding, which only the caller can get (the
+    service's pool, or an eval's recorded scores), so the caller binds it with
+    :func:`bind_learned` before deciding. Unbound (no router, no embedder) it never fires: a
+    missing router must not block answers, and ``note`` says why in the route record.
+    """
+
+    threshold: float = DEFAULT_LEARNED
+    probability: float | None = field(default=None, compare=False)
+    note: str = field(default="", compare=False)
+    name = "learned"
+    needs_draft = False
+
+    def check(self, question: str, draft: Draft | None) -> Verdict:
+        p = self.probability
+        if p is None:
+            why = self.note or "no learned router bound"
+            return Verdict("learned", False, "direct", None, self.threshold, f"learned: {why}")
+        fired = p >= self.threshold
+        op = ">=" if fired else "<"
+        return Verdict(
+            "learned",
+            fired,
+            "direct",
+            p,
+            self.threshold,
+            f"learned: P(LLM better) {p:.3f} {op} {self.threshold:g}",
+        )
+
+    def spec(self) -> str:
+        return f"learned={self.threshold:g}"
+
+
+def uses_learned(policy: Policy) -> bool:
+    """Whether a :class:`Learned` term appears anywhere in ``policy``."""
+    if isinstance(policy, Learned):
+        return True
+    if isinstance(policy, Escalate):
+        return uses_learned(policy.child)
+    if isinstance(policy, _Composite):
+        return any(uses_learned(c) for c in policy.children)
+    return False
+
+
+def bind_learned(policy: Policy, probability: float | None, note: str = "") -> Policy:
+    """A copy of ``policy`` whose learned terms carry this question's probability."""
+    if isinstance(policy, Learned):
+        return replace(policy, probability=probability, note=note)
+    if isinstance(policy, Escalate):
+        return replace(policy, child=bind_learned(policy.child, probability, note))
+    if isinstance(policy, _Composite):
+        return type(policy)([bind_learned(c, probability, note) for c in policy.children])
+    return policy
+
+
+@dataclass
 class Escalate(Policy):
     """Sends what ``child`` escalates by another route: ``confidence=-0.5>direct`` lets the LLM
     answer an unsure draft's question afresh instead of refining the draft. On 2 cores the
@@ -506,6 +568,8 @@ def _leaf(term: Term, topic_patterns: Sequence[str]) -> Policy:
     if term.name == "topic":
         patterns = topic_patterns if term.patterns is None else term.patterns
         return Keywords(tuple(patterns), "topic")
+    if term.name == "learned":
+        return Learned(float(_value(term)))
     raise InvalidRequest(f"unknown policy '{term.name}'", param="policy")
 
 
