@@ -27,7 +27,7 @@ app = typer.Typer(help="Hybrid router: the SLM drafts, the LLM refines when a po
 
 
 def _client(settings: Settings) -> EdgelmClient:
-    return EdgelmClient(settings.endpoint, api_key=settings.client.api_key)
+    return EdgelmClient.for_settings(settings)
 
 
 def _ask(

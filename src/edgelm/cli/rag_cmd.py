@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from edgelm.cli.common import console, fail, settings_of
+from edgelm.client import EdgelmClient, resolve_service
 from edgelm.rag.answer import AnswerOptions
 from edgelm.rag.config import rag_settings
 
@@ -53,8 +54,7 @@ def ingest(
     model = embed_model or rag.embed_model
     embedder = None
     if model:
-        key = settings.client.api_key or settings.service.api_key
-        embedder = ServiceEmbedder(model, settings.endpoint, key)
+        embedder = ServiceEmbedder(model, EdgelmClient.for_settings(settings))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with RagStore.open(settings.home, name) as store, Progress(*columns, console=console()) as bar:
         task = bar.add_task("ingesting", total=None)
@@ -182,8 +182,7 @@ def eval_(
     model = embed_model or rag.embed_model
     embedder = None
     if model:
-        key = settings.client.api_key or settings.service.api_key
-        embedder = ServiceEmbedder(model, settings.endpoint, key)
+        embedder = ServiceEmbedder(model, EdgelmClient.for_settings(settings))
     with tempfile.TemporaryDirectory() as tmp, RagStore(Path(tmp) / "eval.db") as store:
         ingest_paths(
             store, [folder], chunk_size=rag.chunk_size, overlap=rag.overlap, embedder=embedder
@@ -245,5 +244,8 @@ def chat(
     settings = settings_of(ctx)
     name = check_name(collection or rag_settings(settings).collection)
     cmd = chainlit_command(port, host, headless)
-    env = chainlit_env(settings.home, settings.endpoint, name)
+    service = resolve_service(settings)
+    env = chainlit_env(settings.home, service.endpoint, name)
+    if service.api_key:  # the app reads its key from the settings, as every command does
+        env["EDGELM_CLIENT__API_KEY"] = service.api_key
     raise typer.Exit(subprocess.call(cmd, env=env, cwd=env["CHAINLIT_APP_ROOT"]))

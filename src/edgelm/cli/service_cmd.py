@@ -62,7 +62,7 @@ def restart(ctx: typer.Context, model: str | None = typer.Option(None, "--model"
 def status(ctx: typer.Context) -> None:
     """Endpoint, uptime and loaded models of the service."""
     settings = settings_of(ctx)
-    client = EdgelmClient(settings.endpoint, api_key=settings.client.api_key)
+    client = EdgelmClient.for_settings(settings)
     if not client.is_up():
         fail(
             f"the service at {settings.endpoint} is not running; start it with: edgelm service start"

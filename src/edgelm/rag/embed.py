@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import httpx
-
-from edgelm.client import ServiceUnavailable, _error_from
+from edgelm.client import EdgelmClient
 from edgelm.engines.base import Engine
 
 
@@ -23,46 +21,19 @@ class Embedder(Protocol):
 
 
 class ServiceEmbedder:
-    """Embeddings from a running edgelm (or any OpenAI-compatible) service, in batches."""
+    """Embeddings from a running edgelm (or any OpenAI-compatible) service, in batches: an
+    :class:`Embedder` face on :meth:`EdgelmClient.embed`, whose connection it closes."""
 
-    def __init__(
-        self,
-        model: str,
-        endpoint: str,
-        api_key: str | None = None,
-        batch: int = 64,
-        transport: httpx.BaseTransport | None = None,
-    ):
+    def __init__(self, model: str, client: EdgelmClient, batch: int = 64):
         self.name = model
+        self.client = client
         self.batch = batch
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(
-            base_url=endpoint.rstrip("/"),
-            headers=headers,
-            timeout=httpx.Timeout(600.0, connect=5.0),
-            transport=transport,
-        )
 
     def embed(self, texts: list[str]) -> list[list[float]]:
-        out: list[list[float]] = []
-        for i in range(0, len(texts), self.batch):
-            try:
-                response = self.http.post(
-                    "/v1/embeddings", json={"model": self.name, "input": texts[i : i + self.batch]}
-                )
-            except httpx.TransportError as exc:
-                raise ServiceUnavailable(
-                    f"cannot reach the service at {self.http.base_url} for embeddings: {exc}; "
-                    "start it with: edgelm service start"
-                ) from None
-            if response.status_code >= 400:
-                raise _error_from(response)
-            data = sorted(response.json()["data"], key=lambda d: d["index"])
-            out.extend(d["embedding"] for d in data)
-        return out
+        return self.client.embed(self.name, texts, self.batch)
 
     def close(self) -> None:
-        self.http.close()
+        self.client.close()
 
 
 class EngineEmbedder:
