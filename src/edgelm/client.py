@@ -76,7 +76,9 @@ def resolve_service(
     )
 
 
-def is_up(endpoint: str, timeout: Any = 1.0, http: httpx.Client | None = None) -> bool:
+def is_up(
+    endpoint: str, timeout: float | httpx.Timeout = 1.0, http: httpx.Client | None = None
+) -> bool:
     """Whether a service answers ``GET /health`` with 200 within ``timeout``; the health
     probe needs no key. ``http`` sends it through an existing client (and its transport)."""
     url = f"{endpoint.rstrip('/')}/health"

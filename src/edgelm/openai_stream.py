@@ -148,17 +148,6 @@ def sse_events(lines: Iterable[str]) -> Iterator[dict[str, Any] | None]:
             yield event
 
 
-async def asse_events(lines: AsyncIterable[str]) -> AsyncIterator[dict[str, Any] | None]:
-    """:func:`sse_events` for an asynchronous body."""
-    async for line in lines:
-        event = sse_data(line)
-        if event is True:
-            yield None
-            return
-        if isinstance(event, dict):
-            yield event
-
-
 # -- events into chunks -------------------------------------------------------------------
 
 
@@ -374,8 +363,11 @@ async def aread_stream(
     """:func:`read_stream` for an asynchronous body."""
     fold = ChatFold(result, start)
     with _service_fault():
-        async for event in asse_events(lines):
-            if (delta := fold.add(event)) is not None:
+        async for line in lines:
+            event = sse_data(line)
+            if event is True:
+                break
+            if isinstance(event, dict) and (delta := fold.add(event)) is not None:
                 yield delta
     fold.finish()
 

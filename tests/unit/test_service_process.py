@@ -26,18 +26,24 @@ def edgelm(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_detached_lifecycle(isolated_home: Path) -> None:
-    Catalog.load(isolated_home).add_user_entry(
+def _echo_home(home: Path) -> tuple[dict[str, str], str]:
+    """A home whose catalog has the fake ``echo`` model, the environment to run edgelm in
+    with it on a free port, and the service's URL there."""
+    Catalog.load(home).add_user_entry(
         CatalogEntry(alias="echo", engine="fake", options={"reply": "pong"})
     )
     port = free_port()
     env = {
         **os.environ,
-        "EDGELM_HOME": str(isolated_home),
+        "EDGELM_HOME": str(home),
         "EDGELM_SERVICE__PORT": str(port),
         "COLUMNS": "200",
     }
-    base = f"http://127.0.0.1:{port}"
+    return env, f"http://127.0.0.1:{port}"
+
+
+def test_detached_lifecycle(isolated_home: Path) -> None:
+    env, base = _echo_home(isolated_home)
     try:
         started = edgelm("service", "start", "--model", "echo", env=env)
         assert started.returncode == 0, started.stderr
@@ -81,17 +87,7 @@ def test_start_failure_is_reported(isolated_home: Path) -> None:
 def test_a_key_given_at_start_guards_the_detached_service(isolated_home: Path) -> None:
     """``service start --api-key`` reaches the background process (it used to be dropped, and
     the service ran open); every command then reaches it with the global ``--api-key``."""
-    Catalog.load(isolated_home).add_user_entry(
-        CatalogEntry(alias="echo", engine="fake", options={"reply": "pong"})
-    )
-    port = free_port()
-    env = {
-        **os.environ,
-        "EDGELM_HOME": str(isolated_home),
-        "EDGELM_SERVICE__PORT": str(port),
-        "COLUMNS": "200",
-    }
-    base = f"http://127.0.0.1:{port}"
+    env, base = _echo_home(isolated_home)
     try:
         started = edgelm("service", "start", "--api-key", "k-123", env=env)
         assert started.returncode == 0, started.stderr
