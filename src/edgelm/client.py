@@ -1,120 +1,101 @@
 """A small client for a running edgelm service (local, or ``EDGELM_ENDPOINT``).
 
-Used by the CLI and by scripts. Chat calls always stream under the hood, so every result
-carries the latency decomposition measured on the client side (request preparation, time to
-response headers, TTFT, inter-token gaps, total) next to the server's own ``timings``: the
-client's figures include the HTTP hop a user really waits for, the server's do not.
+Used by the CLI, by scripts and by the tools that talk to the service (RAG, evals, the hybrid
+router's evaluation). Chat calls always stream under the hood, so every result carries the
+latency decomposition measured on the client side (request preparation, time to response
+headers, TTFT, inter-token gaps, total) next to the server's own ``timings``: the client's
+figures include the HTTP hop a user really waits for, the server's do not. The wire format
+itself is read by :mod:`edgelm.openai_stream`.
+
+:func:`resolve_service` is the one place that says which service a command talks to and
+with which key, so that every command reaches a service started with ``--api-key`` alike.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
 
-from edgelm.errors import EdgelmError
+from edgelm.openai_stream import (
+    ChatResult,
+    Messages,
+    ServiceError,
+    ServiceUnavailable,
+    StreamEvent,
+    aread_stream,
+    chat_body,
+    error_from_body,
+    read_stream,
+)
 
-# In-band stream errors carry no HTTP status (the 200 was already sent); infer one from type.
-_STATUS_OF_TYPE = {"invalid_request_error": 400, "upstream_error": 502, "rate_limit_error": 429}
+if TYPE_CHECKING:
+    from edgelm.settings import Settings
+
+__all__ = [
+    "ChatResult",
+    "EdgelmClient",
+    "Messages",
+    "ServiceAddress",
+    "ServiceError",
+    "ServiceUnavailable",
+    "StreamEvent",
+    "chat_once",
+    "is_up",
+    "resolve_service",
+    "stream_chat",
+]
 
 
-class ServiceError(EdgelmError):
-    """The service answered with an error; carries its status and OpenAI error fields."""
+@dataclass(frozen=True)
+class ServiceAddress:
+    """Where a service is and the bearer key to send it (``None``: send none)."""
 
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str | None = None,
-        code: str | None = None,
-        param: str | None = None,
-    ):
-        super().__init__(message, param=param, code=code)
-        self.status = status
-        self.type = type_ or "server_error"
+    endpoint: str
+    api_key: str | None
 
 
-class ServiceUnavailable(EdgelmError):
-    """The service could not be reached (not running, wrong endpoint, connection lost)."""
+def resolve_service(
+    settings: Settings, endpoint: str | None = None, api_key: str | None = None
+) -> ServiceAddress:
+    """The service every command and tool talks to, and its key.
 
-    status = 503
-    code = "service_unavailable"
-
-
-@dataclass
-class ChatResult:
-    """One answer and how long each part of getting it took, as seen from the client.
-
-    All times are seconds since the call started. ``ttfb_s`` is when the response headers
-    arrived (the service sends them once the model produced its first chunk, so it already
-    includes queueing and model loading); ``send_s`` is the same wait without ``prepare_s``.
+    Endpoint: ``endpoint`` if given, else the settings' (``client.endpoint`` or
+    ``EDGELM_ENDPOINT``, else the local service's host and port). Key: ``api_key`` if given,
+    else ``client.api_key``, else ``service.api_key`` (``EDGELM_API_KEY``), the key the local
+    service requires, so a service started with a key is reached with it.
     """
-
-    text: str = ""
-    model: str = ""
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    usage_estimated: bool = False
-    """True when the stream had no usage chunk and completion tokens are counted deltas."""
-    prepare_s: float = 0.0
-    send_s: float | None = None
-    ttfb_s: float | None = None
-    ttft_s: float | None = None
-    itl_s: list[float] = field(default_factory=list)
-    total_s: float = 0.0
-    server_timings: dict[str, Any] | None = None
-    extension: dict[str, Any] | None = None
-    """The ``edgelm`` extension of the final chunk (hybrid route record, RAG contexts)."""
-    headers: dict[str, str] = field(default_factory=dict)
-    """The service's ``x-edgelm-*`` response headers (e.g. the hybrid route)."""
-
-    @property
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
-
-    @property
-    def decode_tokens_per_s(self) -> float | None:
-        """Completion tokens after the first, over the time after the first token."""
-        if self.ttft_s is None or self.completion_tokens < 2 or self.total_s <= self.ttft_s:
-            return None
-        return (self.completion_tokens - 1) / (self.total_s - self.ttft_s)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for JSON reports, including the derived figures."""
-        data = asdict(self)
-        data["usage"] = self.usage
-        data["decode_tokens_per_s"] = self.decode_tokens_per_s
-        return data
+    return ServiceAddress(
+        endpoint=(endpoint or settings.endpoint).rstrip("/"),
+        api_key=api_key or settings.client.api_key or settings.service.api_key or None,
+    )
 
 
-@dataclass
-class StreamEvent:
-    """A text delta while streaming; the last event has ``result`` set."""
-
-    text: str = ""
-    result: ChatResult | None = None
-
-
-Messages = str | list[dict[str, Any]]
-
-
-def _messages(prompt: Messages) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+def is_up(
+    endpoint: str, timeout: float | httpx.Timeout = 1.0, http: httpx.Client | None = None
+) -> bool:
+    """Whether a service answers ``GET /health`` with 200 within ``timeout``; the health
+    probe needs no key. ``http`` sends it through an existing client (and its transport)."""
+    url = f"{endpoint.rstrip('/')}/health"
+    try:
+        response = (http or httpx).get(url, timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
 
 
 class EdgelmClient:
-    """Talks to one edgelm service. With no endpoint, the settings say which (and its key)."""
+    """Talks to one edgelm service. With no endpoint, the settings say which (and its key,
+    through :func:`resolve_service`).
+
+    ``transport`` and ``async_transport`` let tests swap the network for httpx mock
+    transports (the synchronous calls use the first, :meth:`astream_chat` the second).
+    """
 
     def __init__(
         self,
@@ -122,22 +103,32 @@ class EdgelmClient:
         api_key: str | None = None,
         timeout: float = 600.0,
         transport: httpx.BaseTransport | None = None,
+        async_transport: httpx.AsyncBaseTransport | None = None,
     ):
         if endpoint is None:
             from edgelm.settings import load_settings
 
-            settings = load_settings()
-            endpoint = settings.endpoint
-            api_key = api_key or settings.client.api_key or settings.service.api_key
+            address = resolve_service(load_settings(), api_key=api_key)
+            endpoint, api_key = address.endpoint, address.api_key
         self.endpoint = endpoint.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # A short connect timeout: "is the service there?" should not take 10 minutes.
+        self._timeout = httpx.Timeout(timeout, connect=5.0)
+        self._async_transport = async_transport
         self.http = httpx.Client(
             base_url=self.endpoint,
-            headers=headers,
-            # A short connect timeout: "is the service there?" should not take 10 minutes.
-            timeout=httpx.Timeout(timeout, connect=5.0),
+            headers=self._headers,
+            timeout=self._timeout,
             transport=transport,
         )
+
+    @classmethod
+    def for_settings(
+        cls, settings: Settings, endpoint: str | None = None, api_key: str | None = None
+    ) -> EdgelmClient:
+        """A client for the service the settings name (see :func:`resolve_service`)."""
+        address = resolve_service(settings, endpoint, api_key)
+        return cls(address.endpoint, address.api_key)
 
     def close(self) -> None:
         self.http.close()
@@ -160,7 +151,7 @@ class EdgelmClient:
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from None
         if response.status_code >= 400:
-            raise _error_from(response)
+            raise error_from_body(response.status_code, response.text)
         try:
             return response.json()
         except ValueError:
@@ -186,11 +177,7 @@ class EdgelmClient:
         return self._request("GET", "/health")
 
     def is_up(self) -> bool:
-        try:
-            self.health()
-        except EdgelmError:
-            return False
-        return True
+        return is_up(self.endpoint, self._timeout, self.http)
 
     def models(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/models")["data"]
@@ -206,6 +193,16 @@ class EdgelmClient:
 
     def status(self) -> dict[str, Any]:
         return self._request("GET", "/openai/status")
+
+    # -- embeddings -----------------------------------------------------------------------
+    def embed(self, model: str, texts: list[str], batch: int = 64) -> list[list[float]]:
+        """One vector per text, in order, asked for ``batch`` texts at a time."""
+        out: list[list[float]] = []
+        for i in range(0, len(texts), batch):
+            body = {"model": model, "input": texts[i : i + batch]}
+            data = self._request("POST", "/v1/embeddings", json=body)
+            out.extend(row["embedding"] for row in sorted(data["data"], key=lambda d: d["index"]))
+        return out
 
     # -- chat -----------------------------------------------------------------------------
     def stream_chat(self, model: str, prompt: Messages, **params: Any) -> Iterator[StreamEvent]:
@@ -224,19 +221,46 @@ class EdgelmClient:
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from None
         try:
-            result.ttfb_s = time.perf_counter() - start
-            result.send_s = result.ttfb_s - result.prepare_s
             if response.status_code >= 400:
                 response.read()
-                raise _error_from(response)
-            result.headers = {
-                k: v for k, v in response.headers.items() if k.lower().startswith("x-edgelm-")
-            }
+            _opened(response, result, start)
             yield from read_stream(response.iter_lines(), result, start)
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from None
         finally:
             response.close()
+        yield StreamEvent(result=result)
+
+    async def astream_chat(
+        self, model: str, prompt: Messages, **params: Any
+    ) -> AsyncIterator[StreamEvent]:
+        """:meth:`stream_chat` for asyncio code (the RAG app and CLI). Each call has its own
+        connection, so the client can serve several event loops one after another."""
+        start = time.perf_counter()
+        async with httpx.AsyncClient(
+            base_url=self.endpoint,
+            headers=self._headers,
+            timeout=self._timeout,
+            transport=self._async_transport,
+        ) as http:
+            request = http.build_request(
+                "POST", "/v1/chat/completions", json=chat_body(model, prompt, params)
+            )
+            result = ChatResult(model=model, prepare_s=time.perf_counter() - start)
+            try:
+                response = await http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                raise self._transport_error(exc) from None
+            try:
+                if response.status_code >= 400:
+                    await response.aread()
+                _opened(response, result, start)
+                async for event in aread_stream(response.aiter_lines(), result, start):
+                    yield event
+            except httpx.TransportError as exc:
+                raise self._transport_error(exc) from None
+            finally:
+                await response.aclose()
         yield StreamEvent(result=result)
 
     def chat_once(self, model: str, prompt: Messages, **params: Any) -> ChatResult:
@@ -247,100 +271,16 @@ class EdgelmClient:
         raise ServiceError(500, "the stream ended without a result")  # pragma: no cover
 
 
-def chat_body(model: str, prompt: Messages, params: dict[str, Any]) -> dict[str, Any]:
-    """A streamed chat request's body, asking for usage; ``None`` parameters are left out."""
-    params = {k: v for k, v in params.items() if v is not None and k != "stream"}
-    stream_options = {**(params.pop("stream_options", None) or {}), "include_usage": True}
-    return {
-        "model": model,
-        "messages": _messages(prompt),
-        **params,
-        "stream": True,
-        "stream_options": stream_options,
+def _opened(response: httpx.Response, result: ChatResult, start: float) -> None:
+    """Record the response's arrival and ``x-edgelm-*`` headers; an error status (its body
+    read) is raised as the service's error."""
+    result.ttfb_s = time.perf_counter() - start
+    result.send_s = result.ttfb_s - result.prepare_s
+    if response.status_code >= 400:
+        raise error_from_body(response.status_code, response.text)
+    result.headers = {
+        k: v for k, v in response.headers.items() if k.lower().startswith("x-edgelm-")
     }
-
-
-def read_stream(lines: Iterator[str], result: ChatResult, start: float) -> Iterator[StreamEvent]:
-    """Read a chat answer's server-sent events into ``result``, yielding the text deltas as
-    they arrive; times are measured from ``start`` (``time.perf_counter()``)."""
-    deltas = 0
-    last_token_t: float | None = None
-    for event in _sse_events(lines):
-        if "error" in event:
-            raise _in_band_error(event["error"])
-        usage = event.get("usage")
-        if usage:
-            result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            result.completion_tokens = int(usage.get("completion_tokens") or 0)
-        if event.get("timings"):
-            result.server_timings = event["timings"]
-        if isinstance(event.get("edgelm"), dict):
-            result.extension = event["edgelm"]
-        result.model = event.get("model") or result.model
-        for choice in event.get("choices") or []:
-            text = (choice.get("delta") or {}).get("content") or ""
-            if text:
-                now = time.perf_counter() - start
-                if last_token_t is None:
-                    result.ttft_s = now
-                else:
-                    result.itl_s.append(now - last_token_t)
-                last_token_t = now
-                deltas += 1
-                result.text += text
-                yield StreamEvent(text=text)
-            if choice.get("finish_reason"):
-                result.finish_reason = choice["finish_reason"]
-    result.total_s = time.perf_counter() - start
-    if not result.completion_tokens and deltas:
-        # Not an edgelm service, or one that ignores include_usage: one delta ≈ one token.
-        result.completion_tokens = deltas
-        result.usage_estimated = True
-
-
-def _sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
-    for line in lines:
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        if not data:
-            continue
-        try:
-            event = json.loads(data)
-        except json.JSONDecodeError:
-            raise ServiceError(502, f"the service sent a malformed event: {data[:200]}") from None
-        if isinstance(event, dict):
-            yield event
-
-
-def _in_band_error(err: Any) -> ServiceError:
-    if not isinstance(err, dict):
-        return ServiceError(500, str(err))
-    kind = err.get("type")
-    return ServiceError(
-        _STATUS_OF_TYPE.get(str(kind), 500),
-        err.get("message") or "the stream failed",
-        kind,
-        err.get("code"),
-        err.get("param"),
-    )
-
-
-def _error_from(response: httpx.Response) -> ServiceError:
-    return error_from_body(response.status_code, response.text)
-
-
-def error_from_body(status: int, text: str) -> ServiceError:
-    """The error an HTTP error response describes (an OpenAI-style body, or whatever it is)."""
-    try:
-        err = json.loads(text)["error"]
-        return ServiceError(
-            status, err["message"], err.get("type"), err.get("code"), err.get("param")
-        )
-    except (ValueError, KeyError, TypeError):
-        return ServiceError(status, f"HTTP {status}: {text[:200]}")
 
 
 def chat_once(model: str, prompt: Messages, **params: Any) -> ChatResult:

@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import psutil
 
+from edgelm.client import is_up
 from edgelm.errors import EdgelmError
 from edgelm.settings import Settings
 
@@ -58,13 +58,6 @@ def read_pid(settings: Settings) -> dict[str, object] | None:
         path.unlink(missing_ok=True)  # a stale file from a service that died
         return None
     return data
-
-
-def is_up(endpoint: str, timeout: float = 1.0) -> bool:
-    try:
-        return httpx.get(f"{endpoint}/health", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def info(settings: Settings) -> ServiceInfo:
@@ -149,6 +142,11 @@ def start_detached(
     if preload:
         cmd += ["--model", preload]
     env = {**os.environ, "EDGELM_HOME": str(settings.home)}
+    if settings.service.api_key:
+        # A key given as a flag must reach the detached service too; through the environment,
+        # which other users cannot read, not the command line, which they can.
+        env.pop("EDGELM_API_KEY", None)
+        env["EDGELM_SERVICE__API_KEY"] = settings.service.api_key
     with logs.open("ab") as out:
         proc = subprocess.Popen(
             cmd,

@@ -21,14 +21,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[2] / "src" / "edgelm"
 CYCLE_OK = "# import-cycle-ok:"
 
-# Private helpers of edgelm.client that RAG's HTTP adapters still borrow; the client layer
-# (issue 21, its own branch) makes them public. Delete these lines when it lands: the test
-# then forbids them like any other.
-KNOWN_PRIVATE_IMPORTS = {
-    ("edgelm.rag.embed", "edgelm.client", "_error_from"),
-    ("edgelm.rag.local", "edgelm.client", "_error_from"),
-    ("edgelm.rag.local", "edgelm.client", "_in_band_error"),
-}
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()
 
 
 @dataclass(frozen=True)

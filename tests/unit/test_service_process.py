@@ -26,18 +26,24 @@ def edgelm(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_detached_lifecycle(isolated_home: Path) -> None:
-    Catalog.load(isolated_home).add_user_entry(
+def _echo_home(home: Path) -> tuple[dict[str, str], str]:
+    """A home whose catalog has the fake ``echo`` model, the environment to run edgelm in
+    with it on a free port, and the service's URL there."""
+    Catalog.load(home).add_user_entry(
         CatalogEntry(alias="echo", engine="fake", options={"reply": "pong"})
     )
     port = free_port()
     env = {
         **os.environ,
-        "EDGELM_HOME": str(isolated_home),
+        "EDGELM_HOME": str(home),
         "EDGELM_SERVICE__PORT": str(port),
         "COLUMNS": "200",
     }
-    base = f"http://127.0.0.1:{port}"
+    return env, f"http://127.0.0.1:{port}"
+
+
+def test_detached_lifecycle(isolated_home: Path) -> None:
+    env, base = _echo_home(isolated_home)
     try:
         started = edgelm("service", "start", "--model", "echo", env=env)
         assert started.returncode == 0, started.stderr
@@ -76,3 +82,23 @@ def test_start_failure_is_reported(isolated_home: Path) -> None:
     result = edgelm("service", "start", env=env)
     assert result.returncode == 1
     assert "service.port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_key_given_at_start_guards_the_detached_service(isolated_home: Path) -> None:
+    """``service start --api-key`` reaches the background process (it used to be dropped, and
+    the service ran open); every command then reaches it with the global ``--api-key``."""
+    env, base = _echo_home(isolated_home)
+    try:
+        started = edgelm("service", "start", "--api-key", "k-123", env=env)
+        assert started.returncode == 0, started.stderr
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        keyed = {"Authorization": "Bearer k-123"}
+        assert httpx.get(f"{base}/v1/models", headers=keyed).status_code == 200
+        refused = edgelm("model", "load", "echo", env=env)
+        assert refused.returncode == 1 and "API key" in refused.stderr
+        loaded = edgelm("--api-key", "k-123", "model", "load", "echo", env=env)
+        assert loaded.returncode == 0 and "loaded echo" in loaded.stdout, loaded.stderr
+        status = edgelm("--api-key", "k-123", "service", "status", env=env)
+        assert status.returncode == 0 and "echo" in status.stdout, status.stderr
+    finally:
+        edgelm("service", "stop", env=env)

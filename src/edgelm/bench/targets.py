@@ -26,7 +26,7 @@ from edgelm.bench.results import ColdStart, RequestResult
 from edgelm.bench.wire import WireClient
 from edgelm.bench.workloads import Prompt
 from edgelm.catalog import Catalog
-from edgelm.client import ChatResult, EdgelmClient
+from edgelm.client import ChatResult, EdgelmClient, is_up, resolve_service
 from edgelm.engines import create_engine
 from edgelm.engines.base import Engine
 from edgelm.errors import EdgelmError, InvalidRequest
@@ -263,15 +263,9 @@ def make_target(
         kind, alias = "", spec
     if kind == "local":
         return InProcessTarget(alias, settings)
-    endpoint = settings.endpoint
-    if kind == "service" or _is_up(endpoint):
-        key = api_key or settings.client.api_key or settings.service.api_key
-        return HttpTarget(endpoint, alias, kind="service", api_key=key, stream=stream, pid=pid)
+    service = resolve_service(settings, api_key=api_key)
+    if kind == "service" or is_up(service.endpoint):
+        return HttpTarget(
+            service.endpoint, alias, kind="service", api_key=service.api_key, stream=stream, pid=pid
+        )
     return InProcessTarget(alias, settings)
-
-
-def _is_up(endpoint: str) -> bool:
-    try:
-        return httpx.get(f"{endpoint}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False

@@ -6,8 +6,9 @@ httpx, which the rest of edgelm uses, builds each request and parses each respon
 Python (httpcore and h11). Against the service on Qwen2.5-0.5B, with both clients timed against
 the server's own clock, a request reached the server 0.45 ms later and the first token's event
 was read 0.35 ms later through httpx than through ``http.client``: 0.8 ms of each TTFT that was
-the client's, not the server's. Answers are read into the same :class:`ChatResult` as
-:class:`~edgelm.client.EdgelmClient` reads them, by the same code (``read_stream``).
+the client's, not the server's. Only the transport is its own: requests are built and answers
+read into the same :class:`ChatResult` as :class:`~edgelm.client.EdgelmClient` reads them, by
+the same code (:mod:`edgelm.openai_stream`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from edgelm.client import (
+from edgelm.openai_stream import (
     ChatResult,
     Messages,
     ServiceUnavailable,

@@ -23,7 +23,7 @@ from edgelm.cli.common import (
     show,
     split_list,
 )
-from edgelm.client import EdgelmClient
+from edgelm.client import EdgelmClient, resolve_service
 from edgelm.cost import Prices
 from edgelm.evals import harness, store
 from edgelm.evals import report as eval_report
@@ -38,8 +38,7 @@ def _db(settings: Settings) -> Path:
 
 
 def _client(settings: Settings) -> EdgelmClient:
-    api_key = settings.client.api_key or settings.service.api_key
-    client = EdgelmClient(settings.endpoint, api_key)
+    client = EdgelmClient.for_settings(settings)
     if not client.is_up():
         client.close()
         fail(
@@ -203,7 +202,8 @@ def ragas(
 
     settings = settings_of(ctx)
     (loaded,) = _load(settings, [run_id])
-    scorer = ragas_scorer(settings.endpoint, judge, settings.client.api_key)
+    service = resolve_service(settings)
+    scorer = ragas_scorer(service.endpoint, judge, service.api_key)
     with console().status(f"Ragas is scoring {sample} answers with {judge}…"):
         rows = compare(loaded.run.items, loaded.rows, scorer, sample)
     if not rows:

@@ -27,7 +27,7 @@ app = typer.Typer(help="Hybrid router: the SLM drafts, the LLM refines when a po
 
 
 def _client(settings: Settings) -> EdgelmClient:
-    return EdgelmClient(settings.endpoint, api_key=settings.client.api_key)
+    return EdgelmClient.for_settings(settings)
 
 
 def _ask(
@@ -269,9 +269,7 @@ def eval_(
 def _embed_fn(settings: Settings, model: str):
     from edgelm.rag.embed import ServiceEmbedder
 
-    embedder = ServiceEmbedder(
-        model, settings.endpoint, settings.client.api_key or settings.service.api_key
-    )
+    embedder = ServiceEmbedder(model, EdgelmClient.for_settings(settings))
 
     def embed(texts: list[str]) -> list[list[float]]:
         return embedder.embed(texts)

@@ -79,14 +79,21 @@ def root(
     endpoint: str | None = typer.Option(
         None, "--endpoint", help="Talk to the service at this URL (EDGELM_ENDPOINT)."
     ),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        help="Bearer key every command sends to the service (default: client.api_key, "
+        "else service.api_key / EDGELM_API_KEY).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens."),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version."
     ),
 ) -> None:
-    """Global options; every command reads its settings through them."""
+    """Global options; every command reads its settings through them, and every command
+    that talks to a service finds it and its key through :func:`edgelm.client.resolve_service`."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
-    ctx.obj = {"home": home, "client.endpoint": endpoint}
+    ctx.obj = {"home": home, "client.endpoint": endpoint, "client.api_key": api_key}
 
 
 def main() -> None:

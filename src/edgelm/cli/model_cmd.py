@@ -279,7 +279,7 @@ def export_web(
 
 
 def _client(settings: Settings) -> EdgelmClient:
-    return EdgelmClient(settings.endpoint, api_key=settings.client.api_key)
+    return EdgelmClient.for_settings(settings)
 
 
 @app.command("load")

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from edgelm.cli.common import JSON_OPTION, console, fail, print_table, settings_of, show
+from edgelm.client import EdgelmClient, resolve_service
 from edgelm.rag.answer import AnswerOptions
 
 app = typer.Typer(help="Local RAG: ingest documents, ask questions with cited answers.")
@@ -52,8 +53,9 @@ def ingest(
     with RagStore.open(settings.home, name) as existing:
         own = existing.embedding_model
     model = embed_model or own or rag.embed_model
-    key = settings.client.api_key or settings.service.api_key
-    embedder, note = service_embedder(model, bool(embed_model or own), settings.endpoint, key)
+    embedder, note = service_embedder(
+        model, bool(embed_model or own), lambda: EdgelmClient.for_settings(settings)
+    )
     if note:
         console().print(f"[dim]{note}[/]")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
@@ -184,8 +186,9 @@ def eval_(
     folder = corpus or corpus_dir()
     rows = load_questions(questions)
     model = embed_model or rag.embed_model
-    key = settings.client.api_key or settings.service.api_key
-    embedder, note = service_embedder(model, embed_model is not None, settings.endpoint, key)
+    embedder, note = service_embedder(
+        model, embed_model is not None, lambda: EdgelmClient.for_settings(settings)
+    )
     if note and not as_json:
         console().print(f"[dim]{note}[/]")
     with tempfile.TemporaryDirectory() as tmp, RagStore(Path(tmp) / "eval.db") as store:
@@ -249,5 +252,8 @@ def chat(
     settings = settings_of(ctx)
     name = check_name(collection or settings.rag.collection)
     cmd = chainlit_command(port, host, headless)
-    env = chainlit_env(settings.home, settings.endpoint, name)
+    service = resolve_service(settings)
+    env = chainlit_env(settings.home, service.endpoint, name)
+    if service.api_key:  # the app reads its key from the settings, as every command does
+        env["EDGELM_CLIENT__API_KEY"] = service.api_key
     raise typer.Exit(subprocess.call(cmd, env=env, cwd=env["CHAINLIT_APP_ROOT"]))

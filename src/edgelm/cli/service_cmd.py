@@ -68,7 +68,7 @@ def status(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     ``endpoint`` and the service's own ``status`` report (``status.loaded`` lists the models).
     """
     settings = settings_of(ctx)
-    client = EdgelmClient(settings.endpoint, api_key=settings.client.api_key)
+    client = EdgelmClient.for_settings(settings)
     if not client.is_up():
         if as_json:
             print_json({"running": False, "endpoint": settings.endpoint})

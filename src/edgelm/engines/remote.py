@@ -3,15 +3,15 @@ Foundry Local, or a cloud endpoint.
 
 Putting a remote model behind the same :class:`Engine` interface is what lets the bench, the
 compare table and the hybrid router treat "the big model over there" exactly like a local one:
-the upstream's SSE stream is turned into :class:`Chunk` objects timed here, on this side of the
-network, so TTFT includes the round trip a user would really wait for.
+the upstream's SSE stream (decoded by :mod:`edgelm.openai_stream`, as every client in edgelm
+decodes it) is turned into :class:`Chunk` objects timed here, on this side of the network, so
+TTFT includes the round trip a user would really wait for.
 
 The client is synchronous (httpx) because the service runs every engine in a worker thread.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +23,8 @@ import httpx
 from edgelm import __version__
 from edgelm.engines.base import Engine, StopBuffer, check_capabilities
 from edgelm.errors import ConfigError, UpstreamError
-from edgelm.types import Chunk, FinishReason, GenerationRequest, TokenLogprob
+from edgelm.openai_stream import ErrorFields, MalformedEvent, error_fields, first_choice, sse_events
+from edgelm.types import Chunk, FinishReason, GenerationRequest
 
 if TYPE_CHECKING:
     from edgelm.catalog import CatalogEntry
@@ -215,7 +216,7 @@ class RemoteEngine(Engine):
         stopped_here = False
         stops = StopBuffer(request.stop)  # a guard for upstreams that ignore "stop"
         try:
-            for event in _sse_events(response.iter_lines(), url):
+            for event in sse_events(response.iter_lines()):
                 if cancel is not None and cancel.is_set():
                     finish = "cancelled"
                     break
@@ -226,32 +227,28 @@ class RemoteEngine(Engine):
                     raise _in_band_error(event["error"], url)
                 if event.get("usage"):
                     usage = event["usage"]
-                for choice in event.get("choices") or []:
-                    if choice.get("index", 0) != 0:
-                        continue
-                    raw = _choice_text(choice)
-                    lps = _logprobs(choice.get("logprobs"))
-                    if raw or lps:
-                        # Without a usage chunk, each content event counts as one token
-                        # (vLLM, llama.cpp and Ollama send one per token), or one per
-                        # logprob entry when an upstream batches several tokens.
-                        completion_tokens += len(lps) or 1
-                        text, hit = stops.push(raw)
-                        yield Chunk(
-                            text=text,
-                            logprobs=lps,
-                            t=time.perf_counter() - start,
-                            prompt_tokens=prompt_tokens,
-                            completion_tokens=completion_tokens,
-                        )
-                        if hit:
-                            finish = "stop"
-                            done = stopped_here = True
-                            break
-                    if choice.get("finish_reason"):
-                        finish = "length" if choice["finish_reason"] == "length" else "stop"
-                if done:
-                    break
+                delta = first_choice(event)
+                if delta.text or delta.logprobs:
+                    # Without a usage chunk, each content event counts as one token (vLLM,
+                    # llama.cpp and Ollama send one per token), or one per logprob entry
+                    # when an upstream batches several tokens.
+                    completion_tokens += len(delta.logprobs) or 1
+                    text, hit = stops.push(delta.text)
+                    yield Chunk(
+                        text=text,
+                        logprobs=delta.logprobs,
+                        t=time.perf_counter() - start,
+                        prompt_tokens=prompt_tokens,
+                        completion_tokens=completion_tokens,
+                    )
+                    if hit:
+                        finish = "stop"
+                        done = stopped_here = True
+                        break
+                if delta.finish_reason:
+                    finish = "length" if delta.finish_reason == "length" else "stop"
+        except MalformedEvent as exc:
+            raise UpstreamError(f"the upstream at {url} sent a {exc}") from None
         except httpx.TransportError as exc:
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
@@ -300,96 +297,6 @@ class RemoteEngine(Engine):
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _sse_events(lines: Iterator[str], url: str) -> Iterator[dict[str, Any] | None]:
-    """Decode ``data:`` lines; ``None`` stands for ``[DONE]``. Comments and other fields
-    (``event:``, ``id:``, keep-alive ``:`` lines) are skipped."""
-    for line in lines:
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if not data:
-            continue
-        if data == "[DONE]":
-            yield None
-            return
-        try:
-            event = json.loads(data)
-        except json.JSONDecodeError:
-            raise UpstreamError(
-                f"the upstream at {url} sent a malformed event: {data[:200]}"
-            ) from None
-        if isinstance(event, dict):
-            yield event
-
-
-def _choice_text(choice: dict[str, Any]) -> str:
-    delta = choice.get("delta")
-    if isinstance(delta, dict):
-        return delta.get("content") or ""
-    return choice.get("text") or ""
-
-
-def _logprobs(raw: Any) -> list[TokenLogprob]:
-    """Map either OpenAI logprobs shape onto :class:`TokenLogprob`.
-
-    Chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``.
-    Completions: ``{"tokens": [...], "token_logprobs": [...], "top_logprobs": [{tok: lp}]}``.
-    """
-    if not isinstance(raw, dict):
-        return []
-    if isinstance(raw.get("content"), list):
-        out = []
-        for item in raw["content"]:
-            top = [
-                (str(alt.get("token", "")), float(alt.get("logprob", 0.0)))
-                for alt in item.get("top_logprobs") or []
-            ]
-            out.append(
-                TokenLogprob(
-                    token=str(item.get("token", "")),
-                    logprob=float(item.get("logprob", 0.0)),
-                    bytes=item.get("bytes"),
-                    top=top,
-                )
-            )
-        return out
-    tokens = raw.get("tokens") or []
-    values = raw.get("token_logprobs") or []
-    tops = raw.get("top_logprobs") or []
-    out = []
-    for i, token in enumerate(tokens):
-        value = values[i] if i < len(values) and values[i] is not None else 0.0
-        alts = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
-        out.append(
-            TokenLogprob(
-                token=str(token),
-                logprob=float(value),
-                bytes=list(str(token).encode()),
-                top=[(str(t), float(v)) for t, v in alts.items()],
-            )
-        )
-    return out
-
-
-def _error_fields(payload: Any) -> tuple[str | None, str | None, str | None]:
-    """(message, code, param) from the error shapes upstreams use: OpenAI's
-    ``{"error": {...}}``, Ollama's ``{"error": "..."}``, vLLM's ``{"message": ...}`` and
-    FastAPI's ``{"detail": ...}``."""
-    if not isinstance(payload, dict):
-        return None, None, None
-    err = payload.get("error", payload)
-    if isinstance(err, str):
-        return err, None, None
-    if not isinstance(err, dict):
-        return None, None, None
-    message = err.get("message") or err.get("detail")
-    if message is not None and not isinstance(message, str):
-        message = json.dumps(message)
-    code = err.get("code") if isinstance(err.get("code"), str) else None
-    param = err.get("param") if isinstance(err.get("param"), str) else None
-    return message, code, param
-
-
 def upstream_http_error(response: httpx.Response, url: str) -> UpstreamError:
     """An upstream's HTTP error as an :class:`UpstreamError` a caller can act on.
 
@@ -400,10 +307,11 @@ def upstream_http_error(response: httpx.Response, url: str) -> UpstreamError:
     """
     status = response.status_code
     try:
-        message, code, param = _error_fields(response.json())
+        fields = error_fields(response.json())
     except ValueError:
-        message, code, param = None, None, None
-    message = message or response.text.strip()[:300] or response.reason_phrase
+        fields = ErrorFields()
+    code, param = fields.code, fields.param
+    message = fields.message or response.text.strip()[:300] or response.reason_phrase
     text = f"upstream {url} answered {status}: {message}"
     if status in (401, 403):
         text += " (check the API key: the model's options.api_key or remote.api_key)"
@@ -426,7 +334,9 @@ def upstream_transport_error(exc: httpx.TransportError, url: str) -> UpstreamErr
 
 
 def _in_band_error(raw: Any, url: str) -> UpstreamError:
-    message, code, param = _error_fields({"error": raw})
+    fields = error_fields({"error": raw})
     return UpstreamError(
-        f"upstream {url} failed mid-stream: {message or raw}", param=param, code=code
+        f"upstream {url} failed mid-stream: {fields.message or raw}",
+        param=fields.param,
+        code=fields.code,
     )

@@ -6,11 +6,10 @@ collection records the embedding model's name, and queries must be embedded by t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
-import httpx
-
-from edgelm.client import ServiceUnavailable, _error_from
+from edgelm.client import EdgelmClient
 from edgelm.engines.base import Engine
 from edgelm.errors import EdgelmError
 
@@ -24,46 +23,19 @@ class Embedder(Protocol):
 
 
 class ServiceEmbedder:
-    """Embeddings from a running edgelm (or any OpenAI-compatible) service, in batches."""
+    """Embeddings from a running edgelm (or any OpenAI-compatible) service, in batches: an
+    :class:`Embedder` face on :meth:`EdgelmClient.embed`, whose connection it closes."""
 
-    def __init__(
-        self,
-        model: str,
-        endpoint: str,
-        api_key: str | None = None,
-        batch: int = 64,
-        transport: httpx.BaseTransport | None = None,
-    ):
+    def __init__(self, model: str, client: EdgelmClient, batch: int = 64):
         self.name = model
+        self.client = client
         self.batch = batch
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(
-            base_url=endpoint.rstrip("/"),
-            headers=headers,
-            timeout=httpx.Timeout(600.0, connect=5.0),
-            transport=transport,
-        )
 
     def embed(self, texts: list[str]) -> list[list[float]]:
-        out: list[list[float]] = []
-        for i in range(0, len(texts), self.batch):
-            try:
-                response = self.http.post(
-                    "/v1/embeddings", json={"model": self.name, "input": texts[i : i + self.batch]}
-                )
-            except httpx.TransportError as exc:
-                raise ServiceUnavailable(
-                    f"cannot reach the service at {self.http.base_url} for embeddings: {exc}; "
-                    "start it with: edgelm service start"
-                ) from None
-            if response.status_code >= 400:
-                raise _error_from(response)
-            data = sorted(response.json()["data"], key=lambda d: d["index"])
-            out.extend(d["embedding"] for d in data)
-        return out
+        return self.client.embed(self.name, texts, self.batch)
 
     def close(self) -> None:
-        self.http.close()
+        self.client.close()
 
 
 class EngineEmbedder:
@@ -79,7 +51,7 @@ class EngineEmbedder:
 
 
 def service_embedder(
-    model: str | None, explicit: bool, endpoint: str, api_key: str | None = None
+    model: str | None, explicit: bool, client: Callable[[], EdgelmClient]
 ) -> tuple[ServiceEmbedder | None, str]:
     """The embedder for an ingest: ``(embedder or None, note)``.
 
@@ -90,7 +62,7 @@ def service_embedder(
     """
     if not model:
         return None, ""
-    embedder = ServiceEmbedder(model, endpoint, api_key)
+    embedder = ServiceEmbedder(model, client())
     if explicit:
         return embedder, ""
     try:

@@ -8,35 +8,26 @@ and the service's pool, queue and memory budget stay in charge.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from edgelm.client import ServiceError, ServiceUnavailable, _error_from, _in_band_error
+from edgelm.client import EdgelmClient, resolve_service
 from edgelm.rag.answer import AnswerOptions, answer_stream
-from edgelm.rag.embed import ServiceEmbedder, service_embedder
+from edgelm.rag.embed import service_embedder
 from edgelm.rag.ingest import IngestReport, ingest_paths
 from edgelm.rag.retrieve import Hit, find_hits
 from edgelm.rag.store import RagStore
 from edgelm.settings import Settings
-from edgelm.types import Chunk, TokenLogprob
+from edgelm.types import Chunk
 
 
 class HttpGenerator:
-    """Streams chat answers from an edgelm service as :class:`Chunk` objects."""
+    """RAG's :class:`~edgelm.rag.answer.Generator` over HTTP: chat answers from an edgelm
+    service, through :meth:`EdgelmClient.astream_chat`, as :class:`Chunk` objects."""
 
-    def __init__(
-        self,
-        endpoint: str,
-        api_key: str | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ):
-        self.endpoint = endpoint.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.transport = transport
+    def __init__(self, client: EdgelmClient):
+        self.client = client
         self.reported: dict[str, str] = {}
 
     def canonical(self, model: str) -> str:
@@ -51,72 +42,22 @@ class HttpGenerator:
         temperature: float,
         logprobs: bool = False,
     ) -> AsyncIterator[Chunk]:
-        body: dict[str, Any] = {
-            "model": model,
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if logprobs:
-            body["logprobs"] = True
-        timeout = httpx.Timeout(600.0, connect=5.0)
-        async with httpx.AsyncClient(
-            base_url=self.endpoint, headers=self.headers, timeout=timeout, transport=self.transport
-        ) as http:
-            try:
-                async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-                    if response.status_code >= 400:
-                        await response.aread()
-                        raise _error_from(response)
-                    async for chunk in self._chunks(model, response):
-                        yield chunk
-            except httpx.ConnectError:
-                raise ServiceUnavailable(
-                    f"the edgelm service at {self.endpoint} is not running; start it with: "
-                    "edgelm service start"
-                ) from None
-            except httpx.TransportError as exc:
-                raise ServiceUnavailable(f"the service at {self.endpoint} failed: {exc}") from None
-
-    async def _chunks(self, model: str, response: httpx.Response) -> AsyncIterator[Chunk]:
-        prompt_tokens = completion_tokens = 0
-        finish = None
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
+        params = {"max_tokens": max_tokens, "temperature": temperature, "logprobs": logprobs or None}
+        deltas = 0
+        async for event in self.client.astream_chat(model, messages, **params):
+            result = event.result
+            if result is None:
+                deltas += 1
+                yield Chunk(text=event.text, completion_tokens=deltas, logprobs=event.logprobs)
                 continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            try:
-                event = json.loads(data)
-            except json.JSONDecodeError:
-                raise ServiceError(502, f"malformed event from the service: {data[:200]}") from None
-            if "error" in event:
-                raise _in_band_error(event["error"])
-            if event.get("model"):
-                self.reported[model] = event["model"]
-            usage = event.get("usage") or {}
-            prompt_tokens = int(usage.get("prompt_tokens") or prompt_tokens)
-            completion_tokens = int(usage.get("completion_tokens") or completion_tokens)
-            for choice in event.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content") or ""
-                finish = choice.get("finish_reason") or finish
-                lps = [
-                    TokenLogprob(str(lp.get("token", "")), float(lp["logprob"]))
-                    for lp in ((choice.get("logprobs") or {}).get("content") or [])
-                    if isinstance(lp, dict) and lp.get("logprob") is not None
-                ]
-                if text:
-                    completion_tokens += 0 if usage else 1
-                    yield Chunk(text=text, completion_tokens=completion_tokens, logprobs=lps)
-        yield Chunk(
-            text="",
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            finish_reason="length" if finish == "length" else "stop",
-        )
+            if result.model:
+                self.reported[model] = result.model
+            yield Chunk(
+                text="",
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                finish_reason="length" if result.finish_reason == "length" else "stop",
+            )
 
 
 class LocalRag:
@@ -125,8 +66,11 @@ class LocalRag:
     def __init__(self, settings: Settings, endpoint: str | None = None):
         self.settings = settings
         self.rag = settings.rag
-        self.endpoint = (endpoint or settings.endpoint).rstrip("/")
-        self.api_key = settings.client.api_key or settings.service.api_key
+        self.address = resolve_service(settings, endpoint)
+
+    def client(self) -> EdgelmClient:
+        """A new client for the service (each tool call opens and closes its own)."""
+        return EdgelmClient(self.address.endpoint, self.address.api_key)
 
     def options(self, **overrides: Any) -> AnswerOptions:
         return AnswerOptions.from_settings(self.rag, **overrides)
@@ -138,7 +82,7 @@ class LocalRag:
         with RagStore.open(self.settings.home, name) as store:
             model = store.embedding_model or self.rag.embed_model
             explicit = store.embedding_model is not None
-            embedder, _note = service_embedder(model, explicit, self.endpoint, self.api_key)
+            embedder, _note = service_embedder(model, explicit, self.client)
             try:
                 return ingest_paths(
                     store,
@@ -154,11 +98,8 @@ class LocalRag:
 
     def embed(self, model: str, text: str) -> list[float]:
         """The query's vector, from the service (the model that embedded the collection)."""
-        embedder = ServiceEmbedder(model, self.endpoint, self.api_key)
-        try:
-            return embedder.embed([text])[0]
-        finally:
-            embedder.close()
+        with self.client() as client:
+            return client.embed(model, [text])[0]
 
     def retrieve(
         self,
@@ -190,5 +131,5 @@ class LocalRag:
         """Retrieve, then return the hits, the answer stream, and the extension it fills."""
         hits = await asyncio.to_thread(self.retrieve, question, options, collection, documents)
         extension: dict[str, Any] = {}
-        generator = HttpGenerator(self.endpoint, self.api_key)
+        generator = HttpGenerator(self.client())
         return hits, answer_stream(question, hits, generator, options, extension), extension
