@@ -52,7 +52,7 @@ Capability = Literal[
 
 # What a model lacking a capability does not do, as the error says it, and the request
 # parameter that asked for it.
-_REFUSALS: dict[str, tuple[str, str | None]] = {
+_REFUSALS: dict[Capability, tuple[str, str | None]] = {
     "chat": ("does not support chat", "messages"),
     "completions": ("does not support text completions", "prompt"),
     "logprobs": ("does not return logprobs", "logprobs"),
