@@ -41,7 +41,7 @@ from pathlib import Path
 import psutil
 
 from edgelm.catalog import Catalog, CatalogEntry
-from edgelm.errors import EdgelmError, InvalidRequest, ModelNotFound
+from edgelm.errors import EdgelmError, InvalidRequest
 from edgelm.settings import Settings
 
 FORMAT = 1
@@ -380,13 +380,7 @@ def convert_to_onnx(
             param="model",
         )
     store = ModelStore(settings)
-    source = store.path_for(entry)
-    if not store.is_cached(entry):
-        raise ModelNotFound(
-            f"model '{entry.alias}' is not downloaded; run: edgelm model download {entry.alias}",
-            param="model",
-            code="model_not_downloaded",
-        )
+    source = store.require(entry)
     with source.open("rb") as handle:
         if handle.read(4) != b"GGUF":
             raise InvalidRequest(

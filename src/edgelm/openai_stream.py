@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgelm.errors import EdgelmError
-from edgelm.types import TokenLogprob
+from edgelm.types import TokenLogprob, decode_rate
 
 # In-band stream errors carry no HTTP status (the 200 was already sent); infer one from type.
 _STATUS_OF_TYPE = {"invalid_request_error": 400, "upstream_error": 502, "rate_limit_error": 429}
@@ -271,9 +271,7 @@ class ChatResult:
     @property
     def decode_tokens_per_s(self) -> float | None:
         """Completion tokens after the first, over the time after the first token."""
-        if self.ttft_s is None or self.completion_tokens < 2 or self.total_s <= self.ttft_s:
-            return None
-        return (self.completion_tokens - 1) / (self.total_s - self.ttft_s)
+        return decode_rate(self.completion_tokens, self.ttft_s, self.total_s)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON reports, including the derived figures."""

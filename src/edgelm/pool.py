@@ -23,7 +23,7 @@ import psutil
 
 from edgelm.catalog import Catalog, CatalogEntry
 from edgelm.engines import create_engine
-from edgelm.engines.base import Engine
+from edgelm.engines.base import Engine, check_capabilities
 from edgelm.errors import Busy, EdgelmError, GenerationTimeout, ModelLoadError, Overloaded
 from edgelm.settings import Settings
 from edgelm.types import Chunk, GenerationRequest
@@ -275,9 +275,11 @@ class ModelPool:
         runs ``engine.stream`` in a worker thread. Closing this iterator early (a client went
         away) sets the engine's cancel event, so the model stops at the next token; the slot is
         released only once the producer has really finished, so an engine that cannot run two
-        streams never sees two.
+        streams never sees two. A request the engine cannot honour is refused before it
+        queues for a slot.
         """
         loaded = await self.get(name)
+        check_capabilities(loaded.engine, request)
         engine = await self._acquire(loaded)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -349,6 +351,7 @@ class ModelPool:
 
     async def embed(self, name: str, texts: list[str]) -> tuple[list[list[float]], int]:
         loaded = await self.get(name)
+        loaded.engine.require("embeddings")  # refused before it queues for a slot
         async with self.slot(loaded) as engine:
             return await asyncio.to_thread(engine.embed, texts)
 

@@ -112,6 +112,19 @@ class ModelStore:
             return path.stat().st_size == entry.size_bytes
         return True
 
+    def is_ready(self, entry: CatalogEntry) -> bool:
+        """Whether the model can be loaded without a download: its file is cached, or it needs
+        none (remote and fake models). What listings show as "cached"."""
+        return not entry.needs_file or self.is_cached(entry)
+
+    def require(self, entry: CatalogEntry) -> Path:
+        """The model's file, which must be downloaded (:meth:`is_cached`); otherwise a 404
+        that says how to get it. Every "is it downloaded" check before a load or a
+        conversion goes through here, so they cannot disagree."""
+        if not self.is_cached(entry):
+            raise _not_downloaded(entry)
+        return self.path_for(entry)
+
     # ------------------------------------------------------------------ download
 
     def download(
@@ -349,13 +362,8 @@ class ModelStore:
     def verify(self, entry: CatalogEntry, progress: ProgressFn | None = None) -> bool:
         """Hash the file and compare with the catalog; reads the whole file."""
         path = self.path_for(entry)
-        if not path.is_file():
-            raise ModelNotFound(
-                f"model '{entry.alias}' is not downloaded; run: edgelm model download "
-                f"{entry.alias}",
-                param="model",
-                code="model_not_downloaded",
-            )
+        if not path.is_file():  # present with the wrong size is what verify is for
+            raise _not_downloaded(entry)
         if not entry.sha256:
             raise InvalidRequest(
                 f"'{entry.alias}' has no SHA-256 in the catalog, so there is nothing to "
@@ -425,6 +433,14 @@ class ModelStore:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _not_downloaded(entry: CatalogEntry) -> ModelNotFound:
+    return ModelNotFound(
+        f"model '{entry.alias}' is not downloaded; run: edgelm model download {entry.alias}",
+        param="model",
+        code="model_not_downloaded",
+    )
 
 
 def _filename(entry: CatalogEntry) -> str:

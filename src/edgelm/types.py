@@ -104,6 +104,28 @@ class Usage(BaseModel):
     total_tokens: int = 0
 
 
+def decode_rate(completion_tokens: int, first_token_s: float | None, end_s: float) -> float | None:
+    """Decode speed in tokens/s: the tokens after the first over the time after the first.
+
+    The first token's time belongs to the prompt (it is the time to first token), so it is
+    left out of both sides. Times are seconds on one clock (since the request started, or
+    absolute); None when there is no second token or no time after the first to divide by.
+    The one definition behind every decode tokens/s edgelm shows: the engine's timing, the
+    bench's per-request figures and the client's results.
+    """
+    if first_token_s is None or completion_tokens < 2 or end_s <= first_token_s:
+        return None
+    return (completion_tokens - 1) / (end_s - first_token_s)
+
+
+def prompt_rate(prompt_tokens: int, ttft_s: float | None) -> float | None:
+    """Prompt speed in tokens/s: the prompt's tokens over the time to the first token (which
+    is what reading them took, plus the first decode step); None when either is missing."""
+    if not ttft_s or not prompt_tokens:
+        return None
+    return prompt_tokens / ttft_s
+
+
 class Timing(BaseModel):
     """Latency decomposition of one generation, measured inside the engine's stream."""
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.catalog import Catalog
-from edgelm.errors import EdgelmError, InvalidRequest, MissingExtra, ModelNotFound
+from edgelm.errors import EdgelmError, InvalidRequest, MissingExtra
 from edgelm.settings import Settings, load_settings
 from edgelm.store import ModelStore
 
@@ -116,12 +116,7 @@ def export_web_model(
             f"model '{entry.alias}' is not a GGUF file ({source.name}); only GGUF models export",
             param="model",
         )
-    if not store.is_cached(entry):
-        raise ModelNotFound(
-            f"model '{entry.alias}' is not downloaded; run: edgelm model download {entry.alias}",
-            param="model",
-            code="model_not_downloaded",
-        )
+    store.require(entry)
     root = out_root or browser_models_dir(settings)
     target = root / entry.alias
     key = _source_key(source)

@@ -1,19 +1,24 @@
 """The onnx engine's choice of execution provider, with onnxruntime-genai replaced by a fake:
 GPU providers are tried only when enabled and really offered, and a failing one falls back
-to the CPU. (Generation itself is tested on the real model in tests/integration.)"""
+to the CPU; and the engine's own parts of generation (template, logprobs) on a fake generator.
+(Generation itself is tested on the real model in tests/integration.)"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from edgelm.engines import onnx
+from edgelm.engines.base import collect
 from edgelm.engines.onnx import OnnxEngine, provider_candidates
 from edgelm.errors import MissingExtra, ModelLoadError
+from edgelm.types import GenerationRequest, Message
 
 
 def fake_og(claims: dict[str, bool], broken: set[str] = frozenset()) -> Any:  # type: ignore[assignment]
@@ -145,3 +150,90 @@ def test_system_info_lists_the_usable_providers(monkeypatch: pytest.MonkeyPatch)
 
     assert sysinfo.onnx_genai_providers()[-1:] in (["cpu"], [])
     assert "onnx_genai_providers" in sysinfo.system_info(probe_llama_cpp=False)
+
+
+PIECES = {0: "<s>", 1: "Hi", 2: "</s>", 3: " there"}
+
+
+def generating_og(answer: list[int], rows: list[list[float]]) -> Any:
+    """``fake_og`` that also generates: ``answer`` token by token, each sampled from the
+    matching logits row, which the generator overwrites in place at every step (as the real
+    one reuses its buffer)."""
+    og = fake_og({})
+    applied: list[tuple[list[dict[str, str]], str]] = []
+
+    class Tokenizer:
+        eos_token_ids = (2,)
+
+        def __init__(self, model: Any):
+            pass
+
+        def encode(self, text: str) -> list[int]:
+            return [1] * len(text.split())
+
+        def decode(self, tokens: Any) -> str:
+            return "".join(PIECES[int(t)] for t in tokens)
+
+        def create_stream(self) -> Any:
+            return SimpleNamespace(decode=lambda t: PIECES[int(t)])
+
+        def apply_chat_template(self, messages: str, template_str: str, **kw: Any) -> str:
+            applied.append((json.loads(messages), template_str))
+            return "<prompt>"
+
+    class Generator:
+        def __init__(self, model: Any, params: Any):
+            self.step = 0
+            self.logits = np.array([[rows[0]]], dtype=np.float32)
+
+        def append_tokens(self, tokens: Any) -> None:
+            pass
+
+        def is_done(self) -> bool:
+            return self.step >= len(answer)
+
+        def get_logits(self) -> np.ndarray:
+            return self.logits
+
+        def generate_next_token(self) -> None:
+            self.step += 1
+            self.logits[0, -1] = rows[min(self.step, len(rows) - 1)]
+
+        def get_next_tokens(self) -> list[int]:
+            return [answer[self.step - 1]]
+
+    og.Tokenizer = Tokenizer
+    og.Generator = Generator
+    og.GeneratorParams = lambda model: SimpleNamespace(set_search_options=lambda **kw: None)
+    og.applied = applied
+    return og
+
+
+def test_generation_through_the_shared_renderer_and_logprob(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's own parts around the library: the chat template through the renderer the
+    llama.cpp engine shares, and logprobs from the row the sampler used, not the next one."""
+    rows = [[0.0, 2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 4.0], [0.0, 0.0, 5.0, 0.0]]
+    og = generating_og([1, 3, 2], rows)
+    monkeypatch.setattr(onnx, "import_genai", lambda: og)
+    engine = OnnxEngine(model_dir, "m")
+    request = GenerationRequest(
+        messages=[
+            Message(role="developer", content="be brief"),
+            Message(role="user", content="hi"),
+        ],
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    result = collect(engine.stream(request))
+    assert og.applied == [
+        ([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], "{{ x }}")
+    ]
+    assert result.text == "Hi there" and result.finish_reason == "stop"
+    first, second = result.logprobs
+    log_z = math.log(sum(math.exp(v) for v in rows[0]))
+    assert first["token"] == "Hi" and first["logprob"] == pytest.approx(2.0 - log_z, abs=1e-6)
+    assert [t for t, _ in first["top"]] == ["Hi", "</s>"]
+    assert second["token"] == " there" and second["top"][0][0] == " there"

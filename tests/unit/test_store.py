@@ -555,6 +555,26 @@ def test_is_cached_checks_size(tmp_path: Path) -> None:
     assert store.is_cached(hub_entry(size_bytes=0))
 
 
+def test_require_and_is_ready_agree_with_is_cached(tmp_path: Path) -> None:
+    """The one "is it downloaded" answer: what loads, converts and listings all ask."""
+    store = ModelStore(make_settings(tmp_path))
+    entry = hub_entry()
+    assert not store.is_ready(entry)
+    with pytest.raises(ModelNotFound) as caught:
+        store.require(entry)
+    assert caught.value.code == "model_not_downloaded"
+    assert "edgelm model download tiny" in caught.value.message
+    path = store.path_for(entry)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(PAYLOAD[:10])  # truncated: present but not cached
+    assert not store.is_ready(entry)
+    with pytest.raises(ModelNotFound):
+        store.require(entry)
+    path.write_bytes(PAYLOAD)
+    assert store.is_ready(entry) and store.require(entry) == path
+    assert store.is_ready(CatalogEntry(alias="fk", engine="fake"))  # nothing to download
+
+
 def test_remove_refuses_outside_models_dir(tmp_path: Path) -> None:
     store = ModelStore(make_settings(tmp_path))
     outside = tmp_path / "precious"

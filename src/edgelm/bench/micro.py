@@ -19,7 +19,6 @@ import numpy as np
 
 from edgelm.catalog import Catalog
 from edgelm.engines import create_engine
-from edgelm.errors import InvalidRequest, Unsupported
 from edgelm.settings import Settings
 from edgelm.store import ModelStore
 
@@ -51,30 +50,26 @@ class RawEngine:
         catalog = Catalog.load(settings.home)
         self.entry = catalog.resolve(alias)
         self.engine_name = self.entry.engine_name(settings.compute.engine)
-        store = ModelStore(settings)
-        if self.entry.needs_file and not store.is_cached(self.entry):
-            raise InvalidRequest(
-                f"'{self.entry.alias}' is not downloaded; run: edgelm model download {alias}"
-            )
-        path = store.path_for(self.entry) if self.entry.needs_file else None
+        path = ModelStore(settings).require(self.entry) if self.entry.needs_file else None
         self.engine = create_engine(self.entry, settings, path)
-        self._raw_speed = getattr(self.engine, "raw_speed", None)
-        if self._raw_speed is None:
+        try:
+            self.engine.require("raw_speed")
+            self.engine.raw_speed(32, 4)
+        except BaseException:
             self.engine.close()
-            raise Unsupported(f"the {self.engine.name} engine has no raw pp/tg benchmark")
-        self._raw_speed(32, 4)
-        self.threads: int | None = getattr(self.engine, "threads", None)
+            raise
+        self.threads = self.engine.threads
         weights = getattr(self.engine, "model_path", None)
         self.weights_bytes: int | None = weights.stat().st_size if weights is not None else None
 
     def pp(self, n: int, seed: int = 0) -> float:
         """Prompt processing: tokens/s reading ``n`` random tokens from an empty context."""
-        return n / self._raw_speed(n, 0, seed=seed)[0]
+        return n / self.engine.raw_speed(n, 0, seed=seed)[0]
 
     def tg(self, n: int, seed: int = 0) -> float:
         """Token generation: tokens/s of ``n`` single-token steps from an empty context (as
         llama-bench: at 512 tokens of context attention already costs Qwen2.5-0.5B ~5%)."""
-        return n / self._raw_speed(0, n, seed=seed)[1]
+        return n / self.engine.raw_speed(0, n, seed=seed)[1]
 
     def close(self) -> None:
         self.engine.close()

@@ -32,7 +32,7 @@ from edgelm.engines.base import Engine
 from edgelm.errors import EdgelmError, InvalidRequest
 from edgelm.settings import Settings
 from edgelm.store import ModelStore
-from edgelm.types import GenerationRequest, Message
+from edgelm.types import GenerationRequest, Message, decode_rate, prompt_rate
 
 
 class Target(ABC):
@@ -65,12 +65,13 @@ def _failed(exc: BaseException, prompt: Prompt, start: float) -> RequestResult:
 
 def _derive(result: RequestResult) -> RequestResult:
     """TPOT and tokens/s from the measured times and counts."""
-    if result.ttft_s is not None and result.completion_tokens > 1 and result.e2e_s > result.ttft_s:
-        decode = result.e2e_s - result.ttft_s
-        result.tpot_s = decode / (result.completion_tokens - 1)
-        result.decode_tokens_per_s = (result.completion_tokens - 1) / decode
-    if result.ttft_s and result.prompt_tokens:
-        result.prompt_tokens_per_s = result.prompt_tokens / result.ttft_s
+    rate = decode_rate(result.completion_tokens, result.ttft_s, result.e2e_s)
+    if rate is not None:
+        result.decode_tokens_per_s = rate
+        result.tpot_s = 1 / rate
+    rate = prompt_rate(result.prompt_tokens, result.ttft_s)
+    if rate is not None:
+        result.prompt_tokens_per_s = rate
     return result
 
 
@@ -92,11 +93,7 @@ class InProcessTarget(Target):
 
     def open(self) -> ColdStart:
         store = ModelStore(self.settings)
-        path = store.path_for(self.entry) if self.entry.needs_file else None
-        if path is not None and not store.is_cached(self.entry):
-            raise InvalidRequest(
-                f"'{self.model}' is not downloaded; run: edgelm model download {self.model}"
-            )
+        path = store.require(self.entry) if self.entry.needs_file else None
         start = time.perf_counter()
         self.engine = create_engine(self.entry, self.settings, path)
         return ColdStart(load_s=time.perf_counter() - start)

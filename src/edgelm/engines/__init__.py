@@ -31,11 +31,8 @@ def engine_class(name: str) -> type[Engine]:
 
 
 def create_engine(entry: CatalogEntry, settings: Settings, path: Path | None) -> Engine:
-    """Load ``entry`` with the engine it names (or the configured default)."""
-    name = entry.engine_name(settings.compute.engine)
-    if name == "fake":
-        from edgelm.engines.fake import FakeEngine, FakeScript
-
-        return FakeEngine(entry.alias, FakeScript.from_options(entry.options))
-    cls = engine_class(name)
-    return cls.from_entry(entry, settings, path)  # type: ignore[attr-defined]
+    """Load ``entry`` with the engine it names (or the configured default), through the
+    engine's :meth:`~edgelm.engines.base.Engine.from_entry`."""
+    return engine_class(entry.engine_name(settings.compute.engine)).from_entry(
+        entry, settings, path
+    )

@@ -3,8 +3,17 @@
 An engine turns a :class:`GenerationRequest` into an iterator of :class:`Chunk`. Everything
 else — the non-streaming answer, usage, TTFT and tokens/s — is derived from that stream by
 :func:`collect`, so the service, bench and router measure the very path users are served by.
-Engines declare what they can do (``supports_*``) and :func:`check_capabilities` answers a
-clear 400 before any work starts, instead of failing deep inside a backend.
+
+The contract, in full: :meth:`Engine.from_entry` builds an engine from a catalog entry (the
+pool and the bench build every engine that way), :meth:`Engine.stream` (and, for engines
+that set ``native_async``, :meth:`Engine.astream`) generates, and the optional parts —
+:meth:`Engine.embed`, :meth:`Engine.raw_speed`, logprobs, grammars — are declared as
+``supports_*`` flags. :meth:`Engine.require` is the one check of a capability: it answers a
+clear 400 naming the model and the parameter before any work starts, instead of a failure
+deep inside a backend. :func:`check_capabilities` applies it to a whole request.
+
+The helpers below are what local engines share: the prompt renderer (:func:`render_prompt`),
+the per-token logprob (:func:`token_logprob`), the chunker and the stop buffer.
 """
 
 from __future__ import annotations
@@ -12,11 +21,13 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import asdict
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-from edgelm.errors import InvalidRequest, Unsupported
+import numpy as np
+
+from edgelm.errors import ConfigError, InvalidRequest, Unsupported
 from edgelm.types import (
     Chunk,
     Completion,
@@ -25,11 +36,37 @@ from edgelm.types import (
     Timing,
     TokenLogprob,
     Usage,
+    decode_rate,
+    prompt_rate,
 )
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from edgelm.catalog import CatalogEntry
+    from edgelm.settings import Settings
+
+Capability = Literal[
+    "chat", "completions", "logprobs", "embeddings", "grammar", "seed", "raw_speed"
+]
+
+# What a model lacking a capability does not do, as the error says it, and the request
+# parameter that asked for it.
+_REFUSALS: dict[Capability, tuple[str, str | None]] = {
+    "chat": ("does not support chat", "messages"),
+    "completions": ("does not support text completions", "prompt"),
+    "logprobs": ("does not return logprobs", "logprobs"),
+    "embeddings": ("does not serve embeddings", None),
+    "grammar": ("does not support response_format", "response_format"),
+    "seed": ("does not take a seed", "seed"),
+    "raw_speed": ("has no raw pp/tg benchmark", None),
+}
 
 
 class Engine(ABC):
-    """A loaded model. Subclasses implement :meth:`stream`; the rest has sane defaults."""
+    """A loaded model. Subclasses implement :meth:`stream` and :meth:`from_entry`; the rest
+    has sane defaults. An optional method is implemented exactly when its ``supports_*`` flag
+    is set (``embed``: ``supports_embeddings``, ``raw_speed``: ``supports_raw_speed``)."""
 
     name: ClassVar[str] = "base"
     supports_chat: ClassVar[bool] = True
@@ -38,6 +75,7 @@ class Engine(ABC):
     supports_embeddings: ClassVar[bool] = False
     supports_grammar: ClassVar[bool] = False
     supports_seed: ClassVar[bool] = False
+    supports_raw_speed: ClassVar[bool] = False
     # How many streams one instance serves at once (a batching engine runs them together);
     # the pool hands it that many and queues the rest. 1: the pool serialises requests.
     concurrent_streams: int = 1
@@ -47,6 +85,28 @@ class Engine(ABC):
     model_id: str = ""
     n_ctx: int = 4096
     memory_bytes: int = 0
+    # CPU threads a local engine computes with (the bench reports them); None: not ours to set.
+    threads: int | None = None
+
+    @classmethod
+    def from_entry(cls, entry: CatalogEntry, settings: Settings, path: Path | None) -> Engine:
+        """Build the engine for a catalog entry: how the pool and the bench load every model
+        (see :func:`edgelm.engines.create_engine`). ``path`` is the model's file or directory
+        for engines that need one (``entry.needs_file``), else None."""
+        raise ConfigError(f"the {cls.name} engine cannot be built from a catalog entry")
+
+    def supports(self, capability: Capability) -> bool:
+        """Whether this model declares ``capability`` (for callers that adapt, not refuse)."""
+        return bool(getattr(self, f"supports_{capability}"))
+
+    def require(self, capability: Capability, detail: str = "") -> None:
+        """The one capability check: refuse with a clear 400 (:class:`Unsupported`) naming the
+        model, its engine and the parameter when ``capability`` is not declared. ``detail``
+        ends the message (what exactly was asked for)."""
+        if self.supports(capability):
+            return
+        refusal, param = _REFUSALS[capability]
+        raise Unsupported(f"model '{self.model_id}' ({self.name}) {refusal}{detail}", param=param)
 
     @abstractmethod
     def stream(
@@ -66,8 +126,16 @@ class Engine(ABC):
         raise NotImplementedError(f"{type(self).__name__} streams through stream() only")
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Return one vector per text and the number of tokens read."""
-        raise Unsupported(f"model '{self.model_id}' ({self.name}) does not serve embeddings")
+        """Return one vector per text and the number of tokens read (``supports_embeddings``)."""
+        self.require("embeddings")
+        raise NotImplementedError(f"{type(self).__name__} declares embeddings but has no embed()")
+
+    def raw_speed(self, n_prompt: int, n_gen: int, seed: int = 0) -> tuple[float, float]:
+        """llama-bench style (``supports_raw_speed``): seconds to evaluate ``n_prompt`` random
+        tokens as a prompt, and seconds for ``n_gen`` decode steps after them, without
+        templates, sampling or streaming. The bench's reference for the engine's own speed."""
+        self.require("raw_speed")
+        raise NotImplementedError(f"{type(self).__name__} declares raw_speed but has none")
 
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` as this model counts them (rough default: 4 chars a token)."""
@@ -80,24 +148,12 @@ class Engine(ABC):
 def check_capabilities(engine: Engine, request: GenerationRequest) -> None:
     """Refuse a request the engine cannot honour, naming the parameter."""
     kind = "chat" if request.is_chat else "completions"
-    if request.is_chat and not engine.supports_chat:
-        raise Unsupported(f"model '{engine.model_id}' does not support chat", param="messages")
-    if not request.is_chat and not engine.supports_completions:
-        raise Unsupported(
-            f"model '{engine.model_id}' does not support text completions", param="prompt"
-        )
-    if request.logprobs and not engine.supports_logprobs:
-        raise Unsupported(
-            f"model '{engine.model_id}' ({engine.name}) does not return logprobs for {kind}",
-            param="logprobs",
-        )
+    engine.require(kind)
+    if request.logprobs:
+        engine.require("logprobs", f" for {kind}")
     fmt = request.response_format
-    if fmt is not None and fmt.type != "text" and not engine.supports_grammar:
-        raise Unsupported(
-            f"model '{engine.model_id}' ({engine.name}) does not support response_format "
-            f"'{fmt.type}'",
-            param="response_format",
-        )
+    if fmt is not None and fmt.type != "text":
+        engine.require("grammar", f" '{fmt.type}'")
 
 
 def check_context(engine: Engine, prompt_tokens: int, max_tokens: int | None) -> int:
@@ -283,11 +339,10 @@ def collect(chunks: Iterable[Chunk]) -> Completion:
 def timing_from(first_t: float | None, last: Chunk) -> Timing:
     """Derive the latency decomposition from the first text time and the final chunk."""
     timing = Timing(ttft_s=first_t, total_s=last.t, prompt_s=first_t)
-    if first_t is not None and last.completion_tokens > 1 and last.t > first_t:
+    timing.decode_tokens_per_s = decode_rate(last.completion_tokens, first_t, last.t)
+    if timing.decode_tokens_per_s is not None and first_t is not None:
         timing.decode_s = last.t - first_t
-        timing.decode_tokens_per_s = (last.completion_tokens - 1) / timing.decode_s
-    if first_t and last.prompt_tokens:
-        timing.prompt_tokens_per_s = last.prompt_tokens / first_t
+    timing.prompt_tokens_per_s = prompt_rate(last.prompt_tokens, first_t)
     return timing
 
 
@@ -299,3 +354,74 @@ def chatml(messages: Iterable[object], add_generation_prompt: bool = True) -> st
     if add_generation_prompt:
         out.append("<|im_start|>assistant\n")
     return "".join(out)
+
+
+ChatTemplate = Callable[[list[dict[str, str]]], str]
+"""A model's chat template, applied: role/content messages in, prompt text out (ending with
+the assistant's generation prompt). Each engine applies its template with its own library."""
+
+
+def render_prompt(request: GenerationRequest, template: ChatTemplate | None) -> str:
+    """The prompt text of a request, the same way for every local engine: a completion's
+    prompt as is; chat messages through the model's template, or ChatML when the model has
+    none. ``developer`` messages become ``system`` ones (templates know only the latter), and
+    a template that rejects the messages (e.g. an unsupported role order) is a 400."""
+    if request.messages is None:
+        return request.prompt or ""
+    if template is None:
+        return chatml(request.messages)
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in request.messages
+    ]
+    try:
+        return template(messages)
+    except Exception as exc:  # templates raise for e.g. unsupported role orders
+        raise InvalidRequest(
+            f"the model's chat template rejected the messages: {exc}", param="messages"
+        ) from None
+
+
+def token_logprob(
+    row: np.ndarray, token: int, top: int, piece: Callable[[int], bytes]
+) -> TokenLogprob:
+    """Log-softmax of the logits row the sampler just used (one row, not all of them).
+
+    These are the model's own probabilities, before temperature, top-k/p or a grammar
+    reshaped them, which is what a confidence signal wants. ``piece`` gives a token's bytes;
+    ``top`` alternatives are listed, most likely first.
+    """
+    n_vocab = row.shape[0]
+    peak = float(row.max())
+    log_z = peak + float(np.log(np.exp(row - peak, dtype=np.float64).sum()))
+    alternatives: list[tuple[str, float]] = []
+    if top > 0:
+        top = min(top, n_vocab)
+        best = np.argpartition(row, -top)[-top:]
+        best = best[np.argsort(row[best])[::-1]]
+        alternatives = [
+            (piece(int(t)).decode("utf-8", "replace"), float(row[t]) - log_z) for t in best
+        ]
+    text = piece(token)
+    return TokenLogprob(
+        token=text.decode("utf-8", "replace"),
+        logprob=min(0.0, float(row[token]) - log_z),
+        bytes=list(text),
+        top=alternatives,
+    )
+
+
+def default_threads() -> int:
+    """Physical cores: decode is compute-bound here and hyper-threads only add contention."""
+    import os
+
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def process_rss() -> int:
+    """This process's resident memory, which local engines measure around a load."""
+    import psutil
+
+    return psutil.Process().memory_info().rss

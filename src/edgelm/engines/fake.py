@@ -16,11 +16,17 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edgelm.engines.base import Engine, StopBuffer, chatml, check_capabilities, check_context
+from edgelm.engines.base import Engine, StopBuffer, check_capabilities, check_context, render_prompt
 from edgelm.errors import ModelLoadError
 from edgelm.types import Chunk, GenerationRequest, TokenLogprob
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from edgelm.catalog import CatalogEntry
+    from edgelm.settings import Settings
 
 _TOKEN = re.compile(r"\S+\s*|\s+")
 EMBED_DIM = 64
@@ -91,13 +97,17 @@ class FakeEngine(Engine):
         self._lock = threading.Lock()
         self.requests: list[GenerationRequest] = []
 
+    @classmethod
+    def from_entry(cls, entry: CatalogEntry, settings: Settings, path: Path | None) -> FakeEngine:
+        """The entry's ``options`` are the script (see :class:`FakeScript`)."""
+        return cls(entry.alias, FakeScript.from_options(entry.options))
+
     def count_tokens(self, text: str) -> int:
         return len(fake_tokens(text))
 
     def prompt_text(self, request: GenerationRequest) -> str:
-        if request.messages is not None:
-            return chatml(request.messages)
-        return request.prompt or ""
+        """ChatML, as a model without a chat template of its own is prompted."""
+        return render_prompt(request, None)
 
     def _reply_for(self, request: GenerationRequest) -> str:
         with self._lock:

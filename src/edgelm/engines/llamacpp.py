@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
-import os
 import queue
 import random
 import threading
@@ -44,11 +43,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from edgelm.engines.base import (
+    ChatTemplate,
     Engine,
     TokenChunker,
-    chatml,
     check_capabilities,
     check_context,
+    default_threads,
+    process_rss,
+    render_prompt,
+    token_logprob,
 )
 from edgelm.engines.batching import (
     DONE,
@@ -60,7 +63,7 @@ from edgelm.engines.batching import (
     piece_reader,
 )
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
-from edgelm.types import Chunk, FinishReason, GenerationRequest, TokenLogprob
+from edgelm.types import Chunk, FinishReason, GenerationRequest
 
 if TYPE_CHECKING:
     from edgelm.catalog import CatalogEntry
@@ -87,13 +90,6 @@ def _import_llama_cpp() -> Any:
     except ImportError:
         raise MissingExtra("llama-cpp-python", "llamacpp") from None
     return llama_cpp
-
-
-def default_threads() -> int:
-    """Physical cores: decode is compute-bound here and hyper-threads only add contention."""
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def plan_reuse(
@@ -145,6 +141,7 @@ class LlamaCppEngine(Engine):
     supports_embeddings = True
     supports_grammar = True
     supports_seed = True
+    supports_raw_speed = True
 
     min_p: ClassVar[float] = 0.05
     """llama.cpp's default; cuts the long tail that makes tiny models ramble at temperature>0."""
@@ -167,7 +164,7 @@ class LlamaCppEngine(Engine):
         self.concurrent_streams = max(1, parallel)
         self.batch_invariant = batch_invariant
         _check_gguf(self.model_path)
-        rss_before = _rss()
+        rss_before = process_rss()
         self._model = self._load_model()
         trained = self._model.n_ctx_train()
         # Past its trained context a model degrades silently.
@@ -183,10 +180,10 @@ class LlamaCppEngine(Engine):
         meta = self._model.metadata()
         self._bos_text = self._special_text(self._model.token_bos())
         self._eos_text = self._special_text(self._model.token_eos())
-        self._formatter = self._chat_formatter(meta.get("tokenizer.chat_template"))
+        self._chat = self._chat_template(meta.get("tokenizer.chat_template"))
         self._kv_per_token = _kv_bytes_per_token(meta)
         self._n_head = _int(meta, "attention.head_count")
-        self.memory_bytes = self._memory_estimate(max(0, _rss() - rss_before))
+        self.memory_bytes = self._memory_estimate(max(0, process_rss() - rss_before))
         self._scheduler = BatchScheduler(
             self._lib,
             self._ctx.ctx,
@@ -199,7 +196,7 @@ class LlamaCppEngine(Engine):
             plan=lambda cached, clean, prompt, exact: plan_reuse(
                 cached, clean, prompt, exact, self.n_batch
             ),
-            logprob=lambda row, token, top: _logprob(row, token, top, self._piece),
+            logprob=lambda row, token, top: token_logprob(row, token, top, self._piece),
         )
 
     @classmethod
@@ -306,13 +303,14 @@ class LlamaCppEngine(Engine):
         """Tokens ``text`` takes as a prompt, the same count usage reports for it."""
         return len(self.tokenize_prompt(text))
 
-    def _chat_formatter(self, template: str | None) -> Any:
+    def _chat_template(self, template: str | None) -> ChatTemplate | None:
+        """The GGUF's chat template, applied by llama-cpp-python's Jinja2 formatter."""
         if not template:
             return None
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         try:
-            return Jinja2ChatFormatter(
+            formatter = Jinja2ChatFormatter(
                 template=template,
                 eos_token=self._eos_text,
                 bos_token=self._bos_text,
@@ -320,23 +318,11 @@ class LlamaCppEngine(Engine):
             )
         except Exception:  # a template jinja2 cannot compile: ChatML is the common default
             return None
+        return lambda messages: formatter(messages=messages).prompt
 
     def render(self, request: GenerationRequest) -> str:
         """The prompt text: the chat template stored in the GGUF, or ChatML without one."""
-        if request.messages is None:
-            return request.prompt or ""
-        if self._formatter is None:
-            return chatml(request.messages)
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in request.messages
-        ]
-        try:
-            return self._formatter(messages=messages).prompt
-        except Exception as exc:  # templates raise for e.g. unsupported role orders
-            raise InvalidRequest(
-                f"the model's chat template rejected the messages: {exc}", param="messages"
-            ) from None
+        return render_prompt(request, self._chat)
 
     def _grammar(self, request: GenerationRequest) -> tuple[str, str] | None:
         """The grammar (GBNF text, root rule) for ``response_format``, parsed by llama.cpp
@@ -627,32 +613,6 @@ class LlamaCppEngine(Engine):
                 part.close()
 
 
-def _logprob(row: np.ndarray, token: int, top: int, piece: Callable[[int], bytes]) -> TokenLogprob:
-    """Log-softmax of the logits row the sampler just used (one row, not all of them).
-
-    These are the model's own probabilities, before temperature, top-k/p or a grammar
-    reshaped them, which is what a confidence signal wants.
-    """
-    n_vocab = row.shape[0]
-    peak = float(row.max())
-    log_z = peak + float(np.log(np.exp(row - peak, dtype=np.float64).sum()))
-    alternatives: list[tuple[str, float]] = []
-    if top > 0:
-        top = min(top, n_vocab)
-        best = np.argpartition(row, -top)[-top:]
-        best = best[np.argsort(row[best])[::-1]]
-        alternatives = [
-            (piece(int(t)).decode("utf-8", "replace"), float(row[t]) - log_z) for t in best
-        ]
-    text = piece(token)
-    return TokenLogprob(
-        token=text.decode("utf-8", "replace"),
-        logprob=min(0.0, float(row[token]) - log_z),
-        bytes=list(text),
-        top=alternatives,
-    )
-
-
 class _Answer:
     """One request's way through the scheduler: its job, and the text work that turns the
     job's events into chunks (UTF-8 assembly, stop sequences).
@@ -779,9 +739,3 @@ def _int(meta: dict[str, str], key: str) -> int:
         return int(meta.get(f"{meta.get('general.architecture', '')}.{key}", 0))
     except ValueError:
         return 0
-
-
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import random
 import threading
 import time
@@ -36,14 +34,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgelm.engines.base import (
+    ChatTemplate,
     Engine,
     TokenChunker,
-    chatml,
     check_capabilities,
     check_context,
+    default_threads,
+    process_rss,
+    render_prompt,
+    token_logprob,
 )
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
-from edgelm.types import Chunk, FinishReason, GenerationRequest, TokenLogprob
+from edgelm.types import Chunk, FinishReason, GenerationRequest
 
 if TYPE_CHECKING:
     from edgelm.catalog import CatalogEntry
@@ -124,13 +126,6 @@ def model_dir_of(path: Path) -> Path:
     return directory
 
 
-def _default_threads() -> int:
-    """Physical cores: decode is compute-bound here and hyper-threads only add contention."""
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-
-
 def _read_chat_template(directory: Path) -> str | None:
     """The chat template the converter or the model's authors left with the tokenizer."""
     config = directory / "tokenizer_config.json"
@@ -153,6 +148,7 @@ class OnnxEngine(Engine):
     supports_logprobs = True
     supports_grammar = True
     supports_seed = True
+    supports_raw_speed = True
     concurrent_streams = 1
 
     def __init__(
@@ -166,7 +162,7 @@ class OnnxEngine(Engine):
         self._og = import_genai()
         self.model_id = model_id
         self.model_dir = model_dir_of(model_path)
-        self.threads = threads or _default_threads()
+        self.threads = threads or default_threads()
         try:
             self._config = json.loads((self.model_dir / CONFIG_FILE).read_text("utf-8"))
         except ValueError as exc:
@@ -177,7 +173,7 @@ class OnnxEngine(Engine):
         trained = int(model_cfg.get("context_length") or 0)
         # Past its trained context a model degrades silently.
         self.n_ctx = min(n_ctx, trained) if trained > 0 else n_ctx
-        rss_before = _rss()
+        rss_before = process_rss()
         candidates = provider_candidates(
             self._og, enable_gpu, runtime_providers() if enable_gpu else None
         )
@@ -190,8 +186,9 @@ class OnnxEngine(Engine):
         self._bos = int(bos) if isinstance(bos, int) else -1
         self._vocab_size = int(model_cfg.get("vocab_size") or 0)
         self._template = _read_chat_template(self.model_dir)
+        self._chat = self._chat_template(self._template)
         self._lock = threading.Lock()
-        self.memory_bytes = self._memory_estimate(max(0, _rss() - rss_before))
+        self.memory_bytes = self._memory_estimate(max(0, process_rss() - rss_before))
 
     @classmethod
     def from_entry(cls, entry: CatalogEntry, settings: Settings, path: Path | None) -> OnnxEngine:
@@ -266,26 +263,23 @@ class OnnxEngine(Engine):
     def decode(self, tokens: Sequence[int]) -> str:
         return str(self._tokenizer.decode(np.asarray(tokens, dtype=np.int32)))
 
-    def render(self, request: GenerationRequest) -> str:
-        """The prompt text: the model's chat template, or ChatML when it has none."""
-        if request.messages is None:
-            return request.prompt or ""
-        if self._template is None:
-            return chatml(request.messages)
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in request.messages
-        ]
-        try:
+    def _chat_template(self, template: str | None) -> ChatTemplate | None:
+        """The model's chat template, applied by onnxruntime-genai's tokenizer."""
+        if template is None:
+            return None
+
+        def apply(messages: list[dict[str, str]]) -> str:
             return str(
                 self._tokenizer.apply_chat_template(
-                    json.dumps(messages), template_str=self._template, add_generation_prompt=True
+                    json.dumps(messages), template_str=template, add_generation_prompt=True
                 )
             )
-        except Exception as exc:  # templates raise for e.g. unsupported role orders
-            raise InvalidRequest(
-                f"the model's chat template rejected the messages: {exc}", param="messages"
-            ) from None
+
+        return apply
+
+    def render(self, request: GenerationRequest) -> str:
+        """The prompt text: the model's chat template, or ChatML when it has none."""
+        return render_prompt(request, self._chat)
 
     # -- generation -----------------------------------------------------------------------
     def _params(self, request: GenerationRequest, max_length: int) -> Any:
@@ -379,13 +373,17 @@ class OnnxEngine(Engine):
                 if cancel is not None and cancel.is_set():
                     finish = "cancelled"
                     break
-                row = np.array(generator.get_logits()[0, -1]) if request.logprobs else None
+                row = self._row(generator) if request.logprobs else None
                 generator.generate_next_token()
                 token = int(generator.get_next_tokens()[0])
                 if token in self._eos:
                     finish = "stop"
                     break
-                entry = None if row is None else self._logprob(row, token, request.top_logprobs)
+                entry = (
+                    None
+                    if row is None
+                    else token_logprob(row, token, request.top_logprobs, self._bytes)
+                )
                 piece = out.token(token, text_out.decode(token), entry)
                 if piece is not None:
                     yield piece
@@ -395,25 +393,13 @@ class OnnxEngine(Engine):
             del generator  # frees the KV cache now, not whenever GC runs
         yield out.finish(finish)
 
-    def _logprob(self, row: np.ndarray, token: int, top: int) -> TokenLogprob:
-        """Log-softmax of the logits row the sampler used: the model's own probabilities,
-        before temperature, top-k/p or a grammar reshaped them."""
-        row = row.astype(np.float64, copy=False)
-        peak = float(row.max())
-        log_z = peak + math.log(float(np.exp(row - peak).sum()))
-        alternatives: list[tuple[str, float]] = []
-        if top > 0:
-            top = min(top, row.shape[0])
-            best = np.argpartition(row, -top)[-top:]
-            best = best[np.argsort(row[best])[::-1]]
-            alternatives = [(self.decode([int(t)]), float(row[t]) - log_z) for t in best]
-        piece = self.decode([token])
-        return TokenLogprob(
-            token=piece,
-            logprob=min(0.0, float(row[token]) - log_z),
-            bytes=list(piece.encode("utf-8")),
-            top=alternatives,
-        )
+    def _row(self, generator: Any) -> np.ndarray:
+        """A copy of the logits row the sampler is about to use (the generator reuses its
+        buffer at the next step), in float32 whatever the model computes in."""
+        return np.array(generator.get_logits()[0, -1], dtype=np.float32)
+
+    def _bytes(self, token: int) -> bytes:
+        return self.decode([token]).encode("utf-8")
 
     def raw_speed(self, n_prompt: int, n_gen: int, seed: int = 0) -> tuple[float, float]:
         """llama-bench style: seconds to process ``n_prompt`` random tokens and to generate
@@ -444,9 +430,3 @@ class OnnxEngine(Engine):
         with self._lock:
             self._tokenizer = None
             self._model = None
-
-
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss

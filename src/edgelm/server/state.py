@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from edgelm.catalog import Catalog, CatalogEntry
-from edgelm.errors import ModelNotFound
 from edgelm.pool import ModelPool
 from edgelm.server.metrics import Metrics
 from edgelm.server.virtual import VirtualModel
@@ -36,7 +34,7 @@ class ServiceState:
         catalog = catalog or Catalog.load(settings.home)
         store = ModelStore(settings)
         if pool is None:
-            pool = ModelPool(settings, catalog, resolve_path=lambda e: cached_path(store, e))
+            pool = ModelPool(settings, catalog, resolve_path=store.require)
         return cls(
             settings=settings,
             catalog=catalog,
@@ -56,7 +54,7 @@ class ServiceState:
             "engine": entry.engine_name(self.settings.compute.engine),
             "context_length": entry.context_length,
             "loaded": entry.alias in self.pool.models,
-            "cached": (not entry.needs_file) or self.store.is_cached(entry),
+            "cached": self.store.is_ready(entry),
         }
 
     def model_cards(self) -> list[dict[str, Any]]:
@@ -67,14 +65,3 @@ class ServiceState:
 
     def find_virtual(self, name: str) -> VirtualModel | None:
         return next((family for family in self.virtual if family.matches(name)), None)
-
-
-def cached_path(store: ModelStore, entry: CatalogEntry) -> Path:
-    """The model file to load; a model that is not downloaded yet is a clear 404."""
-    if not store.is_cached(entry):
-        raise ModelNotFound(
-            f"model '{entry.alias}' is not downloaded; run: edgelm model download {entry.alias}",
-            param="model",
-            code="model_not_downloaded",
-        )
-    return store.path_for(entry)
