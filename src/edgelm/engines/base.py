@@ -38,6 +38,10 @@ class Engine(ABC):
     supports_embeddings: ClassVar[bool] = False
     supports_grammar: ClassVar[bool] = False
     supports_seed: ClassVar[bool] = False
+    # Takes ``tools`` (renders them for the model and has its calls parsed, see edgelm.tools).
+    supports_tools: ClassVar[bool] = False
+    # Reads content parts other than text (images, audio, files): only a remote upstream may.
+    reads_media: ClassVar[bool] = False
     # How many streams one instance serves at once (a batching engine runs them together);
     # the pool hands it that many and queues the rest. 1: the pool serialises requests.
     concurrent_streams: int = 1
@@ -91,6 +95,13 @@ def check_capabilities(engine: Engine, request: GenerationRequest) -> None:
             f"model '{engine.model_id}' ({engine.name}) does not return logprobs for {kind}",
             param="logprobs",
         )
+    if request.tools and not engine.supports_tools:
+        raise Unsupported(
+            f"model '{engine.model_id}' ({engine.name}) does not support tool calling",
+            param="tools",
+        )
+    if not engine.reads_media:
+        check_text_only(engine.model_id, request)
     fmt = request.response_format
     if fmt is not None and fmt.type != "text" and not engine.supports_grammar:
         raise Unsupported(
@@ -98,6 +109,25 @@ def check_capabilities(engine: Engine, request: GenerationRequest) -> None:
             f"'{fmt.type}'",
             param="response_format",
         )
+
+
+def check_text_only(
+    model_id: str, request: GenerationRequest, reads: tuple[str, ...] = ("text", "refusal")
+) -> None:
+    """Refuse content parts a text-only model would not see (images, audio, files), naming the
+    model and the part, rather than answering as if they were not there. ``reads``: the part
+    types it does take."""
+    for i, message in enumerate(request.messages or []):
+        if not isinstance(message.content, list):
+            continue
+        for j, part in enumerate(message.content):
+            kind = part.get("type")
+            if kind not in reads:
+                raise Unsupported(
+                    f"model '{model_id}' reads text only and cannot take the {kind!r} part "
+                    f"of message {i}; send text, or use a model that reads {kind!r}",
+                    param=f"messages[{i}].content[{j}]",
+                )
 
 
 def check_context(engine: Engine, prompt_tokens: int, max_tokens: int | None) -> int:
@@ -234,6 +264,7 @@ class Fold:
         self.first_t: float | None = None
         self.last: Chunk | None = None
         self.finish: FinishReason = "stop"
+        self.tool_calls: list[dict[str, str]] = []  # OpenAI's shape, from the chunks' deltas
 
     def add(self, chunk: Chunk) -> None:
         if chunk.text and self.first_t is None:
@@ -244,6 +275,13 @@ class Fold:
         self.last = chunk
         if chunk.finish_reason:
             self.finish = chunk.finish_reason
+        for delta in chunk.tool_calls:
+            while len(self.tool_calls) <= delta.index:
+                self.tool_calls.append({"id": "", "name": "", "arguments": ""})
+            call = self.tool_calls[delta.index]
+            call["id"] = delta.id or call["id"]
+            call["name"] = delta.name or call["name"]
+            call["arguments"] += delta.arguments
 
     @property
     def text(self) -> str:

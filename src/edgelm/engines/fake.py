@@ -3,6 +3,12 @@
 Tokens are whitespace-delimited words (``"Hello, world"`` → ``["Hello, ", "world"]``) and ids
 are stable hashes, so a test can predict usage counts exactly. Replies, delays, logprobs and
 failures can be scripted per engine; with no script the reply is derived from the prompt.
+
+Tools are rendered as for a model whose template has none (:func:`edgelm.tools.fallback_messages`)
+and calls are written as models write them (``<tool_call>{...}</tool_call>``), so a scripted
+reply can call tools and the service's parsing is what a test sees. A forced call
+(``tool_choice`` ``required`` or named) with no scripted reply calls the first function it may,
+with the smallest arguments its schema accepts.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from typing import Any
 
 from edgelm.engines.base import Engine, StopBuffer, chatml, check_capabilities, check_context
 from edgelm.errors import ModelLoadError
-from edgelm.types import Chunk, GenerationRequest, TokenLogprob
+from edgelm.tools import call_block, example_arguments, fallback_messages
+from edgelm.types import Chunk, GenerationRequest, Message, TokenLogprob
 
 _TOKEN = re.compile(r"\S+\s*|\s+")
 EMBED_DIM = 64
@@ -71,6 +78,7 @@ class FakeEngine(Engine):
     supports_embeddings = True
     supports_grammar = True
     supports_seed = True
+    supports_tools = True
     concurrent_streams = 64
 
     def __init__(self, model_id: str = "fake", script: FakeScript | None = None):
@@ -96,6 +104,11 @@ class FakeEngine(Engine):
 
     def prompt_text(self, request: GenerationRequest) -> str:
         if request.messages is not None:
+            if request.tools or any(m.tool_calls or m.role == "tool" for m in request.messages):
+                rendered = fallback_messages(
+                    request.messages, request.tools if request.offers_tools else []
+                )
+                return chatml(Message(**m) for m in rendered)
             return chatml(request.messages)
         return request.prompt or ""
 
@@ -105,6 +118,9 @@ class FakeEngine(Engine):
                 return self._replies.popleft()
         if self.script.reply is not None:
             return self.script.reply
+        forced = request.forced_tools
+        if forced:
+            return call_block(forced[0].name, example_arguments(forced[0].parameters))
         fmt = request.response_format
         if fmt is not None and fmt.type != "text":
             return '{"answer": "fake"}'
