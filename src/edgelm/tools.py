@@ -24,11 +24,10 @@ its chat template lists the functions in the system turn. So:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from typing import Any
 
 from edgelm.types import Chunk, FunctionTool, GenerationRequest, Message, ToolCallDelta
@@ -228,12 +227,20 @@ class ToolCallParser:
     might close the block. A block that is not a call (unparsable JSON, no name) before
     anything of it was sent is passed through as content. Whitespace-only content next to calls
     is dropped, as OpenAI's answers with calls have no such content.
+
+    Small models do not always write the tags: Qwen2.5-Coder-0.5B answers a tool prompt with
+    the bare ``{"name": ..., "arguments": ...}`` object. When ``names`` are given, an answer
+    that *starts* with such an object naming one of them is read as calls too (several
+    objects in a row as several calls); any other answer starting with ``{`` is content.
     """
 
-    def __init__(self, ids: Callable[[], str] = new_call_id):
+    def __init__(self, ids: Callable[[], str] = new_call_id, names: Collection[str] = ()):
         self._ids = ids
+        self._names = frozenset(names)
         self._buffer = ""
         self._call: str | None = None  # text of the block being read
+        self._bare = False  # the block is an untagged answer (see above)
+        self._start = bool(self._names)  # nothing but whitespace seen yet
         self._pending_ws = ""
         self._after_call = False
         self.calls = 0
@@ -247,6 +254,11 @@ class ToolCallParser:
         content: list[str] = []
         deltas: list[ToolCallDelta] = []
         while self._buffer:
+            if self._start:
+                decided = self._bare_start()
+                if not decided:
+                    break  # still only whitespace, or a prefix of '{"name":'
+                continue
             if self._call is None:
                 at = self._buffer.find(OPEN)
                 if at < 0:
@@ -257,7 +269,26 @@ class ToolCallParser:
                     break
                 content.append(self._content(self._buffer[:at]))
                 self._buffer = self._buffer[at + len(OPEN) :]
-                self._call, self._head_sent, self._args_sent = "", False, 0
+                self._open_block(bare=False)
+                continue
+            if self._bare:
+                self._call += self._buffer
+                self._buffer = ""
+                if not self._head_sent and self._unknown_bare_name():
+                    content.append(self._content(self._call))
+                    self._call, self._bare = None, False
+                    break
+                whole = next(_objects(self._call), None)
+                if whole is None:
+                    deltas.extend(self._partial())
+                    break
+                # the object is complete: it is the call; what follows may be another one
+                self._call, self._buffer = self._call[: whole[1]], self._call[whole[1] :]
+                before = self.calls
+                text_out, call_deltas = self._complete(closed=True)
+                content.append(text_out)
+                deltas.extend(call_deltas)
+                self._start = self.calls > before
                 continue
             at = self._buffer.find(CLOSE)
             if at < 0:
@@ -278,6 +309,8 @@ class ToolCallParser:
         """The end of the answer: an unclosed block is read as a call if its JSON is whole."""
         content: list[str] = []
         deltas: list[ToolCallDelta] = []
+        if self._start:  # the whole answer was whitespace or a prefix of a bare call
+            self._start = False
         if self._call is not None:
             self._call += self._buffer
             self._buffer = ""
@@ -294,6 +327,32 @@ class ToolCallParser:
     @property
     def in_call(self) -> bool:
         return self._call is not None
+
+    def _bare_start(self) -> bool:
+        """At the start of the answer: decide whether it is an untagged call. False while
+        the text seen cannot tell yet."""
+        head = self._buffer.lstrip()
+        if not head:
+            return False
+        compact = re.sub(r"\s+", "", head)[: len(_BARE_OPEN)]
+        if compact == _BARE_OPEN:
+            self._start = False
+            self._pending_ws += self._buffer[: len(self._buffer) - len(head)]
+            self._buffer = head
+            self._open_block(bare=True)
+            return True
+        if _BARE_OPEN.startswith(compact):
+            return False
+        self._start = False
+        return True
+
+    def _open_block(self, bare: bool) -> None:
+        self._call, self._bare = "", bare
+        self._head_sent, self._args_sent = False, 0
+
+    def _unknown_bare_name(self) -> bool:
+        match = _HEAD.match(self._call or "")
+        return match is not None and _name(match.group(1)) not in self._names
 
     def _content(self, text: str) -> str:
         """Content to send now; trailing whitespace waits to see whether a call follows."""
@@ -312,11 +371,8 @@ class ToolCallParser:
         out: list[ToolCallDelta] = []
         if not self._head_sent:
             match = _HEAD.match(self._call)
-            if match is None:
-                return out
-            try:
-                name = json.loads(f'"{match.group(1)}"')
-            except json.JSONDecodeError:
+            name = _name(match.group(1)) if match else None
+            if match is None or name is None:
                 return out
             self._head_sent, self._args_at = True, match.end()
             self._pending_ws = ""
@@ -329,33 +385,87 @@ class ToolCallParser:
         return out
 
     def _complete(self, closed: bool) -> tuple[str, list[ToolCallDelta]]:
-        """The block is whole: its remaining deltas, or its text as content if not a call."""
+        """The block is whole: its remaining deltas, or its text as content if not a call.
+        A tagged block holds one call; an untagged answer may hold several objects in a row,
+        and text after them is content."""
         assert self._call is not None
         block, self._call = self._call, None
-        parsed: Any = None
-        with contextlib.suppress(json.JSONDecodeError):
-            parsed = json.loads(block)
-        name = parsed.get("name") if isinstance(parsed, dict) else None
-        arguments = None
-        if isinstance(parsed, dict):
-            arguments = parsed.get("arguments", parsed.get("parameters", {}))
-        if self._head_sent:
-            raw = block[self._args_at :].rstrip()
-            if raw.endswith("}") and parsed is not None:
-                raw = raw[:-1].rstrip()  # the call object's own closing brace
-            rest = raw[self._args_sent :]
+        bare, self._bare = self._bare, False
+        head_sent, self._head_sent = self._head_sent, False
+        deltas: list[ToolCallDelta] = []
+        used = 0  # characters of the block taken by calls
+        for value, end in _objects(block):
+            call = _as_call(value, self._names if bare else None)
+            if call is None:
+                break
+            if not deltas and head_sent:  # the call whose head and arguments were streamed
+                raw = block[self._args_at : end].rstrip()[:-1].rstrip()  # without its "}"
+                rest = raw[self._args_sent :]
+                deltas.append(ToolCallDelta(index=self.calls, arguments=rest))
+            else:
+                name, arguments = call
+                text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+                deltas.append(
+                    ToolCallDelta(index=self.calls, id=self._ids(), name=name, arguments=text)
+                )
             self.calls += 1
-            self._after_call = True
-            return "", [ToolCallDelta(index=self.calls - 1, arguments=rest)] if rest else []
-        if not isinstance(name, str) or not name:
+            used = end
+            if not bare:
+                break
+        if not deltas and head_sent:  # streamed as a call, but its JSON did not close well
+            rest = block[self._args_at :].rstrip()[self._args_sent :]
+            deltas.append(ToolCallDelta(index=self.calls, arguments=rest))
+            self.calls += 1
+            used = len(block)
+        deltas = [d for d in deltas if d.id is not None or d.arguments]
+        if not used:
             tail = CLOSE if closed else ""
-            return self._content(f"{OPEN}{block}{tail}"), []
-        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+            return self._content(block if bare else f"{OPEN}{block}{tail}"), deltas
         self._pending_ws = ""
-        delta = ToolCallDelta(index=self.calls, id=self._ids(), name=name, arguments=text)
-        self.calls += 1
         self._after_call = True
-        return "", [delta]
+        leftover = block[used:] if bare else ""  # inside tags, only the call counts
+        return self._content(leftover), deltas
+
+
+_BARE_OPEN = '{"name":'
+
+
+def _name(escaped: str) -> str | None:
+    try:
+        value = json.loads(f'"{escaped}"')
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def _objects(text: str) -> Iterator[tuple[Any, int]]:
+    """JSON values at the start of ``text``, one after another (whitespace between), each with
+    where it ends; stops at the first thing that is not one."""
+    decoder = json.JSONDecoder()
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text) or text[pos] != "{":
+            return
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return
+        yield value, pos
+
+
+def _as_call(value: Any, names: frozenset[str] | None) -> tuple[str, Any] | None:
+    """(name, arguments) when ``value`` is a call (to one of ``names``, when given)."""
+    if not isinstance(value, dict):
+        return None
+    name = value.get("name")
+    if not isinstance(name, str) or not name or (names is not None and name not in names):
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if not isinstance(arguments, dict | str):
+        return None
+    return name, arguments
 
 
 async def parse_tool_calls(
@@ -364,7 +474,7 @@ async def parse_tool_calls(
     """The stream with ``<tool_call>`` blocks turned into ``tool_calls`` deltas and the finish
     reason ``tool_calls`` when the answer made any. Without ``parallel_tool_calls`` the answer
     ends after its first call (the generation is stopped there)."""
-    parser = ToolCallParser()
+    parser = ToolCallParser(names=[t.name for t in request.tools])
     passed = False  # calls the engine itself delivered (a remote upstream parses its own)
     try:
         async for chunk in chunks:

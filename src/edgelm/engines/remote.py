@@ -23,7 +23,8 @@ import httpx
 from edgelm import __version__
 from edgelm.engines.base import Engine, StopBuffer, check_capabilities
 from edgelm.errors import ConfigError, UpstreamError
-from edgelm.types import Chunk, FinishReason, GenerationRequest, TokenLogprob
+from edgelm.tools import tool_dicts
+from edgelm.types import Chunk, FinishReason, GenerationRequest, TokenLogprob, ToolCallDelta
 
 if TYPE_CHECKING:
     from edgelm.catalog import CatalogEntry
@@ -47,6 +48,8 @@ class RemoteEngine(Engine):
     supports_embeddings = True
     supports_grammar = True  # response_format is passed through; the upstream enforces it
     supports_seed = True
+    supports_tools = True  # tools go to the upstream, its calls come back as they are
+    reads_media = True  # image/audio parts go to the upstream, which may read them
     concurrent_streams = 64  # the upstream does its own batching and queueing
 
     def __init__(
@@ -146,6 +149,15 @@ class RemoteEngine(Engine):
         fmt = request.response_format
         if fmt is not None and fmt.type != "text":
             body["response_format"] = fmt.model_dump(exclude_none=True)
+        if request.tools:
+            body["tools"] = tool_dicts(request.tools)
+            body["tool_choice"] = (
+                request.tool_choice
+                if request.tool_choice in ("auto", "none", "required")
+                else {"type": "function", "function": {"name": request.tool_choice}}
+            )
+            if not request.parallel_tool_calls:
+                body["parallel_tool_calls"] = False
         body.update(self.extra_body)
         return body
 
@@ -231,6 +243,16 @@ class RemoteEngine(Engine):
                         continue
                     raw = _choice_text(choice)
                     lps = _logprobs(choice.get("logprobs"))
+                    calls = _tool_call_deltas(choice)
+                    if calls:
+                        completion_tokens += 1
+                        yield Chunk(
+                            text="",
+                            t=time.perf_counter() - start,
+                            prompt_tokens=prompt_tokens,
+                            completion_tokens=completion_tokens,
+                            tool_calls=calls,
+                        )
                     if raw or lps:
                         # Without a usage chunk, each content event counts as one token
                         # (vLLM, llama.cpp and Ollama send one per token), or one per
@@ -249,7 +271,8 @@ class RemoteEngine(Engine):
                             done = stopped_here = True
                             break
                     if choice.get("finish_reason"):
-                        finish = "length" if choice["finish_reason"] == "length" else "stop"
+                        reason = choice["finish_reason"]
+                        finish = reason if reason in ("length", "tool_calls") else "stop"
                 if done:
                     break
         except httpx.TransportError as exc:
@@ -327,6 +350,24 @@ def _choice_text(choice: dict[str, Any]) -> str:
     if isinstance(delta, dict):
         return delta.get("content") or ""
     return choice.get("text") or ""
+
+
+def _tool_call_deltas(choice: dict[str, Any]) -> list[ToolCallDelta]:
+    """An upstream's streamed tool-call deltas (OpenAI's shape), passed on as they are."""
+    delta = choice.get("delta")
+    raw = delta.get("tool_calls") if isinstance(delta, dict) else None
+    out = []
+    for item in raw if isinstance(raw, list) else []:
+        function = item.get("function") or {}
+        out.append(
+            ToolCallDelta(
+                index=int(item.get("index", 0)),
+                id=item.get("id"),
+                name=function.get("name"),
+                arguments=function.get("arguments") or "",
+            )
+        )
+    return out
 
 
 def _logprobs(raw: Any) -> list[TokenLogprob]:
