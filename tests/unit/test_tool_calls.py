@@ -380,3 +380,21 @@ def test_langchain_streams_a_tool_call(base: str) -> None:
     assert merged is not None
     assert merged.tool_calls[0]["name"] == "get_weather"
     assert merged.tool_calls[0]["args"] == {"city": "Paris"}
+
+
+def test_tool_use_eval_scores_through_the_service(base: str) -> None:
+    from edgelm.evals.tool_calls import load_set, run, summary
+
+    tools, items = load_set()
+    assert len(items) == 20 and {t["function"]["name"] for t in tools} == {
+        "get_weather", "calculate", "search_web", "convert_currency"
+    }
+    # the fake engine never calls with "auto" and, forced, calls the first function with the
+    # smallest valid arguments: right only for the weather prompts, none with the right city
+    results = run(f"{base}/v1", "plain")
+    figures = summary(results)
+    assert figures["auto"]["n"] == 20 and figures["auto"]["correct"] == 0.25
+    assert figures["auto"]["no_tool_prompts_correct"] == 1.0
+    assert figures["required"]["n"] == 15
+    assert figures["required"]["tool_prompts_correct"] == round(4 / 15, 3)
+    assert figures["required"]["tool_prompts_args_match"] == 0.0

@@ -338,3 +338,16 @@ def test_json_answers_that_are_not_calls_stay_content(text: str) -> None:
     for step in (1, 4, 100):
         content, calls = run_named(text, step)
         assert not calls and content == text
+
+
+def test_grammar_strings_exclude_raw_control_characters() -> None:
+    pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    from edgelm.engines.llamacpp import _strict_strings
+
+    grammar = LlamaGrammar.from_json_schema(json.dumps(call_schema([WEATHER])), verbose=False)
+    strict = _strict_strings(grammar._grammar)
+    assert strict != grammar._grammar
+    assert r'char ::= [^"\\\x7F\x00-\x1F] |' in strict
+    assert LlamaGrammar.from_string(wrap_call_grammar(strict, False), verbose=False)._grammar

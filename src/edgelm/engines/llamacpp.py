@@ -370,7 +370,7 @@ class LlamaCppEngine(Engine):
             )
         except Exception as exc:  # the converter asserts on schemas it does not understand
             raise InvalidRequest(f"unsupported JSON schema in {param}: {exc}", param=param) from None
-        text, root = grammar._grammar, grammar._root
+        text, root = _strict_strings(grammar._grammar), grammar._root
         if forced:
             text, root = wrap_call_grammar(text, request.parallel_tool_calls), "root"
         sampler = self._lib.llama_sampler_init_grammar(
@@ -760,6 +760,13 @@ class _Utf8Stream:
     def finish(self) -> None:
         """Forget an unfinished character (cut off by max_tokens or a cancel)."""
         self._decoder.reset()
+
+
+def _strict_strings(gbnf: str) -> str:
+    """llama-cpp-python's JSON grammars let strings hold raw control characters (a newline),
+    which JSON forbids: answers then fail to parse, and a tiny model writing a forced tool call
+    ran a string on past ``</tool_call>``. Exclude them, as llama.cpp's own converter does."""
+    return gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
 
 
 def _check_gguf(path: Path) -> None:
