@@ -240,6 +240,7 @@ class ToolCallParser:
         self._buffer = ""
         self._call: str | None = None  # text of the block being read
         self._bare = False  # the block is an untagged answer (see above)
+        self._fenced = False  # ... inside a Markdown code fence
         self._start = bool(self._names)  # nothing but whitespace seen yet
         self._pending_ws = ""
         self._after_call = False
@@ -329,20 +330,30 @@ class ToolCallParser:
         return self._call is not None
 
     def _bare_start(self) -> bool:
-        """At the start of the answer: decide whether it is an untagged call. False while
-        the text seen cannot tell yet."""
+        """At the start of the answer (or after an untagged call): decide whether an
+        untagged call follows, bare or in a Markdown ```json fence (Qwen2.5-Coder writes
+        both). False while the text seen cannot tell yet."""
         head = self._buffer.lstrip()
         if not head:
             return False
-        compact = re.sub(r"\s+", "", head)[: len(_BARE_OPEN)]
-        if compact == _BARE_OPEN:
-            self._start = False
-            self._pending_ws += self._buffer[: len(self._buffer) - len(head)]
-            self._buffer = head
-            self._open_block(bare=True)
-            return True
-        if _BARE_OPEN.startswith(compact):
-            return False
+        if self._fenced:  # the fence around the call before: drop its closing line
+            if len(head) < 3 and "```".startswith(head):
+                return False
+            if head.startswith("```"):
+                self._buffer, self._fenced = head[3:], False
+                return True
+            self._fenced = False
+        compact = re.sub(r"\s+", "", head)
+        for fence in ("```json", "```", ""):
+            opener = fence + _BARE_OPEN
+            if compact.startswith(opener):
+                self._start, self._fenced = False, bool(fence)
+                self._pending_ws += self._buffer[: len(self._buffer) - len(head)]
+                self._buffer = head[head.index("{") :]
+                self._open_block(bare=True)
+                return True
+            if opener.startswith(compact):
+                return False
         self._start = False
         return True
 

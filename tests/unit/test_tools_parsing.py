@@ -322,6 +322,12 @@ def test_untagged_calls_of_offered_functions(step: int) -> None:
         step,
     )
     assert calls == {0: ["calc", '{"x": 1}'], 1: ["get_weather", "{}"]} and content == "ok"
+    fenced = '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Tokyo"\n  }\n}\n```'
+    content, calls = run_named(fenced, step)
+    assert content == "" and calls[0][0] == "get_weather"
+    assert json.loads(calls[0][1]) == {"city": "Tokyo"}
+    content, calls = run_named(fenced + "\nDone.", step)
+    assert content == "Done." and len(calls) == 1
 
 
 @pytest.mark.parametrize(
@@ -332,6 +338,8 @@ def test_untagged_calls_of_offered_functions(step: int) -> None:
         "{ not json",
         '{"name": "calc"',  # cut off
         "Sure: {\"name\": \"calc\", \"arguments\": {}}",  # not at the start
+        "```python\nprint(1)\n```",
+        "```json\n{\"a\": 1}\n```",
     ],
 )
 def test_json_answers_that_are_not_calls_stay_content(text: str) -> None:
