@@ -101,7 +101,7 @@ def _completion_logprobs(chunk_lps: list[dict[str, Any]], offset: int) -> dict[s
 
 
 @dataclass
-class _Opened:
+class OpenedAnswer:
     """A started answer: one chunk stream per choice, the first chunk of choice 0 (read before
     anything is sent, so that errors become statuses), the time it queued, and the virtual
     model's side information, if it came from one."""
@@ -123,7 +123,7 @@ def _choice_requests(gen: GenerationRequest, n: int) -> list[GenerationRequest]:
     ]
 
 
-async def _open(state: ServiceState, model: str, gen: GenerationRequest, n: int = 1) -> _Opened:
+async def open_answer(state: ServiceState, model: str, gen: GenerationRequest, n: int = 1) -> OpenedAnswer:
     """Start a generation and wait for its first chunk, so that load failures, context
     overflows and unsupported parameters become a proper 4xx/5xx before any SSE is sent.
 
@@ -147,7 +147,7 @@ async def _open(state: ServiceState, model: str, gen: GenerationRequest, n: int 
         for stream in streams[1:]:
             await stream.aclose()
         raise
-    return _Opened(streams, first, queue_s, answer)
+    return OpenedAnswer(streams, first, queue_s, answer)
 
 
 def _check_virtual(model: str, virtual: VirtualModel, gen: GenerationRequest, n: int) -> None:
@@ -194,7 +194,7 @@ async def _respond(
     renderers: Renderers,
 ) -> JSONResponse | StreamingResponse:
     model = model_name(state, body.model)
-    opened = await _open(state, model, gen, body.n)
+    opened = await open_answer(state, model, gen, body.n)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _serve(state, model, opened, body.stream, include_usage, renderers)
 
@@ -207,7 +207,7 @@ async def respond_with_answer(
     started = time.perf_counter()
     first, queue_s = await _first_chunk(answer.chunks, started)
     renderers = _chat_renderers(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), model)
-    opened = _Opened([answer.chunks], first, queue_s, answer)
+    opened = OpenedAnswer([answer.chunks], first, queue_s, answer)
     return await _serve(state, model, opened, stream, True, renderers)
 
 
@@ -222,9 +222,9 @@ def total_usage(folds: list[Fold]) -> dict[str, int]:
     }
 
 
-async def _choices(opened: _Opened) -> AsyncIterator[tuple[int, Chunk]]:
+async def choice_chunks(opened: OpenedAnswer) -> AsyncIterator[tuple[int, Chunk]]:
     """Every choice's chunks as (index, chunk), in the order they are generated. Choice 0
-    goes first; the others start once it has produced its first chunk (see :func:`_open`)."""
+    goes first; the others start once it has produced its first chunk (see :func:`open_answer`)."""
     streams = opened.streams
     if opened.first is not None:
         yield 0, opened.first
@@ -264,7 +264,7 @@ async def _choices(opened: _Opened) -> AsyncIterator[tuple[int, Chunk]]:
 async def _serve(
     state: ServiceState,
     model: str,
-    opened: _Opened,
+    opened: OpenedAnswer,
     streaming: bool,
     include_usage: bool,
     renderers: Renderers,
@@ -281,7 +281,7 @@ async def _serve(
             state.metrics.observe(model, fold, queue_s)
 
     if not streaming:
-        merged = _choices(opened)
+        merged = choice_chunks(opened)
         try:
             async for index, chunk in merged:
                 folds[index].add(chunk)
@@ -296,7 +296,7 @@ async def _serve(
 
     async def events() -> AsyncIterator[bytes]:
         completed = False
-        merged = _choices(opened)
+        merged = choice_chunks(opened)
         try:
             # The opening events (the role) leave in one write with the first token's, and the
             # last one with [DONE]: each write is a trip through the middleware and the kernel,

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,8 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgelm.engines.base import Fold
 from edgelm.errors import EdgelmError, InvalidRequest, ModelNotFound
-from edgelm.server.errors import error_body
-from edgelm.server.openai_routes import _choices, _open, model_name
+from edgelm.server.openai_routes import OpenedAnswer, choice_chunks, model_name, open_answer
 from edgelm.server.schemas import Temperature, TopP
 from edgelm.server.state import ServiceState
 from edgelm.types import FunctionTool, GenerationRequest, Message, ResponseFormat
@@ -273,7 +272,7 @@ def build_router() -> APIRouter:
         rid = f"resp_{uuid.uuid4().hex}"
         msg_id = f"msg_{uuid.uuid4().hex}"
         created = int(time.time())
-        opened = await _open(state, model, gen)
+        opened = await open_answer(state, model, gen)
         fold = Fold()
         fc_ids: list[str] = []
 
@@ -322,7 +321,7 @@ def build_router() -> APIRouter:
             return out
 
         if not body.stream:
-            merged = _choices(opened)
+            merged = choice_chunks(opened)
             try:
                 async for _index, chunk in merged:
                     fold.add(chunk)
@@ -350,7 +349,14 @@ def build_router() -> APIRouter:
     return router
 
 
-async def _events(opened, fold, fc_ids, msg_id, response, finished) -> AsyncIterator[bytes]:  # type: ignore[no-untyped-def]
+async def _events(
+    opened: OpenedAnswer,
+    fold: Fold,
+    fc_ids: list[str],
+    msg_id: str,
+    response: Callable[[str], dict[str, Any]],
+    finished: Callable[[], dict[str, Any]],
+) -> AsyncIterator[bytes]:
     """The Responses API's semantic events for one answer: items open when their first
     text or call arrives and close when the next starts or the answer ends."""
     seq = 0
@@ -397,7 +403,7 @@ async def _events(opened, fold, fc_ids, msg_id, response, finished) -> AsyncIter
         open_kind = None
         return done
 
-    merged = _choices(opened)
+    merged = choice_chunks(opened)
     try:
         async for _i, chunk in merged:
             fold.add(chunk)
@@ -439,8 +445,9 @@ async def _events(opened, fold, fc_ids, msg_id, response, finished) -> AsyncIter
     except EdgelmError as exc:
         yield event("error", **exc.to_dict()["error"])
     except Exception as exc:  # the stream is open: report in-band, never a traceback
-        body = error_body(f"generation failed: {type(exc).__name__}", "server_error")
-        yield event("error", **body["error"])
+        yield event(
+            "error", message=f"generation failed: {type(exc).__name__}", type="server_error"
+        )
     finally:
         await merged.aclose()
         await opened.streams[0].aclose()
