@@ -133,3 +133,30 @@ def test_errors_name_the_field(client: OpenAI, app, serve_app) -> None:  # type:
         response = httpx.post(f"{base}/responses", json={"model": "plain", **payload})
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == param
+
+
+def test_openai_agents_sdk_runs_an_agent_with_one_tool(app, serve_app) -> None:  # type: ignore[no-untyped-def]
+    agents = pytest.importorskip("agents")
+    from openai import AsyncOpenAI
+
+    agents.set_tracing_disabled(True)
+    calls: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        calls.append(city)
+        return "18C and sunny"
+
+    client = AsyncOpenAI(base_url=f"{serve_app(app)}/v1", api_key="unused", max_retries=0)
+    agent = agents.Agent(
+        name="weather",
+        instructions="Answer weather questions with the tool.",
+        tools=[get_weather],
+        model=agents.OpenAIResponsesModel(model="agent", openai_client=client),
+    )
+    result = agents.Runner.run_sync(agent, "What is the weather in Paris?")
+    assert calls == ["Paris"]
+    assert result.final_output == "It is 18 degrees in Paris."
+    sent = engine(app, "agent").requests[-1]
+    assert sent.messages[-1].role == "tool" and sent.messages[-1].text() == "18C and sunny"
