@@ -160,3 +160,19 @@ def test_openai_agents_sdk_runs_an_agent_with_one_tool(app, serve_app) -> None: 
     assert result.final_output == "It is 18 degrees in Paris."
     sent = engine(app, "agent").requests[-1]
     assert sent.messages[-1].role == "tool" and sent.messages[-1].text() == "18C and sunny"
+
+
+def test_store_keeps_responses_for_the_retention_time(tmp_path: Path) -> None:
+    from edgelm.errors import ModelNotFound
+    from edgelm.server.responses_routes import ResponseStore
+    from edgelm.types import Message
+
+    store = ResponseStore(tmp_path / "r.sqlite", retention_s=3600)
+    store.save("resp_a", [Message(role="user", content="hi")], {"id": "resp_a"})
+    assert store.conversation("resp_a")[0].text() == "hi"
+    expired = ResponseStore(tmp_path / "r.sqlite", retention_s=-1)  # everything is too old
+    expired.save("resp_b", [Message(role="user", content="yo")], {"id": "resp_b"})
+    with pytest.raises(ModelNotFound) as info:
+        store.conversation("resp_a")
+    assert info.value.param == "previous_response_id"
+    assert store.body("resp_b") == {"id": "resp_b"}

@@ -33,9 +33,6 @@ from edgelm.server.schemas import Temperature, TopP
 from edgelm.server.state import ServiceState
 from edgelm.types import FunctionTool, GenerationRequest, Message, ResponseFormat
 
-RETENTION_S = 30 * 24 * 3600
-"""Stored responses older than this are deleted (OpenAI keeps them 30 days)."""
-
 # Responses content part types, as the chat path names them (non-text ones are refused by a
 # text-only engine with a 400 naming the part).
 _PARTS = {
@@ -182,10 +179,12 @@ def _message(item: dict[str, Any], index: int) -> Message:
 class ResponseStore:
     """Stored responses: each one's whole conversation (input and output as chat messages)
     and its JSON, so ``previous_response_id`` continues it. One SQLite file, opened per call
-    (requests are few; a connection is not shared across threads)."""
+    (requests are few; a connection is not shared across threads). Responses older than
+    ``retention_s`` (setting ``service.responses_retention_days``) are deleted on each save."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, retention_s: float):
         self.path = path
+        self.retention_s = retention_s
         self._lock = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
@@ -200,7 +199,7 @@ class ResponseStore:
     def save(self, rid: str, conversation: list[Message], body: dict[str, Any]) -> None:
         rows = json.dumps([m.model_dump(exclude_none=True) for m in conversation])
         with self._lock, self._connect() as db:
-            db.execute("DELETE FROM responses WHERE created < ?", (time.time() - RETENTION_S,))
+            db.execute("DELETE FROM responses WHERE created < ?", (time.time() - self.retention_s,))
             db.execute(
                 "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
                 (rid, time.time(), rows, json.dumps(body)),
@@ -212,7 +211,7 @@ class ResponseStore:
         if row is None:
             raise ModelNotFound(
                 f"no stored response {rid!r} (responses are kept when store is true, for "
-                f"{RETENTION_S // 86400} days)",
+                f"{self.retention_s / 86400:g} days: setting service.responses_retention_days)",
                 param="previous_response_id",
                 code="response_not_found",
             )
@@ -222,6 +221,11 @@ class ResponseStore:
         with self._lock, self._connect() as db:
             row = db.execute("SELECT body FROM responses WHERE id = ?", (rid,)).fetchone()
         return None if row is None else json.loads(row[0])
+
+
+def _store(state: ServiceState) -> ResponseStore:
+    days = state.settings.service.responses_retention_days
+    return ResponseStore(state.settings.home / "responses.sqlite", days * 86400)
 
 
 def _output(fold: Fold, msg_id: str, fc_ids: list[str]) -> list[dict[str, Any]]:
@@ -264,7 +268,7 @@ def build_router() -> APIRouter:
     @router.post("/v1/responses")
     async def create(body: ResponsesRequest, request: Request):  # type: ignore[no-untyped-def]
         state: ServiceState = request.app.state.edgelm
-        store = ResponseStore(state.settings.home / "responses.sqlite")
+        store = _store(state)
         history = store.conversation(body.previous_response_id) if body.previous_response_id else []
         conversation = [*history, *body.messages()]
         gen = body.generation(conversation)
@@ -339,7 +343,7 @@ def build_router() -> APIRouter:
     @router.get("/v1/responses/{response_id}")
     async def retrieve(response_id: str, request: Request) -> dict[str, Any]:
         state: ServiceState = request.app.state.edgelm
-        found = ResponseStore(state.settings.home / "responses.sqlite").body(response_id)
+        found = _store(state).body(response_id)
         if found is None:
             raise ModelNotFound(
                 f"no stored response {response_id!r}", param="response_id", code="not_found"
