@@ -398,3 +398,20 @@ def test_tool_use_eval_scores_through_the_service(base: str) -> None:
     assert figures["required"]["n"] == 15
     assert figures["required"]["tool_prompts_correct"] == round(4 / 15, 3)
     assert figures["required"]["tool_prompts_args_match"] == 0.0
+
+
+def test_rag_models_refuse_tools_and_media_by_name(client) -> None:  # type: ignore[no-untyped-def]
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": "rag:inline", "messages": ASK, "tools": [WEATHER]},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "tools"
+    parts = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {}}]
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": "rag:inline", "messages": [{"role": "user", "content": parts}]},
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages[0].content[1]" and "rag:inline" in error["message"]
