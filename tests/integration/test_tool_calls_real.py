@@ -149,3 +149,36 @@ def test_n_choices_on_the_real_engine(client: OpenAI) -> None:
     assert all(c.message.content for c in response.choices)
     assert response.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
     assert 3 <= response.usage.completion_tokens <= 36
+
+
+def test_n_choices_share_the_prompts_kv_cache(
+    tiny_model_path, tmp_path_factory: pytest.TempPathFactory
+) -> None:  # type: ignore[no-untyped-def]
+    """The other choices start once the first has read the prompt, and copy its KV cache."""
+    from fastapi.testclient import TestClient
+
+    from edgelm.catalog import Catalog
+    from edgelm.server.app import create_app
+    from tests.integration.conftest import settings_for
+
+    home = tmp_path_factory.mktemp("n-home")
+    settings = settings_for(home, **{"compute.n_ctx": 1024, "compute.parallel": 4})
+    app = create_app(settings, catalog=Catalog.load(home))
+    question = "Describe the sea in one sentence. " * 4
+    with TestClient(app) as http:
+        body = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": TINY,
+                "messages": [{"role": "user", "content": question}],
+                "n": 3,
+                "temperature": 0.8,
+                "seed": 1,
+                "max_tokens": 8,
+            },
+        ).json()
+        stats = app.state.edgelm.pool.models[TINY].engine.batch_stats()
+    assert len(body["choices"]) == 3
+    prompt = body["usage"]["prompt_tokens"]
+    assert stats["prefix_copies"] == 2
+    assert stats["reused_prompt_tokens"] >= 2 * (prompt - 1)
