@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgelm.errors import EdgelmError
-from edgelm.types import TokenLogprob, decode_rate
+from edgelm.types import TokenLogprob, ToolCallDelta, decode_rate
 
 # In-band stream errors carry no HTTP status (the 200 was already sent); infer one from type.
 _STATUS_OF_TYPE = {"invalid_request_error": 400, "upstream_error": 502, "rate_limit_error": 429}
@@ -153,12 +153,13 @@ def sse_events(lines: Iterable[str]) -> Iterator[dict[str, Any] | None]:
 
 @dataclass
 class Delta:
-    """What one event adds to the first choice: text, its tokens' log-probabilities, and the
-    finish reason when this is the choice's last event."""
+    """What one event adds to the first choice: text, its tokens' log-probabilities, tool-call
+    fragments, and the finish reason when this is the choice's last event."""
 
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 def first_choice(event: dict[str, Any]) -> Delta:
@@ -168,8 +169,28 @@ def first_choice(event: dict[str, Any]) -> Delta:
             continue
         delta = choice.get("delta")
         text = delta.get("content") or "" if isinstance(delta, dict) else choice.get("text") or ""
-        return Delta(text, logprobs(choice.get("logprobs")), choice.get("finish_reason"))
+        calls = tool_call_deltas(delta.get("tool_calls") if isinstance(delta, dict) else None)
+        return Delta(text, logprobs(choice.get("logprobs")), choice.get("finish_reason"), calls)
     return Delta()
+
+
+def tool_call_deltas(raw: Any) -> list[ToolCallDelta]:
+    """Streamed tool-call fragments in OpenAI's shape (``index``, then ``id`` and
+    ``function.name`` once, then ``function.arguments`` pieces)."""
+    out = []
+    for item in raw if isinstance(raw, list) else []:
+        if not isinstance(item, dict):
+            continue
+        function = item.get("function") or {}
+        out.append(
+            ToolCallDelta(
+                index=int(item.get("index", 0)),
+                id=item.get("id"),
+                name=function.get("name"),
+                arguments=function.get("arguments") or "",
+            )
+        )
+    return out
 
 
 def logprobs(raw: Any) -> list[TokenLogprob]:

@@ -56,6 +56,12 @@ class ServiceSettings(_Section):
         8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
     )
     max_messages: int = Field(1024, ge=1, description="Most messages one chat request may carry.")
+    responses_retention_days: float = Field(
+        30,
+        gt=0,
+        description="How long /v1/responses keeps stored responses (store=true) for "
+        "previous_response_id, in days.",
+    )
     default_model: str = Field(
         "qwen2.5-0.5b", description="Alias served by 'edgelm service start' and the playground."
     )

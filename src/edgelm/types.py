@@ -11,15 +11,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "cancelled", "error", "tool_calls"]
 
 
 class Message(BaseModel):
-    """One chat turn. ``content`` may be OpenAI's list-of-parts form; only text parts count."""
+    """One chat turn. ``content`` may be OpenAI's list-of-parts form; only text parts count
+    (engines that read no other part refuse them, see ``check_capabilities``).
+
+    An assistant turn may carry ``tool_calls`` (OpenAI's shape: ``id``, ``type``,
+    ``function.name``, ``function.arguments`` as a JSON string) and a ``tool`` turn answers one
+    of them by ``tool_call_id``.
+    """
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -44,6 +52,21 @@ class ResponseFormat(BaseModel):
         return self.json_schema.get("schema", self.json_schema)
 
 
+class FunctionTool(BaseModel):
+    """One function the model may call: OpenAI's ``tools[i].function``."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}}
+    )
+    strict: bool | None = None
+
+
+ToolChoice = Literal["auto", "none", "required"] | str
+"""``auto``/``none``/``required``, or the name of the one function the model must call."""
+
+
 class GenerationRequest(BaseModel):
     """What an engine is asked to do. Either ``messages`` (chat) or ``prompt`` (raw completion)."""
 
@@ -64,6 +87,25 @@ class GenerationRequest(BaseModel):
     ignore_eos: bool = False
     """Generate until max_tokens even past the end-of-generation token, as vLLM's and
     llama.cpp's servers allow: benchmarks then compare answers of the same length."""
+    tools: list[FunctionTool] = Field(default_factory=list)
+    """Functions the model may call (see :mod:`edgelm.tools`); empty: plain chat."""
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True
+
+    @property
+    def forced_tools(self) -> list[FunctionTool]:
+        """The functions one of which the answer must call (``required`` or a named one);
+        empty when the model may answer in text."""
+        if not self.tools or self.tool_choice in ("auto", "none"):
+            return []
+        if self.tool_choice == "required":
+            return list(self.tools)
+        return [t for t in self.tools if t.name == self.tool_choice]
+
+    @property
+    def offers_tools(self) -> bool:
+        """Whether the model is shown the tools (``tool_choice`` other than ``none``)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def is_chat(self) -> bool:
@@ -78,6 +120,18 @@ class TokenLogprob:
     logprob: float
     bytes: list[int] | None = None
     top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A piece of one tool call in a stream, as OpenAI streams them: the first piece of call
+    ``index`` carries its ``id`` and ``name``, later ones fragments of ``arguments`` (a JSON
+    text whose fragments concatenate to the whole)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 @dataclass(slots=True)
@@ -96,6 +150,7 @@ class Chunk:
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
     prompt_seconds: float | None = None
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 class Usage(BaseModel):

@@ -17,7 +17,7 @@ from edgelm.engines.fake import FakeEngine
 from edgelm.errors import ConfigError, InvalidRequest, Unsupported
 from edgelm.pool import ModelPool
 from edgelm.settings import Settings, load_settings
-from edgelm.types import GenerationRequest, Message
+from edgelm.types import FunctionTool, GenerationRequest, Message
 
 
 def chat(*messages: tuple[str, str], **kw) -> GenerationRequest:
@@ -72,7 +72,8 @@ def test_require_is_the_one_capability_check() -> None:
 def test_render_prompt_shared_by_local_engines() -> None:
     seen: list[list[dict[str, str]]] = []
 
-    def template(messages: list[dict[str, str]]) -> str:
+    def template(messages: list[dict[str, str]], tools: list[dict] | None) -> str:
+        assert tools is None  # no tools offered
         seen.append(messages)
         return "|".join(f"{m['role']}:{m['content']}" for m in messages)
 
@@ -85,12 +86,31 @@ def test_render_prompt_shared_by_local_engines() -> None:
     )
     assert render_prompt(GenerationRequest(prompt="Once upon"), template) == "Once upon"
 
-    def strict(messages: list[dict[str, str]]) -> str:
+    def strict(messages: list[dict[str, str]], tools: list[dict] | None) -> str:
         raise ValueError("roles must alternate")
 
     with pytest.raises(InvalidRequest, match="rejected the messages: roles must alternate") as e:
         render_prompt(request, strict)
     assert e.value.param == "messages"
+
+
+def test_render_prompt_routes_tools_by_template() -> None:
+    """Tools reach a template with a tools section as data, and any other model through the
+    fallback instructions in the system turn."""
+    tool = FunctionTool(name="get_weather", parameters={"type": "object", "properties": {}})
+    request = chat(("user", "weather?"), tools=[tool])
+    got: list[list[dict] | None] = []
+
+    def with_tools(messages: list[dict], tools: list[dict] | None) -> str:
+        got.append(tools)
+        return str(len(messages))
+
+    assert render_prompt(request, with_tools, template_has_tools=True) == "1"
+    assert got[-1] is not None and got[-1][0]["function"]["name"] == "get_weather"
+    assert render_prompt(request, with_tools, template_has_tools=False) == "2"
+    assert got[-1] is None
+    fallback = render_prompt(request, None)
+    assert fallback.startswith("<|im_start|>system\n") and "get_weather" in fallback
 
 
 def test_token_logprob_is_the_log_softmax_of_the_row() -> None:

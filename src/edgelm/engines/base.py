@@ -23,16 +23,18 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
 from edgelm.errors import ConfigError, InvalidRequest, Unsupported
+from edgelm.tools import chat_messages, has_tool_turns
 from edgelm.types import (
     Chunk,
     Completion,
     FinishReason,
     GenerationRequest,
+    Message,
     Timing,
     TokenLogprob,
     Usage,
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     from edgelm.settings import Settings
 
 Capability = Literal[
-    "chat", "completions", "logprobs", "embeddings", "grammar", "seed", "raw_speed"
+    "chat", "completions", "logprobs", "embeddings", "grammar", "seed", "raw_speed", "tools"
 ]
 
 # What a model lacking a capability does not do, as the error says it, and the request
@@ -60,6 +62,7 @@ _REFUSALS: dict[Capability, tuple[str, str | None]] = {
     "grammar": ("does not support response_format", "response_format"),
     "seed": ("does not take a seed", "seed"),
     "raw_speed": ("has no raw pp/tg benchmark", None),
+    "tools": ("does not support tool calling", "tools"),
 }
 
 
@@ -76,6 +79,10 @@ class Engine(ABC):
     supports_grammar: ClassVar[bool] = False
     supports_seed: ClassVar[bool] = False
     supports_raw_speed: ClassVar[bool] = False
+    # Takes ``tools`` (renders them for the model and has its calls parsed, see edgelm.tools).
+    supports_tools: ClassVar[bool] = False
+    # Reads content parts other than text (images, audio, files): only a remote upstream may.
+    reads_media: ClassVar[bool] = False
     # How many streams one instance serves at once (a batching engine runs them together);
     # the pool hands it that many and queues the rest. 1: the pool serialises requests.
     concurrent_streams: int = 1
@@ -151,9 +158,32 @@ def check_capabilities(engine: Engine, request: GenerationRequest) -> None:
     engine.require(kind)
     if request.logprobs:
         engine.require("logprobs", f" for {kind}")
+    if request.tools:
+        engine.require("tools")
+    if not engine.reads_media:
+        check_text_only(engine.model_id, request)
     fmt = request.response_format
     if fmt is not None and fmt.type != "text":
         engine.require("grammar", f" '{fmt.type}'")
+
+
+def check_text_only(
+    model_id: str, request: GenerationRequest, reads: tuple[str, ...] = ("text", "refusal")
+) -> None:
+    """Refuse content parts a text-only model would not see (images, audio, files), naming the
+    model and the part, rather than answering as if they were not there. ``reads``: the part
+    types it does take."""
+    for i, message in enumerate(request.messages or []):
+        if not isinstance(message.content, list):
+            continue
+        for j, part in enumerate(message.content):
+            kind = part.get("type")
+            if kind not in reads:
+                raise Unsupported(
+                    f"model '{model_id}' reads text only and cannot take the {kind!r} part "
+                    f"of message {i}; send text, or use a model that reads {kind!r}",
+                    param=f"messages[{i}].content[{j}]",
+                )
 
 
 def check_context(engine: Engine, prompt_tokens: int, max_tokens: int | None) -> int:
@@ -290,6 +320,7 @@ class Fold:
         self.first_t: float | None = None
         self.last: Chunk | None = None
         self.finish: FinishReason = "stop"
+        self.tool_calls: list[dict[str, str]] = []  # OpenAI's shape, from the chunks' deltas
 
     def add(self, chunk: Chunk) -> None:
         if chunk.text and self.first_t is None:
@@ -300,6 +331,13 @@ class Fold:
         self.last = chunk
         if chunk.finish_reason:
             self.finish = chunk.finish_reason
+        for delta in chunk.tool_calls:
+            while len(self.tool_calls) <= delta.index:
+                self.tool_calls.append({"id": "", "name": "", "arguments": ""})
+            call = self.tool_calls[delta.index]
+            call["id"] = delta.id or call["id"]
+            call["name"] = delta.name or call["name"]
+            call["arguments"] += delta.arguments
 
     @property
     def text(self) -> str:
@@ -356,26 +394,30 @@ def chatml(messages: Iterable[object], add_generation_prompt: bool = True) -> st
     return "".join(out)
 
 
-ChatTemplate = Callable[[list[dict[str, str]]], str]
-"""A model's chat template, applied: role/content messages in, prompt text out (ending with
-the assistant's generation prompt). Each engine applies its template with its own library."""
+ChatTemplate = Callable[[list[dict[str, Any]], list[dict[str, Any]] | None], str]
+"""A model's chat template, applied: messages and the tools offered (None: no tools section)
+in, prompt text out (ending with the assistant's generation prompt). Each engine applies its
+template with its own library."""
 
 
-def render_prompt(request: GenerationRequest, template: ChatTemplate | None) -> str:
+def render_prompt(
+    request: GenerationRequest, template: ChatTemplate | None, template_has_tools: bool = False
+) -> str:
     """The prompt text of a request, the same way for every local engine: a completion's
     prompt as is; chat messages through the model's template, or ChatML when the model has
-    none. ``developer`` messages become ``system`` ones (templates know only the latter), and
-    a template that rejects the messages (e.g. an unsupported role order) is a 400."""
+    none. Tools go through the template's own tools section when it has one, else through the
+    fallback prompt of :mod:`edgelm.tools` (which also writes earlier calls and tool results
+    as text). ``developer`` messages become ``system`` ones (templates know only the latter),
+    and a template that rejects the messages (e.g. an unsupported role order) is a 400."""
     if request.messages is None:
         return request.prompt or ""
-    if template is None:
+    if template is None and not has_tool_turns(request):
         return chatml(request.messages)
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in request.messages
-    ]
+    messages, tools = chat_messages(request, template is not None and template_has_tools)
+    if template is None:
+        return chatml(Message(**m) for m in messages)
     try:
-        return template(messages)
+        return template(messages, tools)
     except Exception as exc:  # templates raise for e.g. unsupported role orders
         raise InvalidRequest(
             f"the model's chat template rejected the messages: {exc}", param="messages"

@@ -3,6 +3,12 @@
 Tokens are whitespace-delimited words (``"Hello, world"`` → ``["Hello, ", "world"]``) and ids
 are stable hashes, so a test can predict usage counts exactly. Replies, delays, logprobs and
 failures can be scripted per engine; with no script the reply is derived from the prompt.
+
+Tools are rendered as for a model whose template has none (:func:`edgelm.tools.fallback_messages`)
+and calls are written as models write them (``<tool_call>{...}</tool_call>``), so a scripted
+reply can call tools and the service's parsing is what a test sees. A forced call
+(``tool_choice`` ``required`` or named) with no scripted reply calls the first function it may,
+with the smallest arguments its schema accepts.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgelm.engines.base import Engine, StopBuffer, check_capabilities, check_context, render_prompt
 from edgelm.errors import ModelLoadError
+from edgelm.tools import call_block, example_arguments
 from edgelm.types import Chunk, GenerationRequest, TokenLogprob
 
 if TYPE_CHECKING:
@@ -77,6 +84,7 @@ class FakeEngine(Engine):
     supports_embeddings = True
     supports_grammar = True
     supports_seed = True
+    supports_tools = True
     concurrent_streams = 64
 
     def __init__(self, model_id: str = "fake", script: FakeScript | None = None):
@@ -106,7 +114,8 @@ class FakeEngine(Engine):
         return len(fake_tokens(text))
 
     def prompt_text(self, request: GenerationRequest) -> str:
-        """ChatML, as a model without a chat template of its own is prompted."""
+        """ChatML (tools through the fallback prompt), as a model without a chat template of its
+        own is prompted."""
         return render_prompt(request, None)
 
     def _reply_for(self, request: GenerationRequest) -> str:
@@ -115,6 +124,9 @@ class FakeEngine(Engine):
                 return self._replies.popleft()
         if self.script.reply is not None:
             return self.script.reply
+        forced = request.forced_tools
+        if forced:
+            return call_block(forced[0].name, example_arguments(forced[0].parameters))
         fmt = request.response_format
         if fmt is not None and fmt.type != "text":
             return '{"answer": "fake"}'

@@ -63,6 +63,7 @@ from edgelm.engines.batching import (
     piece_reader,
 )
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
+from edgelm.tools import call_schema, template_supports_tools, wrap_call_grammar
 from edgelm.types import Chunk, FinishReason, GenerationRequest
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ class LlamaCppEngine(Engine):
     supports_grammar = True
     supports_seed = True
     supports_raw_speed = True
+    supports_tools = True
 
     min_p: ClassVar[float] = 0.05
     """llama.cpp's default; cuts the long tail that makes tiny models ramble at temperature>0."""
@@ -180,7 +182,9 @@ class LlamaCppEngine(Engine):
         meta = self._model.metadata()
         self._bos_text = self._special_text(self._model.token_bos())
         self._eos_text = self._special_text(self._model.token_eos())
-        self._chat = self._chat_template(meta.get("tokenizer.chat_template"))
+        template = meta.get("tokenizer.chat_template")
+        self._chat = self._chat_template(template)
+        self._template_tools = self._chat is not None and template_supports_tools(template)
         self._kv_per_token = _kv_bytes_per_token(meta)
         self._n_head = _int(meta, "attention.head_count")
         self.memory_bytes = self._memory_estimate(max(0, process_rss() - rss_before))
@@ -318,24 +322,33 @@ class LlamaCppEngine(Engine):
             )
         except Exception:  # a template jinja2 cannot compile: ChatML is the common default
             return None
-        return lambda messages: formatter(messages=messages).prompt
+        return lambda messages, tools: formatter(messages=messages, tools=tools).prompt
 
     def render(self, request: GenerationRequest) -> str:
         """The prompt text: the chat template stored in the GGUF, or ChatML without one."""
-        return render_prompt(request, self._chat)
+        return render_prompt(request, self._chat, self._template_tools)
 
     def _grammar(self, request: GenerationRequest) -> tuple[str, str] | None:
-        """The grammar (GBNF text, root rule) for ``response_format``, parsed by llama.cpp
-        once before it is used."""
-        fmt = request.response_format
-        if fmt is None or fmt.type == "text":
-            return None
-        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
-
-        schema = fmt.schema_dict()
-        key = "" if schema is None else json.dumps(schema, sort_keys=True)
+        """The grammar (GBNF text, root rule) for ``response_format``, or for a forced tool
+        call (``tool_choice`` ``required`` or named: only ``<tool_call>`` blocks whose JSON
+        fits one of the functions' schemas), parsed by llama.cpp once before it is used. It
+        rides in the job's sampler chain, so each sequence of the batch has its own."""
+        forced = request.forced_tools
+        if forced:
+            schema: dict[str, Any] | None = call_schema(forced)
+            key = f"tools:{request.parallel_tool_calls}:{json.dumps(schema, sort_keys=True)}"
+            param = "tools"
+        else:
+            fmt = request.response_format
+            if fmt is None or fmt.type == "text":
+                return None
+            schema = fmt.schema_dict()
+            key = "" if schema is None else json.dumps(schema, sort_keys=True)
+            param = "response_format"
         if key in self._grammars:
             return self._grammars[key]
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
         try:
             grammar = (
                 LlamaGrammar.from_string(JSON_GBNF, verbose=False)
@@ -343,22 +356,23 @@ class LlamaCppEngine(Engine):
                 else LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
             )
         except Exception as exc:  # the converter asserts on schemas it does not understand
-            raise InvalidRequest(
-                f"unsupported JSON schema in response_format: {exc}", param="response_format"
-            ) from None
+            raise InvalidRequest(f"unsupported JSON schema in {param}: {exc}", param=param) from None
+        text, root = _strict_strings(grammar._grammar), grammar._root
+        if forced:
+            text, root = wrap_call_grammar(text, request.parallel_tool_calls), "root"
         sampler = self._lib.llama_sampler_init_grammar(
-            self._vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
+            self._vocab, text.encode("utf-8"), root.encode("utf-8")
         )
         if not sampler:
             raise InvalidRequest(
-                "the JSON schema in response_format gives a grammar llama.cpp cannot parse "
+                f"the JSON schema in {param} gives a grammar llama.cpp cannot parse "
                 "(e.g. an empty enum)",
-                param="response_format",
+                param=param,
             )
         self._lib.llama_sampler_free(sampler)
         if len(self._grammars) >= 32:
             self._grammars.clear()
-        self._grammars[key] = (grammar._grammar, grammar._root)
+        self._grammars[key] = (text, root)
         return self._grammars[key]
 
     # -- generation -----------------------------------------------------------------------
@@ -681,6 +695,8 @@ _LONG_REQUEST_CHARS = 8192
 def _long(request: GenerationRequest) -> bool:
     if request.response_format is not None and request.response_format.type == "json_schema":
         return True
+    if request.forced_tools:  # a grammar from the functions' schemas
+        return True
     text = len(request.prompt or "")
     for message in request.messages or []:
         text += len(message.text())
@@ -705,6 +721,13 @@ class _Utf8Stream:
     def finish(self) -> None:
         """Forget an unfinished character (cut off by max_tokens or a cancel)."""
         self._decoder.reset()
+
+
+def _strict_strings(gbnf: str) -> str:
+    """llama-cpp-python's JSON grammars let strings hold raw control characters (a newline),
+    which JSON forbids: answers then fail to parse, and a tiny model writing a forced tool call
+    ran a string on past ``</tool_call>``. Exclude them, as llama.cpp's own converter does."""
+    return gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
 
 
 def _check_gguf(path: Path) -> None:

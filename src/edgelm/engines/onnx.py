@@ -268,7 +268,8 @@ class OnnxEngine(Engine):
         if template is None:
             return None
 
-        def apply(messages: list[dict[str, str]]) -> str:
+        def apply(messages: list[dict[str, Any]], _tools: list[dict[str, Any]] | None) -> str:
+            # This engine takes no tools (supports_tools is off), so no tools section.
             return str(
                 self._tokenizer.apply_chat_template(
                     json.dumps(messages), template_str=template, add_generation_prompt=True

@@ -24,6 +24,7 @@ from edgelm import __version__
 from edgelm.engines.base import Engine, StopBuffer, check_capabilities
 from edgelm.errors import ConfigError, UpstreamError
 from edgelm.openai_stream import ErrorFields, MalformedEvent, error_fields, first_choice, sse_events
+from edgelm.tools import tool_dicts
 from edgelm.types import Chunk, FinishReason, GenerationRequest
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ class RemoteEngine(Engine):
     supports_embeddings = True
     supports_grammar = True  # response_format is passed through; the upstream enforces it
     supports_seed = True
+    supports_tools = True  # tools go to the upstream, its calls come back as they are
+    reads_media = True  # image/audio parts go to the upstream, which may read them
     concurrent_streams = 64  # the upstream does its own batching and queueing
 
     def __init__(
@@ -147,6 +150,15 @@ class RemoteEngine(Engine):
         fmt = request.response_format
         if fmt is not None and fmt.type != "text":
             body["response_format"] = fmt.model_dump(exclude_none=True)
+        if request.tools:
+            body["tools"] = tool_dicts(request.tools)
+            body["tool_choice"] = (
+                request.tool_choice
+                if request.tool_choice in ("auto", "none", "required")
+                else {"type": "function", "function": {"name": request.tool_choice}}
+            )
+            if not request.parallel_tool_calls:
+                body["parallel_tool_calls"] = False
         body.update(self.extra_body)
         return body
 
@@ -228,6 +240,15 @@ class RemoteEngine(Engine):
                 if event.get("usage"):
                     usage = event["usage"]
                 delta = first_choice(event)
+                if delta.tool_calls:
+                    completion_tokens += 1
+                    yield Chunk(
+                        text="",
+                        t=time.perf_counter() - start,
+                        prompt_tokens=prompt_tokens,
+                        completion_tokens=completion_tokens,
+                        tool_calls=delta.tool_calls,
+                    )
                 if delta.text or delta.logprobs:
                     # Without a usage chunk, each content event counts as one token (vLLM,
                     # llama.cpp and Ollama send one per token), or one per logprob entry
@@ -246,7 +267,8 @@ class RemoteEngine(Engine):
                         done = stopped_here = True
                         break
                 if delta.finish_reason:
-                    finish = "length" if delta.finish_reason == "length" else "stop"
+                    reason = delta.finish_reason
+                    finish = reason if reason in ("length", "tool_calls") else "stop"
         except MalformedEvent as exc:
             raise UpstreamError(f"the upstream at {url} sent a {exc}") from None
         except httpx.TransportError as exc:

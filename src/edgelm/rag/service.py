@@ -85,6 +85,8 @@ class RagModels(VirtualModel):
     """``rag:<collection>`` and ``rag:inline``. Holds its open stores per instance (one
     connection per collection, with sqlite-vec loaded once), without module globals."""
 
+    content_parts = ("text", "refusal", "document")  # documents to answer from
+
     def __init__(self) -> None:
         self._stores: dict[tuple[str, int], tuple[RagStore, threading.Lock]] = {}
         self._guard = threading.Lock()

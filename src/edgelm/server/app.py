@@ -19,7 +19,7 @@ from edgelm.pool import ModelPool
 from edgelm.rag import routes as rag_routes
 from edgelm.rag.service import RagModels
 from edgelm.router_service import HybridModels
-from edgelm.server import browser_models, manage_routes, openai_routes, playground
+from edgelm.server import browser_models, manage_routes, openai_routes, playground, responses_routes
 from edgelm.server.access import RequestContext
 from edgelm.server.errors import install_error_handlers
 from edgelm.server.limits import BodyLimitMiddleware
@@ -66,6 +66,7 @@ def create_app(
     app.state.edgelm = state
     install_error_handlers(app)
     app.include_router(openai_routes.build_router())
+    app.include_router(responses_routes.build_router())
     app.include_router(manage_routes.build_router())
     app.include_router(rag_routes.build_router())
     app.include_router(browser_models.build_router())

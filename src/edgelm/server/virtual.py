@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from edgelm.types import Chunk, GenerationRequest
 
@@ -55,6 +55,12 @@ class VirtualAnswer:
 
 class VirtualModel(ABC):
     """A family of virtual model names, e.g. every name starting with ``rag:``."""
+
+    supports_tools: ClassVar[bool] = False
+    """Whether it takes ``tools``; the service refuses them with a 400 naming the field if
+    not (the hybrid router and RAG answer from prompts of their own)."""
+    content_parts: ClassVar[tuple[str, ...]] = ("text", "refusal")
+    """Message content part types it reads; others are refused, naming the part."""
 
     @abstractmethod
     def matches(self, name: str) -> bool:
