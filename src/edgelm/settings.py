@@ -142,8 +142,10 @@ class RouterSettings(_Section):
     # '>direct' lets the LLM answer afresh instead of refining the draft: on the shipped QA set
     # refining scored below the LLM alone and cost ~4x its prompt (see `edgelm hybrid eval`).
     policy: str = Field(
-        "insufficient,confidence=-0.5>direct",
-        description="Escalation policy spec, e.g. 'length=600,confidence=-0.8' or 'always'.",
+        "degenerate,insufficient,confidence=-0.5>direct",
+        description="Escalation policy spec, e.g. 'length=600,confidence=-0.8' or 'always'. "
+        "'degenerate' stops a looping draft as soon as the loop is certain and lets the LLM "
+        "answer.",
     )
     direct_patterns: list[str] = Field(
         default_factory=list,

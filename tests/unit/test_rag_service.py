@@ -23,14 +23,23 @@ from edgelm.server.app import create_app
 from edgelm.settings import Settings
 
 GOOD = "A full battery runs the mast for about 45 days [1]."
+LLM_SAYS = "The larger model says about 45 days [1]."
 QUESTION = "How long does a full mast battery last without sun?"
-EXTENSION_KEYS = {"citations", "contexts", "refused", "escalated", "escalation_reason", "model"}
+EXTENSION_KEYS = {
+    "citations",
+    "contexts",
+    "refused",
+    "escalated",
+    "escalation_reason",
+    "model",
+    "checks",
+}
 
 
 def rag_catalog(
     home: Path,
     slm_reply: str = GOOD,
-    llm_reply: str = "LLM says 45 days [1].",
+    llm_reply: str = LLM_SAYS,
     slm_logprobs: list[float] | None = None,
 ) -> Catalog:
     slm_options: dict = {"reply": slm_reply}
@@ -115,7 +124,7 @@ def test_insufficient_answer_escalates_to_the_llm(demo: Settings) -> None:
     catalog = rag_catalog(demo.home, slm_reply="The context does not say.")
     with TestClient(make_app(demo, catalog)) as client:
         body = chat(client, "rag:demo", QUESTION).json()
-        assert body["choices"][0]["message"]["content"] == "LLM says 45 days [1]."
+        assert body["choices"][0]["message"]["content"] == LLM_SAYS
         ext = body["edgelm"]
         assert ext["escalated"] is True and ext["model"] == "fake-llm"
         assert [c["source"] for c in ext["citations"]] == ["power.txt"]
@@ -242,4 +251,4 @@ def test_local_rag_retrieves_locally_and_generates_remotely(demo: Settings, serv
         return "".join([c.text async for c in chunks]), ext
 
     text, ext = asyncio.run(run())
-    assert text == "LLM says 45 days [1]." and ext["escalated"] and ext["model"] == "fake-llm"
+    assert text == LLM_SAYS and ext["escalated"] and ext["model"] == "fake-llm"

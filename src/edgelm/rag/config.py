@@ -44,9 +44,13 @@ class RagSettings(BaseModel):
         "llm", description="Model asked when the first answer is insufficient (none: never)."
     )
     fallback_policy: str = Field(
-        "insufficient",
+        "degenerate,unsupported,insufficient",
         description="When the first answer escalates: a hybrid-router policy spec, e.g. "
-        "'insufficient' or 'insufficient,confidence=-0.8' (see router.policy).",
+        "'insufficient' or 'insufficient,confidence=-0.8' (see router.policy). Its "
+        "'degenerate' and 'unsupported' terms also guard the last answer (the fallback's, or "
+        "the only one): a looping, marker-only or empty answer, or one stating figures or "
+        "names the context lacks, is replaced by the refusal; answers are then held until "
+        "they end.",
     )
     max_tokens: int = Field(300, ge=1, description="Longest answer, in tokens.")
     temperature: float = Field(0.3, ge=0.0, le=2.0, description="Sampling temperature.")

@@ -14,7 +14,9 @@ string used alike in settings, model names (``hybrid@length=600,confidence=-0.8`
   tighter: ``topic,length=600&confidence=-1`` is topic OR (length AND confidence));
 * a term is ``name`` or ``name=value``: ``never``, ``always``, ``length=<chars>``,
   ``confidence=<mean logprob>``, ``confidence-min=<min logprob>``, ``insufficient[=<chars>]``,
-  ``keywords=<word;word;...>``, ``topic`` (the regexes from settings ``router.direct_patterns``);
+  ``keywords=<word;word;...>``, ``topic`` (the regexes from settings ``router.direct_patterns``),
+  ``degenerate`` (the draft loops, is only markers or is empty; see :mod:`edgelm.answer_checks`),
+  ``unsupported[=<count>]`` (a grounded draft states figures or names its context lacks);
 * a term may end in ``>direct`` or ``>refine`` to choose how it escalates
   (``confidence=-0.5>direct``: an unsure draft is dropped and the LLM answers the question).
 
@@ -31,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from edgelm.answer_checks import degeneration, unsupported_claims
 from edgelm.errors import InvalidRequest
 
 Route = Literal["draft", "refine", "direct"]
@@ -67,6 +70,9 @@ class Draft:
     finish_reason: str | None = "stop"
     mean_logprob_value: float | None = None
     min_logprob_value: float | None = None
+    sources: tuple[str, ...] = ()
+    """What a grounded draft had to answer from (context blocks and question); empty for an
+    ungrounded one, which the ``unsupported`` policy then leaves alone."""
 
     @property
     def mean_logprob(self) -> float | None:
@@ -262,6 +268,57 @@ class Insufficient(Policy):
 
     def spec(self) -> str:
         return f"insufficient={self.min_chars}"
+
+
+class Degenerate(Policy):
+    """Escalate a draft that loops, is nothing but markers, or is empty (see
+    :func:`edgelm.answer_checks.degeneration`). Such a draft holds nothing worth refining, so
+    the LLM answers afresh (``direct``). The pipelines also read the draft with a
+    :class:`~edgelm.answer_checks.LoopMonitor` while it streams and stop it once the loop is
+    certain, so this verdict is reached without generating up to ``max_tokens``."""
+
+    name = "degenerate"
+
+    def check(self, question: str, draft: Draft | None) -> Verdict | None:
+        if draft is None:
+            return None
+        found = degeneration(draft.text)
+        if found is None:
+            return Verdict("degenerate", False, "direct", None, None, "degenerate: no")
+        return Verdict(
+            "degenerate",
+            True,
+            "direct",
+            found.kind,
+            "loop|markers|empty",
+            f"degenerate: {found.describe()}",
+        )
+
+
+@dataclass
+class Unsupported(Policy):
+    """Escalate a grounded draft that states ``min_count`` or more figures or names found
+    nowhere in its sources (see :func:`edgelm.answer_checks.unsupported_claims`): an invented
+    number must not reach the user. Ungrounded drafts (no sources) never fire."""
+
+    min_count: int = 1
+    name = "unsupported"
+
+    def check(self, question: str, draft: Draft | None) -> Verdict | None:
+        if draft is None:
+            return None
+        if not draft.sources:
+            return Verdict(
+                "unsupported", False, "direct", None, self.min_count, "unsupported: no context"
+            )
+        missing = unsupported_claims(draft.text, (*draft.sources, question))
+        fired = len(missing) >= self.min_count
+        shown = ", ".join(f"'{m}'" for m in missing[:5])
+        detail = f"unsupported: {shown} not in the context" if missing else "unsupported: none"
+        return Verdict("unsupported", fired, "direct", len(missing), self.min_count, detail)
+
+    def spec(self) -> str:
+        return "unsupported" if self.min_count == 1 else f"unsupported={self.min_count}"
 
 
 @dataclass
@@ -513,9 +570,16 @@ def _term(text: str, topic_patterns: Sequence[str]) -> Policy:
         return Keywords.words(words)
     if name == "topic":
         return Keywords(tuple(topic_patterns), "topic")
+    if name == "degenerate":
+        return Degenerate()
+    if name == "unsupported":
+        count = int(_number(name, raw, 1))
+        if count < 1:
+            raise InvalidRequest("policy 'unsupported' needs a count of 1 or more", param="policy")
+        return Unsupported(count)
     raise InvalidRequest(
         f"unknown policy '{name}'; use never, always, length, confidence, confidence-min, "
-        "insufficient, keywords or topic",
+        "insufficient, keywords, topic, degenerate or unsupported",
         param="policy",
     )
 
@@ -559,3 +623,25 @@ def _from_mapping(data: Mapping[str, Any], topic_patterns: Sequence[str]) -> Pol
         return Keywords(tuple(data["patterns"]), "topic")
     threshold = data.get("threshold")
     return _term(name if threshold is None else f"{name}={threshold}", topic_patterns)
+
+
+ANSWER_CHECKS: tuple[type[Policy], ...] = (Degenerate, Unsupported)
+"""Policies that judge whether an answer may reach the user at all, not only whether a
+better model could do better: when there is nowhere to escalate, RAG refuses instead."""
+
+
+def answer_checks(policy: Policy) -> list[Policy]:
+    """The ``degenerate`` and ``unsupported`` terms of ``policy`` (composites searched)."""
+    if isinstance(policy, ANSWER_CHECKS):
+        return [policy]
+    if isinstance(policy, Escalate):
+        return answer_checks(policy.child)
+    if isinstance(policy, _Composite):
+        return [p for child in policy.children for p in answer_checks(child)]
+    return []
+
+
+def watches_loops(policy: Policy) -> bool:
+    """Whether a draft judged by ``policy`` should be cut as soon as it loops: only when the
+    policy has a ``degenerate`` term (``never`` stays the plain SLM-only baseline)."""
+    return any(isinstance(p, Degenerate) for p in answer_checks(policy))
