@@ -270,13 +270,11 @@ class HybridRouter:
                 if monitor is not None and monitor.push(chunk.text) is not None:
                     break  # leaving the block closes the stream: the pool cancels the SLM
         record.draft = Leg.of(self.slm, "draft", fold, started)
-        if monitor is not None and monitor.found is not None and fold.last is not None:
-            if not fold.last.finish_reason:
-                record.draft_cut = monitor.found.describe()
-                record.draft.finish_reason = "cancelled"
-                buffered.append(
-                    replace(fold.last, text="", token_ids=[], logprobs=[], finish_reason="stop")
-                )
+        last = fold.last
+        if monitor is not None and monitor.found and last is not None and not last.finish_reason:
+            record.draft_cut = monitor.found.describe()
+            record.draft.finish_reason = "cancelled"
+            buffered.append(replace(last, text="", token_ids=[], logprobs=[], finish_reason="stop"))
         values = tuple(float(lp["logprob"]) for lp in fold.logprobs)  # type: ignore[arg-type]
         draft = Draft(fold.text, values, fold.finish)
         record.draft_text = draft.text
