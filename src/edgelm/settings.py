@@ -108,6 +108,13 @@ class ComputeSettings(_Section):
         "Costs time to first token: cached prompt prefixes are reused only in aligned 32-token "
         "blocks. Off, the longest cached prefix is reused, as llama.cpp's server does.",
     )
+    repeat_penalty: float = Field(
+        1.0,
+        ge=0.0,
+        le=4.0,
+        description="llama.cpp repeat penalty for requests that do not set one (1.0: off). "
+        "MEASURED_REPEAT_PENALTY",
+    )
     onnx: OnnxSettings = Field(default_factory=OnnxSettings)
 
 

@@ -85,3 +85,20 @@ def test_rag_cuts_the_loop_and_escalates(client: OpenAI) -> None:
     assert text == FALLBACK and ext["escalated"] is True
     [check] = ext["checks"]
     assert check["policy"] == "degenerate" and check["cut"].startswith("loop")
+
+
+def test_the_engine_default_repeat_penalty_applies_only_when_unset(tiny_model_path: Path) -> None:
+    from edgelm.engines.llamacpp import LlamaCppEngine
+    from edgelm.types import GenerationRequest, Message
+
+    engine = LlamaCppEngine(tiny_model_path, TINY, n_ctx=512, threads=1, repeat_penalty=1.3)
+    try:
+        messages = [Message(role="user", content="Hi")]
+        unset = engine._answer(GenerationRequest(messages=messages, max_tokens=1), None)
+        explicit = engine._answer(
+            GenerationRequest(messages=messages, max_tokens=1, repeat_penalty=1.0), None
+        )
+        assert unset.job.sampling.repeat_penalty == 1.3
+        assert explicit.job.sampling.repeat_penalty == 1.0
+    finally:
+        engine.close()
