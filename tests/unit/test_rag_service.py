@@ -272,6 +272,8 @@ def test_a_looping_answer_is_cut_early_and_escalated(demo: Settings) -> None:
         [check] = ext["checks"]
         assert check["model"] == "fake-slm" and check["policy"] == "degenerate"
         assert check["cut"].startswith("loop") and check["value"] == "loop"
+        slm = client.app.state.edgelm.pool.models["fake-slm"]
+        assert slm.cancelled == 1  # the SLM was told to stop, not left running to max_tokens
 
 
 @pytest.mark.parametrize(

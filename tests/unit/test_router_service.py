@@ -249,6 +249,7 @@ def test_a_looping_draft_is_cut_early_and_goes_to_the_llm(app, base: str) -> Non
     assert ext["tokens"]["slm"]["completion"] <= 3 * per_copy + 2  # not 450 tokens
     degenerate = next(s for s in ext["signals"] if s["policy"] == "degenerate")
     assert degenerate["fired"] and degenerate["value"] == "loop"
+    assert app.state.edgelm.pool.models["small-loop"].cancelled == 1
 
 
 def test_never_keeps_a_looping_draft_uncut(base: str) -> None:
