@@ -32,6 +32,8 @@ MAX_PERIOD = 64
 """Longest repeating unit looked for, in words (a long sentence or a short paragraph)."""
 MARKER_RUN = 12
 """Markers in a row (citations, list numbers, punctuation) that no answer writes."""
+TRUNCATED_REPEATS = 2.5
+"""Copies of a unit of 6+ words ending an answer cut at ``max_tokens`` that make it a loop."""
 MARKERS_BEFORE_WORDS = 8
 """Markers at the start of an answer with no word yet: the answer is markers only."""
 
@@ -113,13 +115,24 @@ class LoopMonitor:
                 break
         return self.found
 
-    def finish(self) -> Degeneration | None:
-        """The stream ended: judge the last word, then empty and marker-only answers."""
+    def finish(self, truncated: bool = False) -> Degeneration | None:
+        """The stream ended: judge the last word, then empty and marker-only answers. An
+        answer ``truncated`` at ``max_tokens`` that ends in :data:`TRUNCATED_REPEATS` copies of
+        a sentence-long unit was cut off mid-loop (the model had no way out of it)."""
         if self.found is None and self._pending:
             for word in _WORD.findall(self._pending):
                 if self._add(word):
                     break
             self._pending = ""
+        if self.found is None and truncated:
+            n = len(self.words)
+            for p in range(6, min(self.max_period, n - 1) + 1):
+                if self._runs[p] + p >= TRUNCATED_REPEATS * p:
+                    unit = _shorten(" ".join(self.words[-p:]))
+                    copies = (self._runs[p] + p) / p
+                    detail = f"'{unit}' repeated {copies:.1f} times up to max_tokens"
+                    self.found = Degeneration("loop", detail, n)
+                    break
         if self.found is None and not self.words:
             self.found = Degeneration("empty", "the answer is empty", 0)
         elif self.found is None and self._content == 0:
@@ -144,9 +157,7 @@ class LoopMonitor:
             if words[-1] == words[-1 - p]:
                 self._runs[p] += 1
                 if self._runs[p] + p >= p * min_repeats(p):
-                    unit = " ".join(words[-p:])
-                    if len(unit) > 60:
-                        unit = unit[:57] + "..."
+                    unit = _shorten(" ".join(words[-p:]))
                     copies = (self._runs[p] + p) // p
                     self.found = Degeneration("loop", f"'{unit}' repeated {copies} times", n)
                     return True
@@ -167,11 +178,16 @@ class LoopMonitor:
         return False
 
 
-def degeneration(text: str) -> Degeneration | None:
-    """The finding for a whole answer (what :class:`LoopMonitor` says once it has read it)."""
+def _shorten(unit: str) -> str:
+    return unit if len(unit) <= 60 else unit[:57] + "..."
+
+
+def degeneration(text: str, truncated: bool = False) -> Degeneration | None:
+    """The finding for a whole answer (what :class:`LoopMonitor` says once it has read it);
+    ``truncated``: the answer stopped at ``max_tokens``."""
     monitor = LoopMonitor()
     monitor.push(text)
-    return monitor.finish()
+    return monitor.finish(truncated)
 
 
 # -- grounding ---------------------------------------------------------------------------------

@@ -85,7 +85,8 @@ def quick_quality(items: Sequence[QAItem], max_tokens: int = 128) -> QualityFn:
             if not result.ok:
                 continue
             scores.append(float(score_item(item, result.text, None, config)["quality"] or 0.0))
-            degenerate += degeneration(result.text) is not None
+            truncated = result.completion_tokens >= max_tokens
+            degenerate += degeneration(result.text, truncated) is not None
         if not scores:
             return None
         return {
@@ -252,7 +253,7 @@ def _decide(models: list[ModelReport]) -> None:
         uses = []
         if m is fastest:
             uses.append("interactive answers (lowest warm latency)")
-        if m is smallest and len(models) > 1:
+        if m is smallest and len(eligible) > 1:  # smallest of those good enough to use
             uses.append("memory-constrained devices")
         if m is best_quality and len(scored) > 1:
             uses.append("quality-critical answers (best measured quality)")

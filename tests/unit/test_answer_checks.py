@@ -147,3 +147,26 @@ def test_check_answer_reports_both() -> None:
     assert result.to_dict() == {"degenerate": None, "unsupported": ["2000"]}
     assert check_answer("[1]").to_dict()["degenerate"].startswith("marker-only")  # type: ignore[union-attr]
     assert check_answer("Paris.").unsupported == ()  # no sources: grounding not judged
+
+
+HASH_TABLE_AT_THE_CAP = (
+    "A hash table is a data structure that uses a hash function to map keys to values. It is "
+    "a data structure that is used to store and retrieve data in a hash table. The hash "
+    "function is a mathematical function that takes a key and returns a unique integer value. "
+    + "The hash table is used to store and retrieve data in a hash table. The hash function "
+    "is used to map keys to values. " * 2
+    + "The hash table is used to store and retrieve data in a hash table. The hash function "
+    "is used to map"
+)
+"""Qwen2.5-0.5B's answer to "Explain in two sentences what a hash table is." in
+``edgelm compare`` (128-token cap): under three copies when the cap cut it off."""
+
+
+def test_a_loop_cut_off_by_max_tokens_is_degenerate() -> None:
+    assert degeneration(HASH_TABLE_AT_THE_CAP) is None  # not yet certain while streaming
+    found = degeneration(HASH_TABLE_AT_THE_CAP, truncated=True)
+    assert found is not None and found.kind == "loop" and "up to max_tokens" in found.detail
+    # a long normal answer that merely hits the cap is not
+    prose = " ".join(f"Point {i} explains another detail of hashing." for i in range(30))
+    assert degeneration(prose, truncated=True) is None
+    assert degeneration(NORMAL["numbered list"], truncated=True) is None

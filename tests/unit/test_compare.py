@@ -66,7 +66,9 @@ def test_compare_weighs_quality_and_each_models_own_memory(
     # the faster, smaller model is not recommended for anything on its own
     assert "memory-constrained" not in small["best_use"]
     assert small["best_use"].startswith("not on its own: quality 100 points below large")
-    assert "memory-constrained devices" in large["best_use"]
+    # the only model good enough is not "best for memory-constrained devices" by default
+    assert "memory-constrained" not in large["best_use"]
+    assert "quality-critical answers" in large["best_use"]
     assert large["decision"].startswith("use large: small answers 100 quality points worse")
     assert "decision:" in result.output and "model memory" in result.output
 

@@ -195,6 +195,10 @@ def test_degenerate_and_unsupported_terms() -> None:
     fine = Degenerate().check("q", Draft("Paris is the capital [1]."))
     assert fine is not None and not fine.fired
     assert Degenerate().check("q", None) is None
+    tail = "It is a data structure for keys and values. " * 2 + "It is a data structure"
+    capped = Degenerate().check("q", Draft("Hashing. " + tail, finish_reason="length"))
+    ended = Degenerate().check("q", Draft("Hashing. " + tail, finish_reason="stop"))
+    assert capped is not None and capped.fired and ended is not None and not ended.fired
 
     context = ("The WS-3 measures every 16 seconds.",)
     grounded = Unsupported().check("How often?", Draft("Every 16 seconds [1].", sources=context))

@@ -282,7 +282,7 @@ class Degenerate(Policy):
     def check(self, question: str, draft: Draft | None) -> Verdict | None:
         if draft is None:
             return None
-        found = degeneration(draft.text)
+        found = degeneration(draft.text, truncated=draft.finish_reason == "length")
         if found is None:
             return Verdict("degenerate", False, "direct", None, None, "degenerate: no")
         return Verdict(
