@@ -37,7 +37,7 @@ class Term:
     """One policy term with its value parsed and its default applied.
 
     ``name`` is one of ``never``, ``always``, ``length``, ``confidence``, ``confidence-min``,
-    ``insufficient``, ``keywords``, ``topic`` or ``learned``. ``value`` is the number of the numeric terms
+    ``insufficient``, ``keywords``, ``topic``, ``degenerate``, ``unsupported`` or ``learned``. ``value`` is the number of the numeric terms
     (an int for ``length`` and ``insufficient``); ``words`` the words of ``keywords``;
     ``patterns`` the regexes of a ``topic`` given as data (None: the settings' patterns);
     ``action`` the route asked for with ``>refine`` / ``>direct`` (None: the term's own).
@@ -142,6 +142,13 @@ def _term(text: str) -> Term:
         return Term(name, words=tuple(words))
     if name == "topic":
         return Term(name)
+    if name == "degenerate":
+        return Term(name)
+    if name == "unsupported":
+        count = int(_number(name, raw, 1))
+        if count < 1:
+            raise InvalidRequest("policy 'unsupported' needs a count of 1 or more", param="policy")
+        return Term(name, count)
     if name == "learned":
         value = _number(name, raw, DEFAULT_LEARNED)
         if not 0.0 <= value <= 1.0:
@@ -149,7 +156,7 @@ def _term(text: str) -> Term:
         return Term(name, value)
     raise InvalidRequest(
         f"unknown policy '{name}'; use never, always, length, confidence, confidence-min, "
-        "insufficient, keywords, topic or learned",
+        "insufficient, keywords, topic, degenerate, unsupported or learned",
         param="policy",
     )
 

@@ -19,7 +19,7 @@ from edgelm.rag.evaluate import corpus_dir
 from edgelm.rag.ingest import ingest_paths
 from edgelm.rag.store import RagStore
 from edgelm.server.app import create_app
-from edgelm.settings import load_settings
+from edgelm.settings import load_settings, set_in_file
 from tests.unit.conftest import free_port, serve_app  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
@@ -43,6 +43,10 @@ if importlib.util.find_spec("chainlit") is None:
 
 @pytest.fixture
 def stack(isolated_home: Path, tmp_path: Path, serve_app) -> Iterator[str]:  # type: ignore[no-untyped-def]  # noqa: F811
+    # This test watches the first answer stream into the page. The default rag.fallback_policy
+    # also runs the answer checks, which hold an answer until it ends (an invented figure must
+    # not be shown first), so the app is configured without them here.
+    set_in_file(isolated_home, "rag.fallback_policy", "insufficient")
     settings = load_settings(env={"EDGELM_HOME": str(isolated_home)})
     with RagStore.open(settings.home, "demo") as store:
         ingest_paths(store, [corpus_dir()])

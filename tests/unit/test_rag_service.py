@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -23,17 +24,27 @@ from edgelm.server.app import create_app
 from edgelm.settings import Settings
 
 GOOD = "A full battery runs the mast for about 45 days [1]."
+LLM_SAYS = "The larger model says about 45 days [1]."
 QUESTION = "How long does a full mast battery last without sun?"
-EXTENSION_KEYS = {"citations", "contexts", "refused", "escalated", "escalation_reason", "model"}
+EXTENSION_KEYS = {
+    "citations",
+    "contexts",
+    "refused",
+    "escalated",
+    "escalation_reason",
+    "model",
+    "checks",
+}
 
 
 def rag_catalog(
     home: Path,
     slm_reply: str = GOOD,
-    llm_reply: str = "LLM says 45 days [1].",
+    llm_reply: str = LLM_SAYS,
     slm_logprobs: list[float] | None = None,
+    token_delay_s: float = 0.0,
 ) -> Catalog:
-    slm_options: dict = {"reply": slm_reply}
+    slm_options: dict = {"reply": slm_reply, "token_delay_s": token_delay_s}
     if slm_logprobs is not None:
         slm_options["logprobs"] = slm_logprobs
     return Catalog(
@@ -115,7 +126,7 @@ def test_insufficient_answer_escalates_to_the_llm(demo: Settings) -> None:
     catalog = rag_catalog(demo.home, slm_reply="The context does not say.")
     with TestClient(make_app(demo, catalog)) as client:
         body = chat(client, "rag:demo", QUESTION).json()
-        assert body["choices"][0]["message"]["content"] == "LLM says 45 days [1]."
+        assert body["choices"][0]["message"]["content"] == LLM_SAYS
         ext = body["edgelm"]
         assert ext["escalated"] is True and ext["model"] == "fake-llm"
         assert [c["source"] for c in ext["citations"]] == ["power.txt"]
@@ -242,4 +253,83 @@ def test_local_rag_retrieves_locally_and_generates_remotely(demo: Settings, serv
         return "".join([c.text async for c in chunks]), ext
 
     text, ext = asyncio.run(run())
-    assert text == "LLM says 45 days [1]." and ext["escalated"] and ext["model"] == "fake-llm"
+    assert text == LLM_SAYS and ext["escalated"] and ext["model"] == "fake-llm"
+
+
+LOOP = "The battery lasts a long time in the mast. "
+
+
+def test_a_looping_answer_is_cut_early_and_escalated(demo: Settings) -> None:
+    """450 tokens at 10 ms each would take 4.5 s; the loop is certain after 3 copies."""
+    catalog = rag_catalog(demo.home, slm_reply=LOOP * 50, token_delay_s=0.01)
+    with TestClient(make_app(demo, catalog)) as client:
+        started = time.monotonic()
+        body = chat(client, "rag:demo", QUESTION, max_tokens=600).json()
+        assert time.monotonic() - started < 2.5
+        assert body["choices"][0]["message"]["content"] == LLM_SAYS
+        ext = body["edgelm"]
+        assert ext["escalated"] is True and ext["escalation_reason"].startswith("degenerate: loop")
+        [check] = ext["checks"]
+        assert check["model"] == "fake-slm" and check["policy"] == "degenerate"
+        assert check["cut"].startswith("loop") and check["value"] == "loop"
+        slm = client.app.state.edgelm.pool.models["fake-slm"]
+        assert slm.cancelled == 1  # the SLM was told to stop, not left running to max_tokens
+
+
+@pytest.mark.parametrize(
+    ("reply", "signal"), [("[1]", "degenerate"), ("[2] [1] " * 30, "degenerate")]
+)
+def test_marker_only_answers_escalate(demo: Settings, reply: str, signal: str) -> None:
+    with TestClient(make_app(demo, rag_catalog(demo.home, slm_reply=reply))) as client:
+        body = chat(client, "rag:demo", QUESTION).json()
+        assert body["choices"][0]["message"]["content"] == LLM_SAYS
+        assert body["edgelm"]["checks"][0]["policy"] == signal
+
+
+def test_an_invented_figure_escalates(demo: Settings) -> None:
+    catalog = rag_catalog(demo.home, slm_reply="It lasts 2000 days [1].")
+    with TestClient(make_app(demo, catalog)) as client:
+        body = chat(client, "rag:demo", QUESTION).json()
+        assert body["choices"][0]["message"]["content"] == LLM_SAYS
+        ext = body["edgelm"]
+        assert ext["escalated"] and ext["escalation_reason"].startswith("unsupported: '2000'")
+        assert ext["checks"][0]["policy"] == "unsupported" and ext["checks"][0]["value"] == 1
+
+
+def test_an_invented_figure_is_refused_when_there_is_no_fallback(demo: Settings) -> None:
+    demo.rag.fallback_model = None
+    catalog = rag_catalog(demo.home, slm_reply="It lasts 2000 days [1].")
+    with TestClient(make_app(demo, catalog)) as client:
+        body = chat(client, "rag:demo", QUESTION).json()
+        assert body["choices"][0]["message"]["content"] == REFUSAL
+        ext = body["edgelm"]
+        assert ext["refused"] is True and ext["escalated"] is False
+        assert ext["citations"] == [] and ext["checks"][0]["policy"] == "unsupported"
+    # the same with a grounded answer gives it as it is
+    good = rag_catalog(demo.home)
+    with TestClient(make_app(demo, good)) as client:
+        assert chat(client, "rag:demo", QUESTION).json()["choices"][0]["message"]["content"] == GOOD
+
+
+def test_the_fallbacks_own_invention_is_refused(demo: Settings) -> None:
+    catalog = rag_catalog(
+        demo.home, slm_reply="It lasts 2000 days [1].", llm_reply="About 3000 days [1]."
+    )
+    with TestClient(make_app(demo, catalog)) as client:
+        body = chat(client, "rag:demo", QUESTION).json()
+        assert body["choices"][0]["message"]["content"] == REFUSAL
+        ext = body["edgelm"]
+        assert ext["escalated"] and ext["refused"]
+        assert [(c["model"], c["policy"]) for c in ext["checks"]] == [
+            ("fake-slm", "unsupported"),
+            ("fake-llm", "unsupported"),
+        ]
+
+
+def test_without_checks_in_the_policy_answers_stream_as_before(demo: Settings) -> None:
+    demo.rag.fallback_policy = "insufficient"
+    catalog = rag_catalog(demo.home, slm_reply="It lasts 2000 days [1].")
+    with TestClient(make_app(demo, catalog)) as client:
+        body = chat(client, "rag:demo", QUESTION).json()
+        assert body["choices"][0]["message"]["content"] == "It lasts 2000 days [1]."
+        assert body["edgelm"]["checks"] == []

@@ -172,3 +172,56 @@ def test_bad_specs_are_400(spec: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_policy(spec)
     assert info.value.param == "policy"
+
+
+def test_degenerate_and_unsupported_terms() -> None:
+    from edgelm.router.policies import (
+        Degenerate,
+        Unsupported,
+        answer_checks,
+        watches_loops,
+    )
+
+    policy = parse_policy("degenerate,unsupported=2,insufficient")
+    assert policy.spec() == "degenerate,unsupported=2,insufficient=3"
+    assert [type(p) for p in answer_checks(policy)] == [Degenerate, Unsupported]
+    assert watches_loops(policy) and not watches_loops(parse_policy("insufficient,never"))
+    assert watches_loops(parse_policy("degenerate>refine"))
+
+    loop = Draft("Paris is nice. " * 20)
+    verdict = Degenerate().check("q", loop)
+    assert verdict is not None and verdict.fired and verdict.action == "direct"
+    assert verdict.value == "loop" and "repeated" in verdict.detail
+    fine = Degenerate().check("q", Draft("Paris is the capital [1]."))
+    assert fine is not None and not fine.fired
+    assert Degenerate().check("q", None) is None
+    tail = "It is a data structure for keys and values. " * 2 + "It is a data structure"
+    capped = Degenerate().check("q", Draft("Hashing. " + tail, finish_reason="length"))
+    ended = Degenerate().check("q", Draft("Hashing. " + tail, finish_reason="stop"))
+    assert capped is not None and capped.fired and ended is not None and not ended.fired
+
+    context = ("The WS-3 measures every 16 seconds.",)
+    grounded = Unsupported().check("How often?", Draft("Every 16 seconds [1].", sources=context))
+    invented = Unsupported().check("How often?", Draft("[1] 2000", sources=context))
+    assert grounded is not None and not grounded.fired
+    assert invented is not None and invented.fired and invented.value == 1
+    assert "'2000'" in invented.detail
+    # an ungrounded draft (the hybrid router's) is never judged on grounding
+    ungrounded = Unsupported().check("q", Draft("[1] 2000"))
+    assert ungrounded is not None and not ungrounded.fired
+    one_is_not_two = Unsupported(2).check("q", Draft("[1] 2000", sources=context))
+    assert one_is_not_two is not None and not one_is_not_two.fired
+
+
+def test_unsupported_needs_a_positive_count() -> None:
+    with pytest.raises(InvalidRequest):
+        parse_policy("unsupported=0")
+
+
+def test_default_router_policy_cuts_loops() -> None:
+    from edgelm.router.policies import watches_loops
+    from edgelm.settings import Settings
+
+    policy = parse_policy(Settings().router.policy)
+    assert watches_loops(policy)
+    assert route_for(policy, "q", Draft("[2] [1] " * 30)).route == "direct"

@@ -18,6 +18,7 @@ from edgelm.settings import Settings
 
 SURE = "Paris is the capital of France."
 BIG = "The capital of France is Paris, on the Seine."
+LOOP = "The capital of France is a city in France. "
 
 
 @pytest.fixture
@@ -30,6 +31,8 @@ def hybrid_catalog(isolated_home: Path) -> Catalog:
         fake("small-unsure", "custom", reply="Lyon, probably.", logprobs=[-2.5, -3.0]),
         fake("small-idk", "custom", reply="I don't know."),
         fake("small-slow", "custom", reply=SURE, logprobs=[-0.1], token_delay_s=0.02),
+        fake("small-loop", "custom", reply=LOOP * 50, logprobs=[-0.05]),
+        fake("small-markers", "custom", reply="[1]", logprobs=[-0.05]),
         fake("big", "llm", reply=BIG),
         fake(
             "big-slow",
@@ -227,3 +230,57 @@ def test_client_cancel_stops_the_llm(app, base: str) -> None:  # type: ignore[no
     assert loaded.cancelled == 1 and loaded.active == 0
     assert time.monotonic() - started < 3.0
     assert pool.models["small"].active == 0
+
+
+def test_a_looping_draft_is_cut_early_and_goes_to_the_llm(app, base: str) -> None:  # type: ignore[no-untyped-def]
+    """The SLM would repeat one sentence 50 times (450 tokens); the default policy stops it
+    once the loop is certain and the LLM answers the question afresh."""
+    raw = oai(base).chat.completions.with_raw_response.create(
+        model="hybrid:small-loop+big", messages=MSG, max_tokens=600
+    )
+    assert raw.headers["x-edgelm-route"] == "direct"
+    assert raw.headers["x-edgelm-reason"].startswith("degenerate: loop")
+    body = raw.parse()
+    assert body.choices[0].message.content == BIG
+    ext = body.model_extra["edgelm"]
+    assert ext["fired"] == "degenerate" and ext["draft_cut"].startswith("loop")
+    assert ext["draft"]["finish_reason"] == "cancelled"
+    per_copy = len(LOOP.split())
+    assert ext["tokens"]["slm"]["completion"] <= 3 * per_copy + 2  # not 450 tokens
+    degenerate = next(s for s in ext["signals"] if s["policy"] == "degenerate")
+    assert degenerate["fired"] and degenerate["value"] == "loop"
+    assert app.state.edgelm.pool.models["small-loop"].cancelled == 1
+
+
+def test_never_keeps_a_looping_draft_uncut(base: str) -> None:
+    """``never`` is the SLM-only baseline: no check, no cut."""
+    body = oai(base).chat.completions.create(
+        model="hybrid:small-loop+big@never", messages=MSG, max_tokens=600
+    )
+    ext = body.model_extra["edgelm"]
+    assert ext["route"] == "draft" and ext["draft_cut"] is None
+    assert ext["tokens"]["slm"]["completion"] == 50 * len(LOOP.split())
+
+
+def test_a_marker_only_draft_escalates(base: str) -> None:
+    raw = oai(base).chat.completions.with_raw_response.create(
+        model="hybrid:small-markers+big@degenerate", messages=MSG
+    )
+    assert raw.headers["x-edgelm-route"] == "direct"
+    assert "marker-only" in raw.headers["x-edgelm-reason"]
+    assert raw.parse().choices[0].message.content == BIG
+
+
+def test_a_cut_draft_that_is_kept_still_ends_with_a_finish_reason(base: str) -> None:
+    """``degenerate&length=100000`` watches loops but keeps the draft: the cut stream must
+    still close properly for the client."""
+    stream = oai(base).chat.completions.create(
+        model="hybrid:small-loop+big@degenerate&length=100000",
+        messages=MSG,
+        stream=True,
+        max_tokens=600,
+    )
+    chunks = list(stream)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop"
+    assert chunks[-1].model_extra["edgelm"]["draft_cut"].startswith("loop")

@@ -324,9 +324,20 @@ def compare_command(
     rounds: int = typer.Option(3, "--rounds", "-n", min=1, help="Warm requests per model."),
     max_tokens: int = typer.Option(256, envvar="BENCH_MAX_TOKENS", min=1),
     requests_per_day: float = typer.Option(1000.0, help="For the monthly cost comparison."),
+    quality_set: str = typer.Option(
+        "general",
+        "--quality",
+        help="Quick eval for the quality column: a shipped set (general, rag) or a .jsonl "
+        "file; 'none' to skip.",
+    ),
+    quality_n: int = typer.Option(12, "--quality-n", min=1, help="Items of the quick eval."),
+    quality_run: str | None = typer.Option(
+        None, "--quality-run", help="Take quality from a stored eval run instead (id or latest)."
+    ),
 ) -> None:
-    """Same prompts to an SLM and an LLM: latency, memory, cost, answers, and a decision."""
-    from edgelm.compare import compare, comparison_json
+    """Same prompts to an SLM and an LLM: latency, quality, memory, cost, answers, and a
+    decision that weighs them together."""
+    from edgelm.compare import compare, comparison_json, quality_from_run, quality_from_set
 
     settings = _bench_settings(ctx)
     catalog = Catalog.load(settings.home)
@@ -340,12 +351,32 @@ def compare_command(
     config = BenchConfig(requests=rounds, warmup=0, max_tokens=max_tokens)
     workload = load_prompts(prompts, prompt)
     prices = Prices.load(settings.home)
+    if quality_run:
+        quality = quality_from_run(settings.home / "evals.db", quality_run)
+    elif quality_set.lower() != "none":
+        quality = quality_from_set(quality_set, quality_n)
+    else:
+        quality = None
     progress, update = progress_bars()
     with progress:
-        result = compare(pairs, workload, config, prices, update)
+        result = compare(pairs, workload, config, prices, update, quality=quality)
     _print_comparison(result, prices, requests_per_day)
+    if result.decision:
+        console().print(f"[bold]decision:[/] {result.decision}")
     block = json.dumps(comparison_json(result), indent=2, default=str)
     console().print("[COMPARISON RESULTS]\n" + block, markup=False, highlight=False)
+
+
+def _quality_cell(quality: dict[str, float] | None) -> str:
+    if not quality or quality.get("overall") is None:
+        return "-"
+    cell_text = f"{quality['overall']:.2f}"
+    if quality.get("items"):
+        cell_text += f" (n={quality['items']:.0f}"
+        if quality.get("degenerate"):
+            cell_text += f", {quality['degenerate']:.0%} degenerate"
+        cell_text += ")"
+    return cell_text
 
 
 def _print_comparison(result, prices: Prices, requests_per_day: float) -> None:  # type: ignore[no-untyped-def]
@@ -363,7 +394,8 @@ def _print_comparison(result, prices: Prices, requests_per_day: float) -> None: 
         "TTFT",
         "tok/s",
         "tokens out",
-        "memory",
+        "quality",
+        "model memory",
         "local cost",
         "cloud-equivalent cost",
         "best use",
@@ -378,7 +410,8 @@ def _print_comparison(result, prices: Prices, requests_per_day: float) -> None: 
             f"{m.warm_ttft_s * 1000:.0f} ms" if m.warm_ttft_s is not None else "-",
             f"{m.decode_tokens_per_s:.1f}" if m.decode_tokens_per_s else "-",
             f"{m.completion_tokens:.0f}",
-            human_bytes(m.peak_rss_bytes),
+            _quality_cell(m.quality),
+            human_bytes(m.model_memory_bytes),
             f"{m.cost['local_per_1k']:.4f}",
             cloud,
             m.best_use,

@@ -158,6 +158,7 @@ class LlamaCppEngine(Engine):
         parallel: int = 1,
         flash_attn: bool = FLASH_ATTN,
         batch_invariant: bool = False,
+        repeat_penalty: float = 1.0,
     ):
         self._lib = _import_llama_cpp()
         self.model_id = model_id
@@ -165,6 +166,8 @@ class LlamaCppEngine(Engine):
         self.threads = threads or default_threads()
         self.concurrent_streams = max(1, parallel)
         self.batch_invariant = batch_invariant
+        self.repeat_penalty = repeat_penalty
+        """Used when a request does not set its own (``compute.repeat_penalty``)."""
         _check_gguf(self.model_path)
         rss_before = process_rss()
         self._model = self._load_model()
@@ -217,6 +220,7 @@ class LlamaCppEngine(Engine):
             n_batch=settings.compute.n_batch,
             parallel=settings.compute.parallel,
             batch_invariant=settings.compute.batch_invariant,
+            repeat_penalty=settings.compute.repeat_penalty,
         )
 
     def _memory_estimate(self, loaded: int) -> int:
@@ -468,7 +472,9 @@ class LlamaCppEngine(Engine):
                 top_p=request.top_p,
                 min_p=self.min_p,
                 seed=seed,
-                repeat_penalty=request.repeat_penalty,
+                repeat_penalty=request.repeat_penalty
+                if "repeat_penalty" in request.model_fields_set
+                else self.repeat_penalty,
                 frequency_penalty=request.frequency_penalty,
                 presence_penalty=request.presence_penalty,
                 grammar=grammar,

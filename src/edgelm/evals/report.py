@@ -60,6 +60,17 @@ def _quality(row: ResultRow) -> float:
     return float(row.metrics.get("quality") or 0.0) if row.ok else 0.0
 
 
+def _fired_checks(extension: dict[str, Any] | None) -> set[str]:
+    """The answer checks that fired for one answer: the hybrid route's firing policy, or the
+    RAG answer's ``checks``."""
+    if not extension:
+        return set()
+    found = {str(c.get("policy")) for c in extension.get("checks") or [] if isinstance(c, dict)}
+    if extension.get("fired"):
+        found.add(str(extension["fired"]))
+    return found
+
+
 def summarize(loaded: LoadedRun, prices: Prices | None = None) -> list[dict[str, Any]]:
     """One dict per model of the run: quality, every metric's mean, judge, latency, cost."""
     prices = prices or Prices()
@@ -76,6 +87,10 @@ def summarize(loaded: LoadedRun, prices: Prices | None = None) -> list[dict[str,
         routes = [str(r.extension["route"]) for r in ok if r.extension and r.extension.get("route")]
         if routes:  # a hybrid model: how often the LLM answered (refine or direct)
             metrics["escalated"] = sum(route != "draft" for route in routes) / len(routes)
+        fired = [_fired_checks(r.extension) for r in ok]
+        for check in ("degenerate", "unsupported"):  # answers the checks kept from the user
+            if any(check in f for f in fired):
+                metrics[f"{check}_caught"] = sum(check in f for f in fired) / len(ok)
         judged = [r for r in ok if r.judge_scores or r.judge_error]
         local = [local_cost_per_request(prices, r.e2e_s or 0.0)["total"] for r in ok]
         summary: dict[str, Any] = {

@@ -15,7 +15,13 @@ CLI and Chainlit app through the HTTP service), so it is written once against a 
    streams through untouched, so a good SLM answer costs one short delay. A policy that needs
    the whole draft (``length``, ``confidence``) holds all of it, as the hybrid router does.
    When the policy fires, the draft is dropped and the fallback (LLM) answers from the same
-   context, streamed as if it had been the only answer.
+   context, streamed as if it had been the only answer;
+4. the policy's answer checks (``degenerate``, ``unsupported``; see
+   :mod:`edgelm.answer_checks`) guard every answer, not only the first: each stream is read by
+   a loop monitor and stopped as soon as a loop is certain, and an answer that still fails a
+   check when there is nowhere left to escalate (no fallback, or the fallback's own answer) is
+   replaced by the refusal. Those checks need the whole answer, so with them in the policy
+   an answer is held until it ends: an invented figure must not reach the user first.
 
 The ``edgelm`` extension (citations, contexts, refused, escalated, model) is filled into a
 dict the caller passed in, so a service can hand the very same dict to its response.
@@ -25,10 +31,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from edgelm.answer_checks import LoopMonitor
 from edgelm.router.policies import (
     INSUFFICIENT_PATTERNS,
     AllOf,
@@ -38,9 +46,12 @@ from edgelm.router.policies import (
     Keywords,
     Never,
     Policy,
+    Verdict,
+    answer_checks,
     decide,
     decide_before_draft,
     parse_policy,
+    watches_loops,
 )
 from edgelm.types import Chunk
 
@@ -161,6 +172,7 @@ def empty_extension() -> dict[str, Any]:
         "escalated": False,
         "escalation_reason": None,
         "model": None,
+        "checks": [],
     }
 
 
@@ -244,65 +256,142 @@ async def answer_stream(
     def retime(chunk: Chunk) -> Chunk:
         return replace(chunk, t=time.perf_counter() - start)
 
+    sources = tuple(hit.chunk.text for hit in hits)
+    policy = fallback_policy(options.fallback_policy)
+    checks = answer_checks(policy)
+    cut_loops = watches_loops(policy)
+    model = options.model
+    can_escalate = _escalates(model, options.fallback_model, generator)
+
+    async def read(name: str, logprobs: bool) -> AsyncIterator[Answer]:
+        """Stream ``name``'s answer, stopping it once it loops: yields the answer after each
+        chunk, and once more at the end (the caller releases what it wants to)."""
+        answer = Answer(name)
+        monitor = LoopMonitor() if cut_loops else None
+        stream = generator.stream(
+            name, messages, options.max_tokens, options.temperature, logprobs=logprobs
+        )
+        async with aclosing(stream) as chunks:  # closing it stops the model
+            async for chunk in chunks:
+                answer.add(chunk)
+                yield answer
+                found = monitor.push(chunk.text) if monitor is not None else None
+                if found is not None:
+                    if not chunk.finish_reason:
+                        answer.cut = found.describe()
+                    break
+        yield answer
+
+    def failed(answer: Answer, terms: list[Policy]) -> Verdict | None:
+        """The first answer check that ``answer`` fails, if any."""
+        draft = answer.draft(sources)
+        for term in terms:
+            verdict = term.check(question, draft)
+            if verdict is not None and verdict.fired:
+                return verdict
+        return None
+
+    def note(answer: Answer, verdict: Verdict) -> None:
+        extension["checks"].append(
+            {"model": generator.canonical(answer.model), **verdict.to_dict(), "cut": answer.cut}
+        )
+
+    async def last_resort(name: str) -> AsyncIterator[Chunk]:
+        """An answer nothing comes after: held and checked when the policy has checks, and
+        replaced by the refusal when it fails one."""
+        answer = Answer(name)
+        async for answer in read(name, False):
+            if not checks:
+                for chunk in answer.held(retime):
+                    yield chunk
+        extension["model"] = generator.canonical(name)
+        verdict = failed(answer, checks) if checks else None
+        if verdict is None:
+            for chunk in answer.held(retime):
+                yield chunk
+            _finish_citations(extension, hits, answer.text)
+            return
+        note(answer, verdict)
+        extension["refused"] = True
+        yield Chunk(text=REFUSAL, t=time.perf_counter() - start, finish_reason="stop")
+        extension["citations"] = []
+
     async def second(reason: str) -> AsyncIterator[Chunk]:
         assert options.fallback_model is not None
         extension["escalated"] = True
         extension["escalation_reason"] = reason
-        async for chunk in generator.stream(
-            options.fallback_model, messages, options.max_tokens, options.temperature
-        ):
-            yield retime(chunk)
-        extension["model"] = generator.canonical(options.fallback_model)
+        async for chunk in last_resort(options.fallback_model):
+            yield chunk
 
-    model = options.model
-    policy = fallback_policy(options.fallback_policy)
-    can_escalate = _escalates(model, options.fallback_model, generator)
-    if can_escalate:
-        early = decide_before_draft(policy, question)
-        if early is not None and early.route == "direct":
-            text = ""
-            async for chunk in second(early.reason):
-                text += chunk.text
-                yield chunk
-            _finish_citations(extension, hits, text)
-            return
+    if not can_escalate:
+        async for chunk in last_resort(model):
+            yield chunk
+        return
+    early = decide_before_draft(policy, question)
+    if early is not None and early.route == "direct":
+        async for chunk in second(early.reason):
+            yield chunk
+        return
     opening_only = judges_opening(policy)
-    held: list[Chunk] = []
-    text = ""
-    logprobs: list[float] = []
-    releasing = not can_escalate
-    async for chunk in generator.stream(
-        model,
-        messages,
-        options.max_tokens,
-        options.temperature,
-        logprobs=can_escalate and policy.needs_logprobs,
-    ):
-        text += chunk.text
-        logprobs.extend(lp.logprob for lp in chunk.logprobs)
+    answer = Answer(model)
+    releasing = False
+    async for answer in read(model, policy.needs_logprobs):
+        if not releasing and opening_only and len(answer.text) >= HOLD_CHARS:
+            # the opening passed: let the rest stream
+            releasing = not decide(policy, question, answer.draft(sources)).verdict.fired
         if releasing:
-            yield retime(chunk)
-            continue
-        held.append(chunk)
-        opening_judged = opening_only and len(text) >= HOLD_CHARS
-        if opening_judged and not decide(policy, question, Draft(text)).verdict.fired:
-            releasing = True
-            for waiting in held:
-                yield retime(waiting)
-            held = []
-    extension["model"] = generator.canonical(model)  # after the stream: HTTP reports it there
-    if held and can_escalate:
-        decision = decide(policy, question, Draft(text, tuple(logprobs), held[-1].finish_reason))
-        if decision.route != "draft":
-            text = ""
-            async for chunk in second(decision.reason):
-                text += chunk.text
+            for chunk in answer.held(retime):
                 yield chunk
-            _finish_citations(extension, hits, text)
+    extension["model"] = generator.canonical(model)  # after the stream: HTTP reports it there
+    if not releasing:
+        decision = decide(policy, question, answer.draft(sources))
+        if decision.route != "draft":
+            if decision.verdict.policy in ("degenerate", "unsupported"):
+                note(answer, decision.verdict)
+            async for chunk in second(decision.reason):
+                yield chunk
             return
-    for waiting in held:
-        yield retime(waiting)
-    _finish_citations(extension, hits, text)
+        for waiting in answer.held(retime):
+            yield waiting
+    _finish_citations(extension, hits, answer.text)
+
+
+@dataclass
+class Answer:
+    """One model's answer as it streams: its chunks, text, logprobs, and why it was cut."""
+
+    model: str
+    chunks: list[Chunk] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    cut: str | None = None
+    _released: int = 0
+    _closed: bool = False
+
+    def add(self, chunk: Chunk) -> None:
+        self.chunks.append(chunk)
+        self.text += chunk.text
+        self.logprobs.extend(lp.logprob for lp in chunk.logprobs)
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self.cut:
+            return "cancelled"
+        return self.chunks[-1].finish_reason if self.chunks else None
+
+    def draft(self, sources: tuple[str, ...]) -> Draft:
+        return Draft(self.text, tuple(self.logprobs), self.finish_reason, sources=sources)
+
+    def held(self, retime: Callable[[Chunk], Chunk]) -> list[Chunk]:
+        """The chunks not yet released (retimed), marked as released; a cut answer ends with
+        a closing chunk so clients still see a finish reason."""
+        out = [retime(c) for c in self.chunks[self._released :]]
+        self._released = len(self.chunks)
+        if self.cut and self.chunks and not self._closed:
+            self._closed = True
+            last = retime(self.chunks[-1])
+            out.append(replace(last, text="", token_ids=[], logprobs=[], finish_reason="stop"))
+        return out
 
 
 def _finish_citations(extension: dict[str, Any], hits: Sequence[Hit], text: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +53,17 @@ class PoolGenerator:
             if isinstance(family, RagModels):
                 raise InvalidRequest(f"'{model}' cannot write RAG answers itself", param="model")
             answer = await family.answer(self.state, model, request)
-            async for chunk in answer.chunks:
-                yield chunk
+            async with aclosing(answer.chunks) as chunks:  # a caller that stops, stops it
+                async for chunk in chunks:
+                    yield chunk
             return
         if logprobs:  # as the hybrid router does: only when the engine can give them
             loaded = await self.state.pool.get(model)
             if loaded.engine.supports_logprobs:
                 request = request.model_copy(update={"logprobs": True, "top_logprobs": 0})
-        async for chunk in self.state.pool.stream(model, request):
-            yield chunk
+        async with aclosing(self.state.pool.stream(model, request)) as chunks:
+            async for chunk in chunks:  # closed at once when the answer is cut (a loop)
+                yield chunk
 
     def canonical(self, model: str) -> str:
         if self.state.find_virtual(model):

@@ -10,7 +10,10 @@ Routes:
 Both models are called through :meth:`edgelm.pool.ModelPool.stream`, so loading, queueing and
 cancellation behave exactly as for a direct request. The draft is buffered while the policy
 decides (a client must never see an answer that is then replaced); the LLM's output streams
-live. Every answer carries a :class:`RouteRecord`: route, the policy's measured value against
+live. When the policy has a ``degenerate`` term, the draft is read by a
+:class:`~edgelm.answer_checks.LoopMonitor` as it streams and stopped (the SLM's generation is
+cancelled) as soon as a loop is certain, so a looping draft costs a few repeats rather than
+``max_tokens``, and the policy then sends the question to the LLM. Every answer carries a :class:`RouteRecord`: route, the policy's measured value against
 its threshold, TTFT and total time of each model, tokens of each, and the blended cost.
 """
 
@@ -22,6 +25,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from edgelm.answer_checks import LoopMonitor
 from edgelm.cost import Prices, local_cost_per_request
 from edgelm.engines.base import Fold
 from edgelm.errors import EdgelmError, InvalidRequest
@@ -36,6 +40,7 @@ from edgelm.router.policies import (
     decide,
     decide_before_draft,
     uses_learned,
+    watches_loops,
 )
 from edgelm.types import Chunk, GenerationRequest, Message
 
@@ -137,6 +142,8 @@ class RouteRecord:
     draft_text: str | None = None
     draft_mean_logprob: float | None = None
     draft_min_logprob: float | None = None
+    draft_cut: str | None = None
+    """Why the draft was stopped before its end (a certain loop), if it was."""
     second: Leg | None = None
     ttft_s: float | None = None
     total_s: float | None = None
@@ -165,6 +172,7 @@ class RouteRecord:
             "refine" if self.route == "refine" else "direct": (
                 self.second.to_dict() if self.second else None
             ),
+            "draft_cut": self.draft_cut,
             "decide_ms": round(self.decide_s * 1000, 3),
             "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 2),
             "total_ms": None if self.total_s is None else round(self.total_s * 1000, 2),
@@ -262,11 +270,19 @@ class HybridRouter:
         fold = Fold()
         buffered: list[Chunk] = []
         started = self.clock() - t0
+        monitor = LoopMonitor() if watches_loops(self.policy) else None
         async with aclosing(self.pool.stream(self.slm, draft_request)) as stream:
             async for chunk in stream:
                 fold.add(chunk)
                 buffered.append(chunk)
+                if monitor is not None and monitor.push(chunk.text) is not None:
+                    break  # leaving the block closes the stream: the pool cancels the SLM
         record.draft = Leg.of(self.slm, "draft", fold, started)
+        last = fold.last
+        if monitor is not None and monitor.found and last is not None and not last.finish_reason:
+            record.draft_cut = monitor.found.describe()
+            record.draft.finish_reason = "cancelled"
+            buffered.append(replace(last, text="", token_ids=[], logprobs=[], finish_reason="stop"))
         values = tuple(float(lp["logprob"]) for lp in fold.logprobs)  # type: ignore[arg-type]
         draft = Draft(fold.text, values, fold.finish)
         record.draft_text = draft.text

@@ -17,6 +17,8 @@ string used alike in settings, model names (``hybrid@length=600,confidence=-0.8`
   ``keywords=<word;word;...>``, ``topic`` (the regexes from settings ``router.direct_patterns``),
   ``learned[=<probability>]`` (the learned router, :mod:`edgelm.router.learned`: a question
   it predicts the LLM answers better goes to the LLM before any draft);
+  ``degenerate`` (the draft loops, is only markers or is empty; see :mod:`edgelm.answer_checks`),
+  ``unsupported[=<count>]`` (a grounded draft states figures or names its context lacks);
 * a term may end in ``>direct`` or ``>refine`` to choose how it escalates
   (``confidence=-0.5>direct``: an unsure draft is dropped and the LLM answers the question).
 
@@ -32,6 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from edgelm.answer_checks import degeneration, unsupported_claims
 from edgelm.errors import InvalidRequest
 from edgelm.policy_spec import (
     DEFAULT_CONFIDENCE,
@@ -74,6 +77,9 @@ class Draft:
     finish_reason: str | None = "stop"
     mean_logprob_value: float | None = None
     min_logprob_value: float | None = None
+    sources: tuple[str, ...] = ()
+    """What a grounded draft had to answer from (context blocks and question); empty for an
+    ungrounded one, which the ``unsupported`` policy then leaves alone."""
 
     @property
     def mean_logprob(self) -> float | None:
@@ -269,6 +275,57 @@ class Insufficient(Policy):
 
     def spec(self) -> str:
         return f"insufficient={self.min_chars}"
+
+
+class Degenerate(Policy):
+    """Escalate a draft that loops, is nothing but markers, or is empty (see
+    :func:`edgelm.answer_checks.degeneration`). Such a draft holds nothing worth refining, so
+    the LLM answers afresh (``direct``). The pipelines also read the draft with a
+    :class:`~edgelm.answer_checks.LoopMonitor` while it streams and stop it once the loop is
+    certain, so this verdict is reached without generating up to ``max_tokens``."""
+
+    name = "degenerate"
+
+    def check(self, question: str, draft: Draft | None) -> Verdict | None:
+        if draft is None:
+            return None
+        found = degeneration(draft.text, truncated=draft.finish_reason == "length")
+        if found is None:
+            return Verdict("degenerate", False, "direct", None, None, "degenerate: no")
+        return Verdict(
+            "degenerate",
+            True,
+            "direct",
+            found.kind,
+            "loop|markers|empty",
+            f"degenerate: {found.describe()}",
+        )
+
+
+@dataclass
+class Unsupported(Policy):
+    """Escalate a grounded draft that states ``min_count`` or more figures or names found
+    nowhere in its sources (see :func:`edgelm.answer_checks.unsupported_claims`): an invented
+    number must not reach the user. Ungrounded drafts (no sources) never fire."""
+
+    min_count: int = 1
+    name = "unsupported"
+
+    def check(self, question: str, draft: Draft | None) -> Verdict | None:
+        if draft is None:
+            return None
+        if not draft.sources:
+            return Verdict(
+                "unsupported", False, "direct", None, self.min_count, "unsupported: no context"
+            )
+        missing = unsupported_claims(draft.text, (*draft.sources, question))
+        fired = len(missing) >= self.min_count
+        shown = ", ".join(f"'{m}'" for m in missing[:5])
+        detail = f"unsupported: {shown} not in the context" if missing else "unsupported: none"
+        return Verdict("unsupported", fired, "direct", len(missing), self.min_count, detail)
+
+    def spec(self) -> str:
+        return "unsupported" if self.min_count == 1 else f"unsupported={self.min_count}"
 
 
 @dataclass
@@ -570,9 +627,35 @@ def _leaf(term: Term, topic_patterns: Sequence[str]) -> Policy:
         return Keywords(tuple(patterns), "topic")
     if term.name == "learned":
         return Learned(float(_value(term)))
+    if term.name == "degenerate":
+        return Degenerate()
+    if term.name == "unsupported":
+        return Unsupported(int(_value(term)))
     raise InvalidRequest(f"unknown policy '{term.name}'", param="policy")
 
 
 def _value(term: Term) -> float | int:
     assert term.value is not None, f"the spec parser gives '{term.name}' a value"
     return term.value
+
+
+ANSWER_CHECKS: tuple[type[Policy], ...] = (Degenerate, Unsupported)
+"""Policies that judge whether an answer may reach the user at all, not only whether a
+better model could do better: when there is nowhere to escalate, RAG refuses instead."""
+
+
+def answer_checks(policy: Policy) -> list[Policy]:
+    """The ``degenerate`` and ``unsupported`` terms of ``policy`` (composites searched)."""
+    if isinstance(policy, ANSWER_CHECKS):
+        return [policy]
+    if isinstance(policy, Escalate):
+        return answer_checks(policy.child)
+    if isinstance(policy, _Composite):
+        return [p for child in policy.children for p in answer_checks(child)]
+    return []
+
+
+def watches_loops(policy: Policy) -> bool:
+    """Whether a draft judged by ``policy`` should be cut as soon as it loops: only when the
+    policy has a ``degenerate`` term (``never`` stays the plain SLM-only baseline)."""
+    return any(isinstance(p, Degenerate) for p in answer_checks(policy))
