@@ -9,7 +9,7 @@ recorded answer exactly as it was judged live:
   punctuation) or is empty. :class:`LoopMonitor` reads the answer *while it streams* and says
   as soon as a loop is certain, so the caller can stop generating instead of paying for the
   rest of ``max_tokens``. :func:`degeneration` is the same monitor run over a whole text,
-  which is what the ``degenerate`` policy of :mod:`edgelm.router.policies` evaluates.
+  which is what the ``degenerate`` policy of :mod:`edgelm.hybrid.policies` evaluates.
 * **grounding** — :func:`unsupported_claims` lists the figures (numbers, dates, versions,
   numbers with units) and names (capitalised words and multi-word names, identifiers such as
   ``SM-1`` or ``IP65``) of an answer that occur nowhere in the retrieved context or the

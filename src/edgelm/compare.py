@@ -106,7 +106,7 @@ def quality_from_set(name: str, limit: int, max_tokens: int = 128) -> QualityFn:
 
 def quality_from_run(db_path: Path, run_id: str) -> QualityFn:
     """Each model's mean ``quality`` in a stored eval run (matched by model name)."""
-    from edgelm.evals.store import load_run
+    from edgelm.evals.runs_db import load_run
 
     _, rows = load_run(db_path, run_id)
     by_model: dict[str, list[float]] = {}

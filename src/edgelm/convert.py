@@ -362,7 +362,7 @@ def convert_to_onnx(
     directory beside its final place and renamed into place only when complete and loadable,
     so an interrupted conversion never leaves a half model for the service to load.
     """
-    from edgelm.store import ModelStore
+    from edgelm.model_cache import ModelStore
 
     say = progress or (lambda _line: None)
     catalog = Catalog.load(settings.home)

@@ -2,11 +2,11 @@
 
 A spec such as ``insufficient,confidence=-0.8>direct`` is written in settings
 (``router.policy``, ``rag.fallback_policy``), in model names (``hybrid@length=600``) and on the
-command line; its grammar is described in :mod:`edgelm.router.policies`. This module turns a
+command line; its grammar is described in :mod:`edgelm.hybrid.policies`. This module turns a
 spec into a tree of :class:`Term`, :class:`AnyOfSpec` and :class:`AllOfSpec`, raising every
 syntax and value error as :class:`~edgelm.errors.InvalidRequest`, and does nothing else:
 building policies from the tree is the hybrid router's job
-(:func:`edgelm.router.policies.parse_policy`).
+(:func:`edgelm.hybrid.policies.parse_policy`).
 
 It is a leaf (it imports only :mod:`edgelm.errors`) so that the settings schema can reject a
 bad spec when it is set, without importing the router package, which pulls in the model pool,

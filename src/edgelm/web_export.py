@@ -37,8 +37,8 @@ from typing import Any
 
 from edgelm.catalog import Catalog
 from edgelm.errors import EdgelmError, InvalidRequest, MissingExtra
+from edgelm.model_cache import ModelStore
 from edgelm.settings import Settings, load_settings
-from edgelm.store import ModelStore
 
 log = logging.getLogger("edgelm.web_export")
 

@@ -89,7 +89,7 @@ def page(browser: Any) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgelm.store import ModelStore
+    from edgelm.model_cache import ModelStore
 
     home = tmp_path_factory.mktemp("tiny-home")
     env = {"EDGELM_HOME": str(home), "EDGELM_MODELS__DIR": str(models_dir())}

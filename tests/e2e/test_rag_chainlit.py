@@ -15,9 +15,9 @@ import pytest
 
 from edgelm.catalog import Catalog, CatalogEntry
 from edgelm.rag.chainlit_setup import chainlit_command, chainlit_env
+from edgelm.rag.collection_db import RagStore
 from edgelm.rag.evaluate import corpus_dir
 from edgelm.rag.ingest import ingest_paths
-from edgelm.rag.store import RagStore
 from edgelm.server.app import create_app
 from edgelm.settings import load_settings, set_in_file
 from tests.unit.conftest import free_port, serve_app  # noqa: F401 - fixture

@@ -36,7 +36,7 @@ def settings_for(home: Path, **overrides: object) -> Settings:
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgelm.store import ModelStore
+    from edgelm.model_cache import ModelStore
 
     home = tmp_path_factory.mktemp("tiny-home")
     settings = settings_for(home)

@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from openai import OpenAI
 
 from edgelm.catalog import Catalog, CatalogEntry
-from edgelm.rag.service import RagModels
-from edgelm.router_service import HybridModels
 from edgelm.server.app import create_app
+from edgelm.server.hybrid_model import HybridModels
+from edgelm.server.rag_model import RagModels
 from tests.integration.conftest import TINY, settings_for
 
 PATTERN = "Continue this pattern: A B A B A B A B A B A B"

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from edgelm.client import EdgelmClient
-from edgelm.evals import harness, store
+from edgelm.evals import harness, runs_db
 from edgelm.evals.datasets import load_dataset
 from edgelm.evals.report import LoadedRun, render_html, summarize
 from tests.integration.conftest import TINY
@@ -36,8 +36,8 @@ def test_tiny_model_eval_is_stored_and_deterministic(live_service: str, tmp_path
     with EdgelmClient(live_service) as client:
         first = harness.run_eval(client, db, config)
         second = harness.run_eval(client, db, config)
-    run, rows = store.load_run(db, first)
-    _, rows_again = store.load_run(db, second)
+    run, rows = runs_db.load_run(db, first)
+    _, rows_again = runs_db.load_run(db, second)
     assert run.status == "done" and len(rows) == 4
     assert all(r.ok and r.answer and r.e2e_s and r.ttft_s for r in rows), rows
     assert all(r.completion_tokens > 0 and r.prompt_tokens > 0 for r in rows)

@@ -14,8 +14,8 @@ import pytest
 import uvicorn
 from openai import OpenAI
 
-from edgelm.router_service import HybridModels
 from edgelm.server.app import create_app
+from edgelm.server.hybrid_model import HybridModels
 from tests.integration.conftest import TINY, settings_for
 from tests.service_process import free_port
 

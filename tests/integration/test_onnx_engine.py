@@ -227,8 +227,8 @@ def test_gpu_setting_falls_back_to_the_cpu(model_dir: Path) -> None:
 def test_created_from_the_catalog_variant_and_settings(onnx_tiny: tuple[Path, str]) -> None:
     from edgelm.engines import create_engine
     from edgelm.engines.onnx import OnnxEngine
+    from edgelm.model_cache import ModelStore
     from edgelm.settings import ComputeSettings, Settings
-    from edgelm.store import ModelStore
 
     home, alias = onnx_tiny
     entry = Catalog.load(home).resolve(alias)

@@ -17,10 +17,10 @@ from openai import BadRequestError, OpenAI
 
 from edgelm.catalog import Catalog
 from edgelm.engines.sentence import SentenceEngine
+from edgelm.rag.collection_db import RagStore
 from edgelm.rag.embed import EngineEmbedder
 from edgelm.rag.evaluate import corpus_dir, evaluate_retrieval, load_questions
 from edgelm.rag.ingest import ingest_paths
-from edgelm.rag.store import RagStore
 from edgelm.settings import RagSettings
 from tests.integration.conftest import models_dir, settings_for
 from tests.service_process import spawn_service, stop_service
@@ -36,7 +36,7 @@ REFERENCE = {
 
 @pytest.fixture(scope="session")
 def minilm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgelm.store import ModelStore
+    from edgelm.model_cache import ModelStore
 
     home = tmp_path_factory.mktemp("minilm-home")
     entry = Catalog.load(home).resolve(ALIAS)

@@ -9,7 +9,7 @@ from pathlib import Path
 from edgelm.bench.targets import HttpTarget
 from edgelm.catalog import Catalog, CatalogEntry
 from edgelm.compare import ModelReport, decision_line, good_enough, model_memory
-from edgelm.evals import store
+from edgelm.evals import runs_db
 from edgelm.evals.datasets import QAItem
 from tests.unit.test_cli import run
 
@@ -77,12 +77,12 @@ def test_compare_takes_quality_from_a_stored_eval_run(isolated_home: Path) -> No
     register(isolated_home)
     db = isolated_home / "evals.db"
     items = [QAItem(id=f"q{i}", question=f"Q{i}?", answers=["x"]) for i in range(4)]
-    run_id = store.create_run(db, "general", ["small", "large"], {}, items, None).id
+    run_id = runs_db.create_run(db, "general", ["small", "large"], {}, items, None).id
     for i in range(4):
         metrics = {"quality": 1.0 if i < 3 else 0.0}
-        store.save_result(db, run_id, store.ResultRow(f"q{i}", "small", True, "x", metrics=metrics))
-        store.save_result(
-            db, run_id, store.ResultRow(f"q{i}", "large", True, "x", metrics={"quality": 1.0})
+        runs_db.save_result(db, run_id, runs_db.ResultRow(f"q{i}", "small", True, "x", metrics=metrics))
+        runs_db.save_result(
+            db, run_id, runs_db.ResultRow(f"q{i}", "large", True, "x", metrics={"quality": 1.0})
         )
     result = run(
         "compare", "--slm", "local:small", "--llm", "local:large", "-n", "1",

@@ -27,8 +27,8 @@ from edgelm.convert import (
     tool_requirements,
 )
 from edgelm.errors import InvalidRequest, ModelNotFound
+from edgelm.model_cache import ModelStore
 from edgelm.settings import Settings, load_settings
-from edgelm.store import ModelStore
 
 TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -76,7 +76,7 @@ def test_run_report_list_diff(endpoint, dataset, isolated_home) -> None:
 
 
 def _ids(home: Path) -> list[str]:
-    from edgelm.evals.store import list_runs
+    from edgelm.evals.runs_db import list_runs
 
     return [r["id"] for r in reversed(list_runs(home / "evals.db"))]
 

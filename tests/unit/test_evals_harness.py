@@ -14,7 +14,7 @@ from edgelm import rundb
 from edgelm.catalog import Catalog
 from edgelm.client import EdgelmClient
 from edgelm.cost import Prices
-from edgelm.evals import harness, store
+from edgelm.evals import harness, runs_db
 from edgelm.evals.report import (
     LoadedRun,
     by_category,
@@ -93,7 +93,7 @@ def test_whole_run_is_stored_and_summarised(service, dataset, settings) -> None:
     with EdgelmClient(service) as client:
         run_id = harness.run_eval(client, db, config, progress=lambda d, t, r: seen.append((d, t)))
     assert seen[-1] == (8, 8)
-    run, rows = store.load_run(db, run_id)
+    run, rows = runs_db.load_run(db, run_id)
     assert run.status == "done" and run.params["temperature"] == 0.0
     assert run.params["judge_prompt_version"] == "v1" and run.judge_model == "judge"
     assert [it.id for it in run.items] == ["q1", "q2", "q3", "q4"]
@@ -129,7 +129,7 @@ def test_interrupted_run_resumes_without_redoing(service, dataset, settings) -> 
     db = settings.home / "evals.db"
     config = harness.EvalConfig(dataset=dataset, models=["good"])
 
-    def stop_after_two(done: int, total: int, row: store.ResultRow) -> None:
+    def stop_after_two(done: int, total: int, row: runs_db.ResultRow) -> None:
         if done == 2:
             raise KeyboardInterrupt
 
@@ -137,7 +137,7 @@ def test_interrupted_run_resumes_without_redoing(service, dataset, settings) -> 
         run_id = harness.start_run(db, config).id
         with pytest.raises(KeyboardInterrupt):
             harness.run_eval(client, db, resume=run_id, progress=stop_after_two)
-        run, rows = store.load_run(db, run_id)
+        run, rows = runs_db.load_run(db, run_id)
         assert run.status == "interrupted"
         assert [(r.item_id, r.answer) for r in rows] == [("q1", "Paris"), ("q2", "It is 4.")]
         first_written = {r.item_id: r.created_at for r in rows}
@@ -146,7 +146,7 @@ def test_interrupted_run_resumes_without_redoing(service, dataset, settings) -> 
             client, db, resume=run_id, progress=lambda d, t, r: asked.append(r.item_id)
         )
     assert asked == ["q3", "q4"]
-    run, rows = store.load_run(db, run_id)
+    run, rows = runs_db.load_run(db, run_id)
     assert run.status == "done"
     # the scripted replies continue in order: nothing was asked twice
     assert {r.item_id: r.answer for r in rows} == dict(
@@ -158,13 +158,13 @@ def test_interrupted_run_resumes_without_redoing(service, dataset, settings) -> 
 def test_a_crash_mid_write_leaves_no_half_row(service, dataset, settings, monkeypatch) -> None:
     db = settings.home / "evals.db"
     config = harness.EvalConfig(dataset=dataset, models=["good"])
-    real = store.save_result
+    real = runs_db.save_result
     calls = []
 
     def flaky(db_path, run_id, row):
         calls.append(row.item_id)
         if len(calls) == 2:
-            with store.connect(db_path) as conn, rundb.transaction(conn):
+            with runs_db.connect(db_path) as conn, rundb.transaction(conn):
                 conn.execute(
                     "INSERT INTO results (run_id, item_id, model, created_at, ok, answer, metrics,"
                     " prompt_tokens, completion_tokens) VALUES (?, 'q2', 'good', 0, 1, '', '{}', 0, 0)",
@@ -173,7 +173,7 @@ def test_a_crash_mid_write_leaves_no_half_row(service, dataset, settings, monkey
                 raise RuntimeError("disk on fire")
         real(db_path, run_id, row)
 
-    monkeypatch.setattr(store, "save_result", flaky)
+    monkeypatch.setattr(runs_db, "save_result", flaky)
     with EdgelmClient(service) as client, pytest.raises(RuntimeError):
         harness.run_eval(client, db, config)
     with sqlite3.connect(db) as conn:
@@ -185,7 +185,7 @@ def test_errors_are_rows_and_are_retried_on_resume(service, dataset, settings) -
     config = harness.EvalConfig(dataset=dataset, models=["broken"], limit=2)
     with EdgelmClient(service) as client:
         run_id = harness.run_eval(client, db, config)
-        run, rows = store.load_run(db, run_id)
+        run, rows = runs_db.load_run(db, run_id)
         assert len(run.items) == 2
         assert [r.ok for r in rows] == [False, False] and "corrupt" in rows[0].error
         summary = summarize(LoadedRun(run, rows))[0]
@@ -206,7 +206,7 @@ def test_service_down_stops_the_run(dataset, settings) -> None:
         pytest.raises(ServiceUnavailable),
     ):
         harness.run_eval(client, db, config)
-    assert store.list_runs(db)[0]["status"] == "interrupted"
+    assert runs_db.list_runs(db)[0]["status"] == "interrupted"
 
 
 def test_rag_model_scored_from_the_extension(service, settings, tmp_path) -> None:
@@ -222,7 +222,7 @@ def test_rag_model_scored_from_the_extension(service, settings, tmp_path) -> Non
     db = settings.home / "evals.db"
     with EdgelmClient(service) as client:
         run_id = harness.run_eval(client, db, harness.EvalConfig(str(path), ["rag:docs"]))
-    _, results = store.load_run(db, run_id)
+    _, results = runs_db.load_run(db, run_id)
     by_id = {r.item_id: r for r in results}
     r1 = by_id["r1"].metrics
     assert r1["faithfulness"] == 1.0 and r1["context_precision"] == 1.0
@@ -246,7 +246,7 @@ def test_code_items_are_run(service, settings, tmp_path) -> None:
     # 'good' replies "Paris" to its first request: not code, so it fails its tests
     with EdgelmClient(service) as client:
         run_id = harness.run_eval(client, db, config)
-    assert store.load_run(db, run_id)[1][0].metrics == {"pass@1": 0.0, "quality": 0.0}
+    assert runs_db.load_run(db, run_id)[1][0].metrics == {"pass@1": 0.0, "quality": 0.0}
     assert harness.score_item(harness.load_dataset(str(path))[0], catalog_reply, None, config) == {
         "pass@1": 1.0,
         "quality": 1.0,
@@ -258,7 +258,7 @@ def test_diff_flags_regressions(service, dataset, settings) -> None:
     with EdgelmClient(service) as client:
         a = harness.run_eval(client, db, harness.EvalConfig(dataset, ["good"]))
         b = harness.run_eval(client, db, harness.EvalConfig(dataset, ["bad"]))
-    run_a, run_b = (LoadedRun(*store.load_run(db, x)) for x in (a, b))
+    run_a, run_b = (LoadedRun(*runs_db.load_run(db, x)) for x in (a, b))
     diff = diff_runs(run_a, run_b)
     assert diff["regressed"]
     quality = next(r for r in diff["rows"] if r["metric"] == "quality")
@@ -267,12 +267,12 @@ def test_diff_flags_regressions(service, dataset, settings) -> None:
     assert not diff_runs(run_a, run_a)["regressed"]
     page = render_html([run_a, run_b])
     assert "REGRESSION" in page and "items that got worse" in page
-    assert store.list_runs(db)[0]["results"] == "4/4"
+    assert runs_db.list_runs(db)[0]["results"] == "4/4"
 
 
 def test_hybrid_rows_report_the_escalated_share() -> None:
     from edgelm.evals.datasets import QAItem
-    from edgelm.evals.store import EvalRun, ResultRow
+    from edgelm.evals.runs_db import EvalRun, ResultRow
 
     items = [QAItem(f"q{i}", "?", ["a"]) for i in range(4)]
     run = EvalRun("r", 0.0, "set", ["hybrid"], {}, items=items)

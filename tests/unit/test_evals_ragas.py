@@ -10,7 +10,7 @@ import pytest
 from edgelm.errors import MissingExtra
 from edgelm.evals.datasets import QAItem
 from edgelm.evals.ragas_check import compare, ragas_scorer, sample_of
-from edgelm.evals.store import ResultRow
+from edgelm.evals.runs_db import ResultRow
 
 ITEM = QAItem(
     "q1",

@@ -13,7 +13,7 @@ from edgelm.cli.main import EdgelmGroup
 from edgelm.rag.evaluate import corpus_dir
 from edgelm.server.app import create_app
 from edgelm.settings import load_settings
-from tests.unit.test_rag_service import GOOD, QUESTION, rag_catalog
+from tests.unit.test_rag_model import GOOD, QUESTION, rag_catalog
 
 runner = CliRunner()
 

@@ -10,6 +10,7 @@ import pytest
 
 from edgelm.engines.fake import FakeEngine
 from edgelm.errors import InvalidRequest, ModelNotFound
+from edgelm.rag.collection_db import RagStore, list_collections, remove_collection
 from edgelm.rag.embed import EngineEmbedder
 from edgelm.rag.evaluate import corpus_dir, evaluate_retrieval, load_questions
 from edgelm.rag.ingest import (
@@ -22,7 +23,6 @@ from edgelm.rag.ingest import (
 )
 from edgelm.rag.pdfwriter import write_pdf
 from edgelm.rag.retrieve import rank_inline, retrieve, rrf
-from edgelm.rag.store import RagStore, list_collections, remove_collection
 from edgelm.rag.terms import terms
 from edgelm.rag.types import ChunkSpec
 
@@ -261,7 +261,7 @@ def test_without_sqlite_vec_lexical_works_and_dense_says_what_to_install(
     import sqlite3
 
     from edgelm.errors import MissingExtra
-    from edgelm.rag import store as store_module
+    from edgelm.rag import collection_db as store_module
 
     def stdlib(path):  # type: ignore[no-untyped-def]
         return sqlite3.connect(str(path), check_same_thread=False, isolation_level=None), False

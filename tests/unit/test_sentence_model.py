@@ -15,8 +15,8 @@ import pytest
 
 from edgelm.catalog import CatalogEntry, CompanionFile, Conversion, PackagedPart, Source
 from edgelm.errors import ChecksumMismatch
-from edgelm.store import ModelStore
-from tests.unit.test_store import _wheel, pypi_settings
+from edgelm.model_cache import ModelStore
+from tests.unit.test_model_cache import _wheel, pypi_settings
 
 pytest.importorskip("gguf")
 pytest.importorskip("safetensors")

@@ -16,7 +16,7 @@ from edgelm.cli.main import app
 from edgelm.client import EdgelmClient, ServiceError, resolve_service
 from edgelm.server.app import create_app
 from edgelm.settings import Settings, load_settings
-from tests.unit.test_rag_service import GOOD, QUESTION, rag_catalog
+from tests.unit.test_rag_model import GOOD, QUESTION, rag_catalog
 
 KEY = "sekret-key"
 runner = CliRunner()

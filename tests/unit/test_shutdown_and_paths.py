@@ -11,8 +11,8 @@ import httpx
 from fastapi.testclient import TestClient
 
 from edgelm.catalog import Catalog, CatalogEntry
+from edgelm.daemon import read_pid
 from edgelm.server.app import create_app
-from edgelm.service import read_pid
 from edgelm.settings import load_settings
 from tests.service_process import spawn_service
 from tests.unit.test_cli import run

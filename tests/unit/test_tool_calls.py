@@ -13,8 +13,8 @@ import pytest
 from openai import BadRequestError, OpenAI
 
 from edgelm.catalog import Catalog, CatalogEntry
-from edgelm.router_service import HybridModels
 from edgelm.server.app import create_app
+from edgelm.server.hybrid_model import HybridModels
 from edgelm.settings import Settings
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'

@@ -19,8 +19,8 @@ import numpy as np
 
 from edgelm.catalog import Catalog
 from edgelm.engines import create_engine
+from edgelm.model_cache import ModelStore
 from edgelm.settings import Settings
-from edgelm.store import ModelStore
 
 
 def memory_bandwidth(threads: int, size_mb: int = 512, reps: int = 3) -> float:

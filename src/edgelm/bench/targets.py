@@ -30,8 +30,8 @@ from edgelm.client import ChatResult, EdgelmClient, is_up, resolve_service
 from edgelm.engines import create_engine
 from edgelm.engines.base import Engine
 from edgelm.errors import EdgelmError, InvalidRequest
+from edgelm.model_cache import ModelStore
 from edgelm.settings import Settings
-from edgelm.store import ModelStore
 from edgelm.types import GenerationRequest, Message, decode_rate, prompt_rate
 
 

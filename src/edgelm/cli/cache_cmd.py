@@ -15,7 +15,7 @@ from edgelm.cli.common import (
     settings_of,
     show,
 )
-from edgelm.store import ModelStore
+from edgelm.model_cache import ModelStore
 
 app = typer.Typer(help="Manage the model cache ($EDGELM_HOME/models by default).")
 

@@ -25,7 +25,7 @@ from edgelm.cli.common import (
 )
 from edgelm.client import EdgelmClient, resolve_service
 from edgelm.cost import Prices
-from edgelm.evals import harness, store
+from edgelm.evals import harness, runs_db
 from edgelm.evals import report as eval_report
 from edgelm.evals.datasets import list_datasets
 from edgelm.settings import Settings
@@ -49,7 +49,7 @@ def _client(settings: Settings) -> EdgelmClient:
 
 
 def _load(settings: Settings, run_ids: list[str]) -> list[eval_report.LoadedRun]:
-    return [eval_report.LoadedRun(*store.load_run(_db(settings), rid)) for rid in run_ids]
+    return [eval_report.LoadedRun(*runs_db.load_run(_db(settings), rid)) for rid in run_ids]
 
 
 def _print_report(runs: list[eval_report.LoadedRun], prices: Prices) -> None:
@@ -108,11 +108,11 @@ def run(
         console().print(f"run [bold]{run_id}[/]: {dataset} × {', '.join(config.models)}")
     else:
         client = _client(settings)
-        run_id = store.load_run(db, resume)[0].id
+        run_id = runs_db.load_run(db, resume)[0].id
         console().print(f"resuming run [bold]{run_id}[/]")
     progress, bars = progress_bars()
 
-    def update(done: int, total: int, row: store.ResultRow) -> None:
+    def update(done: int, total: int, row: runs_db.ResultRow) -> None:
         bars(done, total, f"run {run_id}")
 
     try:
@@ -179,7 +179,7 @@ def list_(
     ctx: typer.Context, limit: int = typer.Option(20, min=1), as_json: bool = JSON_OPTION
 ) -> None:
     """Stored evaluation runs, newest first."""
-    rows = store.list_runs(_db(settings_of(ctx)), limit)
+    rows = runs_db.list_runs(_db(settings_of(ctx)), limit)
 
     def human() -> None:
         if not rows:

@@ -3,7 +3,7 @@
 All talk to the running service (``edgelm service start``): ``edgelm hybrid --prompt ...`` (or
 ``edgelm hybrid ask``) streams one answer from ``model="hybrid..."`` and prints its route
 record; ``eval`` records each question's draft, refinement and LLM answer once, then scores
-every policy and threshold from those pieces (:mod:`edgelm.router.evaluate`).
+every policy and threshold from those pieces (:mod:`edgelm.evals.hybrid`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from rich.table import Table
 from edgelm.cli.common import console, fail, print_table, settings_of, split_list
 from edgelm.client import ChatResult, EdgelmClient
 from edgelm.cost import Prices
-from edgelm.router import evaluate as ev
-from edgelm.router_service import name_for
+from edgelm.evals import hybrid as ev
+from edgelm.server.hybrid_model import name_for
 from edgelm.settings import Settings
 
 app = typer.Typer(help="Hybrid router: the SLM drafts, the LLM refines when a policy says so.")
@@ -291,7 +291,7 @@ def _pair(settings: Settings, slm: str | None, llm: str | None) -> tuple[str, st
 def _learned_configs(
     settings: Settings, recorded: list[ev.Pieces], slm: str, llm: str, thresholds: str
 ) -> list[ev.Config]:
-    from edgelm.router import learned as lr
+    from edgelm.hybrid import learned as lr
 
     examples, _runs = lr.examples_from_runs(settings.home / "evals.db", slm, llm)
     if not examples:
@@ -326,7 +326,7 @@ def train(
     import shlex
 
     from edgelm.errors import EdgelmError
-    from edgelm.router import learned as lr
+    from edgelm.hybrid import learned as lr
 
     settings = settings_of(ctx)
     try:

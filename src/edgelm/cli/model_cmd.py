@@ -16,7 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from edgelm import service
+from edgelm import daemon
 from edgelm.catalog import Catalog, CatalogEntry
 from edgelm.cli.common import (
     JSON_OPTION,
@@ -29,8 +29,8 @@ from edgelm.cli.common import (
     show,
 )
 from edgelm.client import EdgelmClient
+from edgelm.model_cache import ModelStore
 from edgelm.settings import Settings
-from edgelm.store import ModelStore
 
 app = typer.Typer(help="Find, download, register and run models.")
 
@@ -319,7 +319,7 @@ def run(
         if settings.client.endpoint:
             fail(f"the service at {settings.endpoint} is not reachable")
         with console().status("starting the edgelm service…"):
-            service.start_detached(settings)
+            daemon.start_detached(settings)
     with console().status(f"loading {entry.alias}…"):
         client.load(entry.alias)
     params = {"temperature": temperature, "max_tokens": max_tokens}

@@ -39,10 +39,10 @@ def ingest(
     ),
 ) -> None:
     """Add or update documents; unchanged files are skipped by content hash."""
+    from edgelm.rag.collection_db import RagStore
     from edgelm.rag.embed import service_embedder
     from edgelm.rag.evaluate import corpus_dir
     from edgelm.rag.ingest import ingest_paths
-    from edgelm.rag.store import RagStore
 
     paths = [*(paths or []), *([corpus_dir()] if demo else [])]
     if not paths:
@@ -132,7 +132,7 @@ def ask(
 @app.command("list")
 def list_(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     """Collections with their sources, chunks and embedding model."""
-    from edgelm.rag.store import describe_collections
+    from edgelm.rag.collection_db import describe_collections
 
     rows = describe_collections(settings_of(ctx).home)
 
@@ -156,7 +156,7 @@ def list_(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
 @app.command("remove")
 def remove(ctx: typer.Context, collection: str) -> None:
     """Delete a collection (its SQLite file)."""
-    from edgelm.rag.store import remove_collection
+    from edgelm.rag.collection_db import remove_collection
 
     settings = settings_of(ctx)
     if not remove_collection(settings.home, collection):
@@ -176,10 +176,10 @@ def eval_(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Retrieval quality (recall@k, MRR, refusals) of each mode on a labelled question set."""
+    from edgelm.rag.collection_db import RagStore
     from edgelm.rag.embed import service_embedder
     from edgelm.rag.evaluate import corpus_dir, evaluate_retrieval, load_questions
     from edgelm.rag.ingest import ingest_paths
-    from edgelm.rag.store import RagStore
 
     settings = settings_of(ctx)
     rag = settings.rag
@@ -247,7 +247,7 @@ def chat(
 ) -> None:
     """Start the Chainlit app; it retrieves locally and streams answers from the service."""
     from edgelm.rag.chainlit_setup import chainlit_command, chainlit_env
-    from edgelm.rag.store import check_name
+    from edgelm.rag.collection_db import check_name
 
     settings = settings_of(ctx)
     name = check_name(collection or settings.rag.collection)

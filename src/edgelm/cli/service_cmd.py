@@ -7,7 +7,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from edgelm import service
+from edgelm import daemon
 from edgelm.cli.common import JSON_OPTION, console, fail, print_json, print_table, settings_of
 from edgelm.client import EdgelmClient
 
@@ -30,13 +30,13 @@ def start(
         ctx, **{"service.host": host, "service.port": port, "service.api_key": api_key}
     )
     if foreground:
-        service.serve_foreground(settings, preload=model)
+        daemon.serve_foreground(settings, preload=model)
         return
-    current = service.info(settings)
+    current = daemon.info(settings)
     if current.running:
         console().print(f"the service is already running at {current.endpoint}")
         return
-    started = service.start_detached(settings, preload=model)
+    started = daemon.start_detached(settings, preload=model)
     console().print(
         f"service started at [bold]{started.endpoint}[/] (pid {started.pid}, log {started.log_file})"
     )
@@ -45,7 +45,7 @@ def start(
 @app.command("stop")
 def stop(ctx: typer.Context) -> None:
     """Stop the detached service (waits for open streams to finish)."""
-    if service.stop(settings_of(ctx)):
+    if daemon.stop(settings_of(ctx)):
         console().print("service stopped")
     else:
         console().print("no service was running")
@@ -55,8 +55,8 @@ def stop(ctx: typer.Context) -> None:
 def restart(ctx: typer.Context, model: str | None = typer.Option(None, "--model", "-m")) -> None:
     """Stop, then start the service in the background."""
     settings = settings_of(ctx)
-    service.stop(settings)
-    started = service.start_detached(settings, preload=model)
+    daemon.stop(settings)
+    started = daemon.start_detached(settings, preload=model)
     console().print(f"service restarted at [bold]{started.endpoint}[/] (pid {started.pid})")
 
 

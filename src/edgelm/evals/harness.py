@@ -17,7 +17,7 @@ from typing import Any
 
 from edgelm.client import EdgelmClient, ServiceUnavailable
 from edgelm.errors import EdgelmError, InvalidRequest
-from edgelm.evals import code_exec, metrics, store
+from edgelm.evals import code_exec, metrics, runs_db
 from edgelm.evals.datasets import QAItem, load_dataset
 from edgelm.evals.judge import JUDGE_PROMPT_VERSION, Judge
 
@@ -27,7 +27,7 @@ CODE_SYSTEM = (
     "the requested function completely. Do not include tests or example usage."
 )
 
-Progress = Callable[[int, int, store.ResultRow], None]
+Progress = Callable[[int, int, runs_db.ResultRow], None]
 """``progress(done, total, row)`` after each stored result; raising from it stops the run."""
 
 
@@ -140,7 +140,7 @@ def evaluate_one(
     item: QAItem,
     config: EvalConfig,
     judge: Judge | None = None,
-) -> store.ResultRow:
+) -> runs_db.ResultRow:
     """Ask, score and judge one item. Service errors become an error row; an unreachable
     service raises :class:`ServiceUnavailable` (the run stops and can be resumed)."""
     try:
@@ -148,8 +148,8 @@ def evaluate_one(
     except ServiceUnavailable:
         raise
     except EdgelmError as exc:
-        return store.ResultRow(item.id, model, ok=False, error=exc.message)
-    row = store.ResultRow(item.id, model, ok=True, answer=answer, **fields)
+        return runs_db.ResultRow(item.id, model, ok=False, error=exc.message)
+    row = runs_db.ResultRow(item.id, model, ok=True, answer=answer, **fields)
     row.metrics = score_item(item, answer, row.extension, config)
     if judge is not None:
         verdict = judge.score(item.question, answer, item.answers[0] if item.answers else None)
@@ -161,19 +161,19 @@ def evaluate_one(
     return row
 
 
-def start_run(db_path: Path, config: EvalConfig) -> store.EvalRun:
+def start_run(db_path: Path, config: EvalConfig) -> runs_db.EvalRun:
     """Load the dataset and store a new run with its items (nothing is asked yet)."""
     if not config.models:
         raise InvalidRequest("give at least one model to evaluate")
     items = load_dataset(config.dataset)
     if config.limit is not None:
         items = items[: config.limit]
-    return store.create_run(
+    return runs_db.create_run(
         db_path, config.dataset, config.models, config.params(), items, config.judge_model
     )
 
 
-def config_of(run: store.EvalRun) -> EvalConfig:
+def config_of(run: runs_db.EvalRun) -> EvalConfig:
     """The config a stored run was started with (for resuming it the same way)."""
     known = set(EvalConfig.__dataclass_fields__)
     params = {k: v for k, v in run.params.items() if k in known}
@@ -192,7 +192,7 @@ def run_eval(
     Pairs already stored without error are skipped on resume; error rows are asked again.
     """
     if resume is not None:
-        run, rows = store.load_run(db_path, resume)
+        run, rows = runs_db.load_run(db_path, resume)
         config = config_of(run)
         done = {(r.item_id, r.model) for r in rows if r.ok}
     elif config is not None:
@@ -205,18 +205,18 @@ def run_eval(
     total = len(pairs)
     finished = len(done)
     if resume is not None:
-        store.set_status(db_path, run.id, "running")
+        runs_db.set_status(db_path, run.id, "running")
     try:
         for item, model in pairs:
             if (item.id, model) in done:
                 continue
             row = evaluate_one(client, model, item, config, judge)
-            store.save_result(db_path, run.id, row)
+            runs_db.save_result(db_path, run.id, row)
             finished += 1
             if progress is not None:
                 progress(finished, total, row)
     except BaseException:
-        store.set_status(db_path, run.id, "interrupted")
+        runs_db.set_status(db_path, run.id, "interrupted")
         raise
-    store.set_status(db_path, run.id, "done")
+    runs_db.set_status(db_path, run.id, "done")
     return run.id

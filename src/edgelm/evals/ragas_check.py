@@ -22,7 +22,7 @@ from typing import Any
 from edgelm.errors import MissingExtra
 from edgelm.evals.datasets import QAItem
 from edgelm.evals.metrics import rag_scores
-from edgelm.evals.store import ResultRow
+from edgelm.evals.runs_db import ResultRow
 
 COMPARED = ("faithfulness", "context_recall", "context_precision")
 """The metrics both sides define the same way (answer relevancy differs: Ragas regenerates

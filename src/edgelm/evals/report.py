@@ -1,6 +1,6 @@
 """Reports of evaluation runs: summaries, per-category tables, plots, and diffs between runs.
 
-Everything is computed from the stored result rows (see :mod:`edgelm.evals.store`), so a
+Everything is computed from the stored result rows (see :mod:`edgelm.evals.runs_db`), so a
 report of a resumed run or of a run read back months later shows the same figures. An error
 row counts as quality 0 (the user got no answer) and is also counted on its own. Costs use
 :mod:`edgelm.cost`: local cost from each answer's measured end-to-end latency (energy plus
@@ -24,7 +24,7 @@ from rich.table import Table
 from edgelm.bench.stats import percentile
 from edgelm.cost import Prices, local_cost_per_request
 from edgelm.evals.judge import CRITERIA
-from edgelm.evals.store import EvalRun, ResultRow
+from edgelm.evals.runs_db import EvalRun, ResultRow
 from edgelm.reporting import (
     escape,
     figure_data_uri,

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from edgelm.answer_checks import LoopMonitor
-from edgelm.router.policies import (
+from edgelm.hybrid.policies import (
     INSUFFICIENT_PATTERNS,
     AllOf,
     AnyOf,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelm.rag.collection_db import RagStore
 from edgelm.rag.retrieve import retrieve
-from edgelm.rag.store import RagStore
 from edgelm.rag.types import ChunkSpec
 
 

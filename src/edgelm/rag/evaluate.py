@@ -16,9 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from edgelm.rag.collection_db import RagStore
 from edgelm.rag.ingest import parse_file
 from edgelm.rag.retrieve import Hit, retrieve
-from edgelm.rag.store import RagStore
 from edgelm.settings import RetrievalMode
 
 

@@ -22,8 +22,8 @@ from edgelm.errors import InvalidRequest
 from edgelm.rag.types import ChunkSpec
 
 if TYPE_CHECKING:
+    from edgelm.rag.collection_db import RagStore
     from edgelm.rag.embed import Embedder
-    from edgelm.rag.store import RagStore
 
 SUFFIXES = {
     ".md": "markdown",

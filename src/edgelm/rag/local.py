@@ -14,10 +14,10 @@ from typing import Any
 
 from edgelm.client import EdgelmClient, resolve_service
 from edgelm.rag.answer import AnswerOptions, answer_stream
+from edgelm.rag.collection_db import RagStore
 from edgelm.rag.embed import service_embedder
 from edgelm.rag.ingest import IngestReport, ingest_paths
 from edgelm.rag.retrieve import Hit, find_hits
-from edgelm.rag.store import RagStore
 from edgelm.settings import Settings
 from edgelm.types import Chunk
 

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edgelm.errors import InvalidRequest
+from edgelm.rag.collection_db import RagStore
 from edgelm.rag.ingest import chunk_text
-from edgelm.rag.store import RagStore
 from edgelm.rag.terms import terms
 from edgelm.rag.types import ChunkSpec, Hit, RetrievalOptions, StoredChunk
 from edgelm.settings import RetrievalMode

@@ -16,13 +16,19 @@ from edgelm import __version__
 from edgelm.catalog import Catalog
 from edgelm.errors import EdgelmError
 from edgelm.pool import ModelPool
-from edgelm.rag import routes as rag_routes
-from edgelm.rag.service import RagModels
-from edgelm.router_service import HybridModels
-from edgelm.server import browser_models, manage_routes, openai_routes, playground, responses_routes
+from edgelm.server import (
+    browser_models,
+    manage_routes,
+    openai_routes,
+    playground,
+    rag_routes,
+    responses_routes,
+)
 from edgelm.server.access import RequestContext
 from edgelm.server.errors import install_error_handlers
+from edgelm.server.hybrid_model import HybridModels
 from edgelm.server.limits import BodyLimitMiddleware
+from edgelm.server.rag_model import RagModels
 from edgelm.server.state import ServiceState
 from edgelm.server.virtual import VirtualModel
 from edgelm.settings import Settings, load_settings

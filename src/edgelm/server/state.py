@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgelm.catalog import Catalog, CatalogEntry
+from edgelm.model_cache import ModelStore
 from edgelm.pool import ModelPool
 from edgelm.server.metrics import Metrics
 from edgelm.server.virtual import VirtualModel
 from edgelm.settings import Settings
-from edgelm.store import ModelStore
 
 
 @dataclass

@@ -13,10 +13,10 @@ from edgelm.catalog import Catalog, CatalogEntry
 from edgelm.cli.hybrid_cmd import app as hybrid_app
 from edgelm.client import EdgelmClient
 from edgelm.cost import Prices
+from edgelm.evals import hybrid as ev
 from edgelm.evals.datasets import QAItem
-from edgelm.router import evaluate as ev
-from edgelm.router_service import HybridModels
 from edgelm.server.app import create_app
+from edgelm.server.hybrid_model import HybridModels
 from edgelm.settings import Settings
 
 

@@ -22,8 +22,8 @@ import pytest
 
 from edgelm.catalog import CatalogEntry, PackagedPart, Source
 from edgelm.errors import ChecksumMismatch, DownloadError, InvalidRequest, ModelNotFound
+from edgelm.model_cache import CachedModel, ModelStore
 from edgelm.settings import Settings, load_settings
-from edgelm.store import CachedModel, ModelStore
 
 REPO = "org/tiny-GGUF"
 FILE = "tiny.Q4.gguf"

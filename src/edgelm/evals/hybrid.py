@@ -9,7 +9,7 @@ asked three times in all:
 2. the LLM alone — the "direct" answer and the LLM-only baseline.
 
 Every configuration's outcome is then computed offline from those recorded pieces with the
-same :func:`edgelm.router.policies.route_for` the service uses: a ``draft`` route costs the
+same :func:`edgelm.hybrid.policies.route_for` the service uses: a ``draft`` route costs the
 draft's time, ``refine`` the draft plus the refinement, ``direct`` the LLM's direct answer (plus
 the draft when the decision needed it). Times are the engines' own (queueing excluded), so the
 baselines and the hybrid configurations are measured the same way in the same run.
@@ -25,6 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 from edgelm.client import EdgelmClient
 from edgelm.cost import Prices, local_cost_per_request
+from edgelm.hybrid.policies import (
+    Draft,
+    Policy,
+    bind_learned,
+    decide_before_draft,
+    parse_policy,
+    route_for,
+)
 from edgelm.reporting import (
     escape,
     figure_data_uri,
@@ -34,15 +42,7 @@ from edgelm.reporting import (
     new_figure,
     write_atomically,
 )
-from edgelm.router.policies import (
-    Draft,
-    Policy,
-    bind_learned,
-    decide_before_draft,
-    parse_policy,
-    route_for,
-)
-from edgelm.router_service import name_for
+from edgelm.server.hybrid_model import name_for
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -187,9 +187,9 @@ def pieces_from_run(db_path: Path, run_id: str, slm: str, llm: str) -> list[Piec
     draft, the LLM's the direct answer. Such a run records no refinement and no draft
     logprobs, so only routes ``draft`` and ``direct`` can be scored from it (the learned
     router, ``...>direct`` text policies); ``refine`` pieces are left empty."""
-    from edgelm.evals import store
+    from edgelm.evals import runs_db
 
-    run, rows = store.load_run(db_path, run_id)
+    run, rows = runs_db.load_run(db_path, run_id)
     answers = {(r.item_id, r.model): r for r in rows if r.ok}
 
     def piece(row: Any) -> Piece:
@@ -425,7 +425,7 @@ def learned_configurations(
     eval run in ``examples``); a question no example asks is scored by a router trained on
     all of them. Also each threshold with ``insufficient>direct`` (a draft that declines
     goes to the LLM too)."""
-    from edgelm.router.learned import DEFAULT_L2, cross_validated, train
+    from edgelm.hybrid.learned import DEFAULT_L2, cross_validated, train
 
     penalty = DEFAULT_L2 if l2 is None else l2
     texts = list(dict.fromkeys([e.question for e in examples] + [p.question for p in pieces]))

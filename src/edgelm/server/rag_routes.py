@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgelm.errors import InvalidRequest
 from edgelm.rag.answer import AnswerOptions
-from edgelm.rag.service import INLINE, PREFIX, RagModels
 from edgelm.server.openai_routes import respond_with_answer
+from edgelm.server.rag_model import INLINE, PREFIX, RagModels
 from edgelm.server.state import ServiceState
 from edgelm.server.virtual import VirtualAnswer
 from edgelm.settings import RetrievalMode

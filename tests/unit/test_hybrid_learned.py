@@ -13,19 +13,19 @@ from edgelm.catalog import Catalog, CatalogEntry
 from edgelm.cost import Prices
 from edgelm.engines.fake import FakeEngine
 from edgelm.errors import ConfigError, InvalidRequest
-from edgelm.evals import store
+from edgelm.evals import hybrid as ev
+from edgelm.evals import runs_db
 from edgelm.evals.datasets import QAItem
-from edgelm.pool import ModelPool
-from edgelm.router import evaluate as ev
-from edgelm.router import learned as lr
-from edgelm.router.pipeline import HybridRouter, RouteRecord
-from edgelm.router.policies import (
+from edgelm.hybrid import learned as lr
+from edgelm.hybrid.pipeline import HybridRouter, RouteRecord
+from edgelm.hybrid.policies import (
     Learned,
     bind_learned,
     decide_before_draft,
     parse_policy,
     uses_learned,
 )
+from edgelm.pool import ModelPool
 from edgelm.settings import Settings
 from edgelm.types import GenerationRequest, Message
 
@@ -42,15 +42,15 @@ def write_runs(db: Path, slm: str = "small", llm: str = "big") -> str:
     """One stored run in which both tiers answered: the SLM fails every HARD question."""
     items = [QAItem(f"e{n}", q, ["x"]) for n, q in enumerate(EASY)]
     items += [QAItem(f"h{n}", q, ["x"]) for n, q in enumerate(HARD)]
-    run = store.create_run(db, "fake", [slm, llm], {}, items)
+    run = runs_db.create_run(db, "fake", [slm, llm], {}, items)
     for item in items:
         hard = item.id.startswith("h")
         for model, quality in ((slm, 0.0 if hard else 1.0), (llm, 1.0)):
-            store.save_result(
-                db, run.id, store.ResultRow(item.id, model, True, "a", metrics={"quality": quality})
+            runs_db.save_result(
+                db, run.id, runs_db.ResultRow(item.id, model, True, "a", metrics={"quality": quality})
             )
     # An answer that failed (ok=0) and another model's rows must not become examples.
-    store.save_result(db, run.id, store.ResultRow("e0", "other", True, metrics={"quality": 1.0}))
+    runs_db.save_result(db, run.id, runs_db.ResultRow("e0", "other", True, metrics={"quality": 1.0}))
     return run.id
 
 

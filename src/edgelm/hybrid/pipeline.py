@@ -29,9 +29,8 @@ from edgelm.answer_checks import LoopMonitor
 from edgelm.cost import Prices, local_cost_per_request
 from edgelm.engines.base import Fold
 from edgelm.errors import EdgelmError, InvalidRequest
-from edgelm.pool import ModelPool
-from edgelm.router.learned import LearnedRouter
-from edgelm.router.policies import (
+from edgelm.hybrid.learned import LearnedRouter
+from edgelm.hybrid.policies import (
     Decision,
     Draft,
     Policy,
@@ -42,6 +41,7 @@ from edgelm.router.policies import (
     uses_learned,
     watches_loops,
 )
+from edgelm.pool import ModelPool
 from edgelm.types import Chunk, GenerationRequest, Message
 
 REFINE_PROMPT = """\

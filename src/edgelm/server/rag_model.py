@@ -19,8 +19,8 @@ from typing import Any
 
 from edgelm.errors import InvalidRequest
 from edgelm.rag.answer import AnswerOptions, answer_stream
+from edgelm.rag.collection_db import RagStore, check_name, collections_dir, list_collections
 from edgelm.rag.retrieve import Hit, find_hits
-from edgelm.rag.store import RagStore, check_name, collections_dir, list_collections
 from edgelm.server.virtual import StateView, VirtualAnswer, VirtualModel
 from edgelm.types import Chunk, GenerationRequest, Message
 

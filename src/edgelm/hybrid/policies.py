@@ -15,7 +15,7 @@ string used alike in settings, model names (``hybrid@length=600,confidence=-0.8`
 * a term is ``name`` or ``name=value``: ``never``, ``always``, ``length=<chars>``,
   ``confidence=<mean logprob>``, ``confidence-min=<min logprob>``, ``insufficient[=<chars>]``,
   ``keywords=<word;word;...>``, ``topic`` (the regexes from settings ``router.direct_patterns``),
-  ``learned[=<probability>]`` (the learned router, :mod:`edgelm.router.learned`: a question
+  ``learned[=<probability>]`` (the learned router, :mod:`edgelm.hybrid.learned`: a question
   it predicts the LLM answers better goes to the LLM before any draft);
   ``degenerate`` (the draft loops, is only markers or is empty; see :mod:`edgelm.answer_checks`),
   ``unsupported[=<count>]`` (a grounded draft states figures or names its context lacks);

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from openai import OpenAI
 
 from edgelm.catalog import Catalog, CatalogEntry
-from edgelm.router_service import HybridModels, HybridName, name_for
 from edgelm.server.app import create_app
+from edgelm.server.hybrid_model import HybridModels, HybridName, name_for
 from edgelm.settings import Settings
 
 SURE = "Paris is the capital of France."

@@ -1,11 +1,11 @@
 """The hybrid SLM→LLM router: policies (:mod:`.policies`), the pipeline (:mod:`.pipeline`)
 and the offline evaluation of policies over recorded drafts (:mod:`.evaluate`).
 
-The service side is :class:`edgelm.router_service.HybridModels` (``model="hybrid..."``).
+The service side is :class:`edgelm.server.hybrid_model.HybridModels` (``model="hybrid..."``).
 """
 
-from edgelm.router.pipeline import REFINE_PROMPT, HybridRouter, RouteRecord
-from edgelm.router.policies import (
+from edgelm.hybrid.pipeline import REFINE_PROMPT, HybridRouter, RouteRecord
+from edgelm.hybrid.policies import (
     AllOf,
     Always,
     AnyOf,

@@ -5,7 +5,7 @@ Names this family answers::
     hybrid                                 the catalog's slm and llm tiers, settings' policy
     hybrid:<slm>+<llm>                     an explicit pair
     hybrid@<policy>                        a policy for this request (spec syntax of
-    hybrid:<slm>+<llm>@<policy>            :mod:`edgelm.router.policies`), e.g.
+    hybrid:<slm>+<llm>@<policy>            :mod:`edgelm.hybrid.policies`), e.g.
                                            hybrid@insufficient,confidence=-0.8
 
 Why the policy travels in the model name rather than in an ``edgelm`` body object: a virtual
@@ -28,9 +28,9 @@ from typing import Any
 
 from edgelm.cost import Prices
 from edgelm.errors import EdgelmError, InvalidRequest, ModelNotFound
-from edgelm.router.learned import LearnedRouter, load_router
-from edgelm.router.pipeline import REFINE_PROMPT, HybridRouter
-from edgelm.router.policies import parse_policy, uses_learned
+from edgelm.hybrid.learned import LearnedRouter, load_router
+from edgelm.hybrid.pipeline import REFINE_PROMPT, HybridRouter
+from edgelm.hybrid.policies import parse_policy, uses_learned
 from edgelm.server.virtual import StateView, VirtualAnswer, VirtualModel
 from edgelm.types import Chunk, GenerationRequest
 

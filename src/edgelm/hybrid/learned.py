@@ -9,7 +9,7 @@ get right (or both get wrong) are 0: the cheaper model is as good there.
 The classifier is a logistic regression (numpy, Newton steps with an L2 penalty) on the
 question's sentence embedding (all-MiniLM-L6-v2 by default, served at ``/v1/embeddings``)
 plus a few cheap lexical features (length, digits, code punctuation, the opening word). It
-is small enough to ship in the package (``router/data/learned.json``) and to read per
+is small enough to ship in the package (``hybrid/data/learned.json``) and to read per
 request; ``edgelm hybrid train`` writes a new one under ``$EDGELM_HOME/router/``, which then
 wins over the shipped one.
 """
@@ -164,7 +164,7 @@ def _short(value: float) -> float:
 
 def shipped_path() -> Path:
     """The router trained on the shipped eval sets (package data)."""
-    return Path(str(resources.files("edgelm.router").joinpath("data/learned.json")))
+    return Path(str(resources.files("edgelm.hybrid").joinpath("data/learned.json")))
 
 
 def home_path(home: Path) -> Path:

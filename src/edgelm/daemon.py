@@ -24,7 +24,7 @@ from edgelm.client import is_up
 from edgelm.errors import EdgelmError
 from edgelm.settings import Settings
 
-log = logging.getLogger("edgelm.service")
+log = logging.getLogger("edgelm.daemon")
 
 
 class ServiceError(EdgelmError):

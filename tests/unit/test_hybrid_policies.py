@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edgelm.errors import InvalidRequest
-from edgelm.router.policies import (
+from edgelm.hybrid.policies import (
     AllOf,
     AnyOf,
     Confidence,
@@ -175,7 +175,7 @@ def test_bad_specs_are_400(spec: str) -> None:
 
 
 def test_degenerate_and_unsupported_terms() -> None:
-    from edgelm.router.policies import (
+    from edgelm.hybrid.policies import (
         Degenerate,
         Unsupported,
         answer_checks,
@@ -219,7 +219,7 @@ def test_unsupported_needs_a_positive_count() -> None:
 
 
 def test_default_router_policy_cuts_loops() -> None:
-    from edgelm.router.policies import watches_loops
+    from edgelm.hybrid.policies import watches_loops
     from edgelm.settings import Settings
 
     policy = parse_policy(Settings().router.policy)

@@ -13,14 +13,14 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from edgelm.catalog import Catalog, CatalogEntry
-from edgelm.rag import routes
 from edgelm.rag.answer import REFUSAL, SYSTEM_RULE, insufficient
+from edgelm.rag.collection_db import RagStore
 from edgelm.rag.evaluate import corpus_dir
 from edgelm.rag.ingest import ingest_paths
 from edgelm.rag.local import LocalRag
-from edgelm.rag.service import RagModels
-from edgelm.rag.store import RagStore
+from edgelm.server import rag_routes as routes
 from edgelm.server.app import create_app
+from edgelm.server.rag_model import RagModels
 from edgelm.settings import Settings
 
 GOOD = "A full battery runs the mast for about 45 days [1]."
