@@ -33,9 +33,8 @@ from edgelm.cli.common import (
     human_bytes,
     print_table,
     progress_bars,
-    records_table,
     settings_of,
-    show,
+    show_runs,
     split_list,
 )
 from edgelm.cost import Prices, monthly_tco
@@ -254,15 +253,7 @@ def history_(
     ctx: typer.Context, limit: int = typer.Option(20, min=1), as_json: bool = JSON_OPTION
 ) -> None:
     """Stored runs, newest first."""
-    rows = history.list_runs(_db(settings_of(ctx)), limit)
-
-    def human() -> None:
-        if not rows:
-            console().print("no benchmark runs stored yet")
-            return
-        print_table(records_table("benchmark runs", rows))
-
-    show(rows, as_json, human)
+    show_runs(history.list_runs(_db(settings_of(ctx)), limit), as_json, "benchmark")
 
 
 @app.command("diff")

@@ -127,6 +127,19 @@ def show(data: Any, as_json: bool, human: Callable[[], object]) -> None:
         human()
 
 
+def show_runs(rows: Sequence[Mapping[str, Any]], as_json: bool, what: str) -> None:
+    """A listing of stored runs (bench history, eval runs): JSON, or a table of ``what``
+    runs, or a line saying there are none yet."""
+
+    def human() -> None:
+        if not rows:
+            console().print(f"no {what} runs stored yet")
+            return
+        print_table(records_table(f"{what} runs", rows))
+
+    show(rows, as_json, human)
+
+
 # Wide enough for any table's natural width; only used to measure.
 _UNBOUNDED = 10_000
 # Characters a folded column keeps when a terminal is too narrow for the whole table.

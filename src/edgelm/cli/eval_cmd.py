@@ -18,9 +18,9 @@ from edgelm.cli.common import (
     fail,
     print_table,
     progress_bars,
-    records_table,
     settings_of,
     show,
+    show_runs,
     split_list,
 )
 from edgelm.client import EdgelmClient, resolve_service
@@ -179,15 +179,7 @@ def list_(
     ctx: typer.Context, limit: int = typer.Option(20, min=1), as_json: bool = JSON_OPTION
 ) -> None:
     """Stored evaluation runs, newest first."""
-    rows = runs_db.list_runs(_db(settings_of(ctx)), limit)
-
-    def human() -> None:
-        if not rows:
-            console().print("no evaluation runs stored yet")
-            return
-        print_table(records_table("evaluation runs", rows))
-
-    show(rows, as_json, human)
+    show_runs(runs_db.list_runs(_db(settings_of(ctx)), limit), as_json, "evaluation")
 
 
 @app.command("ragas")
