@@ -25,6 +25,7 @@ its chat template lists the functions in the system turn. So:
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
@@ -184,6 +185,35 @@ def call_schema(tools: list[FunctionTool]) -> dict[str, Any]:
         for t in tools
     ]
     return alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
+
+
+GRAMMAR_INT_RANGE = 256
+"""Integer ranges up to this many values are written into the grammar as their values."""
+
+
+def grammar_schema(schema: Any) -> Any:
+    """``schema`` with the bounds llama-cpp-python's schema-to-grammar converter ignores
+    turned into what it does enforce: an integer with ``minimum``/``maximum`` (or the exclusive
+    forms) spanning at most :data:`GRAMMAR_INT_RANGE` values becomes an ``enum`` of them, so a
+    forced call such as ``{"days": 1..7}`` cannot come out as 30. Wider ranges stay as they
+    are (the call is still checked against the original schema)."""
+    if isinstance(schema, list):
+        return [grammar_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: grammar_schema(value) for key, value in schema.items()}
+    if out.get("type") == "integer" and "enum" not in out:
+        low = out.get("minimum")
+        high = out.get("maximum")
+        if isinstance(out.get("exclusiveMinimum"), int | float):
+            low = math.floor(out["exclusiveMinimum"]) + 1
+        if isinstance(out.get("exclusiveMaximum"), int | float):
+            high = math.ceil(out["exclusiveMaximum"]) - 1
+        if isinstance(low, int | float) and isinstance(high, int | float):
+            first, last = math.ceil(low), math.floor(high)
+            if 0 <= last - first < GRAMMAR_INT_RANGE:
+                return {"enum": list(range(first, last + 1))}
+    return out
 
 
 def wrap_call_grammar(json_gbnf: str, parallel: bool) -> str:

@@ -19,6 +19,7 @@ from edgelm.tools import (
     chat_messages,
     example_arguments,
     fallback_messages,
+    grammar_schema,
     parse_tool_calls,
     validate_call,
     wrap_call_grammar,
@@ -359,3 +360,35 @@ def test_grammar_strings_exclude_raw_control_characters() -> None:
     assert strict != grammar._grammar
     assert r'char ::= [^"\\\x7F\x00-\x1F] |' in strict
     assert LlamaGrammar.from_string(wrap_call_grammar(strict, False), verbose=False)._grammar
+
+
+def test_grammar_schema_writes_small_integer_ranges_as_values() -> None:
+    """llama-cpp-python's converter ignores minimum/maximum, so a forced call could say
+    ``"days": 30`` for a 1..7 field; small ranges become an enum the grammar does enforce."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            "top": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 4},
+            "year": {"type": "integer", "minimum": 0, "maximum": 100_000},
+            "ratio": {"type": "number", "minimum": 0, "maximum": 1},
+            "tags": {"type": "array", "items": {"type": "integer", "minimum": -1, "maximum": 1}},
+        },
+    }
+    props = grammar_schema(schema)["properties"]
+    assert props["days"] == {"enum": [1, 2, 3, 4, 5, 6, 7]}
+    assert props["top"] == {"enum": [1, 2, 3]}
+    assert props["year"] == schema["properties"]["year"]  # too wide: left to validation
+    assert props["ratio"] == schema["properties"]["ratio"]  # not an integer
+    assert props["tags"]["items"] == {"enum": [-1, 0, 1]}
+    assert schema["properties"]["days"]["maximum"] == 7  # the caller's schema is not changed
+
+
+def test_grammar_for_a_bounded_integer_rejects_values_outside_it() -> None:
+    pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    bounded = {"type": "object", "properties": {"days": {"type": "integer", "maximum": 7,
+                                                          "minimum": 1}}, "required": ["days"]}
+    text = LlamaGrammar.from_json_schema(json.dumps(grammar_schema(bounded)), verbose=False)._grammar
+    assert '"7"' in text and '"30"' not in text

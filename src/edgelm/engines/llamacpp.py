@@ -63,7 +63,7 @@ from edgelm.engines.batching import (
     piece_reader,
 )
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
-from edgelm.tools import call_schema, template_supports_tools, wrap_call_grammar
+from edgelm.tools import call_schema, grammar_schema, template_supports_tools, wrap_call_grammar
 from edgelm.types import Chunk, FinishReason, GenerationRequest
 
 if TYPE_CHECKING:
@@ -357,7 +357,9 @@ class LlamaCppEngine(Engine):
             grammar = (
                 LlamaGrammar.from_string(JSON_GBNF, verbose=False)
                 if schema is None
-                else LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+                else LlamaGrammar.from_json_schema(
+                    json.dumps(grammar_schema(schema)), verbose=False
+                )
             )
         except Exception as exc:  # the converter asserts on schemas it does not understand
             raise InvalidRequest(f"unsupported JSON schema in {param}: {exc}", param=param) from None
