@@ -13,12 +13,13 @@ with which key, so that every command reaches a service started with ``--api-key
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -67,13 +68,25 @@ def resolve_service(
 
     Endpoint: ``endpoint`` if given, else the settings' (``client.endpoint`` or
     ``EDGELM_ENDPOINT``, else the local service's host and port). Key: ``api_key`` if given,
-    else ``client.api_key``, else ``service.api_key`` (``EDGELM_API_KEY``), the key the local
-    service requires, so a service started with a key is reached with it.
+    else ``client.api_key``, else — only when the endpoint is this machine's —
+    ``service.api_key`` (``EDGELM_API_KEY``), the key a local service requires, so a service
+    started with a key is reached with it and that key never leaves the machine.
     """
-    return ServiceAddress(
-        endpoint=(endpoint or settings.endpoint).rstrip("/"),
-        api_key=api_key or settings.client.api_key or settings.service.api_key or None,
-    )
+    target = (endpoint or settings.endpoint).rstrip("/")
+    key = api_key or settings.client.api_key
+    if not key and (target == settings.local_endpoint or _is_loopback(target)):
+        key = settings.service.api_key
+    return ServiceAddress(endpoint=target, api_key=key or None)
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def is_up(

@@ -174,17 +174,26 @@ def first_choice(event: dict[str, Any]) -> Delta:
     return Delta()
 
 
+MAX_TOOL_CALLS = 128
+"""Most tool calls one streamed answer may carry."""
+
+
 def tool_call_deltas(raw: Any) -> list[ToolCallDelta]:
     """Streamed tool-call fragments in OpenAI's shape (``index``, then ``id`` and
     ``function.name`` once, then ``function.arguments`` pieces)."""
     out = []
     for item in raw if isinstance(raw, list) else []:
-        if not isinstance(item, dict):
-            continue
-        function = item.get("function") or {}
+        index = item.get("index", 0) if isinstance(item, dict) else None
+        function = item.get("function") or {} if isinstance(item, dict) else None
+        # An index indexes the answer's list of calls: a bad one from an upstream must be
+        # its error (502), not an IndexError here or a list of a billion calls downstream.
+        if not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
+            raise MalformedEvent(f"tool call with index {index!r}: {json.dumps(item)[:150]}")
+        if not isinstance(function, dict):
+            raise MalformedEvent(f"tool call function {json.dumps(function)[:150]}")
         out.append(
             ToolCallDelta(
-                index=int(item.get("index", 0)),
+                index=index,
                 id=item.get("id"),
                 name=function.get("name"),
                 arguments=function.get("arguments") or "",

@@ -258,6 +258,11 @@ class Settings(_Section):
         """Base URL of the service the CLI and client talk to."""
         if self.client.endpoint:
             return self.client.endpoint.rstrip("/")
+        return self.local_endpoint
+
+    @property
+    def local_endpoint(self) -> str:
+        """Base URL of the service these settings start (``service.host``/``port``)."""
         host = "127.0.0.1" if self.service.host in ("0.0.0.0", "::") else self.service.host
         return f"http://{host}:{self.service.port}"
 

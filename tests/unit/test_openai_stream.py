@@ -21,6 +21,7 @@ from edgelm.openai_stream import (
     read_stream,
     sse_data,
     sse_events,
+    tool_call_deltas,
 )
 from edgelm.rag.embed import ServiceEmbedder
 from edgelm.rag.local import HttpGenerator
@@ -258,3 +259,16 @@ def test_one_health_check() -> None:
     assert not is_up("http://svc", http=sick)
     fine = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200)))
     assert is_up("http://svc/", http=fine)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [{"index": None}, {"index": "x"}, {"index": -1}, {"index": 10**9}, {"index": 0, "function": "f"}],
+)
+def test_a_malformed_tool_call_fragment_is_the_senders_fault(item: dict) -> None:
+    """A bad index or function from an upstream is a malformed event (a 502 at the readers),
+    never an IndexError or a list of a billion calls."""
+    with pytest.raises(MalformedEvent):
+        tool_call_deltas([item])
+    ok = tool_call_deltas([{"index": 1, "id": "c", "function": {"name": "f", "arguments": "{"}}])
+    assert (ok[0].index, ok[0].id, ok[0].name, ok[0].arguments) == (1, "c", "f", "{")

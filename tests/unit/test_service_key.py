@@ -137,6 +137,11 @@ def test_resolver_precedence(isolated_home: Path) -> None:
     assert resolved(env, {"client.endpoint": "http://flag:2"})[0] == "http://flag:2"
     assert resolved(env, endpoint="http://given:3/")[0] == "http://given:3"
     assert resolved({"EDGELM_SERVICE__PORT": "7000"})[0] == "http://127.0.0.1:7000"
+    # the local service's own key never goes to another server
+    assert resolved({"EDGELM_API_KEY": "svc", "EDGELM_ENDPOINT": "http://elsewhere:1"})[1] is None
+    assert resolved({"EDGELM_API_KEY": "svc"}, endpoint="http://elsewhere:1")[1] is None
+    assert resolved({"EDGELM_API_KEY": "svc"}, endpoint="http://127.0.0.1:5273/")[1] == "svc"
+    assert resolved({"EDGELM_API_KEY": "svc"}, endpoint="http://localhost:6000")[1] == "svc"
     # the config file is a layer under the environment, like every setting
     (isolated_home / "config.toml").parent.mkdir(parents=True, exist_ok=True)
     (isolated_home / "config.toml").write_text('[client]\napi_key = "file"\n')
