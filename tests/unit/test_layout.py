@@ -241,5 +241,5 @@ def test_the_settings_schema_imports_no_feature_package() -> None:
         for dep in graph[todo.pop()] - seen:
             seen.add(dep)
             todo.append(dep)
-    features = ("rag", "router", "server", "bench", "evals", "cli")
+    features = ("rag", "hybrid", "server", "bench", "evals", "cli")
     assert not {m for m in seen if m.split(".")[1] in features}, sorted(seen)

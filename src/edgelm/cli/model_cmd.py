@@ -55,7 +55,7 @@ def list_(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
             "quantization": entry.quantization,
             "size_bytes": entry.size_bytes,
             "license": entry.license,
-            "cached": not entry.needs_file or store.is_cached(entry),
+            "cached": store.is_ready(entry),
             "user": entry.user,
         }
         for entry in _catalog(settings)

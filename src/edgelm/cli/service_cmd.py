@@ -52,9 +52,14 @@ def stop(ctx: typer.Context) -> None:
 
 
 @app.command("restart")
-def restart(ctx: typer.Context, model: str | None = typer.Option(None, "--model", "-m")) -> None:
-    """Stop, then start the service in the background."""
-    settings = settings_of(ctx)
+def restart(
+    ctx: typer.Context,
+    model: str | None = typer.Option(None, "--model", "-m"),
+    api_key: str | None = typer.Option(None, "--api-key", help="Require this bearer key."),
+) -> None:
+    """Stop, then start the service in the background (with --api-key, requiring that key:
+    like `start`, a key given there is not remembered)."""
+    settings = settings_of(ctx, **{"service.api_key": api_key})
     daemon.stop(settings)
     started = daemon.start_detached(settings, preload=model)
     console().print(f"service restarted at [bold]{started.endpoint}[/] (pid {started.pid})")

@@ -158,7 +158,7 @@ def check_capabilities(engine: Engine, request: GenerationRequest) -> None:
     engine.require(kind)
     if request.logprobs:
         engine.require("logprobs", f" for {kind}")
-    if request.tools:
+    if request.offers_tools:  # tools with tool_choice "none" never reach the model
         engine.require("tools")
     if not engine.reads_media:
         check_text_only(engine.model_id, request)
@@ -323,7 +323,7 @@ class Fold:
         self.tool_calls: list[dict[str, str]] = []  # OpenAI's shape, from the chunks' deltas
 
     def add(self, chunk: Chunk) -> None:
-        if chunk.text and self.first_t is None:
+        if (chunk.text or chunk.tool_calls) and self.first_t is None:
             self.first_t = chunk.t
         self.parts.append(chunk.text)
         self.token_ids.extend(chunk.token_ids)

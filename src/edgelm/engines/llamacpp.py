@@ -379,7 +379,7 @@ class LlamaCppEngine(Engine):
         if len(self._grammars) >= 32:
             self._grammars.clear()
         self._grammars[key] = (text, root)
-        return self._grammars[key]
+        return text, root
 
     # -- generation -----------------------------------------------------------------------
     def stream(

@@ -55,7 +55,7 @@ class SentenceEngine(Engine):
             from llama_cpp._logger import set_verbose
         except ImportError:
             raise MissingExtra("llama-cpp-python", "llamacpp") from None
-        from edgelm.engines.llamacpp import default_threads
+        from edgelm.engines.base import default_threads
 
         self._lib = llama_cpp
         self.model_id = model_id

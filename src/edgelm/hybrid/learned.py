@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import ConfigError, InvalidRequest
+from edgelm.reporting import write_atomically
 
 FORMAT_VERSION = 1
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
@@ -141,11 +142,7 @@ class LearnedRouter:
 
     def save(self, path: Path) -> Path:
         """Write atomically (a reader never sees half a file)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_atomically(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> LearnedRouter:

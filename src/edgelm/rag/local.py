@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +45,23 @@ class HttpGenerator:
     ) -> AsyncIterator[Chunk]:
         params = {"max_tokens": max_tokens, "temperature": temperature, "logprobs": logprobs or None}
         deltas = 0
-        async for event in self.client.astream_chat(model, messages, **params):
-            result = event.result
-            if result is None:
-                deltas += 1
-                yield Chunk(text=event.text, completion_tokens=deltas, logprobs=event.logprobs)
-                continue
-            if result.model:
-                self.reported[model] = result.model
-            yield Chunk(
-                text="",
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                finish_reason="length" if result.finish_reason == "length" else "stop",
-            )
+        # aclosing: when the answer is closed early (a loop cut), the HTTP stream closes at
+        # once and the service stops generating, not whenever the generator is collected.
+        async with aclosing(self.client.astream_chat(model, messages, **params)) as events:
+            async for event in events:
+                result = event.result
+                if result is None:
+                    deltas += 1
+                    yield Chunk(text=event.text, completion_tokens=deltas, logprobs=event.logprobs)
+                    continue
+                if result.model:
+                    self.reported[model] = result.model
+                yield Chunk(
+                    text="",
+                    prompt_tokens=result.prompt_tokens,
+                    completion_tokens=result.completion_tokens,
+                    finish_reason="length" if result.finish_reason == "length" else "stop",
+                )
 
 
 class LocalRag:
