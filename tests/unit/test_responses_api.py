@@ -176,3 +176,43 @@ def test_store_keeps_responses_for_the_retention_time(tmp_path: Path) -> None:
         store.conversation("resp_a")
     assert info.value.param == "previous_response_id"
     assert store.body("resp_b") == {"id": "resp_b"}
+
+
+def test_calls_ending_and_starting_in_one_chunk_close_with_their_own_ids() -> None:
+    """One chunk holding the end of call 0 and the start of call 1: call 0's done events
+    carry call 0's id and name, not the next call's."""
+    import asyncio
+
+    from edgelm.engines.base import Fold
+    from edgelm.server.openai_routes import OpenedAnswer
+    from edgelm.server.responses_routes import _events
+    from edgelm.types import Chunk, ToolCallDelta
+
+    async def stream():  # type: ignore[no-untyped-def]
+        yield Chunk("", tool_calls=[ToolCallDelta(0, id="call_a", name="first", arguments='{"x"')])
+        yield Chunk(
+            "",
+            tool_calls=[
+                ToolCallDelta(0, arguments=": 1}"),
+                ToolCallDelta(1, id="call_b", name="second", arguments='{"y": 2}'),
+            ],
+            finish_reason="tool_calls",
+        )
+
+    fold, fc_ids = Fold(), []  # type: ignore[var-annotated]
+
+    async def collect() -> bytes:
+        opened = OpenedAnswer([stream()], None, 0.0)
+        events = _events(opened, fold, fc_ids, "msg_x", lambda s: {"status": s}, lambda: {"status": "completed"})
+        return b"".join([part async for part in events])
+
+    raw = asyncio.run(collect()).decode()
+    payloads = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: ")]
+    done = [p["item"] for p in payloads if p["type"] == "response.output_item.done"]
+    assert [(d["call_id"], d["name"], d["arguments"]) for d in done] == [
+        ("call_a", "first", '{"x": 1}'),
+        ("call_b", "second", '{"y": 2}'),
+    ]
+    assert [d["id"] for d in done] == fc_ids
+    args_done = [p for p in payloads if p["type"] == "response.function_call_arguments.done"]
+    assert [p["item_id"] for p in args_done] == fc_ids

@@ -379,6 +379,9 @@ async def _events(
     open_kind: str | None = None  # "message" or "function_call"
     text = ""
     args = ""
+    # the open call's ids, from its opening delta: by the time it closes, ``fold`` may already
+    # hold the next call (one chunk can end one call and start the next)
+    call_id, call_name, fc_id = "", "", ""
 
     def close() -> list[bytes]:
         nonlocal open_kind
@@ -394,11 +397,10 @@ async def _events(
                 event("response.output_item.done", output_index=index, item=item),
             ]
         elif open_kind == "function_call":
-            call = fold.tool_calls[-1]
-            item = {"type": "function_call", "id": fc_ids[-1], "call_id": call["id"],
-                    "name": call["name"], "arguments": args, "status": "completed"}
+            item = {"type": "function_call", "id": fc_id, "call_id": call_id,
+                    "name": call_name, "arguments": args, "status": "completed"}
             done = [
-                event("response.function_call_arguments.done", item_id=fc_ids[-1],
+                event("response.function_call_arguments.done", item_id=fc_id,
                       output_index=index, arguments=args),
                 event("response.output_item.done", output_index=index, item=item),
             ]
@@ -430,14 +432,15 @@ async def _events(
                     out += close()
                     index += 1
                     open_kind, args = "function_call", ""
-                    fc_ids.append(f"fc_{uuid.uuid4().hex}")
-                    item = {"type": "function_call", "id": fc_ids[-1], "call_id": delta.id,
-                            "name": delta.name, "arguments": "", "status": "in_progress"}
+                    fc_id, call_id, call_name = f"fc_{uuid.uuid4().hex}", delta.id, delta.name or ""
+                    fc_ids.append(fc_id)
+                    item = {"type": "function_call", "id": fc_id, "call_id": call_id,
+                            "name": call_name, "arguments": "", "status": "in_progress"}
                     out.append(event("response.output_item.added", output_index=index, item=item))
                 if delta.arguments:
                     args += delta.arguments
                     out.append(event("response.function_call_arguments.delta",
-                                     item_id=fc_ids[-1], output_index=index, delta=delta.arguments))
+                                     item_id=fc_id, output_index=index, delta=delta.arguments))
             if out:
                 yield b"".join(out)
                 out = []
