@@ -129,6 +129,8 @@ def test_errors_name_the_field(client: OpenAI, app, serve_app) -> None:  # type:
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
             "messages[0].content[0]",
         ),
+        ({"input": [{"role": "user", "content": ["hi"]}]}, "input[0].content[0]"),
+        ({"input": "x", "text": {"format": "json"}}, "text.format"),
     ):
         response = httpx.post(f"{base}/responses", json={"model": "plain", **payload})
         assert response.status_code == 400, response.text

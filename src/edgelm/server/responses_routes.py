@@ -147,6 +147,11 @@ class ResponsesRequest(BaseModel):
 
     def _format(self) -> ResponseFormat | None:
         fmt = (self.text or {}).get("format")
+        if fmt is not None and not isinstance(fmt, dict):
+            raise InvalidRequest(
+                "text.format must be an object such as {\"type\": \"json_object\"}",
+                param="text.format",
+            )
         if not fmt or fmt.get("type") == "text":
             return None
         if fmt.get("type") == "json_object":
@@ -162,6 +167,12 @@ def _message(item: dict[str, Any], index: int) -> Message:
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise InvalidRequest(
+                    f"content part must be an object such as {{\"type\": \"input_text\", "
+                    f"\"text\": ...}}, not {type(part).__name__}",
+                    param=f"input[{index}].content[{j}]",
+                )
             kind = _PARTS.get(part.get("type", ""))
             if kind is None:
                 raise InvalidRequest(
