@@ -131,6 +131,14 @@ def test_errors_name_the_field(client: OpenAI, app, serve_app) -> None:  # type:
         ),
         ({"input": [{"role": "user", "content": ["hi"]}]}, "input[0].content[0]"),
         ({"input": "x", "text": {"format": "json"}}, "text.format"),
+        ({"input": "x", "conversation": "conv_1"}, "conversation"),
+        ({"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
+        ({"input": "x", "max_tool_calls": 2}, "max_tool_calls"),
+        ({"input": "x", "background": True}, "background"),
+        ({"input": "x", "truncation": "auto"}, "truncation"),
+        ({"input": "x", "top_logprobs": 3}, "top_logprobs"),
+        ({"input": "x", "include": ["message.output_text.logprobs"]}, "include"),
+        ({"input": "x", "reasoning": {"summary": "auto"}}, "reasoning.summary"),
     ):
         response = httpx.post(f"{base}/responses", json={"model": "plain", **payload})
         assert response.status_code == 400, response.text
@@ -218,3 +226,29 @@ def test_calls_ending_and_starting_in_one_chunk_close_with_their_own_ids() -> No
     assert [d["id"] for d in done] == fc_ids
     args_done = [p for p in payloads if p["type"] == "response.function_call_arguments.done"]
     assert [p["item_id"] for p in args_done] == fc_ids
+
+
+def test_no_op_fields_and_off_values_are_accepted(client: OpenAI) -> None:
+    base = str(client.base_url).rstrip("/")
+    payload = {
+        "model": "plain",
+        "input": "Say hi",
+        "user": "u1",
+        "metadata": {"k": "v"},
+        "service_tier": "auto",
+        "store": False,
+        "parallel_tool_calls": True,
+        "safety_identifier": "s",
+        "prompt_cache_key": "c",
+        "include": [],
+        "truncation": "disabled",
+        "top_logprobs": 0,
+        "background": False,
+        "conversation": None,
+        "prompt": None,
+        "max_tool_calls": None,
+        "reasoning": {"effort": None, "summary": None},
+    }
+    response = httpx.post(f"{base}/responses", json=payload)
+    assert response.status_code == 200, response.text
+    assert response.json()["output"][0]["content"][0]["text"] == "Fake answer to: Say hi"
