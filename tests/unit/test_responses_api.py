@@ -252,3 +252,35 @@ def test_no_op_fields_and_off_values_are_accepted(client: OpenAI) -> None:
     response = httpx.post(f"{base}/responses", json=payload)
     assert response.status_code == 200, response.text
     assert response.json()["output"][0]["content"][0]["text"] == "Fake answer to: Say hi"
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_closing_choice_chunks_closes_every_engine_stream(n: int) -> None:
+    """A request abandoned midway (client gone, non-streaming path cancelled) stops its
+    engine: closing the merged iterator closes each choice's stream, one choice or several."""
+    import asyncio
+
+    from edgelm.server.openai_routes import OpenedAnswer, choice_chunks
+    from edgelm.types import Chunk
+
+    closed: list[int] = []
+
+    async def stream(i: int):  # type: ignore[no-untyped-def]
+        try:
+            for k in range(1000):
+                yield Chunk(f"{i}:{k} ")
+                await asyncio.sleep(0)
+        finally:
+            closed.append(i)
+
+    async def abandon() -> list[int]:
+        streams = [stream(i) for i in range(n)]
+        first = await anext(streams[0])
+        merged = choice_chunks(OpenedAnswer(streams, first, 0.0))
+        async for _index, chunk in merged:
+            if chunk.text.endswith(":2 "):
+                break
+        await merged.aclose()
+        return sorted(closed)  # before asyncio.run's shutdown finalizes leftover generators
+
+    assert asyncio.run(abandon()) == list(range(n))

@@ -520,5 +520,4 @@ async def _events(
             "error", message=f"generation failed: {type(exc).__name__}", type="server_error"
         )
     finally:
-        await merged.aclose()
-        await opened.streams[0].aclose()
+        await merged.aclose()  # closes the engine's stream too
