@@ -129,6 +129,16 @@ def test_errors_name_the_field(client: OpenAI, app, serve_app) -> None:  # type:
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
             "messages[0].content[0]",
         ),
+        ({"input": [{"role": "user", "content": ["hi"]}]}, "input[0].content[0]"),
+        ({"input": "x", "text": {"format": "json"}}, "text.format"),
+        ({"input": "x", "conversation": "conv_1"}, "conversation"),
+        ({"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
+        ({"input": "x", "max_tool_calls": 2}, "max_tool_calls"),
+        ({"input": "x", "background": True}, "background"),
+        ({"input": "x", "truncation": "auto"}, "truncation"),
+        ({"input": "x", "top_logprobs": 3}, "top_logprobs"),
+        ({"input": "x", "include": ["message.output_text.logprobs"]}, "include"),
+        ({"input": "x", "reasoning": {"summary": "auto"}}, "reasoning.summary"),
     ):
         response = httpx.post(f"{base}/responses", json={"model": "plain", **payload})
         assert response.status_code == 400, response.text
@@ -176,3 +186,101 @@ def test_store_keeps_responses_for_the_retention_time(tmp_path: Path) -> None:
         store.conversation("resp_a")
     assert info.value.param == "previous_response_id"
     assert store.body("resp_b") == {"id": "resp_b"}
+
+
+def test_calls_ending_and_starting_in_one_chunk_close_with_their_own_ids() -> None:
+    """One chunk holding the end of call 0 and the start of call 1: call 0's done events
+    carry call 0's id and name, not the next call's."""
+    import asyncio
+
+    from edgelm.engines.base import Fold
+    from edgelm.server.openai_routes import OpenedAnswer
+    from edgelm.server.responses_routes import _events
+    from edgelm.types import Chunk, ToolCallDelta
+
+    async def stream():  # type: ignore[no-untyped-def]
+        yield Chunk("", tool_calls=[ToolCallDelta(0, id="call_a", name="first", arguments='{"x"')])
+        yield Chunk(
+            "",
+            tool_calls=[
+                ToolCallDelta(0, arguments=": 1}"),
+                ToolCallDelta(1, id="call_b", name="second", arguments='{"y": 2}'),
+            ],
+            finish_reason="tool_calls",
+        )
+
+    fold, fc_ids = Fold(), []  # type: ignore[var-annotated]
+
+    async def collect() -> bytes:
+        opened = OpenedAnswer([stream()], None, 0.0)
+        events = _events(opened, fold, fc_ids, "msg_x", lambda s: {"status": s}, lambda: {"status": "completed"})
+        return b"".join([part async for part in events])
+
+    raw = asyncio.run(collect()).decode()
+    payloads = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: ")]
+    done = [p["item"] for p in payloads if p["type"] == "response.output_item.done"]
+    assert [(d["call_id"], d["name"], d["arguments"]) for d in done] == [
+        ("call_a", "first", '{"x": 1}'),
+        ("call_b", "second", '{"y": 2}'),
+    ]
+    assert [d["id"] for d in done] == fc_ids
+    args_done = [p for p in payloads if p["type"] == "response.function_call_arguments.done"]
+    assert [p["item_id"] for p in args_done] == fc_ids
+
+
+def test_no_op_fields_and_off_values_are_accepted(client: OpenAI) -> None:
+    base = str(client.base_url).rstrip("/")
+    payload = {
+        "model": "plain",
+        "input": "Say hi",
+        "user": "u1",
+        "metadata": {"k": "v"},
+        "service_tier": "auto",
+        "store": False,
+        "parallel_tool_calls": True,
+        "safety_identifier": "s",
+        "prompt_cache_key": "c",
+        "include": [],
+        "truncation": "disabled",
+        "top_logprobs": 0,
+        "background": False,
+        "conversation": None,
+        "prompt": None,
+        "max_tool_calls": None,
+        "reasoning": {"effort": None, "summary": None},
+    }
+    response = httpx.post(f"{base}/responses", json=payload)
+    assert response.status_code == 200, response.text
+    assert response.json()["output"][0]["content"][0]["text"] == "Fake answer to: Say hi"
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_closing_choice_chunks_closes_every_engine_stream(n: int) -> None:
+    """A request abandoned midway (client gone, non-streaming path cancelled) stops its
+    engine: closing the merged iterator closes each choice's stream, one choice or several."""
+    import asyncio
+
+    from edgelm.server.openai_routes import OpenedAnswer, choice_chunks
+    from edgelm.types import Chunk
+
+    closed: list[int] = []
+
+    async def stream(i: int):  # type: ignore[no-untyped-def]
+        try:
+            for k in range(1000):
+                yield Chunk(f"{i}:{k} ")
+                await asyncio.sleep(0)
+        finally:
+            closed.append(i)
+
+    async def abandon() -> list[int]:
+        streams = [stream(i) for i in range(n)]
+        first = await anext(streams[0])
+        merged = choice_chunks(OpenedAnswer(streams, first, 0.0))
+        async for _index, chunk in merged:
+            if chunk.text.endswith(":2 "):
+                break
+        await merged.aclose()
+        return sorted(closed)  # before asyncio.run's shutdown finalizes leftover generators
+
+    assert asyncio.run(abandon()) == list(range(n))

@@ -224,26 +224,30 @@ def total_usage(folds: list[Fold]) -> dict[str, int]:
 
 async def choice_chunks(opened: OpenedAnswer) -> AsyncIterator[tuple[int, Chunk]]:
     """Every choice's chunks as (index, chunk), in the order they are generated. Choice 0
-    goes first; the others start once it has produced its first chunk (see :func:`open_answer`)."""
+    goes first; the others start once it has produced its first chunk (see :func:`open_answer`).
+
+    Closing this iterator (``aclose``, or it ending or raising) closes every choice's stream,
+    so a request that is cancelled or fails midway stops its engine: callers close only this."""
     streams = opened.streams
-    if opened.first is not None:
-        yield 0, opened.first
-    if len(streams) == 1:
-        async for chunk in streams[0]:
-            yield 0, chunk
-        return
-    queue: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue()
-
-    async def pump(index: int) -> None:
-        try:
-            async for chunk in streams[index]:
-                queue.put_nowait((index, chunk))
-        except Exception as exc:  # handed to the consumer and raised there
-            queue.put_nowait((index, exc))
-        queue.put_nowait((index, None))
-
-    tasks = [asyncio.create_task(pump(i)) for i in range(len(streams))]
+    tasks: list[asyncio.Task[None]] = []
     try:
+        if opened.first is not None:
+            yield 0, opened.first
+        if len(streams) == 1:
+            async for chunk in streams[0]:
+                yield 0, chunk
+            return
+        queue: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for chunk in streams[index]:
+                    queue.put_nowait((index, chunk))
+            except Exception as exc:  # handed to the consumer and raised there
+                queue.put_nowait((index, exc))
+            queue.put_nowait((index, None))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(streams))]
         running = len(tasks)
         while running:
             index, item = await queue.get()
@@ -287,7 +291,6 @@ async def _serve(
                 folds[index].add(chunk)
         finally:
             await merged.aclose()
-            await opened.streams[0].aclose()
         observe()
         body_out = render_whole(folds, timings_payload(folds[0], queue_s))
         if extension is not None:
@@ -330,7 +333,6 @@ async def _serve(
             yield _sse("[DONE]")
         finally:
             await merged.aclose()
-            await opened.streams[0].aclose()
             if not completed:
                 for fold in folds:
                     fold.finish = "cancelled"  # the client left, or the generation failed

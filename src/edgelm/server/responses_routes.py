@@ -45,6 +45,31 @@ _PARTS = {
     "input_file": "file",
 }
 
+# Fields that would change the answer if ignored: refused with a 400 naming them unless they
+# are unset or hold the value that means "off" (the second element). Fields that cannot change
+# the answer are accepted and not acted on: user, metadata, store (honoured), service_tier,
+# safety_identifier, prompt_cache_key, prompt_cache_retention, stream_options.
+_REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "conversation": (
+        "conversation is not supported; chain turns with previous_response_id",
+        (),
+    ),
+    "prompt": (
+        "prompt (a stored prompt template) is not supported; send instructions and input",
+        (),
+    ),
+    "max_tool_calls": ("max_tool_calls is not supported", ()),
+    "background": ("background responses are not supported; use stream", (False,)),
+    "truncation": (
+        "truncation is not supported: edgelm refuses an input longer than the context window",
+        ("disabled",),
+    ),
+    "top_logprobs": ("top_logprobs is not supported by /v1/responses", (0,)),
+    "context_management": ("context_management is not supported", ()),
+}
+# ``include`` values that add nothing edgelm could hold back: its models have no reasoning items.
+_INCLUDABLE = {"reasoning.encrypted_content"}
+
 
 class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -65,6 +90,37 @@ class ResponsesRequest(BaseModel):
     reasoning: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+    include: list[str] | None = None
+    conversation: Any = None
+    prompt: Any = None
+    max_tool_calls: Any = None
+    background: Any = None
+    truncation: Any = None
+    top_logprobs: Any = None
+    context_management: Any = None
+
+    def refuse_unsupported(self) -> None:
+        """A 400 naming the first field edgelm cannot honour that is set to something that
+        would change the answer (unset, null and "off" values pass)."""
+        for name, (message, off) in _REFUSED.items():
+            value = getattr(self, name)
+            if value is not None and value not in off:
+                raise InvalidRequest(message, param=name)
+        unsupported = [v for v in self.include or [] if v not in _INCLUDABLE]
+        if unsupported:
+            raise InvalidRequest(
+                f"include {unsupported[0]!r} is not supported (edgelm adds nothing to the output)",
+                param="include",
+            )
+        reasoning = {k: v for k, v in (self.reasoning or {}).items() if v is not None}
+        if reasoning.get("effort") in (None, "none"):
+            reasoning.pop("effort", None)
+        if reasoning:
+            name = "effort" if "effort" in reasoning else next(iter(reasoning))
+            raise InvalidRequest(
+                "reasoning is not supported: edgelm's models do not reason in separate tokens",
+                param=f"reasoning.{name}",
+            )
 
     def messages(self) -> list[Message]:
         """``input`` as chat messages (``instructions`` are added by the caller)."""
@@ -102,11 +158,7 @@ class ResponsesRequest(BaseModel):
 
     def generation(self, conversation: list[Message]) -> GenerationRequest:
         """The chat request for ``conversation`` (earlier turns and this input)."""
-        if self.reasoning and self.reasoning.get("effort"):
-            raise InvalidRequest(
-                "reasoning is not supported: edgelm's models do not reason in separate tokens",
-                param="reasoning.effort",
-            )
+        self.refuse_unsupported()
         messages = list(conversation)
         if self.instructions:  # instructions are not carried over to a continuation
             messages.insert(0, Message(role="system", content=self.instructions))
@@ -147,6 +199,11 @@ class ResponsesRequest(BaseModel):
 
     def _format(self) -> ResponseFormat | None:
         fmt = (self.text or {}).get("format")
+        if fmt is not None and not isinstance(fmt, dict):
+            raise InvalidRequest(
+                "text.format must be an object such as {\"type\": \"json_object\"}",
+                param="text.format",
+            )
         if not fmt or fmt.get("type") == "text":
             return None
         if fmt.get("type") == "json_object":
@@ -162,6 +219,12 @@ def _message(item: dict[str, Any], index: int) -> Message:
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise InvalidRequest(
+                    f"content part must be an object such as {{\"type\": \"input_text\", "
+                    f"\"text\": ...}}, not {type(part).__name__}",
+                    param=f"input[{index}].content[{j}]",
+                )
             kind = _PARTS.get(part.get("type", ""))
             if kind is None:
                 raise InvalidRequest(
@@ -268,6 +331,7 @@ def build_router() -> APIRouter:
     @router.post("/v1/responses")
     async def create(body: ResponsesRequest, request: Request):  # type: ignore[no-untyped-def]
         state: ServiceState = request.app.state.edgelm
+        body.refuse_unsupported()
         store = _store(state)
         history = store.conversation(body.previous_response_id) if body.previous_response_id else []
         conversation = [*history, *body.messages()]
@@ -379,6 +443,9 @@ async def _events(
     open_kind: str | None = None  # "message" or "function_call"
     text = ""
     args = ""
+    # the open call's ids, from its opening delta: by the time it closes, ``fold`` may already
+    # hold the next call (one chunk can end one call and start the next)
+    call_id, call_name, fc_id = "", "", ""
 
     def close() -> list[bytes]:
         nonlocal open_kind
@@ -394,11 +461,10 @@ async def _events(
                 event("response.output_item.done", output_index=index, item=item),
             ]
         elif open_kind == "function_call":
-            call = fold.tool_calls[-1]
-            item = {"type": "function_call", "id": fc_ids[-1], "call_id": call["id"],
-                    "name": call["name"], "arguments": args, "status": "completed"}
+            item = {"type": "function_call", "id": fc_id, "call_id": call_id,
+                    "name": call_name, "arguments": args, "status": "completed"}
             done = [
-                event("response.function_call_arguments.done", item_id=fc_ids[-1],
+                event("response.function_call_arguments.done", item_id=fc_id,
                       output_index=index, arguments=args),
                 event("response.output_item.done", output_index=index, item=item),
             ]
@@ -430,14 +496,15 @@ async def _events(
                     out += close()
                     index += 1
                     open_kind, args = "function_call", ""
-                    fc_ids.append(f"fc_{uuid.uuid4().hex}")
-                    item = {"type": "function_call", "id": fc_ids[-1], "call_id": delta.id,
-                            "name": delta.name, "arguments": "", "status": "in_progress"}
+                    fc_id, call_id, call_name = f"fc_{uuid.uuid4().hex}", delta.id, delta.name or ""
+                    fc_ids.append(fc_id)
+                    item = {"type": "function_call", "id": fc_id, "call_id": call_id,
+                            "name": call_name, "arguments": "", "status": "in_progress"}
                     out.append(event("response.output_item.added", output_index=index, item=item))
                 if delta.arguments:
                     args += delta.arguments
                     out.append(event("response.function_call_arguments.delta",
-                                     item_id=fc_ids[-1], output_index=index, delta=delta.arguments))
+                                     item_id=fc_id, output_index=index, delta=delta.arguments))
             if out:
                 yield b"".join(out)
                 out = []
@@ -453,5 +520,4 @@ async def _events(
             "error", message=f"generation failed: {type(exc).__name__}", type="server_error"
         )
     finally:
-        await merged.aclose()
-        await opened.streams[0].aclose()
+        await merged.aclose()  # closes the engine's stream too
