@@ -18,8 +18,12 @@ recorded answer exactly as it was judged live:
 Why these thresholds: a loop is declared only when a unit of text repeats back-to-back more
 often than normal writing ever does (a sentence of 6+ words three times in a row, a short
 phrase five times, one word sixteen times), or when markers run without a single word
-between them. Lists, tables, code and repeated words change at least one word per line and
-never meet those counts; the unit tests keep such answers passing.
+between them. A repeat counts only for its shortest unit (sixteen identical words are a
+one-word loop, not a three-word phrase five times), so runs of one value in code or data
+(``{0, 0, 0, …}``) need the one-word count. Table rules and cell borders (``|``, ``---``,
+``:---:``) are layout, neither words nor markers. Lists, tables, code and repeated words
+change at least one word per line and never meet those counts; the unit tests keep such
+answers passing.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ _CITATION = re.compile(r"(?:\[\d{1,4}(?:\s*[,\-–]\s*\d{1,4})*\])+[.,;:!?)]*")
 _LIST_NUMBER = re.compile(r"\(?\d{1,3}[.)]")
 _PUNCTUATION = re.compile(r"[^\w\s]+")
 _MARKER_TAIL = re.compile(r"\[\d{1,4}\]$")
+_TABLE_RULE = re.compile(r"[|:\-]+")
+"""Markdown table borders and separators (``|``, ``---``, ``:---:``) and rules: layout only."""
 
 
 def min_repeats(period: int) -> int:
@@ -97,6 +103,9 @@ class LoopMonitor:
         self._marker_run = 0
         self._content = 0
         self._markers = 0
+        self._layout = 0
+        self._sequence: list[str] = []
+        """The words the loop check compares (all but table layout)."""
 
     def push(self, text: str) -> Degeneration | None:
         """Add streamed text; returns the finding as soon as there is one (and keeps it)."""
@@ -126,16 +135,17 @@ class LoopMonitor:
             self._pending = ""
         if self.found is None and truncated:
             n = len(self.words)
-            for p in range(6, min(self.max_period, n - 1) + 1):
-                if self._runs[p] + p >= TRUNCATED_REPEATS * p:
-                    unit = _shorten(" ".join(self.words[-p:]))
+            sequence = self._sequence
+            for p in range(6, min(self.max_period, len(sequence) - 1) + 1):
+                if self._runs[p] + p >= TRUNCATED_REPEATS * p and _primitive(sequence[-p:]):
+                    unit = _shorten(" ".join(sequence[-p:]))
                     copies = (self._runs[p] + p) / p
                     detail = f"'{unit}' repeated {copies:.1f} times up to max_tokens"
                     self.found = Degeneration("loop", detail, n)
                     break
         if self.found is None and not self.words:
             self.found = Degeneration("empty", "the answer is empty", 0)
-        elif self.found is None and self._content == 0:
+        elif self.found is None and self._content == 0 and not _a_bare_number(self.words):
             shown = " ".join(self.words[:6])
             self.found = Degeneration(
                 "marker-only", f"no words, only markers ('{shown}')", len(self.words)
@@ -146,6 +156,14 @@ class LoopMonitor:
         words = self.words
         words.append(word)
         n = len(words)
+        if _TABLE_RULE.fullmatch(word):
+            # Table layout: a 5-column separator row is 11 such tokens; they neither break
+            # nor extend a run of markers, and take no part in the loop check.
+            self._layout += 1
+            return False
+        sequence = self._sequence
+        sequence.append(word)
+        length = len(sequence)
         marker = is_marker(word)
         if marker:
             self._markers += 1
@@ -153,11 +171,11 @@ class LoopMonitor:
         else:
             self._content += 1
             self._marker_run = 0
-        for p in range(1, min(self.max_period, n - 1) + 1):
-            if words[-1] == words[-1 - p]:
+        for p in range(1, min(self.max_period, length - 1) + 1):
+            if sequence[-1] == sequence[-1 - p]:
                 self._runs[p] += 1
-                if self._runs[p] + p >= p * min_repeats(p):
-                    unit = _shorten(" ".join(words[-p:]))
+                if self._runs[p] + p >= p * min_repeats(p) and _primitive(sequence[-p:]):
+                    unit = _shorten(" ".join(sequence[-p:]))
                     copies = (self._runs[p] + p) // p
                     self.found = Degeneration("loop", f"'{unit}' repeated {copies} times", n)
                     return True
@@ -176,6 +194,25 @@ class LoopMonitor:
             )
             return True
         return False
+
+
+def _primitive(unit: Sequence[str]) -> bool:
+    """Whether ``unit`` is not a shorter unit repeated (``0, 0, 0,`` is ``0,`` three times):
+    a repeat is judged only by its shortest unit, with that unit's count."""
+    p = len(unit)
+    return not any(
+        p % d == 0 and unit[d:] == unit[:-d] for d in range(1, p // 2 + 1)
+    )
+
+
+def _a_bare_number(words: Sequence[str]) -> bool:
+    """A short numeric answer (``42.``, ``(3)``, ``7. [2]``): one list-number-like word and
+    otherwise only citations. A list number is a marker when words follow it; alone it is the
+    answer. (``1. 2. 3.`` stays markers only.)"""
+    numbers = [w for w in words if _LIST_NUMBER.fullmatch(w)]
+    return len(numbers) == 1 and all(
+        w is numbers[0] or _CITATION.fullmatch(w) or _TABLE_RULE.fullmatch(w) for w in words
+    )
 
 
 def _shorten(unit: str) -> str:
@@ -228,7 +265,9 @@ _FIGURE = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
 _CITATIONS = re.compile(r"\[\d{1,4}(?:\s*[,\-–]\s*\d{1,4})*\]")
 _LIST_START = re.compile(r"(?m)^\s*(?:\d{1,3}[.)]|[-*•])\s+")
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/+]*[A-Za-z0-9]|[A-Za-z0-9]")
-_SENTENCE_START = re.compile(r"(?:[.!?:;]\s+|\n\s*|\]\s+|\"\s*|\(\s*|^\s*)$")
+_SENTENCE_START = re.compile(r"(?:[.!?:;]\s|\n|\]\s|\"|\(|^)[\s#*>_`\-]*$")
+"""What precedes a sentence's first word, including Markdown leads after the break:
+headings (``## Overview``), bold items (``**Install**``), quotes (``> Note``), code ticks."""
 NAME_STOPWORDS = frozenset(
     [
         "I",
