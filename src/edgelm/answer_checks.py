@@ -21,7 +21,8 @@ phrase five times, one word sixteen times), or when markers run without a single
 between them. A repeat counts only for its shortest unit (sixteen identical words are a
 one-word loop, not a three-word phrase five times), so runs of one value in code or data
 (``{0, 0, 0, …}``) need the one-word count. Table rules and cell borders (``|``, ``---``,
-``:---:``) are layout, neither words nor markers. Lists, tables, code and repeated words
+``:---:``) are layout, neither words nor markers. Inside a code fence one value may repeat
+up to :data:`CODE_WORD_REPEATS` times (initialisers, byte tables). Lists, tables, code and repeated words
 change at least one word per line and never meet those counts; the unit tests keep such
 answers passing.
 """
@@ -40,6 +41,9 @@ TRUNCATED_REPEATS = 2.5
 """Copies of a unit of 6+ words ending an answer cut at ``max_tokens`` that make it a loop."""
 MARKERS_BEFORE_WORDS = 8
 """Markers at the start of an answer with no word yet: the answer is markers only."""
+CODE_WORD_REPEATS = 64
+"""One word repeated this often inside a code fence is a loop (data such as ``{0, 0, …}``
+legitimately repeats one value more than the sixteen allowed in prose)."""
 
 _WORD = re.compile(r"\[\d{1,4}\]|[^\s\[]+|\[")
 """Units of the monitor: whitespace-separated words, with ``[n]`` split off even when glued
@@ -90,7 +94,8 @@ class LoopMonitor:
     Only whole words are judged (a word is complete once whitespace or a closing citation
     bracket follows it), so the verdict does not depend on how the text was chunked. For every
     period ``p`` up to :data:`MAX_PERIOD` it keeps how many words in a row equalled the word
-    ``p`` places back; a tail that is ``p``-periodic for ``p * min_repeats(p)`` words is a loop.
+    ``p`` places back; a tail that is ``p``-periodic for ``p * min_repeats(p)`` words is a loop
+when its unit is not itself a shorter unit repeated (that one is judged by its own count).
     That is ``O(MAX_PERIOD)`` per word, nothing per character.
     """
 
@@ -106,6 +111,8 @@ class LoopMonitor:
         self._layout = 0
         self._sequence: list[str] = []
         """The words the loop check compares (all but table layout)."""
+        self._line_start = True
+        self._in_code = False
 
     def push(self, text: str) -> Degeneration | None:
         """Add streamed text; returns the finding as soon as there is one (and keeps it)."""
@@ -119,9 +126,7 @@ class LoopMonitor:
         if end <= 0:
             return None
         complete, self._pending = self._pending[:end], self._pending[end:]
-        for word in _WORD.findall(complete):
-            if self._add(word):
-                break
+        self._feed(complete)
         return self.found
 
     def finish(self, truncated: bool = False) -> Degeneration | None:
@@ -129,9 +134,7 @@ class LoopMonitor:
         answer ``truncated`` at ``max_tokens`` that ends in :data:`TRUNCATED_REPEATS` copies of
         a sentence-long unit was cut off mid-loop (the model had no way out of it)."""
         if self.found is None and self._pending:
-            for word in _WORD.findall(self._pending):
-                if self._add(word):
-                    break
+            self._feed(self._pending)
             self._pending = ""
         if self.found is None and truncated:
             n = len(self.words)
@@ -152,10 +155,25 @@ class LoopMonitor:
             )
         return self.found
 
+    def _feed(self, text: str) -> None:
+        """Judge the complete words of ``text``, noting which ones open a line (for fences)."""
+        position = 0
+        for match in _WORD.finditer(text):
+            if "\n" in text[position : match.start()]:
+                self._line_start = True
+            position = match.end()
+            if self._add(match.group(0)):
+                return
+        if "\n" in text[position:]:
+            self._line_start = True
+
     def _add(self, word: str) -> bool:
         words = self.words
         words.append(word)
         n = len(words)
+        if self._line_start and word.startswith(("```", "~~~")):
+            self._in_code = not self._in_code
+        self._line_start = False
         if _TABLE_RULE.fullmatch(word):
             # Table layout: a 5-column separator row is 11 such tokens; they neither break
             # nor extend a run of markers, and take no part in the loop check.
@@ -174,7 +192,8 @@ class LoopMonitor:
         for p in range(1, min(self.max_period, length - 1) + 1):
             if sequence[-1] == sequence[-1 - p]:
                 self._runs[p] += 1
-                if self._runs[p] + p >= p * min_repeats(p) and _primitive(sequence[-p:]):
+                repeats = CODE_WORD_REPEATS if p == 1 and self._in_code else min_repeats(p)
+                if self._runs[p] + p >= p * repeats and _primitive(sequence[-p:]):
                     unit = _shorten(" ".join(sequence[-p:]))
                     copies = (self._runs[p] + p) // p
                     self.found = Degeneration("loop", f"'{unit}' repeated {copies} times", n)

@@ -226,3 +226,19 @@ def test_words_after_markdown_leads_are_sentence_starts(answer: str) -> None:
 def test_names_after_markdown_leads_are_still_checked() -> None:
     assert "John Smith" in unsupported_claims("## John Smith\nHe founded it.", CONTEXT)
     assert "Paris" in unsupported_claims("**Where**: it is made in Paris.", CONTEXT)
+
+
+def test_one_value_may_repeat_longer_inside_a_code_fence() -> None:
+    zeros = ", ".join(["0"] * 32)
+    code = f"Use this:\n\n```c\nint buf[32] = {{ {zeros} }};\n```\nIt clears the buffer."
+    assert degeneration(code) is None
+    assert degeneration(f"The buffer is {zeros} now.").kind == "loop"  # type: ignore[union-attr]
+    stuck = "```c\nint buf[] = { " + "0, " * 70
+    found = degeneration(stuck)
+    assert found is not None and found.kind == "loop" and "64 times" in found.detail
+    # the fence state does not depend on chunking
+    for size in (1, 3, 5):
+        monitor = LoopMonitor()
+        for i in range(0, len(code), size):
+            monitor.push(code[i : i + size])
+        assert monitor.finish() is None
