@@ -18,8 +18,13 @@ recorded answer exactly as it was judged live:
 Why these thresholds: a loop is declared only when a unit of text repeats back-to-back more
 often than normal writing ever does (a sentence of 6+ words three times in a row, a short
 phrase five times, one word sixteen times), or when markers run without a single word
-between them. Lists, tables, code and repeated words change at least one word per line and
-never meet those counts; the unit tests keep such answers passing.
+between them. A repeat counts only for its shortest unit (sixteen identical words are a
+one-word loop, not a three-word phrase five times), so runs of one value in code or data
+(``{0, 0, 0, …}``) need the one-word count. Table rules and cell borders (``|``, ``---``,
+``:---:``) are layout, neither words nor markers. Inside a code fence one value may repeat
+up to :data:`CODE_WORD_REPEATS` times (initialisers, byte tables). Lists, tables, code and repeated words
+change at least one word per line and never meet those counts; the unit tests keep such
+answers passing.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ TRUNCATED_REPEATS = 2.5
 """Copies of a unit of 6+ words ending an answer cut at ``max_tokens`` that make it a loop."""
 MARKERS_BEFORE_WORDS = 8
 """Markers at the start of an answer with no word yet: the answer is markers only."""
+CODE_WORD_REPEATS = 64
+"""One word repeated this often inside a code fence is a loop (data such as ``{0, 0, …}``
+legitimately repeats one value more than the sixteen allowed in prose)."""
 
 _WORD = re.compile(r"\[\d{1,4}\]|[^\s\[]+|\[")
 """Units of the monitor: whitespace-separated words, with ``[n]`` split off even when glued
@@ -44,6 +52,8 @@ _CITATION = re.compile(r"(?:\[\d{1,4}(?:\s*[,\-–]\s*\d{1,4})*\])+[.,;:!?)]*")
 _LIST_NUMBER = re.compile(r"\(?\d{1,3}[.)]")
 _PUNCTUATION = re.compile(r"[^\w\s]+")
 _MARKER_TAIL = re.compile(r"\[\d{1,4}\]$")
+_TABLE_RULE = re.compile(r"[|:\-]+")
+"""Markdown table borders and separators (``|``, ``---``, ``:---:``) and rules: layout only."""
 
 
 def min_repeats(period: int) -> int:
@@ -84,7 +94,8 @@ class LoopMonitor:
     Only whole words are judged (a word is complete once whitespace or a closing citation
     bracket follows it), so the verdict does not depend on how the text was chunked. For every
     period ``p`` up to :data:`MAX_PERIOD` it keeps how many words in a row equalled the word
-    ``p`` places back; a tail that is ``p``-periodic for ``p * min_repeats(p)`` words is a loop.
+    ``p`` places back; a tail that is ``p``-periodic for ``p * min_repeats(p)`` words is a loop
+when its unit is not itself a shorter unit repeated (that one is judged by its own count).
     That is ``O(MAX_PERIOD)`` per word, nothing per character.
     """
 
@@ -97,6 +108,11 @@ class LoopMonitor:
         self._marker_run = 0
         self._content = 0
         self._markers = 0
+        self._layout = 0
+        self._sequence: list[str] = []
+        """The words the loop check compares (all but table layout)."""
+        self._line_start = True
+        self._in_code = False
 
     def push(self, text: str) -> Degeneration | None:
         """Add streamed text; returns the finding as soon as there is one (and keeps it)."""
@@ -110,9 +126,7 @@ class LoopMonitor:
         if end <= 0:
             return None
         complete, self._pending = self._pending[:end], self._pending[end:]
-        for word in _WORD.findall(complete):
-            if self._add(word):
-                break
+        self._feed(complete)
         return self.found
 
     def finish(self, truncated: bool = False) -> Degeneration | None:
@@ -120,32 +134,54 @@ class LoopMonitor:
         answer ``truncated`` at ``max_tokens`` that ends in :data:`TRUNCATED_REPEATS` copies of
         a sentence-long unit was cut off mid-loop (the model had no way out of it)."""
         if self.found is None and self._pending:
-            for word in _WORD.findall(self._pending):
-                if self._add(word):
-                    break
+            self._feed(self._pending)
             self._pending = ""
         if self.found is None and truncated:
             n = len(self.words)
-            for p in range(6, min(self.max_period, n - 1) + 1):
-                if self._runs[p] + p >= TRUNCATED_REPEATS * p:
-                    unit = _shorten(" ".join(self.words[-p:]))
+            sequence = self._sequence
+            for p in range(6, min(self.max_period, len(sequence) - 1) + 1):
+                if self._runs[p] + p >= TRUNCATED_REPEATS * p and _primitive(sequence[-p:]):
+                    unit = _shorten(" ".join(sequence[-p:]))
                     copies = (self._runs[p] + p) / p
                     detail = f"'{unit}' repeated {copies:.1f} times up to max_tokens"
                     self.found = Degeneration("loop", detail, n)
                     break
         if self.found is None and not self.words:
             self.found = Degeneration("empty", "the answer is empty", 0)
-        elif self.found is None and self._content == 0:
+        elif self.found is None and self._content == 0 and not _a_bare_number(self.words):
             shown = " ".join(self.words[:6])
             self.found = Degeneration(
                 "marker-only", f"no words, only markers ('{shown}')", len(self.words)
             )
         return self.found
 
+    def _feed(self, text: str) -> None:
+        """Judge the complete words of ``text``, noting which ones open a line (for fences)."""
+        position = 0
+        for match in _WORD.finditer(text):
+            if "\n" in text[position : match.start()]:
+                self._line_start = True
+            position = match.end()
+            if self._add(match.group(0)):
+                return
+        if "\n" in text[position:]:
+            self._line_start = True
+
     def _add(self, word: str) -> bool:
         words = self.words
         words.append(word)
         n = len(words)
+        if self._line_start and word.startswith(("```", "~~~")):
+            self._in_code = not self._in_code
+        self._line_start = False
+        if _TABLE_RULE.fullmatch(word):
+            # Table layout: a 5-column separator row is 11 such tokens; they neither break
+            # nor extend a run of markers, and take no part in the loop check.
+            self._layout += 1
+            return False
+        sequence = self._sequence
+        sequence.append(word)
+        length = len(sequence)
         marker = is_marker(word)
         if marker:
             self._markers += 1
@@ -153,11 +189,12 @@ class LoopMonitor:
         else:
             self._content += 1
             self._marker_run = 0
-        for p in range(1, min(self.max_period, n - 1) + 1):
-            if words[-1] == words[-1 - p]:
+        for p in range(1, min(self.max_period, length - 1) + 1):
+            if sequence[-1] == sequence[-1 - p]:
                 self._runs[p] += 1
-                if self._runs[p] + p >= p * min_repeats(p):
-                    unit = _shorten(" ".join(words[-p:]))
+                repeats = CODE_WORD_REPEATS if p == 1 and self._in_code else min_repeats(p)
+                if self._runs[p] + p >= p * repeats and _primitive(sequence[-p:]):
+                    unit = _shorten(" ".join(sequence[-p:]))
                     copies = (self._runs[p] + p) // p
                     self.found = Degeneration("loop", f"'{unit}' repeated {copies} times", n)
                     return True
@@ -176,6 +213,25 @@ class LoopMonitor:
             )
             return True
         return False
+
+
+def _primitive(unit: Sequence[str]) -> bool:
+    """Whether ``unit`` is not a shorter unit repeated (``0, 0, 0,`` is ``0,`` three times):
+    a repeat is judged only by its shortest unit, with that unit's count."""
+    p = len(unit)
+    return not any(
+        p % d == 0 and unit[d:] == unit[:-d] for d in range(1, p // 2 + 1)
+    )
+
+
+def _a_bare_number(words: Sequence[str]) -> bool:
+    """A short numeric answer (``42.``, ``(3)``, ``7. [2]``): one list-number-like word and
+    otherwise only citations. A list number is a marker when words follow it; alone it is the
+    answer. (``1. 2. 3.`` stays markers only.)"""
+    numbers = [w for w in words if _LIST_NUMBER.fullmatch(w)]
+    return len(numbers) == 1 and all(
+        w is numbers[0] or _CITATION.fullmatch(w) or _TABLE_RULE.fullmatch(w) for w in words
+    )
 
 
 def _shorten(unit: str) -> str:
@@ -228,7 +284,9 @@ _FIGURE = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
 _CITATIONS = re.compile(r"\[\d{1,4}(?:\s*[,\-–]\s*\d{1,4})*\]")
 _LIST_START = re.compile(r"(?m)^\s*(?:\d{1,3}[.)]|[-*•])\s+")
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/+]*[A-Za-z0-9]|[A-Za-z0-9]")
-_SENTENCE_START = re.compile(r"(?:[.!?:;]\s+|\n\s*|\]\s+|\"\s*|\(\s*|^\s*)$")
+_SENTENCE_START = re.compile(r"(?:[.!?:;]\s|\n|\]\s|\"|\(|^)[\s#*>_`\-]*$")
+"""What precedes a sentence's first word, including Markdown leads after the break:
+headings (``## Overview``), bold items (``**Install**``), quotes (``> Note``), code ticks."""
 NAME_STOPWORDS = frozenset(
     [
         "I",

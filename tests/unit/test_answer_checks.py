@@ -170,3 +170,75 @@ def test_a_loop_cut_off_by_max_tokens_is_degenerate() -> None:
     prose = " ".join(f"Point {i} explains another detail of hashing." for i in range(30))
     assert degeneration(prose, truncated=True) is None
     assert degeneration(NORMAL["numbered list"], truncated=True) is None
+
+
+def test_a_markdown_table_is_not_a_marker_run() -> None:
+    """A 5-column separator row is 11 ``|``/``---``/``:---:`` tokens in a row: layout, not
+    markers (it used to make 12 markers with the next row's border)."""
+    header = "| Model | Size | Speed | Cost | Notes |"
+    for rule in ("| --- | --- | --- | --- | --- |", "| :--- | :---: | ---: | --- | :-: |"):
+        table = f"{header}\n{rule}\n| [1] | 1 GB | fast | low | ok |\n| SmolLM2 | 135M | x | y | z |"
+        assert degeneration(table) is None, rule
+    wide = "| " + " | ".join(f"c{i}" for i in range(12)) + " |\n" + "| --- " * 12 + "|\n"
+    assert degeneration(wide + "| " + " | ".join(f"v{i}" for i in range(12)) + " |") is None
+    # markers still run when the table cells are nothing but markers
+    assert degeneration("Rows: " + "| [1] | [2] " * 8).kind in ("marker-run", "loop")  # type: ignore[union-attr]
+
+
+def test_a_short_numeric_answer_is_not_marker_only() -> None:
+    for answer in ("42.", "42", "(3)", "7. [2]", "[1] 12."):
+        assert degeneration(answer) is None, answer
+    for answer in ("1. 2. 3.", "[1]", "1. [1] 2.", "---"):
+        assert degeneration(answer).kind == "marker-only", answer  # type: ignore[union-attr]
+
+
+def test_a_repeat_counts_only_for_its_shortest_unit() -> None:
+    """Fifteen zeros are not "a three-word phrase five times": one word needs sixteen."""
+    fifteen = "int a[15] = { " + ", ".join(["0"] * 15) + " };"
+    assert degeneration(fifteen) is None
+    sixteen_words = "Values: " + "0, " * 16
+    found = degeneration(sixteen_words)
+    assert found is not None and found.kind == "loop" and "'0,' repeated 16 times" in found.detail
+    # two-word units need ten copies, not five as "a b a b" (period 4)
+    assert degeneration("Say " + "yes no " * 9 + "stop.") is None
+    assert degeneration("Say " + "yes no " * 10 + "stop.").kind == "loop"  # type: ignore[union-attr]
+    # the cap rule too: a 2-word unit at max_tokens is not a 6-word sentence 2.5 times
+    assert degeneration("Go: " + "left right " * 8, truncated=True) is None
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "## Overview\n\nThe Aurora WS-3 measures the weather every 16 seconds.",
+        "### Storage\nIt stores up to 90 days of readings.",
+        "1. **Install**: mount the mast.\n2. **Connect**: pair the console.",
+        "- **Weight**: 1.9 kg\n- *Rating*: IP65",
+        "> Warning: the mast weighs 1.9 kg.",
+        "Setup:\n\n**Mount** the mast first.",
+        "`Config` is not mentioned; it measures every 16 seconds.",
+        "Done. _Summary_ follows.",
+    ],
+)
+def test_words_after_markdown_leads_are_sentence_starts(answer: str) -> None:
+    assert unsupported_claims(answer, CONTEXT) == []
+
+
+def test_names_after_markdown_leads_are_still_checked() -> None:
+    assert "John Smith" in unsupported_claims("## John Smith\nHe founded it.", CONTEXT)
+    assert "Paris" in unsupported_claims("**Where**: it is made in Paris.", CONTEXT)
+
+
+def test_one_value_may_repeat_longer_inside_a_code_fence() -> None:
+    zeros = ", ".join(["0"] * 32)
+    code = f"Use this:\n\n```c\nint buf[32] = {{ {zeros} }};\n```\nIt clears the buffer."
+    assert degeneration(code) is None
+    assert degeneration(f"The buffer is {zeros} now.").kind == "loop"  # type: ignore[union-attr]
+    stuck = "```c\nint buf[] = { " + "0, " * 70
+    found = degeneration(stuck)
+    assert found is not None and found.kind == "loop" and "64 times" in found.detail
+    # the fence state does not depend on chunking
+    for size in (1, 3, 5):
+        monitor = LoopMonitor()
+        for i in range(0, len(code), size):
+            monitor.push(code[i : i + size])
+        assert monitor.finish() is None

@@ -271,9 +271,10 @@ def test_a_marker_only_draft_escalates(base: str) -> None:
     assert raw.parse().choices[0].message.content == BIG
 
 
-def test_a_cut_draft_that_is_kept_still_ends_with_a_finish_reason(base: str) -> None:
-    """``degenerate&length=100000`` watches loops but keeps the draft: the cut stream must
-    still close properly for the client."""
+def test_a_cut_draft_never_reaches_the_user_even_when_the_policy_would_keep_it(base: str) -> None:
+    """``degenerate&length=100000`` watches loops, but its AllOf verdict alone would keep the
+    draft (length never fires): the cut, looping draft must still go to the LLM, never to the
+    client with ``finish_reason="stop"``."""
     stream = oai(base).chat.completions.create(
         model="hybrid:small-loop+big@degenerate&length=100000",
         messages=MSG,
@@ -283,4 +284,9 @@ def test_a_cut_draft_that_is_kept_still_ends_with_a_finish_reason(base: str) -> 
     chunks = list(stream)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "stop"
-    assert chunks[-1].model_extra["edgelm"]["draft_cut"].startswith("loop")
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == BIG
+    ext = chunks[-1].model_extra["edgelm"]
+    assert ext["draft_cut"].startswith("loop")
+    assert ext["route"] == "direct" and ext["fired"] == "degenerate"
+    assert "draft cut" in ext["reason"]

@@ -35,6 +35,7 @@ from edgelm.hybrid.policies import (
     Draft,
     Policy,
     Route,
+    Verdict,
     bind_learned,
     decide,
     decide_before_draft,
@@ -291,6 +292,8 @@ class HybridRouter:
 
         before = self.clock()
         decision = early if early is not None else decide(policy, question, draft)
+        if record.draft_cut is not None and decision.route != "direct":
+            decision = _escalate_cut(decision, record.draft_cut)
         self._decided(record, decision, self.clock() - before)
         if decision.route == "draft":
             chunks = self._replay(buffered, request.logprobs, t0, record)
@@ -374,3 +377,21 @@ class HybridRouter:
         finally:
             record.second = Leg.of(self.llm, role, fold, started)
             self._finish(record, t0)
+
+
+def _escalate_cut(decision: Decision, cut: str) -> Decision:
+    """A draft stopped mid-loop is unfinished text: it must never reach the user, nor be
+    refined (it holds nothing worth keeping), whatever the rest of the policy said (a
+    ``degenerate`` term inside ``&`` can leave the combined verdict at "draft"). The LLM
+    answers afresh; the policy's own verdict stays in the signals."""
+    verdict = Verdict(
+        "degenerate",
+        True,
+        "direct",
+        cut.split(":", 1)[0],
+        "loop|markers|empty",
+        f"degenerate: {cut} (draft cut)",
+        signals=(decision.verdict,),
+    )
+    return Decision("direct", verdict)
+
