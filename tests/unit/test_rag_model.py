@@ -122,6 +122,28 @@ def test_out_of_scope_question_is_refused_without_a_model(demo: Settings) -> Non
         assert client.app.state.edgelm.pool.models == {}  # nothing was loaded
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"stop": ["\n"]},
+        {"seed": 7},
+        {"top_p": 0.5},
+        {"response_format": {"type": "json_object"}},
+        {"frequency_penalty": 0.5},
+    ],
+)
+def test_sampling_fields_rag_cannot_honour_are_refused_by_name(demo: Settings, extra) -> None:  # type: ignore[no-untyped-def]
+    """RAG writes answers with its own settings: a knob it would not apply is a 400 naming it,
+    not an answer that silently ignored it."""
+    with TestClient(make_app(demo, rag_catalog(demo.home))) as client:
+        response = chat(client, "rag:demo", QUESTION, **extra)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == next(iter(extra)) and "rag:demo" in error["message"]
+        # the two it takes still work
+        assert chat(client, "rag:demo", QUESTION, temperature=0, max_tokens=50).status_code == 200
+
+
 def test_insufficient_answer_escalates_to_the_llm(demo: Settings) -> None:
     catalog = rag_catalog(demo.home, slm_reply="The context does not say.")
     with TestClient(make_app(demo, catalog)) as client:

@@ -163,6 +163,15 @@ def _check_virtual(model: str, virtual: VirtualModel, gen: GenerationRequest, n:
             f"the virtual model '{model}' gives one answer per request (n=1)", param="n"
         )
     check_text_only(model, gen, virtual.content_parts)
+    for name in virtual.ignores:
+        if getattr(gen, name) != GenerationRequest.model_fields[name].get_default(
+            call_default_factory=True
+        ):
+            raise InvalidRequest(
+                f"the virtual model '{model}' does not take '{name}': it answers with settings "
+                "of its own; call a model directly to set it",
+                param=name,
+            )
 
 
 async def _first_chunk(stream: AsyncIterator[Chunk], started: float) -> tuple[Chunk | None, float]:

@@ -88,6 +88,20 @@ class RagModels(VirtualModel):
     """``rag:<collection>`` and ``rag:inline``. Holds its open stores per instance (one
     connection per collection, with sqlite-vec loaded once), without module globals."""
 
+    # RAG writes its answers with rag.* settings (temperature and max_tokens from the request);
+    # the sampling knobs below would silently not apply.
+    ignores = (
+        "stop",
+        "seed",
+        "top_p",
+        "top_k",
+        "response_format",
+        "presence_penalty",
+        "frequency_penalty",
+        "repeat_penalty",
+        "ignore_eos",
+    )
+
     content_parts = ("text", "refusal", "document")  # documents to answer from
 
     def __init__(self) -> None:

@@ -61,6 +61,10 @@ class VirtualModel(ABC):
     not (the hybrid router and RAG answer from prompts of their own)."""
     content_parts: ClassVar[tuple[str, ...]] = ("text", "refusal")
     """Message content part types it reads; others are refused, naming the part."""
+    ignores: ClassVar[tuple[str, ...]] = ()
+    """Request fields (of :class:`~edgelm.types.GenerationRequest`) it cannot honour: a
+    request that sets one to anything but its default is refused with a 400 naming it,
+    rather than answered as if it had not been sent."""
 
     @abstractmethod
     def matches(self, name: str) -> bool:
