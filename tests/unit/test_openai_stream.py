@@ -272,3 +272,33 @@ def test_a_malformed_tool_call_fragment_is_the_senders_fault(item: dict) -> None
         tool_call_deltas([item])
     ok = tool_call_deltas([{"index": 1, "id": "c", "function": {"name": "f", "arguments": "{"}}])
     assert (ok[0].index, ok[0].id, ok[0].name, ok[0].arguments) == (1, "c", "f", "{")
+
+
+class _ProbeClient:
+    """An EdgelmClient stand-in whose embed() fails as a service would."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+        self.closed = False
+
+    def embed(self, *_args: object) -> list[list[float]]:
+        raise self.error
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_default_embedders_probe_falls_back_only_when_it_is_not_set_up() -> None:
+    """No service or no such model: lexical only, with a note. A refused key or a model that
+    cannot embed: the user sees the error instead of a silently lexical-only collection."""
+    from edgelm.rag.embed import service_embedder
+
+    for error in (ServiceUnavailable("down"), ServiceError(404, "not downloaded")):
+        probe = _ProbeClient(error)
+        embedder, note = service_embedder("minilm", False, lambda p=probe: p)  # type: ignore[misc]
+        assert embedder is None and "lexical only" in note and probe.closed
+    for error in (ServiceError(401, "missing or invalid API key"), ServiceError(400, "no")):
+        probe = _ProbeClient(error)
+        with pytest.raises(ServiceError):
+            service_embedder("minilm", False, lambda p=probe: p)  # type: ignore[misc]
+        assert probe.closed

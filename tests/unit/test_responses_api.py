@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from openai import NotFoundError, OpenAI
+from openai import BadRequestError, NotFoundError, OpenAI
 
 from edgelm.catalog import Catalog, CatalogEntry
 from edgelm.server.app import create_app
@@ -284,3 +284,15 @@ def test_closing_choice_chunks_closes_every_engine_stream(n: int) -> None:
         return sorted(closed)  # before asyncio.run's shutdown finalizes leftover generators
 
     assert asyncio.run(abandon()) == list(range(n))
+
+
+def test_a_chain_is_held_to_the_message_limit(app, client: OpenAI) -> None:  # type: ignore[no-untyped-def]
+    """``service.max_messages`` bounds a conversation however it grows: a Responses chain
+    through previous_response_id counts its stored turns too."""
+    app.state.edgelm.settings.service.max_messages = 3
+    first = client.responses.create(model="plain", input="one")  # stored: user, assistant
+    second = client.responses.create(model="plain", input="two", previous_response_id=first.id)
+    assert second.status == "completed"  # 3 messages reached the model
+    with pytest.raises(BadRequestError) as caught:
+        client.responses.create(model="plain", input="three", previous_response_id=second.id)
+    assert caught.value.body["param"] == "input" and "max_messages" in caught.value.body["message"]

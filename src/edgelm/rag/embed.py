@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from edgelm.client import EdgelmClient
+from edgelm.client import EdgelmClient, ServiceError, ServiceUnavailable
 from edgelm.engines.base import Engine
-from edgelm.errors import EdgelmError
 
 
 class Embedder(Protocol):
@@ -67,8 +66,12 @@ def service_embedder(
         return embedder, ""
     try:
         embedder.embed(["probe"])
-    except EdgelmError as exc:
+    except (ServiceUnavailable, ServiceError) as exc:
         embedder.close()
+        # Only "no service" and "no such model" mean "not set up yet"; a refused key or a
+        # model that cannot embed is the user's to see, not a silent lexical-only ingest.
+        if isinstance(exc, ServiceError) and exc.status != 404:
+            raise
         return None, (
             f"lexical only: the default embedder '{model}' is not available ({exc.message}); "
             f"for dense and hybrid retrieval run: edgelm model download {model}"

@@ -150,6 +150,17 @@ async def open_answer(state: ServiceState, model: str, gen: GenerationRequest, n
     return OpenedAnswer(streams, first, queue_s, answer)
 
 
+def check_message_count(state: ServiceState, count: int, param: str) -> None:
+    """At most ``service.max_messages`` in one conversation, however it arrives (a chat
+    request's messages, or a Responses chain grown through ``previous_response_id``)."""
+    limit = state.settings.service.max_messages
+    if count > limit:
+        raise InvalidRequest(
+            f"{count} messages is more than the {limit} allowed (setting service.max_messages)",
+            param=param,
+        )
+
+
 def _check_virtual(model: str, virtual: VirtualModel, gen: GenerationRequest, n: int) -> None:
     """What a virtual model cannot honour, refused by name before it starts."""
     if gen.tools and not virtual.supports_tools:
@@ -465,13 +476,7 @@ def build_router() -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):  # type: ignore[no-untyped-def]
         state: ServiceState = request.app.state.edgelm
-        limit = state.settings.service.max_messages
-        if len(body.messages) > limit:
-            raise InvalidRequest(
-                f"{len(body.messages)} messages is more than the {limit} allowed "
-                "(setting service.max_messages)",
-                param="messages",
-            )
+        check_message_count(state, len(body.messages), "messages")
         gen = body.to_generation()
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())

@@ -28,7 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgelm.engines.base import Fold
 from edgelm.errors import EdgelmError, InvalidRequest, ModelNotFound
-from edgelm.server.openai_routes import OpenedAnswer, choice_chunks, model_name, open_answer
+from edgelm.server.openai_routes import (
+    OpenedAnswer,
+    check_message_count,
+    choice_chunks,
+    model_name,
+    open_answer,
+)
 from edgelm.server.schemas import Temperature, TopP
 from edgelm.server.state import ServiceState
 from edgelm.types import FunctionTool, GenerationRequest, Message, ResponseFormat
@@ -335,6 +341,7 @@ def build_router() -> APIRouter:
         store = _store(state)
         history = store.conversation(body.previous_response_id) if body.previous_response_id else []
         conversation = [*history, *body.messages()]
+        check_message_count(state, len(conversation), "input")
         gen = body.generation(conversation)
         model = model_name(state, body.model)
         rid = f"resp_{uuid.uuid4().hex}"
