@@ -191,9 +191,7 @@ class ModelStore:
         final = self.path_for(entry)
         if not force and final.is_file():
             return final
-        files = [_file_entry(entry, entry.filename, entry.sha256, entry.size_bytes)]
-        files += [_file_entry(entry, c.file, c.sha256, c.size_bytes) for c in entry.companions]
-        for part in files:
+        for part in _source_files(entry):
             self.download(part, report, force)
         final.parent.mkdir(parents=True, exist_ok=True)
         with _exclusive(final.with_name(final.name + LOCK_SUFFIX), entry.alias, report):
@@ -371,9 +369,7 @@ class ModelStore:
                 param="model",
             )
         if entry.convert is not None:  # the downloaded files carry the hashes, not the result
-            files = [_file_entry(entry, entry.filename, entry.sha256, entry.size_bytes)]
-            files += [_file_entry(entry, c.file, c.sha256, c.size_bytes) for c in entry.companions]
-            return all(self.verify(f, progress) for f in files)
+            return all(self.verify(f, progress) for f in _source_files(entry))
         hasher = hashlib.sha256()
         _hash_file(path, hasher, f"verifying {entry.alias}", progress or _no_progress)
         return hasher.hexdigest() == entry.sha256.lower()
@@ -451,6 +447,14 @@ def _filename(entry: CatalogEntry) -> str:
         if source.kind == "hub" and source.file:
             return Path(source.file).name
     return f"{entry.alias}.gguf"
+
+
+def _source_files(entry: CatalogEntry) -> list[CatalogEntry]:
+    """The files a converted model is made from (its main file and companions), each as an
+    entry of its own: what is downloaded, and what carries the hashes to verify."""
+    files = [_file_entry(entry, entry.filename, entry.sha256, entry.size_bytes)]
+    files += [_file_entry(entry, c.file, c.sha256, c.size_bytes) for c in entry.companions]
+    return files
 
 
 def _file_entry(entry: CatalogEntry, file: str, sha256: str | None, size: int) -> CatalogEntry:
