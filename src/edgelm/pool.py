@@ -62,6 +62,7 @@ class LoadedModel:
             "waiting": self.waiting,
             "requests": self.requests,
             "cancelled": self.cancelled,
+            "runtime": self.engine.live_info(),
         }
 
 

@@ -144,6 +144,12 @@ class Engine(ABC):
         self.require("raw_speed")
         raise NotImplementedError(f"{type(self).__name__} declares raw_speed but has none")
 
+    def live_info(self) -> dict[str, object]:
+        """What the engine is doing now, for ``/openai/status``, ``/metrics`` and ``edgelm
+        service status``: figures that change while it runs (threads in use, batch counters),
+        as JSON-ready values. Engines with nothing to report return an empty dict."""
+        return {}
+
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` as this model counts them (rough default: 4 chars a token)."""
         return max(1, len(text) // 4)

@@ -493,6 +493,10 @@ class LlamaCppEngine(Engine):
         """Counters of the batch scheduler: decode steps, reused prompt tokens, pauses."""
         return self._scheduler.stats()
 
+    def live_info(self) -> dict[str, object]:
+        """The threads it computes with and the batch scheduler's counters."""
+        return {"threads": self.threads, **self.batch_stats()}
+
     def raw_speed(self, n_prompt: int, n_gen: int, seed: int = 0) -> tuple[float, float]:
         """llama-bench style: seconds to evaluate ``n_prompt`` random tokens as prompt
         batches, then seconds for ``n_gen`` single-token decode steps after them.
