@@ -146,9 +146,9 @@ class ReplicaSet:
         with self._lock:
             now = self.clock()
             candidates = [r for r in self.replicas if r.healthy and id(r) not in exclude]
-            if not candidates and self.policy.health_interval_s <= 0:
+            if self.policy.health_interval_s <= 0:
                 # No health checks: a replica whose backoff has passed gets one trial request.
-                candidates = [
+                candidates += [
                     r
                     for r in self.replicas
                     if id(r) not in exclude
