@@ -24,6 +24,7 @@ from edgelm.engines.remote import RemoteEngine
 from edgelm.engines.replicas import ReplicaPolicy
 from edgelm.errors import UpstreamError
 from edgelm.server.app import create_app
+from edgelm.settings import load_settings
 from edgelm.types import GenerationRequest, Message
 from tests.service_process import free_port, spawn_service
 
@@ -279,3 +280,28 @@ def _replicas(front: str, model: str) -> dict[str, dict[str, Any]]:
     loaded = httpx.get(f"{front}/openai/status", timeout=5).json()["loaded"]
     info = next((m for m in loaded if m["id"] == model), None)  # None: not loaded yet
     return {r["url"]: r for r in info["runtime"]["replicas"]} if info else {}
+
+
+def test_model_add_forms(isolated_home: Path) -> None:
+    runner = CliRunner()
+
+    def add(*args: str):
+        return runner.invoke(cli, ["model", "add", *args], catch_exceptions=False)
+
+    assert add("one", "--engine", "remote", "--base-url", "http://h:8000/v1").exit_code == 0
+    assert add("two", "--upstream", "http://h:8000/v1", "--upstream", "m7b").exit_code == 0
+    assert add("three", "--base-url", "http://a/v1", "--upstream", "http://b/v1#other").exit_code == 0
+    catalog = Catalog.load(isolated_home)
+    one, two, three = (catalog.resolve(n) for n in ("one", "two", "three"))
+    assert one.options == {"base_url": "http://h:8000/v1"} and one.engine == "remote"
+    assert two.options == {"base_url": "http://h:8000/v1"} and two.upstream_model == "m7b"
+    assert three.options == {"replicas": ["http://a/v1", "http://b/v1#other"]}
+    engine = RemoteEngine.from_entry(three, load_settings(), None)
+    assert [(r.url, r.model) for r in engine.replicas.replicas] == [
+        ("http://a/v1", "three"),
+        ("http://b/v1", "other"),
+    ]
+    engine.close()
+    refused = add("four", "--engine", "fake", "--upstream", "http://a/v1")
+    assert refused.exit_code != 0 and "remote models" in refused.output
+    assert add("five", "--upstream", "a", "--upstream", "b").exit_code != 0

@@ -82,7 +82,7 @@ def _replica_metrics(loaded: list[dict[str, Any]]) -> Iterator[Metric]:
         "edgelm_replica_requests", "Requests sent to each replica (attempts)", labels=labels
     )
     failures = CounterMetricFamily(
-        "edgelm_replica_failures", "Failed attempts on each replica", labels=labels
+        "edgelm_replica_failures", "Failed requests and health checks of each replica", labels=labels
     )
     in_flight = GaugeMetricFamily(
         "edgelm_replica_in_flight", "Requests in flight on each replica", labels=labels
