@@ -23,15 +23,20 @@ def free_port() -> int:
 
 
 def spawn_service(
-    home: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 60.0
+    home: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 60.0,
+    port: int | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Start the service on a free loopback port and wait for ``/health``; return it and its URL.
+    """Start the service on a free loopback port (or ``port``, to start one again where it
+    was) and wait for ``/health``; return it and its URL.
 
     Output goes to ``home/service.out``; it is the error message when the process exits or
     never answers.
     """
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     full_env = {**os.environ, "EDGELM_HOME": str(home), **(env or {})}
     out = home / "service.out"
     with out.open("wb") as log:

@@ -3,10 +3,17 @@
 The shipped catalog (``edgelm/data/catalog.toml``) lists the models edgelm knows how to fetch.
 Models a user registers (``edgelm model add``) live in ``$EDGELM_HOME/models.toml`` and are
 merged on top, so a user entry can shadow a shipped one without editing the package.
+
+The catalog is live: every lookup first compares the user file's identity (inode, size,
+mtime) with the one it last read, a single ``stat``, and reads the file again when it changed.
+So a model added, converted or removed by the CLI (another process) is served, or refused, by a
+running service at once, without a restart or a notification channel between them.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import tomllib
 from importlib import resources
@@ -18,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgelm.errors import ConfigError, InvalidRequest, ModelNotFound
 from edgelm.reporting import write_atomically
+
+log = logging.getLogger("edgelm.catalog")
 
 Tier = Literal["tiny", "slm", "llm", "custom", "embedding"]
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}(:[a-z0-9][a-z0-9._-]{0,31})?$")
@@ -113,13 +122,21 @@ class CatalogEntry(BaseModel):
 
 
 class Catalog:
-    """Shipped plus user entries, looked up by alias, extra alias or tier."""
+    """Shipped plus user entries, looked up by alias, extra alias or tier.
+
+    ``entries`` given to the constructor that are not ``user`` entries are the fixed part (the
+    shipped catalog, or a test's entries); the user entries are re-read from ``user_file``
+    whenever it changes on disk (see :meth:`refresh`).
+    """
 
     def __init__(self, entries: list[CatalogEntry], user_file: Path | None = None):
+        self._fixed = [entry for entry in entries if not entry.user]
         self.entries: dict[str, CatalogEntry] = {}
         for entry in entries:
             self.entries[entry.alias] = entry
         self.user_file = user_file
+        # The caller passed the user entries it wanted; changes from now on are picked up.
+        self._seen = _identity(user_file)
 
     @classmethod
     def load(cls, home: Path) -> Catalog:
@@ -128,31 +145,61 @@ class Catalog:
             "the shipped catalog",
         )
         user_file = home / "models.toml"
-        user: list[CatalogEntry] = []
-        if user_file.exists():
-            user = _parse(user_file.read_text("utf-8"), str(user_file), user=True)
-        return cls(shipped + user, user_file)
+        seen = _identity(user_file)  # before reading: a change during the read is seen later
+        catalog = cls(shipped + _read_user(user_file), user_file)
+        catalog._seen = seen
+        return catalog
+
+    def refresh(self) -> bool:
+        """Re-read the user file if it changed since it was last read; True when it did.
+
+        A user file that no longer parses (a hand edit gone wrong) keeps the last good entries
+        and is logged, so a running service never loses its models to a typo; the CLI, which
+        loads afresh, shows the error.
+        """
+        if self.user_file is None:
+            return False
+        now = _identity(self.user_file)
+        if now == self._seen:
+            return False
+        try:
+            user = _read_user(self.user_file)
+        except ConfigError as exc:
+            log.error("kept the previous model catalog: %s", exc.message)
+            self._seen = now
+            return False
+        entries = {entry.alias: entry for entry in self._fixed}
+        entries.update((entry.alias, entry) for entry in user)
+        self.entries = entries  # one assignment: readers see the old or the new dict
+        self._seen = now
+        log.info("model catalog reloaded from %s (%d user models)", self.user_file, len(user))
+        return True
 
     def __iter__(self):
-        return iter(self.entries.values())
+        self.refresh()
+        return iter(list(self.entries.values()))
 
     def names(self) -> list[str]:
+        self.refresh()
         return sorted(self.entries)
 
     def resolve(self, name: str) -> CatalogEntry:
         """Find a model by alias, extra alias or case-insensitive full name."""
-        if name in self.entries:
-            return self.entries[name]
+        self.refresh()
+        entries = self.entries
+        if name in entries:
+            return entries[name]
         lowered = name.lower()
-        for entry in self.entries.values():
+        for entry in entries.values():
             if lowered in entry.aliases or lowered == entry.name.lower():
                 return entry
         raise ModelNotFound(
-            f"model '{name}' is not in the catalog; available: {', '.join(self.names())}",
+            f"model '{name}' is not in the catalog; available: {', '.join(sorted(entries))}",
             param="model",
         )
 
     def for_tier(self, tier: str) -> CatalogEntry:
+        self.refresh()
         for entry in self.entries.values():
             if entry.tier == tier:
                 return entry
@@ -162,20 +209,27 @@ class Catalog:
         """Register (or replace) a user model in ``models.toml``, written atomically."""
         if self.user_file is None:
             raise ConfigError("this catalog has no user file")
+        self.refresh()  # keep what another process registered meanwhile
         shipped = self.entries.get(entry.alias)
         if shipped is not None and not shipped.user:
             raise InvalidRequest(
                 f"'{entry.alias}' is a shipped catalog model; choose another name", param="name"
             )
         entry = entry.model_copy(update={"user": True})
-        self.entries[entry.alias] = entry
+        self.entries = {**self.entries, entry.alias: entry}
         self._save_user()
 
     def remove_user_entry(self, alias: str) -> bool:
+        self.refresh()
         entry = self.entries.get(alias)
         if entry is None or not entry.user:
             return False
-        del self.entries[alias]
+        entries = dict(self.entries)
+        del entries[alias]
+        shadowed = next((e for e in self._fixed if e.alias == alias), None)
+        if shadowed is not None:
+            entries[alias] = shadowed
+        self.entries = entries
         self._save_user()
         return True
 
@@ -187,6 +241,29 @@ class Catalog:
             if e.user
         ]
         write_atomically(self.user_file, tomli_w.dumps({"model": rows}))
+        self._seen = _identity(self.user_file)
+
+
+def _identity(path: Path | None) -> tuple[int, int, int] | None:
+    """What tells a changed file from the one read: inode (atomic writes replace the file),
+    size and mtime in ns. None when there is no file."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_user(user_file: Path) -> list[CatalogEntry]:
+    if not user_file.exists():
+        return []
+    try:
+        text = user_file.read_text("utf-8")
+    except FileNotFoundError:  # removed between the check and the read
+        return []
+    return _parse(text, str(user_file), user=True)
 
 
 def _parse(text: str, origin: str, user: bool = False) -> list[CatalogEntry]:

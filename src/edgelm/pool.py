@@ -30,6 +30,8 @@ from edgelm.types import Chunk, GenerationRequest
 
 log = logging.getLogger("edgelm.pool")
 
+CATALOG_SWEEP_S = 2.0
+"""How often the pool looks for models removed from the catalog while loaded."""
 EngineFactory = Callable[[CatalogEntry, Settings, Path | None], Engine]
 _DONE = object()
 _TIMED_OUT = object()
@@ -145,13 +147,16 @@ class ModelPool:
         """The loaded model for ``name`` (alias, extra alias or full name), loading it if needed."""
         entry = self.catalog.resolve(name)
         loaded = self.models.get(entry.alias)
-        if loaded is not None:
-            return loaded
+        if loaded is not None and (loaded.entry == entry or _busy(loaded)):
+            return loaded  # a changed entry is reloaded once its model is idle
         lock = self._load_locks.setdefault(entry.alias, asyncio.Lock())
         async with lock:
             loaded = self.models.get(entry.alias)
             if loaded is not None:
-                return loaded
+                if loaded.entry == entry or _busy(loaded):
+                    return loaded
+                log.info("%s changed in the catalog; reloading it", entry.alias)
+                await self.unload(entry.alias)
             await self._make_room(entry)
             start = time.perf_counter()
             try:
@@ -185,20 +190,34 @@ class ModelPool:
             return loaded
 
     async def unload(self, name: str, force: bool = False) -> bool:
-        """Unload a model; refuse (409) while it serves requests, so no stream is cut off."""
-        entry = self.catalog.resolve(name)
-        loaded = self.models.get(entry.alias)
+        """Unload a model; refuse (409) while it serves requests, so no stream is cut off.
+
+        A loaded model is found by its alias even when it has left the catalog meanwhile."""
+        alias = name if name in self.models else self.catalog.resolve(name).alias
+        loaded = self.models.get(alias)
         if loaded is None:
             return False
-        if (loaded.active or loaded.waiting) and not force:
-            raise Busy(
-                f"model '{entry.alias}' is serving {loaded.active} request(s); unload it later"
-            )
-        del self.models[entry.alias]
+        if _busy(loaded) and not force:
+            raise Busy(f"model '{alias}' is serving {loaded.active} request(s); unload it later")
+        del self.models[alias]
         await asyncio.to_thread(loaded.engine.close)
         self.stats.unloads += 1
-        log.info("unloaded %s", entry.alias)
+        log.info("unloaded %s", alias)
         return True
+
+    async def unload_stale(self) -> list[str]:
+        """Unload idle models that left the catalog, or whose entry changed, since they were
+        loaded (``edgelm model remove`` / ``add`` while the service runs). A busy one finishes
+        its requests first: it is unloaded on a later sweep, and takes no new ones if removed."""
+        stale = []
+        for alias, loaded in list(self.models.items()):
+            current = self.catalog.entries.get(alias)
+            if current != loaded.entry and not _busy(loaded):
+                stale.append(alias)
+        for alias in stale:
+            log.info("%s left or changed in the catalog; unloading it", alias)
+            await self.unload(alias)
+        return stale
 
     async def unload_idle(self) -> list[str]:
         ttl = self.settings.pool.idle_ttl_s
@@ -216,14 +235,19 @@ class ModelPool:
 
     async def start(self) -> None:
         """Start the idle reaper (called from the app's lifespan)."""
-        if self._reaper is None and self.settings.pool.idle_ttl_s:
+        if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_forever())
 
     async def _reap_forever(self) -> None:
-        interval = max(0.05, min(30.0, self.settings.pool.idle_ttl_s / 4))
+        """Every few seconds: pick up catalog changes (unloading removed models once idle),
+        and unload models idle for longer than the TTL."""
+        ttl = self.settings.pool.idle_ttl_s
+        interval = max(0.05, min(CATALOG_SWEEP_S, ttl / 4)) if ttl else CATALOG_SWEEP_S
         while True:
             await asyncio.sleep(interval)
             try:
+                self.catalog.refresh()
+                await self.unload_stale()
                 await self.unload_idle()
             except Exception:  # keep reaping whatever one unload did
                 log.exception("idle unload failed")
@@ -358,3 +382,7 @@ class ModelPool:
 
     def loaded_info(self) -> list[dict[str, object]]:
         return [m.info() for m in self.models.values()]
+
+
+def _busy(loaded: LoadedModel) -> bool:
+    return bool(loaded.active or loaded.waiting)

@@ -147,6 +147,21 @@ class RemoteSettings(_Section):
     )
     api_key: str | None = Field(None, description="Bearer key for the upstream.")
     timeout_s: float = Field(120.0, gt=0, description="Timeout for upstream requests.")
+    health_interval_s: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds between health checks (GET /v1/models) of a loaded remote "
+        "model's replicas; 0: none (a taken-out replica then gets one trial request after "
+        "its backoff).",
+    )
+    health_timeout_s: float = Field(2.0, gt=0, description="Timeout of one health check.")
+    failure_threshold: int = Field(
+        3, ge=1, description="Failures in a row that take a replica out of rotation."
+    )
+    backoff_s: float = Field(
+        2.0, gt=0, description="How long a replica is first taken out; doubles each time."
+    )
+    backoff_max_s: float = Field(60.0, gt=0, description="Longest a replica is taken out.")
 
 
 class ClientSettings(_Section):

@@ -212,17 +212,34 @@ def add(
     name: str,
     file: Path | None = typer.Option(None, "--file", help="A local GGUF file to register."),
     engine: str | None = typer.Option(None, help="Engine: llamacpp, onnx, remote or fake."),
-    upstream: str | None = typer.Option(None, help="Remote models: the upstream's model name."),
-    base_url: str | None = typer.Option(None, help="Remote models: the upstream's base URL."),
+    upstream: list[str] = typer.Option(
+        [],
+        help="Remote models: the upstream's model name; or an upstream URL (http://host:port/v1, "
+        "URL#name when that replica knows the model by another name). Repeat the URL for "
+        "replicas of the model: requests are balanced and fail over between them.",
+    ),
+    base_url: list[str] = typer.Option(
+        [], help="Remote models: the upstream's base URL (repeat for replicas)."
+    ),
     tier: str = typer.Option("custom", help="tiny, slm, llm or custom."),
     context_length: int = typer.Option(4096, help="Context length to assume."),
 ) -> None:
     """Register a local model file, or a model on a remote OpenAI-compatible upstream."""
     settings = settings_of(ctx)
-    options: dict[str, str] = {}
+    options: dict[str, Any] = {}
+    urls = [*base_url, *(u for u in upstream if u.startswith(("http://", "https://")))]
+    names = [u for u in upstream if not u.startswith(("http://", "https://"))]
+    if len(names) > 1:
+        fail(f"give the upstream's model name once (got {', '.join(names)})")
+    if urls and engine is None:
+        engine = "remote"
+    if urls and engine != "remote":
+        fail(f"upstream URLs are for remote models, not the {engine} engine")
     if engine == "remote":
-        if base_url:
-            options["base_url"] = base_url
+        if len(urls) == 1 and "#" not in urls[0]:
+            options["base_url"] = urls[0]
+        elif urls:
+            options["replicas"] = urls
     elif engine == "fake":
         pass
     else:
@@ -244,11 +261,12 @@ def add(
         filename=file.name if file else "",
         size_bytes=file.stat().st_size if file else 0,
         context_length=context_length,
-        upstream_model=upstream,
+        upstream_model=names[0] if names else None,
         options=options,
     )
     _catalog(settings).add_user_entry(entry)
-    console().print(f"[green]✓[/] registered {name}")
+    where = f" ({len(urls)} replicas)" if len(urls) > 1 else ""
+    console().print(f"[green]✓[/] registered {name}{where}")
 
 
 @app.command("remove")

@@ -8,13 +8,19 @@ decodes it) is turned into :class:`Chunk` objects timed here, on this side of th
 TTFT includes the round trip a user would really wait for.
 
 The client is synchronous (httpx) because the service runs every engine in a worker thread.
+
+A model may have several upstreams, replicas of the same model (see
+:mod:`edgelm.engines.replicas`): each request goes to the least busy one, and moves to another
+while nothing has been streamed yet (a connect error, a 5xx, a timeout or a broken stream
+before the first chunk). Once a chunk has reached the caller a failure ends the stream with an
+error instead: a retry elsewhere would repeat text the caller already has.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +28,14 @@ import httpx
 
 from edgelm import __version__
 from edgelm.engines.base import Engine, StopBuffer, check_capabilities
-from edgelm.errors import ConfigError, UpstreamError
+from edgelm.engines.replicas import (
+    HealthChecker,
+    Replica,
+    ReplicaPolicy,
+    ReplicaSet,
+    parse_replica,
+)
+from edgelm.errors import ConfigError, EdgelmError, UpstreamError
 from edgelm.openai_stream import ErrorFields, MalformedEvent, error_fields, first_choice, sse_events
 from edgelm.tools import tool_dicts
 from edgelm.types import Chunk, FinishReason, GenerationRequest
@@ -55,7 +68,7 @@ class RemoteEngine(Engine):
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str | dict[str, Any]],
         model: str,
         api_key: str | None = None,
         *,
@@ -64,10 +77,14 @@ class RemoteEngine(Engine):
         timeout_s: float = 120.0,
         extra_body: dict[str, Any] | None = None,
         transport: httpx.BaseTransport | None = None,
+        policy: ReplicaPolicy | None = None,
     ):
-        if not base_url:
+        """``base_url`` is one upstream's URL or a list of replicas (URLs, ``URL#model`` or
+        ``{url, model, api_key}`` tables, see :func:`~edgelm.engines.replicas.parse_replica`).
+        ``policy`` sets the circuit breaker and health checks (default: no health checks)."""
+        specs = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not specs or not all(specs):
             raise ConfigError("a remote model needs a base URL, e.g. http://127.0.0.1:8000/v1")
-        self.base_url = base_url.rstrip("/")
         self.model = model
         self.model_id = model_id or model
         self.n_ctx = n_ctx
@@ -77,11 +94,17 @@ class RemoteEngine(Engine):
         headers = {"User-Agent": f"edgelm/{__version__}"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
+        policy = policy or ReplicaPolicy()
+        self.replicas = ReplicaSet([parse_replica(s, model, headers) for s in specs], policy)
+        self.base_url = self.replicas.replicas[0].url
         self._http = httpx.Client(
-            headers=headers,
             timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
             transport=transport,
         )
+        self._health: HealthChecker | None = None
+        if policy.health_interval_s > 0:
+            self._health = HealthChecker(self.replicas, transport, name=self.model_id)
+            self._health.start()
 
     @classmethod
     def from_entry(
@@ -93,19 +116,23 @@ class RemoteEngine(Engine):
     ) -> RemoteEngine:
         """Build from a catalog entry; entry options win over the ``remote.*`` settings.
 
-        ``path`` is unused (a remote model has no local file) and is accepted only so that
-        every engine is built the same way by :func:`edgelm.engines.create_engine`.
+        ``options.replicas`` lists several upstreams of the model; else ``options.base_url``
+        (or ``remote.base_url``) is its one upstream. ``path`` is unused (a remote model has
+        no local file) and is accepted only so that every engine is built the same way by
+        :func:`edgelm.engines.create_engine`.
         """
         options = entry.options
-        base_url = options.get("base_url") or settings.remote.base_url
-        if not base_url:
+        upstreams = options.get("replicas") or options.get("base_url") or settings.remote.base_url
+        if not upstreams:
             raise ConfigError(
                 f"model '{entry.alias}' uses the remote engine but has no upstream URL; set "
                 "options.base_url on the model or 'edgelm config set remote.base_url "
                 "http://host:port/v1'"
             )
+        if not isinstance(upstreams, str | list):
+            raise ConfigError(f"model '{entry.alias}': options.replicas must be a list of URLs")
         return cls(
-            str(base_url),
+            upstreams,
             entry.upstream_model or entry.alias,
             api_key=options.get("api_key") or settings.remote.api_key,
             model_id=entry.alias,
@@ -113,12 +140,13 @@ class RemoteEngine(Engine):
             timeout_s=float(options.get("timeout_s") or settings.remote.timeout_s),
             extra_body=options.get("extra_body"),
             transport=transport,
+            policy=ReplicaPolicy.from_settings(settings.remote),
         )
 
     # -- request building -----------------------------------------------------------------
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": self.model,
+            "model": self.model,  # each replica's own name replaces it when sent
             "stream": True,
             "stream_options": {"include_usage": True},
             "temperature": request.temperature,
@@ -175,36 +203,76 @@ class RemoteEngine(Engine):
     ) -> Iterator[Chunk]:
         check_capabilities(self, request)
         start = time.perf_counter()
-        url = f"{self.base_url}/{'chat/completions' if request.is_chat else 'completions'}"
+        path = "chat/completions" if request.is_chat else "completions"
         body = self._body(request)
-        response = self._open(url, body)
+        tried: list[tuple[Replica, EdgelmError]] = []
+        while True:  # until a replica has produced the first chunk
+            replica = self.replicas.pick({id(r) for r, _ in tried})
+            if replica is None:
+                raise self.replicas.exhausted(tried)
+            url = f"{replica.url}/{path}"
+            response: httpx.Response | None = None
+            try:
+                response = self._open(replica, url, {**body, "model": replica.model})
+                chunks = self._read(response, url, request, start, cancel)
+                first = next(chunks)
+                break
+            except UpstreamError as exc:
+                if response is not None:
+                    response.close()
+                self.replicas.done(replica)
+                if not _moves_on(exc, len(self.replicas)):
+                    raise  # the request's own fault (a bad parameter): no other replica helps
+                self.replicas.failed(replica, exc.message, counts=exc.status != 429)
+                tried.append((replica, exc))
+            except BaseException:
+                if response is not None:
+                    response.close()
+                self.replicas.done(replica)
+                raise
+        assert response is not None
+        self.replicas.first_chunk(replica, first.t)
         try:
-            yield from self._read(response, url, request, start, cancel)
+            yield first
+            yield from chunks
+        except UpstreamError as exc:
+            self.replicas.failed(replica, exc.message)
+            cut = UpstreamError(
+                f"{exc.message} (after the answer had started streaming from {replica.url}; "
+                "it is not retried on another replica, which would repeat text)",
+                param=exc.param,
+                code=exc.code,
+            )
+            cut.status = exc.status
+            raise cut from None
+        else:
+            self.replicas.succeeded(replica)
         finally:
             response.close()
+            self.replicas.done(replica)
 
-    def _open(self, url: str, body: dict[str, Any]) -> httpx.Response:
+    def _open(self, replica: Replica, url: str, body: dict[str, Any]) -> httpx.Response:
         """Send the request and return the streaming response once its status is 2xx.
 
         Some upstreams (older vLLM, llama.cpp and Ollama builds) refuse ``stream_options``;
         the request is then retried once without it and usage is estimated.
         """
-        response = self._send(url, body)
+        response = self._send(replica, url, body)
         if response.status_code == 400 and "stream_options" in body:
             response.read()
             if "stream_options" in response.text:
                 response.close()
                 body = {k: v for k, v in body.items() if k != "stream_options"}
-                response = self._send(url, body)
+                response = self._send(replica, url, body)
         if response.status_code >= 400:
             response.read()
             response.close()
             raise upstream_http_error(response, url)
         return response
 
-    def _send(self, url: str, body: dict[str, Any]) -> httpx.Response:
+    def _send(self, replica: Replica, url: str, body: dict[str, Any]) -> httpx.Response:
         request = self._http.build_request(
-            "POST", url, json=body, headers={"Accept": "text/event-stream"}
+            "POST", url, json=body, headers={**replica.headers, "Accept": "text/event-stream"}
         )
         try:
             return self._http.send(request, stream=True)
@@ -293,9 +361,33 @@ class RemoteEngine(Engine):
 
     # -- embeddings -----------------------------------------------------------------------
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        url = f"{self.base_url}/embeddings"
+        """Embed on the least busy replica; any replica may take the request again after
+        a failure, since nothing has been returned yet."""
+        tried: list[tuple[Replica, EdgelmError]] = []
+        while True:
+            replica = self.replicas.pick({id(r) for r, _ in tried})
+            if replica is None:
+                raise self.replicas.exhausted(tried)
+            start = time.perf_counter()
+            try:
+                result = self._embed_on(replica, texts)
+            except UpstreamError as exc:
+                if not _moves_on(exc, len(self.replicas)):
+                    raise
+                self.replicas.failed(replica, exc.message, counts=exc.status != 429)
+                tried.append((replica, exc))
+                continue
+            finally:
+                self.replicas.done(replica)
+            self.replicas.first_chunk(replica, time.perf_counter() - start)
+            return result
+
+    def _embed_on(self, replica: Replica, texts: list[str]) -> tuple[list[list[float]], int]:
+        url = f"{replica.url}/embeddings"
         try:
-            response = self._http.post(url, json={"model": self.model, "input": texts})
+            response = self._http.post(
+                url, json={"model": replica.model, "input": texts}, headers=replica.headers
+            )
         except httpx.TransportError as exc:
             raise upstream_transport_error(exc, url) from None
         if response.status_code >= 400:
@@ -312,11 +404,30 @@ class RemoteEngine(Engine):
             used = sum(self.count_tokens(t) for t in texts)
         return vectors, int(used)
 
+    def live_info(self) -> dict[str, object]:
+        """Each replica's record: healthy, in flight, requests, failures, last error, time to
+        first chunk (``/openai/status``, ``/metrics``)."""
+        return {"replicas": self.replicas.info()}
+
     def close(self) -> None:
+        if self._health is not None:
+            self._health.stop()
         self._http.close()
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _moves_on(exc: UpstreamError, replicas: int) -> bool:
+    """Whether a failure before the first chunk sends the request to another replica.
+
+    Yes for what is the replica's fault: connection errors, timeouts, 5xx, a broken or
+    malformed stream (all 5xx here), a refused key (401/403, kept as 502) and a busy replica
+    (429). A 404 means this replica does not serve the model: another may, when there are
+    several. Any other 4xx is the request's own fault and every replica would refuse it.
+    """
+    status = getattr(exc, "upstream_status", None) or exc.status
+    return exc.status >= 500 or status in (401, 403, 429) or (status == 404 and replicas > 1)
 
 
 def upstream_http_error(response: httpx.Response, url: str) -> UpstreamError:

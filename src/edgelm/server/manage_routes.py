@@ -75,9 +75,10 @@ def build_router() -> APIRouter:
     @router.get("/openai/unload/{name:path}")
     async def unload(name: str, request: Request) -> dict[str, Any]:
         state = state_of(request)
-        entry = state.catalog.resolve(name)
-        was_loaded = await state.pool.unload(entry.alias)
-        return {"id": entry.alias, "unloaded": was_loaded}
+        # A loaded model removed from the catalog meanwhile can still be unloaded by alias.
+        alias = name if name in state.pool.models else state.catalog.resolve(name).alias
+        was_loaded = await state.pool.unload(alias)
+        return {"id": alias, "unloaded": was_loaded}
 
     @router.post("/openai/download")
     async def download(body: DownloadBody, request: Request) -> dict[str, Any]:

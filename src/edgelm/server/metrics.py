@@ -16,7 +16,12 @@ from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from edgelm.engines.base import Fold
@@ -60,12 +65,49 @@ class _PoolCollector(Collector):
         yield queue
         yield active
         yield memory
+        yield from _replica_metrics(loaded)
         yield GaugeMetricFamily("edgelm_loaded_models", "Models loaded", value=len(loaded))
         yield GaugeMetricFamily(
             "edgelm_process_resident_memory_bytes",
             "Resident memory of the service process",
             value=psutil.Process().memory_info().rss,
         )
+
+
+def _replica_metrics(loaded: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Per-replica figures of remote models (their engine's
+    ``live_info()["replicas"]``), labelled by model and replica URL."""
+    labels = ["model", "replica"]
+    requests = CounterMetricFamily(
+        "edgelm_replica_requests", "Requests sent to each replica (attempts)", labels=labels
+    )
+    failures = CounterMetricFamily(
+        "edgelm_replica_failures", "Failed requests and health checks of each replica", labels=labels
+    )
+    in_flight = GaugeMetricFamily(
+        "edgelm_replica_in_flight", "Requests in flight on each replica", labels=labels
+    )
+    healthy = GaugeMetricFamily(
+        "edgelm_replica_healthy", "1 while the replica is in rotation, 0 taken out", labels=labels
+    )
+    latency = SummaryMetricFamily(
+        "edgelm_replica_first_chunk_seconds",
+        "Time from sending to the first chunk (or embedding answer) per replica",
+        labels=labels,
+    )
+    for info in loaded:
+        runtime = info.get("runtime")
+        replicas = runtime.get("replicas") if isinstance(runtime, dict) else None
+        for replica in replicas or []:
+            key = [str(info["id"]), str(replica["url"])]
+            requests.add_metric(key, float(replica["requests"]))
+            failures.add_metric(key, float(replica["failures"]))
+            in_flight.add_metric(key, float(replica["in_flight"]))
+            healthy.add_metric(key, 1.0 if replica["healthy"] else 0.0)
+            latency.add_metric(
+                key, count_value=replica["first_chunk_count"], sum_value=replica["first_chunk_sum_s"]
+            )
+    yield from (requests, failures, in_flight, healthy, latency)
 
 
 class Metrics:
