@@ -257,9 +257,15 @@ class GeneratorScheduler:
                 if self._stop:
                     break
                 call = self._calls.popleft() if self._calls and not self._running else None
+                # Those that left while they waited go now, not when a slot would have come free.
+                left = [job for job in self._pending if job.cancel.is_set()]
+                for job in left:
+                    self._pending.remove(job)
                 newcomers: list[OnnxJob] = []
                 while self._pending and len(self._running) + len(newcomers) < len(self.slots):
                     newcomers.append(self._pending.popleft())
+            for job in left:
+                job.send(DONE, "cancelled")
             if call is not None:
                 self._run_call(*call)
             for job in newcomers:
