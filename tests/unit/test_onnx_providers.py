@@ -57,6 +57,9 @@ def fake_og(claims: dict[str, bool], broken: set[str] = frozenset()) -> Any:  # 
         Config=Config,
         Model=model,
         Tokenizer=lambda m: SimpleNamespace(eos_token_ids=[2]),
+        # The engine makes each slot's generator when it loads.
+        GeneratorParams=lambda m: SimpleNamespace(set_search_options=lambda **kw: None),
+        Generator=lambda m, params: SimpleNamespace(),
         is_cuda_available=probe("cuda"),
         is_dml_available=probe("dml"),
         is_webgpu_available=probe("WebGPU"),
