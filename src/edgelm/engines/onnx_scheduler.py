@@ -35,6 +35,11 @@ keep the longest common prefix, the previous answer included.
 
 Requests with ``response_format`` (llguidance, a generator parameter) get a generator of their
 own with the library's sampler, dropped when they finish.
+
+Known limit: onnxruntime-genai's Python binding keeps the GIL for the whole forward pass
+(``append_tokens`` of 300 tokens: no other Python thread ran for its 5 s), so the event loop
+and the streams' text work run between steps, not during them. Running the engine in a child
+process (the runner) takes that off the service's loop.
 """
 
 from __future__ import annotations
