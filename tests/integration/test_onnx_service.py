@@ -158,3 +158,33 @@ def test_bad_requests_are_4xx(client: OpenAI, alias: str) -> None:
     # and the model still answers
     ok = client.chat.completions.create(model=alias, messages=QUESTION, max_tokens=2)
     assert ok.usage.completion_tokens > 0
+
+
+def test_concurrent_streams_are_served_together_and_reuse_prompts(
+    client: OpenAI, alias: str, onnx_service: tuple[str, str]
+) -> None:
+    """Four streaming chats at once (the engine's default parallel is 4): each answers as it
+    does alone, and the loaded model's runtime figures show slots and reused prompt tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    questions = ["Name a colour.", "What is 2+2?", "Name a fruit.", "Tell me about cats."]
+
+    def ask(question: str) -> str:
+        stream = client.chat.completions.create(
+            model=alias,
+            messages=[{"role": "user", "content": question}],
+            temperature=0,
+            max_tokens=20,
+            stream=True,
+        )
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    alone = [ask(q) for q in questions]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(ask, questions)) == alone
+    loaded = httpx.get(f"{onnx_service[0]}/openai/loadedmodels", timeout=10).json()
+    runtime = next(m["runtime"] for m in loaded if m["id"] == alias)
+    assert runtime["slots"] == 4 and runtime["running"] == 0
+    # SmolLM2's template starts every chat with the same system prompt: it was reused.
+    assert runtime["reused_prompt_tokens"] > 0
+

@@ -57,6 +57,9 @@ def fake_og(claims: dict[str, bool], broken: set[str] = frozenset()) -> Any:  # 
         Config=Config,
         Model=model,
         Tokenizer=lambda m: SimpleNamespace(eos_token_ids=[2]),
+        # The engine makes each slot's generator when it loads.
+        GeneratorParams=lambda m: SimpleNamespace(set_search_options=lambda **kw: None),
+        Generator=lambda m, params: SimpleNamespace(),
         is_cuda_available=probe("cuda"),
         is_dml_available=probe("dml"),
         is_webgpu_available=probe("WebGPU"),
@@ -156,9 +159,9 @@ PIECES = {0: "<s>", 1: "Hi", 2: "</s>", 3: " there"}
 
 
 def generating_og(answer: list[int], rows: list[list[float]]) -> Any:
-    """``fake_og`` that also generates: ``answer`` token by token, each sampled from the
-    matching logits row, which the generator overwrites in place at every step (as the real
-    one reuses its buffer)."""
+    """``fake_og`` that also generates: each token evaluated (appended by the engine's own
+    sampler, or ``answer`` token by token through the library's) moves on to the next logits
+    row, which the generator overwrites in place (as the real one reuses its buffer)."""
     og = fake_og({})
     applied: list[tuple[list[dict[str, str]], str]] = []
 
@@ -184,10 +187,16 @@ def generating_og(answer: list[int], rows: list[list[float]]) -> Any:
     class Generator:
         def __init__(self, model: Any, params: Any):
             self.step = 0
+            self.prompted = False
             self.logits = np.array([[rows[0]]], dtype=np.float32)
 
         def append_tokens(self, tokens: Any) -> None:
-            pass
+            if self.prompted:  # a sampled token: the logits of the next position
+                self.generate_next_token()
+            self.prompted = True
+
+        def rewind_to(self, n: int) -> None:
+            self.prompted = n > 0
 
         def is_done(self) -> bool:
             return self.step >= len(answer)

@@ -3,7 +3,9 @@
 Such a model is a directory (``genai_config.json``, ``model.onnx`` + weights, tokenizer files);
 ``edgelm model convert ALIAS --to onnx`` makes one from a cached GGUF (see
 :mod:`edgelm.convert`). The decode loop is ours, on ``og.Generator``, for the same reason as
-in the llama.cpp engine: every chunk carries its token ids, logprobs and timing.
+in the llama.cpp engine: every chunk carries its token ids, logprobs and timing. Concurrent
+streams and prompt reuse live in :mod:`edgelm.engines.onnx_scheduler` (one scheduler thread per
+loaded model, which hands tokens to the event loop as the llama.cpp path does).
 
 Things that shaped this module (onnxruntime-genai 0.18 on these CPUs):
 
@@ -16,20 +18,23 @@ Things that shaped this module (onnxruntime-genai 0.18 on these CPUs):
 * The library's structured output (llguidance, ``GeneratorParams.set_guidance``) gives JSON
   and JSON-schema output; a schema it cannot compile fails when the generator is created,
   which we turn into a 400 before any token is produced.
-* The KV cache is allocated for ``max_length`` up front (``past_present_share_buffer``), so
-  ``max_length`` is the prompt plus the tokens this request may produce, not the context.
+* The KV cache is allocated for ``max_length`` up front (``past_present_share_buffer``): a
+  slot's reusable generator holds n_ctx tokens, so the memory estimate counts one such cache
+  per concurrent stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import queue
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -44,6 +49,9 @@ from edgelm.engines.base import (
     render_prompt,
     token_logprob,
 )
+from edgelm.engines.batching import DONE, ERROR, Sampling
+from edgelm.engines.llamacpp import _long, _on_loop
+from edgelm.engines.onnx_scheduler import GeneratorScheduler, OnnxJob
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
 from edgelm.types import Chunk, FinishReason, GenerationRequest
 
@@ -142,14 +150,19 @@ def _read_chat_template(directory: Path) -> str | None:
 
 
 class OnnxEngine(Engine):
-    """An ONNX Runtime GenAI model in this process. One stream at a time."""
+    """An ONNX Runtime GenAI model in this process, serving up to ``parallel`` streams at
+    once, a token each in turn, with prompt prefixes reused between requests (see
+    :mod:`edgelm.engines.onnx_scheduler`); the pool hands it that many at once."""
 
     name = "onnx"
+    native_async = True
     supports_logprobs = True
     supports_grammar = True
     supports_seed = True
     supports_raw_speed = True
-    concurrent_streams = 1
+
+    min_p: ClassVar[float] = 0.05
+    """As in the llama.cpp engine: cuts the long tail that makes tiny models ramble."""
 
     def __init__(
         self,
@@ -158,8 +171,14 @@ class OnnxEngine(Engine):
         n_ctx: int = 4096,
         threads: int = 0,
         enable_gpu: bool = False,
+        parallel: int = 1,
+        n_batch: int = 512,
+        repeat_penalty: float = 1.0,
     ):
         self._og = import_genai()
+        self.concurrent_streams = max(1, int(parallel))
+        self.repeat_penalty = repeat_penalty
+        """Used when a request does not set its own (``compute.repeat_penalty``)."""
         self.model_id = model_id
         self.model_dir = model_dir_of(model_path)
         self.threads = threads or default_threads()
@@ -187,8 +206,14 @@ class OnnxEngine(Engine):
         self._vocab_size = int(model_cfg.get("vocab_size") or 0)
         self._template = _read_chat_template(self.model_dir)
         self._chat = self._chat_template(self._template)
-        self._lock = threading.Lock()
         self.memory_bytes = self._memory_estimate(max(0, process_rss() - rss_before))
+        self._scheduler = GeneratorScheduler(
+            model_id,
+            slots=self.concurrent_streams,
+            n_batch=n_batch,
+            new_generator=self._slot_generator,
+            logprob=lambda row, token, top: token_logprob(row, token, top, self._bytes),
+        )
 
     @classmethod
     def from_entry(cls, entry: CatalogEntry, settings: Settings, path: Path | None) -> OnnxEngine:
@@ -206,6 +231,9 @@ class OnnxEngine(Engine):
             n_ctx=settings.compute.n_ctx,
             threads=settings.compute.threads,
             enable_gpu=settings.compute.onnx.enable_gpu,
+            parallel=settings.compute.parallel,
+            n_batch=settings.compute.n_batch,
+            repeat_penalty=settings.compute.repeat_penalty,
         )
 
     def _open(self, providers: Sequence[str]) -> tuple[Any, str]:
@@ -245,12 +273,12 @@ class OnnxEngine(Engine):
 
     def _memory_estimate(self, loaded: int) -> int:
         """Weights (the files on disk, or what loading allocated if more) plus a full KV cache
-        in fp32 and a margin for the runtime's buffers."""
+        in fp32 for each concurrent stream and a margin for the runtime's buffers."""
         files = sum(p.stat().st_size for p in self.model_dir.glob("*.onnx*"))
         dec = self._config.get("model", {}).get("decoder", {})
         heads = int(dec.get("num_key_value_heads") or dec.get("num_attention_heads") or 0)
         kv = 2 * int(dec.get("num_hidden_layers") or 0) * heads * int(dec.get("head_size") or 0)
-        return max(files, loaded) + kv * 4 * self.n_ctx + 64 * 2**20
+        return max(files, loaded) + kv * 4 * self.n_ctx * self.concurrent_streams + 64 * 2**20
 
     # -- tokens ---------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -325,9 +353,17 @@ class OnnxEngine(Engine):
                 ) from None
             raise
 
-    def stream(
-        self, request: GenerationRequest, cancel: threading.Event | None = None
-    ) -> Iterator[Chunk]:
+    def _slot_generator(self) -> Any:
+        """A slot's reusable generator: a KV cache for the whole context, no sampling of its
+        own (the scheduler samples), kept between requests for prefix reuse."""
+        params = self._og.GeneratorParams(self._model)
+        params.set_search_options(max_length=self.n_ctx, batch_size=1, do_sample=False)
+        return self._og.Generator(self._model, params)
+
+    def _answer(self, request: GenerationRequest, cancel: threading.Event | None) -> _Answer:
+        """Check and tokenize the request and build its job (not yet queued). A request with
+        ``response_format`` gets its generator here, so a schema the library cannot compile is
+        a 400 before anything is queued."""
         check_capabilities(self, request)
         start = time.perf_counter()
         prompt = self.encode(self.render(request))
@@ -335,83 +371,125 @@ class OnnxEngine(Engine):
             if self._bos < 0:
                 raise InvalidRequest("the prompt is empty", param="prompt")
             prompt = [self._bos]
-        n_prompt = len(prompt)
-        limit = check_context(self, n_prompt, request.max_tokens)
-        cancelled = cancel is not None and cancel.is_set()
-        if limit <= 0 or cancelled:  # max_tokens=0, or the client left while it queued
-            yield Chunk(
-                text="",
-                t=time.perf_counter() - start,
-                prompt_tokens=n_prompt,
-                finish_reason="cancelled" if cancelled else "length",
-            )
-            return
-        params = self._params(request, n_prompt + limit)
-        with self._lock:  # one generator at a time: the pool serialises, this makes it certain
-            yield from self._decode(request, params, prompt, limit, start, cancel)
+        limit = check_context(self, len(prompt), request.max_tokens)
+        greedy = request.temperature <= 0
+        seed = request.seed if request.seed is not None else random.randrange(_SEED_RANGE)
+        job = OnnxJob(
+            prompt=prompt,
+            limit=limit,
+            exact=greedy or request.seed is not None,
+            logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs,
+            ignore_eos=request.ignore_eos,
+            cancel=cancel or threading.Event(),
+            sampling=Sampling(
+                temperature=0.0 if greedy else request.temperature,
+                top_k=request.top_k,
+                top_p=request.top_p,
+                min_p=self.min_p,
+                seed=seed,
+                repeat_penalty=request.repeat_penalty
+                if "repeat_penalty" in request.model_fields_set
+                else self.repeat_penalty,
+                frequency_penalty=request.frequency_penalty,
+                presence_penalty=request.presence_penalty,
+            ),
+            eos=frozenset(self._eos),
+            rng=None if greedy else np.random.default_rng(seed),
+        )
+        answer = _Answer(job, TokenChunker(start, len(prompt), request.stop), self._tokenizer)
+        if job.cancel.is_set():  # the client left while the request queued
+            answer.finish = "cancelled"
+        elif limit <= 0:  # max_tokens=0
+            answer.finish = "length"
+        else:
+            fmt = request.response_format
+            if fmt is not None and fmt.type != "text":
+                job.generator = self._generator(request, self._params(request, len(prompt) + limit))
+        return answer
 
-    def _decode(
-        self,
-        request: GenerationRequest,
-        params: Any,
-        prompt: list[int],
-        limit: int,
-        start: float,
-        cancel: threading.Event | None,
+    def stream(
+        self, request: GenerationRequest, cancel: threading.Event | None = None
     ) -> Iterator[Chunk]:
-        generator = self._generator(request, params)
-        n_prompt = len(prompt)
-        try:
-            generator.append_tokens(np.asarray(prompt, dtype=np.int32))
-        except Exception as exc:
-            raise ModelLoadError(f"onnxruntime-genai failed on the prompt: {exc}") from None
-        prompt_s = time.perf_counter() - start
-        text_out = self._tokenizer.create_stream()
-        out = TokenChunker(start, n_prompt, request.stop, prompt_s)
-        finish: FinishReason = "length"
-        try:
-            while out.produced < limit and not generator.is_done():
-                if cancel is not None and cancel.is_set():
-                    finish = "cancelled"
-                    break
-                row = self._row(generator) if request.logprobs else None
-                generator.generate_next_token()
-                token = int(generator.get_next_tokens()[0])
-                if token in self._eos:
-                    finish = "stop"
-                    break
-                entry = (
-                    None
-                    if row is None
-                    else token_logprob(row, token, request.top_logprobs, self._bytes)
-                )
-                piece = out.token(token, text_out.decode(token), entry)
-                if piece is not None:
-                    yield piece
-                    if out.stopped:
-                        return
-        finally:
-            del generator  # frees the KV cache now, not whenever GC runs
-        yield out.finish(finish)
+        """Queue the request with the scheduler and turn its tokens into chunks in the
+        caller's thread (the bench's in-process target; the service uses :meth:`astream`)."""
+        answer = self._answer(request, cancel)
+        scheduler = self._scheduler  # still there to poke after an unload
+        if not answer.done:
+            scheduler.submit(answer.job)
+            try:
+                while not answer.done:
+                    try:
+                        event = answer.job.events.get(timeout=0.05)
+                    except queue.Empty:
+                        if answer.job.cancel.is_set() and answer.job.slot < 0:  # still queued
+                            answer.finish = "cancelled"
+                        continue
+                    chunk = answer.take(*event)
+                    if chunk is not None:
+                        yield chunk
+            finally:
+                answer.job.cancel.set()  # a stop string, a consumer gone away, or done: alike
+                scheduler.poke()
+        last = answer.last()
+        if last is not None:
+            yield last
 
-    def _row(self, generator: Any) -> np.ndarray:
-        """A copy of the logits row the sampler is about to use (the generator reuses its
-        buffer at the next step), in float32 whatever the model computes in."""
-        return np.array(generator.get_logits()[0, -1], dtype=np.float32)
+    async def astream(
+        self, request: GenerationRequest, cancel: threading.Event | None = None
+    ) -> AsyncIterator[Chunk]:
+        """The same stream for the service: the scheduler thread hands each token straight to
+        the event loop, so no thread per stream sits between the model and the socket."""
+        if _long(request):  # tokenizing it, or compiling a schema, would hold up the others
+            answer = await asyncio.to_thread(self._answer, request, cancel)
+        else:
+            answer = self._answer(request, cancel)
+        scheduler = self._scheduler
+        if not answer.done:
+            events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+            answer.job.deliver = _on_loop(
+                asyncio.get_running_loop(), events.put_nowait, answer.job.cancel
+            )
+            scheduler.submit(answer.job)
+            try:
+                while not answer.done:
+                    chunk = answer.take(*await events.get())
+                    if chunk is not None:
+                        yield chunk
+            finally:
+                answer.job.cancel.set()
+                scheduler.poke()
+        last = answer.last()
+        if last is not None:
+            yield last
+
+    def batch_stats(self) -> dict[str, int]:
+        """Counters of the scheduler: turns, tokens, reused prompt tokens."""
+        return self._scheduler.stats()
+
+    def live_info(self) -> dict[str, object]:
+        """The threads it computes with, where, and the scheduler's counters."""
+        return {"threads": self.threads, "provider": self.provider, **self.batch_stats()}
 
     def _bytes(self, token: int) -> bytes:
         return self.decode([token]).encode("utf-8")
 
     def raw_speed(self, n_prompt: int, n_gen: int, seed: int = 0) -> tuple[float, float]:
         """llama-bench style: seconds to process ``n_prompt`` random tokens and to generate
-        ``n_gen`` tokens after them (greedy, end-of-sequence suppressed)."""
+        ``n_gen`` tokens after them (greedy, end-of-sequence suppressed), on the scheduler's
+        thread with the model to itself (refused while streams are served)."""
+        if self._scheduler.busy:
+            raise InvalidRequest(f"model '{self.model_id}' is serving requests; bench it idle")
         rng = np.random.default_rng(seed)
         high = max(2, (self._vocab_size or 32000) - 1)
         prompt = rng.integers(1, high, size=max(1, n_prompt), dtype=np.int32)
         total = len(prompt) + n_gen + 1
-        params = self._og.GeneratorParams(self._model)
-        params.set_search_options(max_length=total, min_length=total, batch_size=1, do_sample=False)
-        with self._lock:
+
+        def measure() -> tuple[float, float]:
+            params = self._og.GeneratorParams(self._model)
+            params.set_search_options(
+                max_length=total, min_length=total, batch_size=1, do_sample=False
+            )
             generator = self._og.Generator(self._model, params)
             t0 = time.perf_counter()
             generator.append_tokens(prompt)
@@ -424,10 +502,54 @@ class OnnxEngine(Engine):
                 generator.generate_next_token()
             tg_s = time.perf_counter() - t1
             del generator
-        return pp_s, tg_s
+            return pp_s, tg_s
+
+        return self._scheduler.call(measure)
 
     def close(self) -> None:
-        """Drop the model now rather than whenever GC gets to it."""
-        with self._lock:
-            self._tokenizer = None
-            self._model = None
+        """Stop the scheduler (failing what it still serves) and drop the model now rather
+        than whenever GC gets to it."""
+        scheduler = getattr(self, "_scheduler", None)
+        if scheduler is not None:
+            scheduler.close()
+            del self._scheduler  # a closed engine has none (close() twice is fine)
+        self._tokenizer = None
+        self._model = None
+
+
+class _Answer:
+    """One request's way through the scheduler: its job, and the text work that turns the
+    job's events into chunks (the tokenizer's incremental decoding, stop sequences), done
+    wherever the events are consumed, never on the scheduler's thread."""
+
+    def __init__(self, job: OnnxJob, out: TokenChunker, tokenizer: Any):
+        self.job = job
+        self.out = out
+        self.finish: FinishReason | None = None
+        self._text = tokenizer.create_stream()
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None or self.out.stopped
+
+    def take(self, kind: str, value: Any) -> Chunk | None:
+        """One event from the scheduler; a chunk when there is something to send."""
+        if kind == ERROR:
+            raise value
+        if kind == DONE:
+            self.finish = value
+            return None
+        out = self.out
+        if out.prompt_seconds is None:
+            out.prompt_seconds = time.perf_counter() - out.start
+        if self.job.cancel.is_set():
+            self.finish = "cancelled"
+            return None
+        token, entry = value
+        return out.token(token, self._text.decode(token), entry)
+
+    def last(self) -> Chunk | None:
+        """The closing chunk, unless the chunk that completed a stop sequence closed it."""
+        if self.out.stopped:
+            return None
+        return self.out.finish(self.finish or "length")

@@ -1,0 +1,436 @@
+"""Concurrent streams for the ONNX Runtime GenAI engine: one scheduler thread per loaded model
+takes every stream in turn, keeps a generator (and its KV cache) per slot, and reuses cached
+prompt prefixes.
+
+Why not the library's own continuous batching (``og.Engine``, onnxruntime-genai 0.18)? Its
+dynamic path, the one that lets requests join and leave between steps, needs a model built with
+PagedAttention, which the model builder makes only for CUDA (fp16/bf16) and WebGPU (fp16): the
+CPU int4 models ``edgelm model convert`` builds get its *static* path instead. Measured on the
+converted SmolLM2-135M: a request submitted while another runs waits until the whole running
+batch has finished (exactly the 3.6 s TTFT at 4 streams this engine had when it served one
+stream at a time); a finished request cannot take a next turn ("model state is no longer
+resident"), so nothing is cached between turns; and it gives no logits, so no logprobs.
+
+So the steps are ours, on ``og.Generator``: each slot owns a generator whose KV cache holds
+n_ctx tokens, a turn gives every running stream one token (newcomers' prompts first, up to
+n_batch tokens a turn so a long prompt cannot stall the others for long), and sampling is done
+here from the generator's logits (:func:`sample`), which lets one generator serve any request
+whatever its temperature, seed or penalties. Streams do not share a weight pass (that needs a
+batched step the CPU path lacks), so aggregate speed stays near one stream's; what concurrency
+gains is latency: a newcomer starts within one turn instead of after every answer queued in
+front of it.
+
+Prompt reuse: after a request, its slot keeps the generator with the prompt and answer in its
+KV cache. A newcomer takes the idle slot holding the longest usable prefix of its prompt (the
+previous turn of the same conversation, or the same system prompt), ``rewind_to`` cuts the
+cache there and only the rest of the prompt is evaluated. What is usable (:func:`plan_keep`)
+follows from how ONNX Runtime's CPU int4 kernels behave: a row evaluated in a step of two or
+more tokens comes out bit-identical however the prompt was cut into such steps, but a row
+evaluated alone (a one-token step, as every generated token is) differs slightly (logits off
+by up to ~0.6 on SmolLM2, enough to flip a greedy choice). So a reproducible request
+(temperature 0 or a seed) keeps only the slot's *clean* prefix (rows evaluated in steps of two
+or more: prompts) and evaluates at least its last two tokens, and prompts are never cut so as
+to leave a one-token step; it gets exactly the answer it gets on a fresh engine. Other requests
+keep the longest common prefix, the previous answer included.
+
+Requests with ``response_format`` (llguidance, a generator parameter) get a generator of their
+own with the library's sampler, dropped when they finish.
+
+Known limit: onnxruntime-genai's Python binding keeps the GIL for the whole forward pass
+(``append_tokens`` of 300 tokens: no other Python thread ran for its 5 s), so the event loop
+and the streams' text work run between steps, not during them. Running the engine in a child
+process (the runner) takes that off the service's loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgelm.engines.batching import DONE, ERROR, TOKEN, Job, Sampling, _common_prefix
+
+log = logging.getLogger("edgelm.engines.onnx")
+
+# Tokens the repeat penalty looks back over, as llama.cpp's penalty_last_n.
+PENALTY_LAST_N = 64
+# Candidates a nucleus (top-p) cut looks at first; the whole vocabulary is sorted only when
+# they do not hold top_p of the probability.
+_NUCLEUS_FIRST = 1024
+
+
+@dataclass(eq=False)
+class OnnxJob(Job):
+    """One request in the ONNX scheduler. ``generator`` is set for a request with its own
+    generator (structured output); the others run on a slot's reusable one."""
+
+    generator: Any = None
+    eos: frozenset[int] = frozenset()
+    rng: np.random.Generator | None = None
+
+
+@dataclass(eq=False)
+class GeneratorSlot:
+    """A generator and the tokens its KV cache holds (positions 0..len-1)."""
+
+    index: int
+    generator: Any = None
+    tokens: list[int] = field(default_factory=list)
+    clean: int = 0  # leading tokens evaluated in steps of two or more (see plan_keep)
+    job: OnnxJob | None = None
+
+
+def plan_keep(cached: list[int], clean: int, prompt: list[int], exact: bool) -> int:
+    """How many tokens of a slot's cache ``prompt`` keeps. An ``exact`` request keeps only the
+    clean prefix and evaluates at least two tokens, so every row it depends on is computed as a
+    fresh run computes it; others keep the longest common prefix but the last prompt token,
+    whose logits the first sample needs."""
+    common = _common_prefix(cached, prompt)
+    if exact:
+        return max(0, min(common, clean, len(prompt) - 2))
+    return max(0, min(common, len(prompt) - 1))
+
+
+def chunk_size(todo: int, budget: int) -> int:
+    """Prompt tokens to evaluate now, at most ``budget``, never leaving (or taking) a
+    one-token step when more are due: such a row would not be clean (see plan_keep). 0: wait
+    for the next turn."""
+    if todo <= 1:
+        return todo
+    take = min(todo, budget)
+    if todo - take == 1:
+        take -= 1
+    return take if take >= 2 else 0
+
+
+def sample(
+    row: np.ndarray,
+    s: Sampling,
+    rng: np.random.Generator | None,
+    context: list[int],
+    produced: list[int],
+    banned: frozenset[int] = frozenset(),
+) -> int:
+    """The next token from one logits row: penalties, then greedy or temperature / top-k /
+    top-p sampling with ``rng`` (seeded per request, so a seed reproduces an answer).
+    ``context`` is what the repeat penalty looks back over, ``produced`` what the frequency and
+    presence penalties count; ``banned`` tokens are never picked (end of sequence under
+    ``ignore_eos``)."""
+    logits = row
+    if banned or s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
+        logits = np.array(row, dtype=np.float32)
+        if s.repeat_penalty != 1.0 and context:
+            seen = np.unique(np.asarray(context[-PENALTY_LAST_N:], dtype=np.int64))
+            values = logits[seen]
+            logits[seen] = np.where(
+                values > 0, values / s.repeat_penalty, values * s.repeat_penalty
+            )
+        if (s.frequency_penalty or s.presence_penalty) and produced:
+            ids, counts = np.unique(np.asarray(produced, dtype=np.int64), return_counts=True)
+            logits[ids] -= counts * s.frequency_penalty + s.presence_penalty
+        if banned:
+            logits[list(banned)] = -np.inf
+    if s.temperature <= 0 or rng is None:
+        return int(np.argmax(logits))
+    n_vocab = logits.shape[0]
+    k = s.top_k if 0 < s.top_k < n_vocab else n_vocab
+    top_p = s.top_p if 0 < s.top_p < 1 else 1.0
+    first = k if k < n_vocab else (min(_NUCLEUS_FIRST, n_vocab) if top_p < 1 else n_vocab)
+    candidates = _best(logits, first)
+    scaled = logits[candidates].astype(np.float64) / s.temperature
+    if first < k:  # a nucleus cut inside the first candidates needs their share of all
+        z = np.exp(logits.astype(np.float64) / s.temperature - scaled[0]).sum()
+        probs = np.exp(scaled - scaled[0]) / z
+        if probs.sum() < top_p:
+            candidates = _best(logits, n_vocab)
+            scaled = logits[candidates].astype(np.float64) / s.temperature
+    probs = np.exp(scaled - scaled[0])
+    probs /= probs.sum()
+    if top_p < 1:
+        cut = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
+        probs = probs[:cut] / probs[:cut].sum()
+        candidates = candidates[:cut]
+    if s.min_p > 0:
+        keep = probs >= s.min_p * probs[0]
+        probs, candidates = probs[keep] / probs[keep].sum(), candidates[keep]
+    choice = int(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right"))
+    return int(candidates[min(choice, len(candidates) - 1)])
+
+
+def _best(logits: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest logits, largest first (ties: lower index first)."""
+    if k >= logits.shape[0]:
+        return np.argsort(-logits, kind="stable")
+    part = np.argpartition(-logits, k - 1)[:k]
+    return part[np.argsort(-logits[part], kind="stable")]
+
+
+class GeneratorScheduler:
+    """Runs every stream of one ONNX model, a token each in turn, on a thread of its own.
+
+    ``new_generator()`` makes a slot's generator (KV cache for n_ctx tokens); ``logprob(row,
+    token, top)`` builds a logprob entry. Events reach each stream through its job's
+    ``deliver`` (the event loop) or ``events`` queue, as in :mod:`edgelm.engines.batching`.
+    """
+
+    def __init__(
+        self,
+        model_id: str,
+        slots: int,
+        n_batch: int,
+        new_generator: Callable[[], Any],
+        logprob: Callable[[np.ndarray, int, int], Any],
+    ):
+        self.slots = [GeneratorSlot(index=i) for i in range(max(1, slots))]
+        self.n_batch = max(1, n_batch)
+        self._new_generator = new_generator
+        self._logprob = logprob
+        self._wake = threading.Condition()
+        self._pending: deque[OnnxJob] = deque()
+        self._running: list[OnnxJob] = []
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._stop = False
+        self.steps = 0  # turns that produced at least one token
+        self.tokens = 0  # tokens produced, all streams
+        self.reused_tokens = 0  # prompt tokens whose KV came from a slot's cache
+        self.prompt_tokens = 0  # prompt tokens evaluated
+        # Every slot's generator now, on the loading thread: making one zeroes its KV cache
+        # (~0.15 s for 2048 tokens of SmolLM2 here), which the first requests to arrive
+        # together would otherwise wait for in turn on the scheduler's thread.
+        for slot in self.slots:
+            slot.generator = new_generator()
+        self._thread = threading.Thread(
+            target=self._run, name=f"edgelm-onnx-{model_id}", daemon=True
+        )
+        self._thread.start()
+
+    # -- called from request threads and the event loop ----------------------------------
+    def submit(self, job: OnnxJob) -> None:
+        with self._wake:
+            if self._stop:
+                raise RuntimeError("the model was unloaded")
+            self._pending.append(job)
+            self._wake.notify()
+
+    def poke(self) -> None:
+        """Wake the thread (a stream was cancelled)."""
+        with self._wake:
+            self._wake.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the scheduler's thread while no stream runs (the raw benchmark)."""
+        future: Future[Any] = Future()
+        with self._wake:
+            if self._stop:
+                raise RuntimeError("the model was unloaded")
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future.result()
+
+    @property
+    def busy(self) -> int:
+        return len(self._running) + len(self._pending)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "slots": len(self.slots),
+            "running": len(self._running),
+            "waiting": len(self._pending),
+            "decode_steps": self.steps,
+            "generated_tokens": self.tokens,
+            "prompt_tokens_evaluated": self.prompt_tokens,
+            "reused_prompt_tokens": self.reused_tokens,
+            "cached_slots": sum(1 for s in self.slots if s.tokens and s.job is None),
+        }
+
+    def close(self) -> None:
+        """Fail what is queued or running, drop the generators and end the thread."""
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # -- the thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stop or self._pending or self._running or self._calls):
+                    self._wake.wait()
+                if self._stop:
+                    break
+                call = self._calls.popleft() if self._calls and not self._running else None
+                # Those that left while they waited go now, not when a slot would have come free.
+                left = [job for job in self._pending if job.cancel.is_set()]
+                for job in left:
+                    self._pending.remove(job)
+                newcomers: list[OnnxJob] = []
+                while self._pending and len(self._running) + len(newcomers) < len(self.slots):
+                    newcomers.append(self._pending.popleft())
+            for job in left:
+                job.send(DONE, "cancelled")
+            if call is not None:
+                self._run_call(*call)
+            for job in newcomers:
+                self._admit(job)
+            self._turn()
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        unloaded = RuntimeError("the model was unloaded")
+        with self._wake:
+            jobs = [*self._running, *self._pending]
+            self._running.clear()
+            self._pending.clear()
+            calls = list(self._calls)
+            self._calls.clear()
+        for job in jobs:
+            job.send(ERROR, unloaded)
+        for _fn, future in calls:
+            future.set_exception(unloaded)
+        for slot in self.slots:
+            slot.generator, slot.tokens, slot.clean, slot.job = None, [], 0, None
+
+    def _run_call(self, fn: Callable[[], Any], future: Future[Any]) -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to the caller
+            future.set_exception(exc)
+
+    def _admit(self, job: OnnxJob) -> None:
+        if job.cancel.is_set():
+            job.send(DONE, "cancelled")
+            return
+        free = [s for s in self.slots if s.job is None]
+        prompt = job.prompt
+        if job.generator is not None:  # its own generator: take the emptiest free slot
+            slot = min(free, key=lambda s: len(s.tokens))
+            slot.generator, slot.tokens, slot.clean = None, [], 0  # memory for the job's own
+            job.todo, job.n_past = list(prompt), 0
+        else:
+            slot = max(
+                free,
+                key=lambda s: (
+                    plan_keep(s.tokens, s.clean, prompt, job.exact),
+                    s.generator is not None,
+                ),
+            )
+            keep = plan_keep(slot.tokens, slot.clean, prompt, job.exact)
+            try:
+                if slot.generator is None:
+                    slot.generator, slot.tokens, keep = self._new_generator(), [], 0
+                elif keep < len(slot.tokens):
+                    slot.generator.rewind_to(keep)
+                    slot.tokens = slot.tokens[:keep]
+            except Exception as exc:
+                slot.generator, slot.tokens, slot.clean = None, [], 0
+                job.send(ERROR, exc)
+                return
+            slot.clean = min(slot.clean, keep)
+            self.reused_tokens += keep
+            job.todo, job.n_past = list(prompt[keep:]), keep
+        slot.job = job
+        job.slot = slot.index
+        job.admitted_at = time.perf_counter()
+        with self._wake:
+            self._running.append(job)
+
+    def _turn(self) -> None:
+        """Newcomers' prompts (up to n_batch tokens), then one token for every stream whose
+        prompt is in."""
+        for job in list(self._running):
+            if job.cancel.is_set():
+                self._finish(job, DONE, "cancelled")
+        budget = self.n_batch
+        for job in [j for j in self._running if j.todo]:
+            if budget <= 0:
+                break
+            take = chunk_size(len(job.todo), budget)
+            if take and self._guard(job, self._prompt_chunk, job, take):
+                budget -= take
+        produced = False
+        for job in [j for j in self._running if not j.todo]:
+            produced = self._guard(job, self._decode, job) or produced
+        if produced:
+            self.steps += 1
+
+    def _guard(self, job: OnnxJob, fn: Callable[..., None], *args: Any) -> bool:
+        """Run one step of ``job``; a failure ends that stream (and forgets its slot's cache),
+        never the others."""
+        try:
+            fn(*args)
+            return True
+        except Exception as exc:
+            log.exception("onnx stream step failed")
+            slot = self.slots[job.slot]
+            slot.generator, slot.tokens, slot.clean = None, [], 0
+            self._finish(job, ERROR, exc)
+            return False
+
+    def _generator(self, job: OnnxJob) -> Any:
+        return job.generator if job.generator is not None else self.slots[job.slot].generator
+
+    def _prompt_chunk(self, job: OnnxJob, take: int) -> None:
+        chunk = job.todo[:take]
+        self._generator(job).append_tokens(np.asarray(chunk, dtype=np.int32))
+        self.prompt_tokens += take
+        job.todo = job.todo[take:]
+        job.n_past += take
+        if job.generator is None:
+            slot = self.slots[job.slot]
+            if take >= 2 and slot.clean == len(slot.tokens):
+                slot.clean += take
+            slot.tokens.extend(chunk)
+
+    def _decode(self, job: OnnxJob) -> None:
+        """Sample the next token from the logits in hand, send it, and (unless the answer
+        is complete) evaluate it for the next one."""
+        generator = self._generator(job)
+        if job.generator is not None:  # the library samples (structured output)
+            if generator.is_done():
+                self._finish(job, DONE, "length")
+                return
+            row = (
+                np.array(generator.get_logits()[0, -1], dtype=np.float32) if job.logprobs else None
+            )
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+        else:
+            row = generator.get_logits()[0, -1]
+            banned = job.eos if job.ignore_eos else frozenset()
+            token = sample(
+                row, job.sampling, job.rng, job.prompt + job.produced, job.produced, banned
+            )
+        if token in job.eos and not job.ignore_eos:
+            self._finish(job, DONE, "stop")
+            return
+        entry = None
+        if job.logprobs and row is not None:
+            entry = self._logprob(np.asarray(row, dtype=np.float32), token, job.top_logprobs)
+        job.produced.append(token)
+        self.tokens += 1
+        job.send(TOKEN, (token, entry))
+        if len(job.produced) >= job.limit:
+            self._finish(job, DONE, "length")
+            return
+        if job.generator is None:  # the library's sampler has evaluated it already
+            generator.append_tokens(np.asarray([token], dtype=np.int32))
+            self.slots[job.slot].tokens.append(token)
+        job.n_past += 1
+
+    def _finish(self, job: OnnxJob, kind: str, value: Any) -> None:
+        with self._wake:
+            if job in self._running:
+                self._running.remove(job)
+        slot = self.slots[job.slot] if job.slot >= 0 else None
+        if slot is not None and slot.job is job:
+            slot.job = None
+        job.generator = None  # a structured-output generator's KV cache is freed now
+        job.send(kind, value)
