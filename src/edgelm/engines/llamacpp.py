@@ -137,6 +137,7 @@ class LlamaCppEngine(Engine):
     (see :mod:`edgelm.engines.batching`); the pool hands it that many at once."""
 
     name = "llamacpp"
+    isolate = True
     native_async = True
     supports_logprobs = True
     supports_embeddings = True

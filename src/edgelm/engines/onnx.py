@@ -145,6 +145,7 @@ class OnnxEngine(Engine):
     """An ONNX Runtime GenAI model in this process. One stream at a time."""
 
     name = "onnx"
+    isolate = True
     supports_logprobs = True
     supports_grammar = True
     supports_seed = True
