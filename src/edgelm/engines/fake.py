@@ -81,6 +81,8 @@ class FakeScript:
     fault, an abort, or ``os._exit(3)``; only allowed in a runner process (``isolated``)."""
     crash_after_tokens: int = 0
     """Tokens a stream sends before the ``crash``."""
+    crash_when: str | None = None
+    """Crash only on requests whose text contains this (default: every request)."""
     crash_on_load: bool = False
     """Crash while loading instead (a corrupt file that brings the library down)."""
 
@@ -123,6 +125,7 @@ class FakeEngine(Engine):
         self._replies: deque[str] = deque(self.script.replies)
         self._lock = threading.Lock()
         self.requests: list[GenerationRequest] = []
+        self._open = 0  # streams generating now
 
     @classmethod
     def wants_isolation(cls, entry: CatalogEntry) -> bool:
@@ -143,6 +146,20 @@ class FakeEngine(Engine):
 
     def count_tokens(self, text: str) -> int:
         return len(fake_tokens(text))
+
+    def live_info(self) -> dict[str, object]:
+        """Streams generating now: what a test of cancellation (in this process or in a
+        runner) looks at."""
+        return {"open_streams": self._open}
+
+    def _crashes_on(self, request: GenerationRequest) -> bool:
+        marker = self.script.crash_when
+        if not self.script.crash:
+            return False
+        if marker is None:
+            return True
+        texts = [request.prompt or ""] + [m.text() for m in request.messages or []]
+        return any(marker in text for text in texts)
 
     def prompt_text(self, request: GenerationRequest) -> str:
         """ChatML (tools through the fallback prompt), as a model without a chat template of its
@@ -196,6 +213,25 @@ class FakeEngine(Engine):
         prompt_tokens = self.count_tokens(self.prompt_text(request))
         limit = check_context(self, prompt_tokens, request.max_tokens)
         tokens = fake_tokens(self._reply_for(request))
+        crash = self._crashes_on(request)
+        with self._lock:
+            self._open += 1
+        try:
+            yield from self._tokens(request, cancel, tokens, limit, prompt_tokens, crash, start)
+        finally:
+            with self._lock:
+                self._open -= 1
+
+    def _tokens(
+        self,
+        request: GenerationRequest,
+        cancel: threading.Event | None,
+        tokens: list[str],
+        limit: int,
+        prompt_tokens: int,
+        crash: bool,
+        start: float,
+    ) -> Iterator[Chunk | float]:
         stops = StopBuffer(request.stop)
         produced = 0
         finish = "stop"
@@ -210,7 +246,7 @@ class FakeEngine(Engine):
                 break
             if self.script.fail_after_tokens is not None and i >= self.script.fail_after_tokens:
                 raise RuntimeError("scripted failure in the fake engine")
-            if self.script.crash and i >= self.script.crash_after_tokens:
+            if crash and i >= self.script.crash_after_tokens:
                 self._crash()
             if i and self.script.token_delay_s:
                 yield self.script.token_delay_s
