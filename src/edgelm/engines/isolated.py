@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import edgelm
 from edgelm.engines.base import Engine
+from edgelm.engines.gguf_file import check_gguf_size
 from edgelm.engines.runner_protocol import (
     RUNNER_ENV,
     Connection,
@@ -146,6 +147,8 @@ class IsolatedEngine(Engine):
         stderr_thread.join(timeout=1)
         how = describe_exit(proc.returncode)
         _log_tail(entry.alias, how, tail)
+        if path is not None and path.suffix == ".gguf" and path.is_file():
+            check_gguf_size(path, entry.alias)  # a cut-off file, said so
         raise ModelLoadError(
             f"could not load '{entry.alias}': its runner {how} while loading the model; "
             "the file may be corrupt (re-download it with 'edgelm model download "
