@@ -217,6 +217,12 @@ def test_one_runner_serves_streams_at_once_cancels_them_and_leaves_nothing_behin
         assert loaded.cancelled == 1 and loaded.active == 0
         assert engine.live_info()["open_streams"] == 0  # stopped, not still decoding
 
+        # The same stream for a caller in a thread (stream() rather than astream()).
+        in_thread = await asyncio.to_thread(
+            lambda: "".join(c.text for c in engine.stream(request))
+        )
+        assert in_thread == LONG_REPLY
+
         # Calls and errors cross the process boundary with their class and fields.
         vectors, used = engine.embed(["a b", "c"])
         assert len(vectors) == 2 and used == 3

@@ -210,8 +210,6 @@ class IsolatedEngine(Engine):
             )
         else:
             how = describe_exit(self.proc.returncode)
-            self._stderr_thread.join(timeout=1)
-            _log_tail(self.alias, how, self._stderr_tail)
             failure = EngineCrashed(
                 f"model '{self.alias}' stopped: its runner {how}; the next request restarts it"
             )
@@ -228,6 +226,9 @@ class IsolatedEngine(Engine):
         for future in calls.values():
             future.set_exception(failure)
         self._conn.close()
+        if not self._closing:
+            self._stderr_thread.join(timeout=1)  # its last words, for the log
+            _log_tail(self.alias, describe_exit(self.proc.returncode), self._stderr_tail)
 
     def failure(self) -> EngineCrashed | None:
         """How the runner ended, once it has (None while it runs, and after a close)."""
