@@ -156,8 +156,22 @@ def test_sigkill_mid_stream_on_the_runners_event_loop(
 def test_a_crash_while_loading_is_a_clear_error_and_the_service_stays_up(
     settings: Settings, isolated_home: Path
 ) -> None:
-    catalog = Catalog([isolated("corrupt", crash="abort", crash_on_load=True)])
+    catalog = Catalog(
+        [
+            isolated("corrupt", crash="abort", crash_on_load=True),
+            isolated("refused", fail_load="weights are corrupt"),
+        ]
+    )
     with TestClient(create_app(settings, catalog=catalog)) as http:
+        # A load the engine refuses keeps the engine's own error, class and status.
+        refused = http.post("/v1/chat/completions", json={"model": "refused", **chat("hi")})
+        assert refused.status_code == 503
+        assert refused.json()["error"] == {
+            "message": "could not load 'refused': weights are corrupt",
+            "type": "server_error",
+            "param": None,
+            "code": "model_load_failed",
+        }
         response = http.post("/v1/chat/completions", json={"model": "corrupt", **chat("hi")})
         assert response.status_code == 503
         error = response.json()["error"]
@@ -165,7 +179,7 @@ def test_a_crash_while_loading_is_a_clear_error_and_the_service_stays_up(
         assert "could not load 'corrupt'" in error["message"]
         assert "SIGABRT" in error["message"] and "while loading" in error["message"]
         assert http.get("/v1/models").status_code == 200
-        assert http.get("/openai/status").json()["pool"]["load_failures"] == 1
+        assert http.get("/openai/status").json()["pool"]["load_failures"] == 2
     assert runners() == []
 
 

@@ -40,7 +40,7 @@ from edgelm.engines.runner_protocol import (
     describe_exit,
     unpack_error,
 )
-from edgelm.errors import EngineCrashed, ModelLoadError
+from edgelm.errors import EdgelmError, EngineCrashed, ModelLoadError
 from edgelm.types import Chunk, GenerationRequest
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ class IsolatedEngine(Engine):
         _stop(proc, conn)
         if first and first[0][0] == "load_error":
             error = unpack_error(first[0][1])
-            if isinstance(error, ModelLoadError):
+            if isinstance(error, EdgelmError):  # as the engine said it (a 501 MissingExtra...)
                 raise error
             raise ModelLoadError(f"could not load '{entry.alias}': {error}")
         stderr_thread.join(timeout=1)
