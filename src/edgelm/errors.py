@@ -113,3 +113,13 @@ class GenerationTimeout(EdgelmError):
     status = 504
     type = "server_error"
     code = "generation_timeout"
+
+
+class EngineCrashed(EdgelmError):
+    """The process running a model's engine died (a segfault, an abort, the out-of-memory
+    killer): this request ends, the service stays up, and the next request starts the model's
+    runner again. The message names the model and how its runner ended."""
+
+    status = 500
+    type = "server_error"
+    code = "engine_crashed"

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 from edgelm.catalog import Catalog, CatalogEntry
-from edgelm.engines import create_engine
+from edgelm.engines import load_engine
 from edgelm.engines.base import Engine, check_capabilities
 from edgelm.errors import Busy, EdgelmError, GenerationTimeout, ModelLoadError, Overloaded
 from edgelm.settings import Settings
@@ -74,6 +74,7 @@ class PoolStats:
     load_failures: int = 0
     unloads: int = 0
     evictions: int = 0
+    runner_crashes: int = 0  # runner processes that died under a loaded model
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -85,7 +86,7 @@ class ModelPool:
         settings: Settings,
         catalog: Catalog,
         resolve_path: Callable[[CatalogEntry], Path | None] | None = None,
-        engine_factory: EngineFactory = create_engine,
+        engine_factory: EngineFactory = load_engine,
     ):
         self.settings = settings
         self.catalog = catalog
@@ -121,6 +122,7 @@ class ModelPool:
         return sum(m.engine.memory_bytes for m in self.models.values())
 
     async def _make_room(self, entry: CatalogEntry) -> None:
+        self._forget_crashed()
         need = self._estimate(entry)
         budget = self.memory_budget
         if need > budget:
@@ -147,10 +149,16 @@ class ModelPool:
         """The loaded model for ``name`` (alias, extra alias or full name), loading it if needed."""
         entry = self.catalog.resolve(name)
         loaded = self.models.get(entry.alias)
-        if loaded is not None and (loaded.entry == entry or _busy(loaded)):
+        if (
+            loaded is not None
+            and loaded.engine.failure() is None
+            and (loaded.entry == entry or _busy(loaded))
+        ):
             return loaded  # a changed entry is reloaded once its model is idle
+        self._forget_crashed()
         lock = self._load_locks.setdefault(entry.alias, asyncio.Lock())
         async with lock:
+            self._forget_crashed()  # one that died while this request waited for the lock
             loaded = self.models.get(entry.alias)
             if loaded is not None:
                 if loaded.entry == entry or _busy(loaded):
@@ -218,6 +226,18 @@ class ModelPool:
             log.info("%s left or changed in the catalog; unloading it", alias)
             await self.unload(alias)
         return stale
+
+    def _forget_crashed(self) -> None:
+        """Drop models whose runner process died (see :mod:`edgelm.engines.isolated`): their
+        requests have ended with the reason, and the next one loads the model again."""
+        for alias, loaded in list(self.models.items()):
+            failure = loaded.engine.failure()
+            if failure is None:
+                continue
+            del self.models[alias]
+            self.stats.runner_crashes += 1
+            log.warning("dropped %s: %s", alias, failure)
+            loaded.engine.close()  # the process is gone already: this only reaps it
 
     async def unload_idle(self) -> list[str]:
         ttl = self.settings.pool.idle_ttl_s
@@ -381,6 +401,7 @@ class ModelPool:
             return await asyncio.to_thread(engine.embed, texts)
 
     def loaded_info(self) -> list[dict[str, object]]:
+        self._forget_crashed()
         return [m.info() for m in self.models.values()]
 
 

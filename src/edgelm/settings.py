@@ -129,6 +129,14 @@ class ComputeSettings(_Section):
         "router.policy and rag.fallback_policy catch instead.",
     )
     onnx: OnnxSettings = Field(default_factory=OnnxSettings)
+    isolation: Literal["process", "off"] = Field(
+        "process",
+        description="Where local engines (llama.cpp, ONNX Runtime, sentence embedders) run: "
+        "'process' runs each loaded model in a runner process of its own, so a segfault, an "
+        "abort or an out-of-memory kill in the engine ends only that model's requests (with "
+        "an error naming the model) and the next request restarts it; 'off' runs them inside "
+        "the service process, as the bench's in-process target does.",
+    )
 
 
 class PoolSettings(_Section):

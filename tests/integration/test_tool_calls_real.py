@@ -177,7 +177,7 @@ def test_n_choices_share_the_prompts_kv_cache(
                 "max_tokens": 8,
             },
         ).json()
-        stats = app.state.edgelm.pool.models[TINY].engine.batch_stats()
+        stats = app.state.edgelm.pool.models[TINY].engine.live_info()  # runs in a runner
     assert len(body["choices"]) == 3
     prompt = body["usage"]["prompt_tokens"]
     assert stats["prefix_copies"] == 2

@@ -75,15 +75,14 @@ class ResourceSampler:
 
     def _run(self) -> None:
         try:
-            proc = psutil.Process(self.pid)
-            proc.cpu_percent(None)  # the first call only primes the counter
+            tree = ProcessTree(self.pid)
         except psutil.Error:
             return
         nvml = _Nvml.open()
         try:
             while not self._stop.wait(self.interval_s):
                 try:
-                    rss, cpu = proc.memory_info().rss, proc.cpu_percent(None)
+                    rss, cpu = tree.sample()
                 except psutil.Error:
                     return
                 if not self._active.is_set():
@@ -95,7 +94,7 @@ class ResourceSampler:
                     self._gpu_mem.append(mem)
                     self._gpu_util.append(util)
             with contextlib.suppress(psutil.Error):  # one last sample at the end
-                self._rss.append(proc.memory_info().rss)
+                self._rss.append(tree.sample()[0])
         finally:
             if nvml is not None:
                 nvml.close()
@@ -118,6 +117,52 @@ class ResourceSampler:
             sample.energy_joules = round(delta / 1e6, 3)
             sample.energy_source = "rapl"
         return sample
+
+
+class ProcessTree:
+    """A process and its children, sampled together: a service runs each loaded model in a
+    runner process of its own (setting ``compute.isolation``), so its memory and CPU are the
+    sum over the tree (the service alone would look tiny)."""
+
+    def __init__(self, pid: int | None):
+        self.root = psutil.Process(pid)
+        self._known: dict[int, psutil.Process] = {}
+        self.root.cpu_percent(None)  # the first call only primes the counter
+
+    def sample(self) -> tuple[int, float]:
+        """Resident bytes and CPU percent of the process and all its descendants now; a
+        child seen for the first time counts its memory (its CPU from the next sample)."""
+        rss = self.root.memory_info().rss
+        cpu = self.root.cpu_percent(None)
+        try:
+            children = self.root.children(recursive=True)
+        except psutil.Error:
+            children = []
+        alive: dict[int, psutil.Process] = {}
+        for child in children:
+            known = self._known.get(child.pid)
+            try:
+                if known is None:
+                    child.cpu_percent(None)
+                    known = child
+                else:
+                    cpu += known.cpu_percent(None)
+                rss += known.memory_info().rss
+            except psutil.Error:  # it ended between the listing and the reading
+                continue
+            alive[child.pid] = known
+        self._known = alive
+        return rss, cpu
+
+
+def tree_rss(pid: int | None = None) -> int:
+    """Resident bytes of a process (default: this one) and all its descendants."""
+    proc = psutil.Process(pid)
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += child.memory_info().rss
+    return total
 
 
 class _Nvml:

@@ -36,3 +36,15 @@ def create_engine(entry: CatalogEntry, settings: Settings, path: Path | None) ->
     return engine_class(entry.engine_name(settings.compute.engine)).from_entry(
         entry, settings, path
     )
+
+
+def load_engine(entry: CatalogEntry, settings: Settings, path: Path | None) -> Engine:
+    """How the service loads a model: in a runner process of its own when its engine asks
+    for one and ``compute.isolation`` is "process" (a crash in the engine then ends only that
+    model's requests, see :mod:`edgelm.engines.isolated`), else in this process."""
+    cls = engine_class(entry.engine_name(settings.compute.engine))
+    if settings.compute.isolation == "process" and cls.wants_isolation(entry):
+        from edgelm.engines.isolated import IsolatedEngine
+
+        return IsolatedEngine.start(entry, settings, path)
+    return cls.from_entry(entry, settings, path)

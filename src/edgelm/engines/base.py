@@ -88,6 +88,10 @@ class Engine(ABC):
     concurrent_streams: int = 1
     # Whether the pool consumes astream() on its event loop (True) or runs stream() in a thread.
     native_async: bool = False
+    # Whether the service runs it in a runner process of its own (setting compute.isolation):
+    # native libraries that can segfault or abort (llama.cpp, ONNX Runtime) are; engines of
+    # pure Python (remote, fake) gain nothing from it. See :mod:`edgelm.engines.isolated`.
+    isolate: ClassVar[bool] = False
 
     model_id: str = ""
     n_ctx: int = 4096
@@ -101,6 +105,16 @@ class Engine(ABC):
         (see :func:`edgelm.engines.create_engine`). ``path`` is the model's file or directory
         for engines that need one (``entry.needs_file``), else None."""
         raise ConfigError(f"the {cls.name} engine cannot be built from a catalog entry")
+
+    @classmethod
+    def wants_isolation(cls, entry: CatalogEntry) -> bool:
+        """Whether the model of ``entry`` should run in a runner process (``isolate``)."""
+        return cls.isolate
+
+    def failure(self) -> Exception | None:
+        """Why this engine can serve no more requests (its runner process died), else None:
+        the pool then drops it and loads the model again on the next request."""
+        return None
 
     def supports(self, capability: Capability) -> bool:
         """Whether this model declares ``capability`` (for callers that adapt, not refuse)."""

@@ -14,17 +14,20 @@ with the smallest arguments its schema accepts.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import math
+import os
 import re
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from edgelm.engines.base import Engine, StopBuffer, check_capabilities, check_context, render_prompt
+from edgelm.engines.runner_protocol import RUNNER_ENV
 from edgelm.errors import ModelLoadError
 from edgelm.tools import call_block, example_arguments
 from edgelm.types import Chunk, GenerationRequest, TokenLogprob
@@ -71,6 +74,17 @@ class FakeScript:
     on_loop: bool = False
     """Stream on the service's event loop (``astream``), as the llama.cpp engine does, rather
     than in a worker thread of the pool."""
+    isolated: bool = False
+    """Run in a runner process, as llama.cpp models do (setting ``compute.isolation``)."""
+    crash: Literal["segfault", "abort", "exit"] | None = None
+    """Kill the process the engine runs in, as a native library can: a real segmentation
+    fault, an abort, or ``os._exit(3)``; only allowed in a runner process (``isolated``)."""
+    crash_after_tokens: int = 0
+    """Tokens a stream sends before the ``crash``."""
+    crash_when: str | None = None
+    """Crash only on requests whose text contains this (default: every request)."""
+    crash_on_load: bool = False
+    """Crash while loading instead (a corrupt file that brings the library down)."""
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> FakeScript:
@@ -90,8 +104,15 @@ class FakeEngine(Engine):
     def __init__(self, model_id: str = "fake", script: FakeScript | None = None):
         self.model_id = model_id
         self.script = script or FakeScript()
+        if self.script.crash and os.environ.get(RUNNER_ENV) != "1":
+            raise ModelLoadError(
+                f"the fake model '{model_id}' crashes only in a runner process: set its "
+                "option 'isolated' (and compute.isolation 'process')"
+            )
         if self.script.load_delay_s:
             time.sleep(self.script.load_delay_s)
+        if self.script.crash_on_load:
+            self._crash()
         if self.script.fail_load:
             raise ModelLoadError(f"could not load '{model_id}': {self.script.fail_load}")
         self.n_ctx = self.script.n_ctx
@@ -104,6 +125,19 @@ class FakeEngine(Engine):
         self._replies: deque[str] = deque(self.script.replies)
         self._lock = threading.Lock()
         self.requests: list[GenerationRequest] = []
+        self._open = 0  # streams generating now
+
+    @classmethod
+    def wants_isolation(cls, entry: CatalogEntry) -> bool:
+        return bool(entry.options.get("isolated"))
+
+    def _crash(self) -> None:
+        """Die as a native library kills its process (script ``crash``)."""
+        if self.script.crash == "segfault":
+            ctypes.string_at(0)  # reads address 0: SIGSEGV
+        elif self.script.crash == "abort":
+            os.abort()
+        os._exit(3)
 
     @classmethod
     def from_entry(cls, entry: CatalogEntry, settings: Settings, path: Path | None) -> FakeEngine:
@@ -112,6 +146,20 @@ class FakeEngine(Engine):
 
     def count_tokens(self, text: str) -> int:
         return len(fake_tokens(text))
+
+    def live_info(self) -> dict[str, object]:
+        """Streams generating now: what a test of cancellation (in this process or in a
+        runner) looks at."""
+        return {"open_streams": self._open}
+
+    def _crashes_on(self, request: GenerationRequest) -> bool:
+        marker = self.script.crash_when
+        if not self.script.crash:
+            return False
+        if marker is None:
+            return True
+        texts = [request.prompt or ""] + [m.text() for m in request.messages or []]
+        return any(marker in text for text in texts)
 
     def prompt_text(self, request: GenerationRequest) -> str:
         """ChatML (tools through the fallback prompt), as a model without a chat template of its
@@ -165,6 +213,25 @@ class FakeEngine(Engine):
         prompt_tokens = self.count_tokens(self.prompt_text(request))
         limit = check_context(self, prompt_tokens, request.max_tokens)
         tokens = fake_tokens(self._reply_for(request))
+        crash = self._crashes_on(request)
+        with self._lock:
+            self._open += 1
+        try:
+            yield from self._tokens(request, cancel, tokens, limit, prompt_tokens, crash, start)
+        finally:
+            with self._lock:
+                self._open -= 1
+
+    def _tokens(
+        self,
+        request: GenerationRequest,
+        cancel: threading.Event | None,
+        tokens: list[str],
+        limit: int,
+        prompt_tokens: int,
+        crash: bool,
+        start: float,
+    ) -> Iterator[Chunk | float]:
         stops = StopBuffer(request.stop)
         produced = 0
         finish = "stop"
@@ -179,6 +246,8 @@ class FakeEngine(Engine):
                 break
             if self.script.fail_after_tokens is not None and i >= self.script.fail_after_tokens:
                 raise RuntimeError("scripted failure in the fake engine")
+            if crash and i >= self.script.crash_after_tokens:
+                self._crash()
             if i and self.script.token_delay_s:
                 yield self.script.token_delay_s
             produced += 1

@@ -62,6 +62,7 @@ from edgelm.engines.batching import (
     evaluate,
     piece_reader,
 )
+from edgelm.engines.gguf_file import check_gguf_size
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
 from edgelm.tools import call_schema, grammar_schema, template_supports_tools, wrap_call_grammar
 from edgelm.types import Chunk, FinishReason, GenerationRequest
@@ -137,6 +138,7 @@ class LlamaCppEngine(Engine):
     (see :mod:`edgelm.engines.batching`); the pool hands it that many at once."""
 
     name = "llamacpp"
+    isolate = True
     native_async = True
     supports_logprobs = True
     supports_embeddings = True
@@ -252,6 +254,7 @@ class LlamaCppEngine(Engine):
                 verbose=False,
             )
         except Exception as exc:  # llama.cpp reports every load failure as a bare exception
+            check_gguf_size(self.model_path, self.model_id)  # says so when it is cut off
             raise ModelLoadError(
                 f"llama.cpp could not load '{self.model_id}' from {self.model_path}: {exc}. "
                 "The file may be corrupt or truncated, or too large for free memory; "

@@ -156,6 +156,7 @@ class OnnxEngine(Engine):
 
     name = "onnx"
     native_async = True
+    isolate = True
     supports_logprobs = True
     supports_grammar = True
     supports_seed = True

@@ -44,6 +44,7 @@ class SentenceEngine(Engine):
     """Mean-pooled, L2-normalised sentence vectors from a BERT GGUF, through llama.cpp."""
 
     name = "sentence"
+    isolate = True
     supports_chat = False
     supports_completions = False
     supports_embeddings = True

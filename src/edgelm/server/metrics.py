@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -24,6 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from edgelm.bench.resources import tree_rss
 from edgelm.engines.base import Fold
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -69,8 +69,8 @@ class _PoolCollector(Collector):
         yield GaugeMetricFamily("edgelm_loaded_models", "Models loaded", value=len(loaded))
         yield GaugeMetricFamily(
             "edgelm_process_resident_memory_bytes",
-            "Resident memory of the service process",
-            value=psutil.Process().memory_info().rss,
+            "Resident memory of the service process and its model runners",
+            value=tree_rss(),
         )
 
 
