@@ -366,39 +366,28 @@ class RagStore:
         if matrix is not None:
             self._write_vectors(db, ids, matrix)
 
-    def bulk_insert(
+    def append_chunks(
         self,
         source: str,
-        chunks: Iterable[ChunkSpec],
-        vectors: Iterable[Sequence[float]] | None = None,
-        batch: int = 5000,
+        chunks: Sequence[ChunkSpec],
+        vectors: Sequence[Sequence[float]] | np.ndarray | None = None,
     ) -> int:
-        """Append many chunks under one synthetic source, a transaction per batch (benchmarks)."""
+        """Add chunks (and vectors) to ``source``, made as a synthetic source when new, in one
+        transaction: the benchmark's bulk path, called a batch at a time."""
         with self.transaction() as db:
-            cur = db.execute(
-                "INSERT INTO sources(source, path, kind, hash, title, n_chunks, ingested_at) "
-                "VALUES(?, '', 'synthetic', '', NULL, 0, ?)",
-                (source, time.time()),
-            )
-            source_id = cur.lastrowid
-        total = 0
-        vec_iter = iter(vectors) if vectors is not None else None
-        pending: list[ChunkSpec] = []
-        for chunk in chunks:
-            pending.append(chunk)
-            if len(pending) >= batch:
-                total += self._flush_bulk(source_id, pending, vec_iter)
-                pending = []
-        if pending:
-            total += self._flush_bulk(source_id, pending, vec_iter)
-        with self.transaction() as db:
-            db.execute("UPDATE sources SET n_chunks = ? WHERE id = ?", (total, source_id))
-        return total
-
-    def _flush_bulk(self, source_id: int | None, chunks: list[ChunkSpec], vec_iter) -> int:  # type: ignore[no-untyped-def]
-        vectors = np.stack([next(vec_iter) for _ in chunks]) if vec_iter is not None else None
-        with self.transaction() as db:
+            row = db.execute("SELECT id FROM sources WHERE source = ?", (source,)).fetchone()
+            if row is None:
+                source_id = db.execute(
+                    "INSERT INTO sources(source, path, kind, hash, title, n_chunks, ingested_at) "
+                    "VALUES(?, '', 'synthetic', '', NULL, 0, ?)",
+                    (source, time.time()),
+                ).lastrowid
+            else:
+                source_id = row[0]
             self._insert_chunks(db, source_id, chunks, vectors)
+            db.execute(
+                "UPDATE sources SET n_chunks = n_chunks + ? WHERE id = ?", (len(chunks), source_id)
+            )
         return len(chunks)
 
     def _delete_source(self, db: Connection, source: str) -> bool:

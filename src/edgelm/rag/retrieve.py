@@ -158,10 +158,24 @@ def hybrid(
     min_similarity: float = -1.0,
 ) -> list[Hit]:
     """RRF of the lexical and dense candidate lists; a fused hit must pass either floor."""
-    lex, relevance = _lexical_candidates(store, question, CANDIDATES)
     den = []
     if query_vector is not None:
-        den = [(i, s) for i, s in store.nearest(query_vector, CANDIDATES) if s >= -1.0]
+        den = store.nearest(query_vector, CANDIDATES)
+    return hybrid_from(store, question, den, top_k, min_relevance, min_similarity)
+
+
+def hybrid_from(
+    store: RagStore,
+    question: str,
+    dense_ranked: Sequence[tuple[int, float]],
+    top_k: int,
+    min_relevance: float = 0.0,
+    min_similarity: float = -1.0,
+) -> list[Hit]:
+    """:func:`hybrid` with the dense ``(chunk id, cosine)`` list given (the benchmark fuses
+    exact-search lists with it, to measure the index's effect on hybrid answers)."""
+    lex, relevance = _lexical_candidates(store, question, CANDIDATES)
+    den = [(i, s) for i, s in dense_ranked if s >= -1.0]
     lex_ids = {i for i, _ in lex}
     similarity = dict(den)
     fused = rrf([[i for i, _ in lex], [i for i, _ in den]], weights=(1.0, DENSE_WEIGHT))

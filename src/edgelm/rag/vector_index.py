@@ -73,11 +73,20 @@ def unit(vector: np.ndarray) -> np.ndarray:
     return vector / norm if norm > 0 else vector
 
 
-def _popcount_rows(x: np.ndarray) -> np.ndarray:
-    """Set bits per row of a uint64 matrix (numpy >= 2 has a vectorised popcount)."""
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x).sum(axis=1, dtype=np.uint32)
-    return _POPCOUNT[x.view(np.uint8)].reshape(len(x), -1).sum(axis=1, dtype=np.uint32)
+def hamming(codes_t: np.ndarray, qcode: np.ndarray) -> np.ndarray:
+    """Hamming distance of ``qcode`` (``words`` uint64) to every column of ``codes_t``
+    (``words x n`` uint64), a word at a time: contiguous XOR and popcount passes are ~5x
+    faster than a row-wise reduction over 6 words (numpy >= 2 has a vectorised popcount)."""
+    n = codes_t.shape[1]
+    total = np.zeros(n, np.uint16)
+    scratch = np.empty(n, np.uint64)
+    for word in range(codes_t.shape[0]):
+        np.bitwise_xor(codes_t[word], qcode[word], out=scratch)
+        if hasattr(np, "bitwise_count"):
+            total += np.bitwise_count(scratch)
+        else:
+            total += _POPCOUNT[scratch.view(np.uint8)].reshape(n, 8).sum(axis=1, dtype=np.uint16)
+    return total
 
 
 def _codes(rows: np.ndarray, mean: np.ndarray, words: int) -> np.ndarray:
@@ -98,7 +107,7 @@ class VectorIndex:
     q8: np.ndarray  # int8 (n, dim)
     inv_norm: np.ndarray  # float32 (n,): 1 / |q8 row|
     mean: np.ndarray  # float32 (dim,): mean of the unit rows, the codes' centre
-    codes: np.ndarray  # uint64 (n, words)
+    codes_t: np.ndarray  # uint64 (words, n): binary codes, one column a chunk
 
     @classmethod
     def build(
@@ -123,19 +132,19 @@ class VectorIndex:
             total += (block * inv_norm[start : start + BLOCK, None]).sum(axis=0)
         mean = (total / max(n, 1)).astype(np.float32)
         words = max(1, math.ceil(dim / 64))
-        codes = np.empty((n, words), np.uint64)
+        codes_t = np.empty((words, n), np.uint64)
         for start in range(0, n, BLOCK):
             block = q8_all[start : start + BLOCK].astype(np.float32)
             block *= inv_norm[start : start + BLOCK, None]
-            codes[start : start + BLOCK] = _codes(block, mean, words)
-        return cls(generation, ids_all, q8_all, inv_norm, mean, codes)
+            codes_t[:, start : start + BLOCK] = _codes(block, mean, words).T
+        return cls(generation, ids_all, q8_all, inv_norm, mean, codes_t)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.ids, self.q8, self.inv_norm, self.codes))
+        return sum(a.nbytes for a in (self.ids, self.q8, self.inv_norm, self.codes_t))
 
     def candidates(
         self, query: np.ndarray, limit: int, shortlist: int | None = None, rerank: int | None = None
@@ -150,13 +159,14 @@ class VectorIndex:
         keep2 = rerank if rerank is not None else rerank_size(limit)
         rows: np.ndarray | slice
         if keep1 < n:
-            qcode = _codes(query[None, :], self.mean, self.codes.shape[1])[0]
-            distance = _popcount_rows(self.codes ^ qcode)
-            rows = np.argpartition(distance, keep1 - 1)[:keep1]
+            qcode = _codes(query[None, :], self.mean, self.codes_t.shape[0])[0]
+            rows = np.argpartition(hamming(self.codes_t, qcode), keep1 - 1)[:keep1]
         else:
             rows = np.arange(n)
         if keep2 < len(rows):
-            approx = (self.q8[rows].astype(np.float32) @ query) * self.inv_norm[rows]
+            # einsum, not BLAS: OpenBLAS's threads spin for a matrix this small and cost 4x
+            # the CPU (and far more on a busy machine); einsum reads the int8 rows directly.
+            approx = np.einsum("ij,j->i", self.q8[rows], query) * self.inv_norm[rows]
             rows = rows[np.argpartition(-approx, keep2 - 1)[:keep2]]
         return self.ids[rows]
 
@@ -169,6 +179,6 @@ def rank_exact(
         return []
     norms = np.linalg.norm(vectors, axis=1)
     norms[norms == 0] = 1.0
-    sims = (vectors @ query) / norms
+    sims = np.einsum("ij,j->i", vectors, query) / norms  # not BLAS: see candidates()
     order = np.lexsort((ids, -sims))[:limit]
     return [(int(ids[i]), float(sims[i])) for i in order]
