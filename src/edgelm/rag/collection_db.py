@@ -276,6 +276,8 @@ class RagStore:
             total,
         )
         with self.transaction() as db:
+            if not self.has_legacy_vectors():  # another process migrated it meanwhile
+                return
             rows = db.execute(f"SELECT rowid, embedding FROM {LEGACY_VECTOR_TABLE}")
             while batch := rows.fetchmany(READ_BLOCK):
                 ids = [int(r[0]) for r in batch]
