@@ -143,6 +143,7 @@ def test_an_old_collection_is_migrated_and_answers(
         # the layout an older edgelm wrote: vectors in a sqlite-vec vec0 table, no new table
         db = store.db
         db.execute("DROP TABLE chunk_embeddings")
+        db.execute("DROP TABLE chunk_q8")
         db.execute(
             "CREATE VIRTUAL TABLE chunk_vectors USING vec0(embedding float[16] "
             "distance_metric=cosine)"

@@ -7,9 +7,10 @@ Layout of ``$EDGELM_HOME/rag/<collection>.db``:
   their source (``ON DELETE CASCADE``);
 - ``chunks_fts``: FTS5 over the *normalised terms* of each chunk and its heading (see
   :mod:`edgelm.rag.terms`), ranked with BM25; ``chunks_vocab`` exposes document frequencies;
-- ``chunk_embeddings``: one row per chunk with a vector: the float32 vector (exact scores) and
-  its int8 copy (what :mod:`edgelm.rag.vector_index` loads into memory for fast search),
-  deleted with their chunk (``ON DELETE CASCADE``); ``meta.dim`` is set by the first vector.
+- ``chunk_embeddings``: one row per chunk with a vector, the float32 vector (exact scores),
+  and ``chunk_q8`` its int8 copy (what :mod:`edgelm.rag.vector_index` loads into memory for
+  fast search; a table of its own so that loading reads 1/5 of the bytes), both deleted with
+  their chunk (``ON DELETE CASCADE``); ``meta.dim`` is set by the first vector.
 
 Collections made before the vector index kept their vectors in a sqlite-vec ``vec0`` table
 (``chunk_vectors``), whose scans and lookups were 30x slower than the index (figures in
@@ -75,7 +76,10 @@ CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(terms, heading, tokeniz
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_vocab USING fts5vocab(chunks_fts, 'row');
 CREATE TABLE IF NOT EXISTS chunk_embeddings (
     id INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE,
-    vector BLOB NOT NULL,
+    vector BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunk_q8 (
+    id INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE,
     q8 BLOB NOT NULL
 );
 """
@@ -248,6 +252,7 @@ class RagStore:
             if current is not None:
                 db.execute(f"DROP TABLE IF EXISTS {LEGACY_VECTOR_TABLE}")
                 db.execute("DELETE FROM chunk_embeddings")
+                db.execute("DELETE FROM chunk_q8")
                 db.execute("DELETE FROM meta WHERE key = 'dim'")
             self._set_meta(db, "embedding_model", name)
 
@@ -297,8 +302,12 @@ class RagStore:
         self._check_dim(db, matrix.shape[1])
         q8 = quantize(matrix)
         db.executemany(
-            "INSERT OR REPLACE INTO chunk_embeddings(id, vector, q8) VALUES(?, ?, ?)",
-            [(i, matrix[n].tobytes(), q8[n].tobytes()) for n, i in enumerate(ids)],
+            "INSERT OR REPLACE INTO chunk_embeddings(id, vector) VALUES(?, ?)",
+            [(i, matrix[n].tobytes()) for n, i in enumerate(ids)],
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO chunk_q8(id, q8) VALUES(?, ?)",
+            [(i, q8[n].tobytes()) for n, i in enumerate(ids)],
         )
 
     # -- writes ---------------------------------------------------------------------------------
@@ -508,9 +517,9 @@ class RagStore:
             if self._index is None or self._index.generation != generation:
                 self._index = None  # free the old one before building the new one
                 dim = int(self.meta("dim") or 0)
-                rows = self.db.execute("SELECT id, q8 FROM chunk_embeddings ORDER BY id")
+                rows = self.db.execute("SELECT id, q8 FROM chunk_q8 ORDER BY id")
 
-                def blocks():  # type: ignore[no-untyped-def]
+                def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
                     while batch := rows.fetchmany(READ_BLOCK):
                         ids = np.fromiter((r[0] for r in batch), np.int64, len(batch))
                         q8 = np.frombuffer(b"".join(r[1] for r in batch), dtype=np.int8)
