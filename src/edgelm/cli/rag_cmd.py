@@ -239,6 +239,9 @@ def bench(
     folder: Path | None = typer.Option(
         None, "--dir", help="Where the temporary collection goes (1M chunks: ~5 GB)."
     ),
+    isotropic: bool = typer.Option(
+        False, "--isotropic", help="Random vectors without topics: the index's worst case."
+    ),
 ) -> None:
     """Ingest N synthetic chunks; report chunks/s, database size, query latency percentiles
     per mode and the vector index's recall@10 against exact search."""
@@ -253,7 +256,7 @@ def bench(
                 tasks[phase] = bar.add_task(phase, total=total)
             bar.update(tasks[phase], completed=done)
 
-        result = run_benchmark(chunks, dim, queries, folder=folder, progress=progress)
+        result = run_benchmark(chunks, dim, queries, folder, progress, isotropic)
     typer.echo("[RAG BENCHMARK RESULTS]")
     typer.echo(json.dumps(result.to_dict(), indent=2))
 

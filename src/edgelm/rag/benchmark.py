@@ -8,7 +8,8 @@ noise plus a direction all chunks share (sentence embedders' vectors have one), 
 a topic; a query is a stored chunk's vector plus noise (a question near its answer). Its
 best match then has cosine ~0.86 and its 10th ~0.53, with ~200 close competitors: what the
 index must tell apart. Isotropic random vectors would be a poor stand-in: no chunk is near
-any query there (best cosine ~0.2), which real retrieval never sees.
+any query there (best cosine ~0.2), which real retrieval never sees; ``isotropic=True``
+(``rag bench --isotropic``) measures that worst case anyway, with random unit queries.
 
 Chunks and vectors are generated batch by batch while they are stored (a 1M-chunk run never
 holds them all), and the generator's own time is left out of the ingest rate.
@@ -75,7 +76,14 @@ def _vocabulary(rng: np.random.Generator, size: int = 20000) -> list[str]:
 class _Synthetic:
     """Chunks and vectors in batches, with the time spent making them."""
 
-    def __init__(self, n: int, dim: int, words: list[str], rng: np.random.Generator):
+    def __init__(
+        self,
+        n: int,
+        dim: int,
+        words: list[str],
+        rng: np.random.Generator,
+        isotropic: bool = False,
+    ):
         self.n, self.dim, self.words, self.rng = n, dim, words, rng
         weights = 1.0 / np.arange(1, len(words) + 1)
         self.cdf = np.cumsum(weights / weights.sum())
@@ -84,6 +92,8 @@ class _Synthetic:
         if dim:
             shared = _unit_rows(rng.standard_normal((1, dim)))[0]
             self.centres = _unit_rows(rng.standard_normal((self.topics, dim))) + 0.5 * shared
+            if isotropic:
+                self.centres[:] = 0.0
         self.kept: dict[int, np.ndarray] = {}
         """Vectors of the chunks (by position) that queries start from."""
 
@@ -126,12 +136,13 @@ def run_benchmark(
     queries: int = 50,
     folder: Path | None = None,
     progress: Progress | None = None,
+    isotropic: bool = False,
 ) -> BenchResult:
     """Ingest ``n_chunks`` (with ``dim``-sized vectors if ``dim``) and time ``queries`` queries
     per mode; with vectors, measure recall@10 of dense and hybrid against exact search."""
     rng = np.random.default_rng(7)
     words = _vocabulary(rng)
-    data = _Synthetic(n_chunks, dim, words, rng)
+    data = _Synthetic(n_chunks, dim, words, rng, isotropic)
     starts = set(rng.choice(n_chunks, size=min(queries, n_chunks), replace=False).tolist())
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         store = RagStore(Path(tmp) / "bench.db", "bench")
@@ -165,7 +176,9 @@ def run_benchmark(
             queries=queries,
         )
         if dim:
-            _dense_figures(store, result, data, sorted(starts), questions, rng, progress)
+            _dense_figures(
+                store, result, data, sorted(starts), questions, rng, progress, isotropic
+            )
         store.close()
     return result
 
@@ -178,11 +191,15 @@ def _dense_figures(
     questions: list[str],
     rng: np.random.Generator,
     progress: Progress | None,
+    isotropic: bool,
 ) -> None:
     dim = data.dim
     picked = np.stack([data.kept[i] for i in starts])
-    qvecs = _unit_rows(picked + 0.6 * rng.standard_normal(picked.shape) / math.sqrt(dim))
-    qvecs = qvecs.astype(np.float32)
+    if isotropic:  # queries as unrelated to the chunks as the chunks are to each other
+        qvecs = _unit_rows(rng.standard_normal(picked.shape)).astype(np.float32)
+    else:  # a question near its chunk
+        noise = 0.6 * rng.standard_normal(picked.shape) / math.sqrt(dim)
+        qvecs = _unit_rows(picked + noise).astype(np.float32)
     began = time.perf_counter()
     index = store.vector_index()
     result.index_build_s = round(time.perf_counter() - began, 2)
