@@ -206,3 +206,18 @@ def test_benchmark_reports_every_figure_on_a_small_run(tmp_path: Path) -> None:
     assert 0.9 <= result["hybrid_recall_at_10"] <= 1.0  # type: ignore[operator]
     assert ("ingest", 3000, 3000) in seen
     assert list(tmp_path.iterdir()) == []  # the temporary collection is gone
+
+
+def test_document_frequencies_follow_changes(tmp_path: Path) -> None:
+    path = tmp_path / "df.db"
+    with RagStore(path) as store, RagStore(path) as other:
+        store.replace_source("a", "", "text", "h", None, [ChunkSpec("heron and crane", 0, 9)])
+        assert store.document_frequencies(["heron", "crane", "owl"]) == {
+            "heron": 1,
+            "crane": 1,
+            "owl": 0,
+        }
+        other.replace_source("b", "", "text", "h", None, [ChunkSpec("heron owl", 0, 9)])
+        assert store.document_frequencies(["heron", "owl"]) == {"heron": 2, "owl": 1}
+        store.remove_source("a")
+        assert store.document_frequencies(["crane", "heron"]) == {"crane": 0, "heron": 1}

@@ -87,6 +87,7 @@ CREATE TABLE IF NOT EXISTS chunk_q8 (
 LEGACY_VECTOR_TABLE = "chunk_vectors"
 """The sqlite-vec table of collections made before the vector index (migrated on open)."""
 READ_BLOCK = 50_000
+DF_CACHE_SIZE = 100_000
 MMAP_BYTES = 1 << 30
 
 Connection: TypeAlias = Any
@@ -183,6 +184,8 @@ class RagStore:
         self.db.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
         self.db.executescript(SCHEMA)
         self._index: VectorIndex | None = None
+        self._dfs: dict[str, int] = {}
+        self._dfs_generation = -1
         self._migrate_legacy_vectors()
 
     @classmethod
@@ -472,10 +475,23 @@ class RagStore:
         return {int(r[0]): set(r[1].split()) | set(r[2].split()) for r in rows}
 
     def document_frequencies(self, words: Iterable[str]) -> dict[str, int]:
-        out = {}
-        for word in words:
-            row = self.db.execute("SELECT doc FROM chunks_vocab WHERE term = ?", (word,)).fetchone()
-            out[word] = int(row[0]) if row else 0
+        """Chunks holding each word. ``fts5vocab`` counts them by walking the word's posting
+        list (~1 ms for a word in every chunk of 100k), so answers are kept until the
+        collection changes: the common words that cost most are the ones questions repeat."""
+        generation = self.generation
+        if self._dfs_generation != generation or len(self._dfs) > DF_CACHE_SIZE:
+            self._dfs, self._dfs_generation = {}, generation
+        out = {w: self._dfs.get(w, -1) for w in words}
+        missing = [w for w, df in out.items() if df < 0]
+        if missing:
+            found = dict.fromkeys(missing, 0)
+            marks = ",".join("?" * len(missing))
+            rows = self.db.execute(
+                f"SELECT term, doc FROM chunks_vocab WHERE term IN ({marks})", missing
+            )
+            found.update((str(r[0]), int(r[1])) for r in rows)
+            self._dfs.update(found)
+            out.update(found)
         return out
 
     def idf(self, words: Sequence[str]) -> dict[str, float]:
@@ -514,8 +530,9 @@ class RagStore:
         self.db.execute("BEGIN")  # generation and rows from one snapshot
         try:
             generation = self.generation
-            if self._index is None or self._index.generation != generation:
-                self._index = None  # free the old one before building the new one
+            index = self._index
+            if index is None or index.generation != generation:
+                self._index = index = None  # free the old one before building the new one
                 dim = int(self.meta("dim") or 0)
                 rows = self.db.execute("SELECT id, q8 FROM chunk_q8 ORDER BY id")
 
@@ -525,10 +542,10 @@ class RagStore:
                         q8 = np.frombuffer(b"".join(r[1] for r in batch), dtype=np.int8)
                         yield ids, q8
 
-                self._index = VectorIndex.build(generation, dim, blocks())
+                index = self._index = VectorIndex.build(generation, dim, blocks())
         finally:
             self.db.execute("COMMIT")
-        return self._index
+        return index
 
     def vectors_by_id(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, float32 rows)`` of the chunks among ``ids`` that have a vector."""
