@@ -211,13 +211,13 @@ def test_benchmark_reports_every_figure_on_a_small_run(tmp_path: Path) -> None:
 def test_document_frequencies_follow_changes(tmp_path: Path) -> None:
     path = tmp_path / "df.db"
     with RagStore(path) as store, RagStore(path) as other:
-        store.replace_source("a", "", "text", "h", None, [ChunkSpec("heron and crane", 0, 9)])
-        assert store.document_frequencies(["heron", "crane", "owl"]) == {
+        store.replace_source("a", "", "text", "h", None, [ChunkSpec("heron and kite", 0, 9)])
+        assert store.document_frequencies(["heron", "kite", "owl"]) == {
             "heron": 1,
-            "crane": 1,
+            "kite": 1,
             "owl": 0,
         }
         other.replace_source("b", "", "text", "h", None, [ChunkSpec("heron owl", 0, 9)])
         assert store.document_frequencies(["heron", "owl"]) == {"heron": 2, "owl": 1}
         store.remove_source("a")
-        assert store.document_frequencies(["crane", "heron"]) == {"crane": 0, "heron": 1}
+        assert store.document_frequencies(["kite", "heron"]) == {"kite": 0, "heron": 1}
