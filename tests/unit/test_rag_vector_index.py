@@ -178,6 +178,7 @@ def test_candidate_terms_leave_out_very_common_ones_in_large_collections() -> No
     many = [f"t{i}" for i in range(30)]
     chosen = select_terms(many, {t: i + 1 for i, t in enumerate(many)}, 100_000)
     assert chosen == many[:MAX_QUERY_TERMS]
+    assert select_terms(many, {t: 1 for t in many}, 500) == many  # small: no cap
 
 
 def test_lexical_ranking_with_a_very_common_word(tmp_path: Path) -> None:

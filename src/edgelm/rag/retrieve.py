@@ -77,7 +77,10 @@ def coverage(question_terms: Sequence[str], idf: dict[str, float], chunk_terms: 
 
 def select_terms(question_terms: Sequence[str], dfs: dict[str, int], n_chunks: int) -> list[str]:
     """The terms that pick BM25 candidates, in the question's order: those present in the
-    collection, without the very common ones, at most ``MAX_QUERY_TERMS`` (the rarest)."""
+    collection and, from ``COMMON_MIN_DF`` chunks on, without the very common ones and at
+    most ``MAX_QUERY_TERMS`` (the rarest)."""
+    if n_chunks < COMMON_MIN_DF:  # every posting list is short: nothing to gain
+        return [t for t in question_terms if dfs.get(t, 0) > 0]
     present = sorted((t for t in question_terms if dfs.get(t, 0) > 0), key=lambda t: dfs[t])
     ceiling = max(COMMON_MIN_DF, COMMON_SHARE * n_chunks)
     chosen = set([t for t in present if dfs[t] <= ceiling][:MAX_QUERY_TERMS] or present[:1])
