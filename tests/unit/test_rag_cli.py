@@ -107,3 +107,13 @@ def test_chat_starts_chainlit_outside_the_current_directory(
     assert "edgelm RAG" in (Path(cwd) / ".chainlit" / "config.toml").read_text()
     assert list(workdir.iterdir()) == []
     assert run("rag", "chat", "-c", "../x").exit_code == 1
+
+
+def test_bench_prints_its_figures_as_json(tmp_path: Path) -> None:
+    result = run(
+        "rag", "bench", "--chunks", "600", "--dim", "16", "--queries", "4", "--dir", str(tmp_path)
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.split("[RAG BENCHMARK RESULTS]", 1)[1])
+    assert figures["chunks"] == 600 and figures["dense_recall_at_10"] == 1.0
+    assert {"lexical_p99_ms", "hybrid_p95_ms", "chunks_per_s", "db_mb"} <= set(figures)

@@ -234,28 +234,32 @@ def test_lexical_retrieval_quality_on_the_demo_set(tmp_path: Path) -> None:
     assert json.dumps(score.to_dict())
 
 
-def test_vectors_live_in_a_sqlite_vec_index(tmp_path: Path) -> None:
+def test_vectors_live_in_their_table_and_go_with_their_chunks(tmp_path: Path) -> None:
     with RagStore(tmp_path / "v.db") as store:
-        if not store.vectors_supported:
-            pytest.skip("sqlite-vec cannot load here (install edgelm[rag])")
         specs = [ChunkSpec("north", 0, 5), ChunkSpec("east", 0, 4), ChunkSpec("south", 0, 5)]
         store.set_embedding_model("m")
         store.replace_source("a", "", "text", "h", None, specs[:2], [[1, 0, 0], [0, 1, 0]])
         store.replace_source("b", "", "text", "h", None, specs[2:], [[-1, 0, 0]])
-        assert store.has_vector_table() and store.count_vectors() == 3
+        assert store.count_vectors() == 3
         ranked = store.nearest([0.9, 0.1, 0], 3)
         texts = [store.chunks_by_id([i])[i].text for i, _ in ranked]
         assert texts == ["north", "east", "south"]
         assert ranked[0][1] == pytest.approx(0.9939, abs=1e-3)  # cosine similarity
         with pytest.raises(InvalidRequest, match="dimensions"):
             store.nearest([1, 0], 1)
+        with pytest.raises(InvalidRequest, match="differs"):
+            store.replace_source("c", "", "text", "h", None, specs[:1], [[1, 0]])
         store.remove_source("a")  # vectors go with their chunks
         assert store.count_vectors() == 1 and store.has_vectors("b")
+        assert [store.chunks_by_id([i])[i].text for i, _ in store.nearest([1, 0, 0], 3)] == [
+            "south"
+        ]
         store.set_embedding_model("other")  # vectors of another model are not comparable
         assert store.count_vectors() == 0 and not store.has_vectors("b")
+        assert store.nearest([1, 0, 0, 0], 3) == []  # no vectors: any size, nothing found
 
 
-def test_without_sqlite_vec_lexical_works_and_dense_says_what_to_install(
+def test_without_sqlite_vec_everything_works_but_an_old_vector_table(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import sqlite3
@@ -263,13 +267,30 @@ def test_without_sqlite_vec_lexical_works_and_dense_says_what_to_install(
     from edgelm.errors import MissingExtra
     from edgelm.rag import collection_db as store_module
 
+    embedder = EngineEmbedder(FakeEngine("fake-embed"))
+    legacy = tmp_path / "legacy.db"
+    with RagStore(legacy) as store:
+        if not store.vectors_supported:
+            pytest.skip("sqlite-vec cannot load here (install edgelm[rag])")
+        store.replace_source("s", "", "text", "h", None, [ChunkSpec("battery", 0, 7)])
+        store.db.execute(
+            "CREATE VIRTUAL TABLE chunk_vectors USING vec0(embedding float[2] "
+            "distance_metric=cosine)"
+        )
+        store.db.execute("INSERT INTO chunk_vectors(rowid, embedding) VALUES(1, '[1, 0]')")
+
     def stdlib(path):  # type: ignore[no-untyped-def]
         return sqlite3.connect(str(path), check_same_thread=False, isolation_level=None), False
 
     monkeypatch.setattr(store_module, "connect", stdlib)
-    embedder = EngineEmbedder(FakeEngine("fake-embed"))
-    with RagStore(tmp_path / "plain.db") as store:
-        ingest_paths(store, [corpus_dir()])
+    with RagStore(tmp_path / "plain.db") as store:  # a new collection needs no extension
+        ingest_paths(store, [corpus_dir()], embedder=embedder)
+        vector = embedder.embed(["battery"])[0]
+        assert retrieve(store, "battery", mode="dense", top_k=1, query_vector=vector)
+    with RagStore(legacy) as store:  # an old one keeps its vectors, and says what it needs
+        assert store.has_legacy_vectors()
         assert retrieve(store, "battery", mode="lexical", top_k=1)
+        with pytest.raises(MissingExtra, match=r"edgelm\[rag\]"):
+            store.nearest([1, 0], 1)
         with pytest.raises(MissingExtra, match=r"edgelm\[rag\]"):
             ingest_paths(store, [corpus_dir()], embedder=embedder)

@@ -7,19 +7,26 @@ Layout of ``$EDGELM_HOME/rag/<collection>.db``:
   their source (``ON DELETE CASCADE``);
 - ``chunks_fts``: FTS5 over the *normalised terms* of each chunk and its heading (see
   :mod:`edgelm.rag.terms`), ranked with BM25; ``chunks_vocab`` exposes document frequencies;
-- ``chunk_vectors``: a sqlite-vec ``vec0`` table (cosine distance, keyed by chunk id), made
-  when the first vector arrives, so its size is the embedding model's.
+- ``chunk_embeddings``: one row per chunk with a vector, the float32 vector (exact scores),
+  and ``chunk_q8`` its int8 copy (what :mod:`edgelm.rag.vector_index` loads into memory for
+  fast search; a table of its own so that loading reads 1/5 of the bytes), both deleted with
+  their chunk (``ON DELETE CASCADE``); ``meta.dim`` is set by the first vector.
 
-sqlite-vec is a loadable extension, and many CPython builds (this environment's included)
-are compiled without ``enable_load_extension``. So the connection comes from ``sqlean``
-(sqlean-py: the same ``sqlite3`` module built with extension loading and FTS5) when the
-``rag`` extra is installed, and from the standard library otherwise — where everything but
-vectors works and a dense operation says which extra to install. Every write runs in one
-transaction, so a crash never leaves a source half-replaced.
+Collections made before the vector index kept their vectors in a sqlite-vec ``vec0`` table
+(``chunk_vectors``), whose scans and lookups were 30x slower than the index (figures in
+:mod:`edgelm.rag.vector_index`). Opening such a collection moves its vectors into
+``chunk_embeddings`` once, in one transaction, with a log line saying so. Reading the old
+table needs sqlite-vec, a loadable extension, and many CPython builds (this environment's
+included) are compiled without ``enable_load_extension``; so the connection comes from
+``sqlean`` (sqlean-py: the same ``sqlite3`` module built with extension loading and FTS5) when
+the ``rag`` extra is installed, and from the standard library otherwise — where an old
+collection keeps working lexically and a dense operation on it says which extra to install.
+Every write runs in one transaction, so a crash never leaves a source half-replaced.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import sqlite3
@@ -35,6 +42,9 @@ import numpy as np
 from edgelm.errors import InvalidRequest, MissingExtra, ModelNotFound
 from edgelm.rag.terms import terms
 from edgelm.rag.types import ChunkSpec, StoredChunk
+from edgelm.rag.vector_index import VectorIndex, quantize, rank_exact, unit
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -64,9 +74,20 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE INDEX IF NOT EXISTS chunks_source ON chunks(source_id);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(terms, heading, tokenize='unicode61');
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_vocab USING fts5vocab(chunks_fts, 'row');
+CREATE TABLE IF NOT EXISTS chunk_embeddings (
+    id INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE,
+    vector BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunk_q8 (
+    id INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE,
+    q8 BLOB NOT NULL
+);
 """
 
-VECTOR_TABLE = "chunk_vectors"
+LEGACY_VECTOR_TABLE = "chunk_vectors"
+"""The sqlite-vec table of collections made before the vector index (migrated on open)."""
+READ_BLOCK = 50_000
+DF_CACHE_SIZE = 100_000
 MMAP_BYTES = 1 << 30
 
 Connection: TypeAlias = Any
@@ -158,10 +179,14 @@ class RagStore:
         self.db, self.vectors_supported = connect(path)
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = NORMAL")
-        # A dense query scans every vector (vec0 is exact); reading them through a memory map
-        # instead of SQLite's small page cache keeps a 100k-chunk scan in RAM.
+        # Reading chunks and vectors through a memory map instead of SQLite's small page
+        # cache keeps the re-rank's and the index load's reads in RAM.
         self.db.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
         self.db.executescript(SCHEMA)
+        self._index: VectorIndex | None = None
+        self._dfs: dict[str, int] = {}
+        self._dfs_generation = -1
+        self._migrate_legacy_vectors()
 
     @classmethod
     def open(cls, home: Path, name: str, create: bool = True) -> RagStore:
@@ -224,36 +249,69 @@ class RagStore:
         current = self.embedding_model
         if current == name:
             return
-        if current is not None and self.has_vector_table():
-            self._require_vectors()
+        if current is not None and self.has_legacy_vectors():
+            self._require_legacy_support()
         with self.transaction() as db:
             if current is not None:
-                db.execute(f"DROP TABLE IF EXISTS {VECTOR_TABLE}")
+                db.execute(f"DROP TABLE IF EXISTS {LEGACY_VECTOR_TABLE}")
+                db.execute("DELETE FROM chunk_embeddings")
+                db.execute("DELETE FROM chunk_q8")
                 db.execute("DELETE FROM meta WHERE key = 'dim'")
             self._set_meta(db, "embedding_model", name)
 
-    def has_vector_table(self) -> bool:
+    def has_legacy_vectors(self) -> bool:
+        """Whether vectors still sit in the old sqlite-vec table (sqlite-vec could not load)."""
         row = self.db.execute(
-            "SELECT 1 FROM sqlite_master WHERE name = ?", (VECTOR_TABLE,)
+            "SELECT 1 FROM sqlite_master WHERE name = ?", (LEGACY_VECTOR_TABLE,)
         ).fetchone()
         return row is not None
 
-    def _require_vectors(self) -> None:
+    def _require_legacy_support(self) -> None:
         if not self.vectors_supported:
             raise MissingExtra("sqlite-vec (with sqlean-py)", "rag")
 
-    def _vector_table(self, db: Connection, dim: int) -> None:
-        """Create the vec0 table for ``dim``-sized vectors, or check the size against it."""
+    def _migrate_legacy_vectors(self) -> None:
+        """Move an old collection's vectors from sqlite-vec's ``vec0`` table into
+        ``chunk_embeddings`` (one transaction), then drop the old table. Without sqlite-vec
+        the old table stays; lexical retrieval works and dense says what to install."""
+        if not self.has_legacy_vectors() or not self.vectors_supported:
+            return
+        total = int(self.db.execute(f"SELECT count(*) FROM {LEGACY_VECTOR_TABLE}").fetchone()[0])
+        log.warning(
+            "RAG collection '%s': moving %d vectors from its sqlite-vec table into the vector "
+            "index's table (once, for collections made by an older edgelm)",
+            self.name,
+            total,
+        )
+        with self.transaction() as db:
+            if not self.has_legacy_vectors():  # another process migrated it meanwhile
+                return
+            rows = db.execute(f"SELECT rowid, embedding FROM {LEGACY_VECTOR_TABLE}")
+            while batch := rows.fetchmany(READ_BLOCK):
+                ids = [int(r[0]) for r in batch]
+                matrix = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in batch])
+                self._write_vectors(db, ids, matrix)
+            db.execute(f"DROP TABLE {LEGACY_VECTOR_TABLE}")
+
+    def _check_dim(self, db: Connection, dim: int) -> None:
+        """Record the collection's vector size on its first vector; later ones must match."""
         known = self.meta("dim")
         if known is None:
-            self._require_vectors()
-            db.execute(
-                f"CREATE VIRTUAL TABLE IF NOT EXISTS {VECTOR_TABLE} USING "
-                f"vec0(embedding float[{dim}] distance_metric=cosine)"
-            )
             self._set_meta(db, "dim", str(dim))
         elif int(known) != dim:
             raise InvalidRequest(f"embedding size {dim} differs from the collection's {known}")
+
+    def _write_vectors(self, db: Connection, ids: Sequence[int], matrix: np.ndarray) -> None:
+        self._check_dim(db, matrix.shape[1])
+        q8 = quantize(matrix)
+        db.executemany(
+            "INSERT OR REPLACE INTO chunk_embeddings(id, vector) VALUES(?, ?)",
+            [(i, matrix[n].tobytes()) for n, i in enumerate(ids)],
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO chunk_q8(id, q8) VALUES(?, ?)",
+            [(i, q8[n].tobytes()) for n, i in enumerate(ids)],
+        )
 
     # -- writes ---------------------------------------------------------------------------------
     def replace_source(
@@ -284,9 +342,20 @@ class RagStore:
         db: Connection,
         source_id: int | None,
         chunks: Sequence[ChunkSpec],
-        vectors: Sequence[Sequence[float]] | None,
+        vectors: Sequence[Sequence[float]] | np.ndarray | None,
     ) -> None:
-        for i, chunk in enumerate(chunks):
+        matrix = None
+        if vectors is not None and len(chunks):
+            try:
+                matrix = np.asarray(vectors, dtype=np.float32)
+            except ValueError:
+                raise InvalidRequest("embeddings of one batch differ in size") from None
+            if matrix.ndim != 2 or len(matrix) != len(chunks):
+                raise InvalidRequest("one embedding (a list of numbers) per chunk expected")
+            if self.has_legacy_vectors():
+                self._require_legacy_support()  # not migrated: sqlite-vec could not load
+        ids = []
+        for chunk in chunks:
             cur = db.execute(
                 'INSERT INTO chunks(source_id, ordinal, heading, page, start, "end", text) '
                 "VALUES(?, ?, ?, ?, ?, ?, ?)",
@@ -300,64 +369,49 @@ class RagStore:
                     chunk.text,
                 ),
             )
-            db.execute(
-                "INSERT INTO chunks_fts(rowid, terms, heading) VALUES(?, ?, ?)",
-                (cur.lastrowid, " ".join(terms(chunk.text)), " ".join(terms(chunk.heading_path))),
-            )
-            if vectors is not None:
-                vec = np.asarray(vectors[i], dtype=np.float32)
-                if i == 0:
-                    self._vector_table(db, vec.size)
-                elif vec.size != int(self.meta("dim") or 0):
-                    raise InvalidRequest("embeddings of one batch differ in size")
-                db.execute(
-                    f"INSERT INTO {VECTOR_TABLE}(rowid, embedding) VALUES(?, ?)",
-                    (cur.lastrowid, vec.tobytes()),
-                )
+            ids.append(cur.lastrowid)
+        db.executemany(
+            "INSERT INTO chunks_fts(rowid, terms, heading) VALUES(?, ?, ?)",
+            [
+                (i, " ".join(terms(c.text)), " ".join(terms(c.heading_path)))
+                for i, c in zip(ids, chunks, strict=True)
+            ],
+        )
+        if matrix is not None:
+            self._write_vectors(db, ids, matrix)
 
-    def bulk_insert(
+    def append_chunks(
         self,
         source: str,
-        chunks: Iterable[ChunkSpec],
-        vectors: Iterable[Sequence[float]] | None = None,
-        batch: int = 5000,
+        chunks: Sequence[ChunkSpec],
+        vectors: Sequence[Sequence[float]] | np.ndarray | None = None,
     ) -> int:
-        """Append many chunks under one synthetic source, a transaction per batch (benchmarks)."""
+        """Add chunks (and vectors) to ``source``, made as a synthetic source when new, in one
+        transaction: the benchmark's bulk path, called a batch at a time."""
         with self.transaction() as db:
-            cur = db.execute(
-                "INSERT INTO sources(source, path, kind, hash, title, n_chunks, ingested_at) "
-                "VALUES(?, '', 'synthetic', '', NULL, 0, ?)",
-                (source, time.time()),
-            )
-            source_id = cur.lastrowid
-        total = 0
-        vec_iter = iter(vectors) if vectors is not None else None
-        pending: list[ChunkSpec] = []
-        for chunk in chunks:
-            pending.append(chunk)
-            if len(pending) >= batch:
-                total += self._flush_bulk(source_id, pending, vec_iter)
-                pending = []
-        if pending:
-            total += self._flush_bulk(source_id, pending, vec_iter)
-        with self.transaction() as db:
-            db.execute("UPDATE sources SET n_chunks = ? WHERE id = ?", (total, source_id))
-        return total
-
-    def _flush_bulk(self, source_id: int | None, chunks: list[ChunkSpec], vec_iter) -> int:  # type: ignore[no-untyped-def]
-        vectors = [next(vec_iter) for _ in chunks] if vec_iter is not None else None
-        with self.transaction() as db:
+            row = db.execute("SELECT id FROM sources WHERE source = ?", (source,)).fetchone()
+            if row is None:
+                source_id = db.execute(
+                    "INSERT INTO sources(source, path, kind, hash, title, n_chunks, ingested_at) "
+                    "VALUES(?, '', 'synthetic', '', NULL, 0, ?)",
+                    (source, time.time()),
+                ).lastrowid
+            else:
+                source_id = row[0]
             self._insert_chunks(db, source_id, chunks, vectors)
+            db.execute(
+                "UPDATE sources SET n_chunks = n_chunks + ? WHERE id = ?", (len(chunks), source_id)
+            )
         return len(chunks)
 
     def _delete_source(self, db: Connection, source: str) -> bool:
         row = db.execute("SELECT id FROM sources WHERE source = ?", (source,)).fetchone()
         if row is None:
             return False
-        if self.has_vector_table():  # virtual tables know nothing of ON DELETE CASCADE
-            self._require_vectors()
+        if self.has_legacy_vectors():  # virtual tables know nothing of ON DELETE CASCADE
+            self._require_legacy_support()
             db.execute(
-                f"DELETE FROM {VECTOR_TABLE} WHERE rowid IN "
+                f"DELETE FROM {LEGACY_VECTOR_TABLE} WHERE rowid IN "
                 "(SELECT id FROM chunks WHERE source_id = ?)",
                 (row[0],),
             )
@@ -381,11 +435,11 @@ class RagStore:
 
     def has_vectors(self, source: str) -> bool:
         """Whether every chunk of ``source`` has a vector (else re-ingest must embed it)."""
-        if not self.has_vector_table() or not self.vectors_supported:
-            return False
+        if self.has_legacy_vectors():
+            return False  # sqlite-vec could not load to migrate them: embed again
         row = self.db.execute(
             "SELECT count(*) FROM chunks c JOIN sources s ON s.id = c.source_id "
-            f"WHERE s.source = ? AND c.id NOT IN (SELECT rowid FROM {VECTOR_TABLE})",
+            "LEFT JOIN chunk_embeddings e ON e.id = c.id WHERE s.source = ? AND e.id IS NULL",
             (source,),
         ).fetchone()
         return row[0] == 0
@@ -394,10 +448,9 @@ class RagStore:
         return int(self.db.execute("SELECT count(*) FROM chunks").fetchone()[0])
 
     def count_vectors(self) -> int:
-        if not self.has_vector_table():
-            return 0
-        self._require_vectors()
-        return int(self.db.execute(f"SELECT count(*) FROM {VECTOR_TABLE}").fetchone()[0])
+        if self.has_legacy_vectors():
+            self._require_legacy_support()
+        return int(self.db.execute("SELECT count(*) FROM chunk_embeddings").fetchone()[0])
 
     def chunks_by_id(self, ids: Sequence[int]) -> dict[int, StoredChunk]:
         if not ids:
@@ -410,18 +463,40 @@ class RagStore:
         )
         return {r[0]: StoredChunk(*r) for r in rows}
 
+    def chunk_terms(self, ids: Sequence[int]) -> dict[int, set[str]]:
+        """The indexed terms of each chunk (text and heading), as FTS5 stored them: the same
+        terms its document frequencies count, read without re-tokenizing the text."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self.db.execute(
+            f"SELECT rowid, terms, heading FROM chunks_fts WHERE rowid IN ({marks})", list(ids)
+        )
+        return {int(r[0]): set(r[1].split()) | set(r[2].split()) for r in rows}
+
     def document_frequencies(self, words: Iterable[str]) -> dict[str, int]:
-        out = {}
-        for word in words:
-            row = self.db.execute("SELECT doc FROM chunks_vocab WHERE term = ?", (word,)).fetchone()
-            out[word] = int(row[0]) if row else 0
+        """Chunks holding each word. ``fts5vocab`` counts them by walking the word's posting
+        list (~1 ms for a word in every chunk of 100k), so answers are kept until the
+        collection changes: the common words that cost most are the ones questions repeat."""
+        generation = self.generation
+        if self._dfs_generation != generation or len(self._dfs) > DF_CACHE_SIZE:
+            self._dfs, self._dfs_generation = {}, generation
+        out = {w: self._dfs.get(w, -1) for w in words}
+        missing = [w for w, df in out.items() if df < 0]
+        if missing:
+            found = dict.fromkeys(missing, 0)
+            marks = ",".join("?" * len(missing))
+            rows = self.db.execute(
+                f"SELECT term, doc FROM chunks_vocab WHERE term IN ({marks})", missing
+            )
+            found.update((str(r[0]), int(r[1])) for r in rows)
+            self._dfs.update(found)
+            out.update(found)
         return out
 
     def idf(self, words: Sequence[str]) -> dict[str, float]:
         """BM25's IDF, computed on the same terms FTS5 indexed."""
-        n = self.count_chunks()
-        dfs = self.document_frequencies(words)
-        return {w: math.log(1 + (n - df + 0.5) / (df + 0.5)) for w, df in dfs.items()}
+        return idf_of(self.count_chunks(), self.document_frequencies(words))
 
     def bm25(self, words: Sequence[str], limit: int) -> list[tuple[int, float]]:
         """Chunk ids by BM25 (best first) for any of ``words``; the heading counts double."""
@@ -435,20 +510,108 @@ class RagStore:
         )
         return [(int(r[0]), -float(r[1])) for r in rows]
 
-    def nearest(self, vector: Sequence[float], limit: int) -> list[tuple[int, float]]:
-        """Chunk ids by cosine similarity to ``vector`` (best first), from the vec0 index."""
-        if not self.has_vector_table():
-            return []
-        self._require_vectors()
-        query = np.asarray(vector, dtype=np.float32)
-        dim = int(self.meta("dim") or 0)
-        if query.size != dim:
+    # -- vectors --------------------------------------------------------------------------------
+    def _query(self, vector: Sequence[float] | np.ndarray) -> np.ndarray | None:
+        """The unit query vector, checked against the collection (None: no vectors yet)."""
+        if self.has_legacy_vectors():
+            self._require_legacy_support()
+        known = self.meta("dim")
+        if known is None:
+            return None
+        query = np.asarray(vector, dtype=np.float32).ravel()
+        if query.size != int(known):
             raise InvalidRequest(
-                f"query embedding has {query.size} dimensions, the collection {dim}"
+                f"query embedding has {query.size} dimensions, the collection {known}"
             )
-        rows = self.db.execute(
-            f"SELECT rowid, distance FROM {VECTOR_TABLE} WHERE embedding MATCH ? AND k = ? "
-            "ORDER BY distance",
-            (query.tobytes(), max(1, min(limit, 4096))),
-        )
-        return [(int(r[0]), 1.0 - float(r[1])) for r in rows]
+        return unit(query)
+
+    def vector_index(self) -> VectorIndex:
+        """The in-memory index, (re)built when the collection changed since it was loaded."""
+        self.db.execute("BEGIN")  # generation and rows from one snapshot
+        try:
+            generation = self.generation
+            index = self._index
+            if index is None or index.generation != generation:
+                self._index = index = None  # free the old one before building the new one
+                dim = int(self.meta("dim") or 0)
+                rows = self.db.execute("SELECT id, q8 FROM chunk_q8 ORDER BY id")
+
+                def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                    while batch := rows.fetchmany(READ_BLOCK):
+                        ids = np.fromiter((r[0] for r in batch), np.int64, len(batch))
+                        q8 = np.frombuffer(b"".join(r[1] for r in batch), dtype=np.int8)
+                        yield ids, q8
+
+                index = self._index = VectorIndex.build(generation, dim, blocks())
+        finally:
+            self.db.execute("COMMIT")
+        return index
+
+    def vectors_by_id(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, float32 rows)`` of the chunks among ``ids`` that have a vector."""
+        out_ids: list[int] = []
+        blobs: list[bytes] = []
+        for start in range(0, len(ids), 30000):  # under SQLite's limit on host parameters
+            part = [int(i) for i in ids[start : start + 30000]]
+            marks = ",".join("?" * len(part))
+            for r in self.db.execute(
+                f"SELECT id, vector FROM chunk_embeddings WHERE id IN ({marks})", part
+            ):
+                out_ids.append(int(r[0]))
+                blobs.append(r[1])
+        dim = int(self.meta("dim") or 0)
+        matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dim)
+        return np.asarray(out_ids, dtype=np.int64), matrix
+
+    def nearest(
+        self,
+        vector: Sequence[float] | np.ndarray,
+        limit: int,
+        shortlist: int | None = None,
+        rerank: int | None = None,
+    ) -> list[tuple[int, float]]:
+        """Chunk ids by cosine similarity to ``vector`` (best first, exact scores): candidates
+        from the in-memory index, re-ranked by their float32 vectors. ``shortlist`` and
+        ``rerank`` override the index's stage sizes (tests, benchmarks)."""
+        query = self._query(vector)
+        if query is None:
+            return []
+        candidates = self.vector_index().candidates(query, limit, shortlist, rerank)
+        ids, matrix = self.vectors_by_id(candidates.tolist())
+        return rank_exact(query, ids, matrix, limit)
+
+    def nearest_exact(
+        self, vectors: Sequence[Sequence[float]] | np.ndarray, limit: int
+    ) -> list[list[tuple[int, float]]]:
+        """Exact nearest chunks for each of ``vectors``, scanning every stored float32 vector
+        once (the reference for the index's recall; seconds at 100k, not for serving)."""
+        queries = [self._query(v) for v in vectors]
+        if not queries or queries[0] is None:
+            return [[] for _ in queries]
+        matrix_q = np.stack(queries)  # type: ignore[arg-type]
+        best_ids = np.zeros((len(queries), 0), np.int64)
+        best_sims = np.zeros((len(queries), 0), np.float32)
+        dim = matrix_q.shape[1]
+        rows = self.db.execute("SELECT id, vector FROM chunk_embeddings")
+        while batch := rows.fetchmany(READ_BLOCK):
+            ids = np.fromiter((r[0] for r in batch), np.int64, len(batch))
+            block = np.frombuffer(b"".join(r[1] for r in batch), np.float32).reshape(-1, dim)
+            norms = np.linalg.norm(block, axis=1)
+            norms[norms == 0] = 1.0
+            sims = (matrix_q @ block.T) / norms
+            best_ids = np.concatenate([best_ids, np.broadcast_to(ids, sims.shape)], axis=1)
+            best_sims = np.concatenate([best_sims, sims], axis=1)
+            if best_ids.shape[1] > limit:
+                keep = np.argpartition(-best_sims, limit - 1, axis=1)[:, :limit]
+                best_ids = np.take_along_axis(best_ids, keep, axis=1)
+                best_sims = np.take_along_axis(best_sims, keep, axis=1)
+        out = []
+        for ids, sims in zip(best_ids, best_sims, strict=True):
+            order = np.lexsort((ids, -sims))[:limit]
+            out.append([(int(ids[i]), float(sims[i])) for i in order])
+        return out
+
+
+def idf_of(n: int, dfs: dict[str, int]) -> dict[str, float]:
+    """BM25's IDF (the always-positive form) for document frequencies out of ``n`` chunks."""
+    return {w: math.log(1 + (n - df + 0.5) / (df + 0.5)) for w, df in dfs.items()}

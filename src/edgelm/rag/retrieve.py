@@ -7,6 +7,19 @@ unbounded and corpus-dependent. So every lexical candidate also gets a *coverage
 and only candidates reaching ``min_relevance`` are kept. A question whose rare words appear
 nowhere ("What is the capital of France?") scores near 0 and is refused upstream, without
 calling a model. Dense hits have their own floor (``min_similarity``, cosine).
+
+At scale (100k+ chunks) two things made lexical queries slow, and both are handled here:
+
+- A question with a very common word ("system", in 30% of the chunks) made FTS5 score every
+  chunk holding it: BM25 over an OR of terms cannot stop early, so the p95 was 5x the p50.
+  Such a term says little about which chunks to consider (its IDF is small), so terms found
+  in more than ``COMMON_SHARE`` of the chunks *and* more than ``COMMON_MIN_DF`` chunks do not
+  select candidates, and at most ``MAX_QUERY_TERMS`` (the rarest) do; the rarest term always
+  does. They still count in the relevance score. A collection under ``COMMON_MIN_DF`` chunks
+  is never affected, so small collections rank exactly as before.
+- The relevance score re-tokenized all 50 candidates' text (most of the p50). It is now
+  computed only for the candidates actually visited (in rank order, until ``top_k`` hits
+  pass), from the terms FTS5 stored, and chunk texts are read only for the hits returned.
 """
 
 from __future__ import annotations
@@ -15,10 +28,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edgelm.errors import InvalidRequest
-from edgelm.rag.collection_db import RagStore
+from edgelm.rag.collection_db import RagStore, idf_of
 from edgelm.rag.ingest import chunk_text
 from edgelm.rag.terms import terms
-from edgelm.rag.types import ChunkSpec, Hit, RetrievalOptions, StoredChunk
+from edgelm.rag.types import ChunkSpec, Hit, RetrievalOptions
 from edgelm.settings import RetrievalMode
 
 EmbedQuery = Callable[[str, str], Sequence[float]]
@@ -32,6 +45,10 @@ than a small sentence embedder (MRR 0.942 vs 0.725 with all-MiniLM-L6-v2 on the 
 set); at equal weight fusion pulled the lexical top hit down (MRR 0.925), at 0.5 the dense
 list still lifts what BM25 ranks low (MRR 0.950, recall@4 1.0). Measured on 20 questions:
 a default, not a law."""
+COMMON_SHARE = 0.02
+COMMON_MIN_DF = 1000
+MAX_QUERY_TERMS = 12
+"""Which of a question's terms select lexical candidates: see the module's docstring."""
 
 
 def rrf(
@@ -58,25 +75,73 @@ def coverage(question_terms: Sequence[str], idf: dict[str, float], chunk_terms: 
     return sum(idf.get(t, 0.0) for t in question_terms if t in chunk_terms) / total
 
 
-def _chunk_terms(chunk: StoredChunk) -> set[str]:
-    return set(terms(chunk.text)) | set(terms(chunk.heading))
+def select_terms(question_terms: Sequence[str], dfs: dict[str, int], n_chunks: int) -> list[str]:
+    """The terms that pick BM25 candidates, in the question's order: those present in the
+    collection and, from ``COMMON_MIN_DF`` chunks on, without the very common ones and at
+    most ``MAX_QUERY_TERMS`` (the rarest)."""
+    if n_chunks < COMMON_MIN_DF:  # every posting list is short: nothing to gain
+        return [t for t in question_terms if dfs.get(t, 0) > 0]
+    present = sorted((t for t in question_terms if dfs.get(t, 0) > 0), key=lambda t: dfs[t])
+    ceiling = max(COMMON_MIN_DF, COMMON_SHARE * n_chunks)
+    chosen = set([t for t in present if dfs[t] <= ceiling][:MAX_QUERY_TERMS] or present[:1])
+    return [t for t in question_terms if t in chosen]
+
+
+class _Coverage:
+    """Relevance (:func:`coverage`) of candidate chunks, computed when first asked for and
+    fetched a few at a time in the order they will likely be asked for."""
+
+    BATCH = 8
+
+    def __init__(self, store: RagStore, question_terms: Sequence[str], idf: dict[str, float]):
+        self.store = store
+        self.question_terms = question_terms
+        self.idf = idf
+        self.order: list[int] = []
+        self.known: dict[int, float] = {}
+
+    def __call__(self, chunk_id: int) -> float:
+        if chunk_id not in self.known:
+            at = self.order.index(chunk_id) if chunk_id in self.order else -1
+            batch = self.order[at : at + self.BATCH] if at >= 0 else [chunk_id]
+            batch = [i for i in batch if i not in self.known] or [chunk_id]
+            for i, chunk_terms in self.store.chunk_terms(batch).items():
+                self.known[i] = coverage(self.question_terms, self.idf, chunk_terms)
+            self.known.setdefault(chunk_id, 0.0)
+        return self.known[chunk_id]
+
+
+def _lexical_candidates(
+    store: RagStore, question: str, limit: int
+) -> tuple[list[tuple[int, float]], _Coverage]:
+    """BM25's ``(chunk id, score)`` candidates and the relevance scorer for them."""
+    q_terms = list(dict.fromkeys(terms(question)))
+    if not q_terms:
+        return [], _Coverage(store, q_terms, {})
+    n = store.count_chunks()
+    dfs = store.document_frequencies(q_terms)
+    ranked = store.bm25(select_terms(q_terms, dfs, n), limit)
+    scorer = _Coverage(store, q_terms, idf_of(n, dfs))
+    scorer.order = [i for i, _ in ranked]
+    return ranked, scorer
+
+
+def _hits(store: RagStore, kept: Sequence[tuple[int, float, float | None, float | None]]) -> list[Hit]:
+    chunks = store.chunks_by_id([k[0] for k in kept])
+    return [Hit(chunks[i], score, rel, sim) for i, score, rel, sim in kept]
 
 
 def lexical(store: RagStore, question: str, top_k: int, min_relevance: float = 0.0) -> list[Hit]:
     """BM25 order, keeping only chunks whose coverage reaches ``min_relevance``."""
-    q_terms = list(dict.fromkeys(terms(question)))
-    ranked = store.bm25(q_terms, max(CANDIDATES, top_k))
-    if not ranked:
-        return []
-    idf = store.idf(q_terms)
-    chunks = store.chunks_by_id([i for i, _ in ranked])
-    hits = []
+    ranked, relevance = _lexical_candidates(store, question, max(CANDIDATES, top_k))
+    kept: list[tuple[int, float, float | None, float | None]] = []
     for chunk_id, bm25 in ranked:
-        chunk = chunks[chunk_id]
-        rel = coverage(q_terms, idf, _chunk_terms(chunk))
+        if len(kept) >= top_k:
+            break
+        rel = relevance(chunk_id)
         if rel >= min_relevance:
-            hits.append(Hit(chunk, bm25, relevance=rel))
-    return hits[:top_k]
+            kept.append((chunk_id, bm25, rel, None))
+    return _hits(store, kept)
 
 
 def dense(
@@ -84,8 +149,7 @@ def dense(
 ) -> list[Hit]:
     """Nearest chunks by cosine similarity, at least ``min_similarity``."""
     ranked = [(i, s) for i, s in store.nearest(query_vector, top_k) if s >= min_similarity]
-    chunks = store.chunks_by_id([i for i, _ in ranked])
-    return [Hit(chunks[i], s, similarity=s) for i, s in ranked]
+    return _hits(store, [(i, s, None, s) for i, s in ranked])
 
 
 def hybrid(
@@ -97,28 +161,39 @@ def hybrid(
     min_similarity: float = -1.0,
 ) -> list[Hit]:
     """RRF of the lexical and dense candidate lists; a fused hit must pass either floor."""
-    lex = lexical(store, question, CANDIDATES, 0.0)
-    den = dense(store, query_vector, CANDIDATES) if query_vector is not None else []
-    by_id: dict[int, Hit] = {}
-    for hit in lex:
-        by_id[hit.chunk.id] = hit
-    for hit in den:
-        old = by_id.get(hit.chunk.id)
-        by_id[hit.chunk.id] = Hit(
-            hit.chunk, 0.0, relevance=old.relevance if old else None, similarity=hit.similarity
-        )
-    rankings = [[h.chunk.id for h in lex], [h.chunk.id for h in den]]
-    fused = rrf(rankings, weights=(1.0, DENSE_WEIGHT))
-    out = []
+    den = []
+    if query_vector is not None:
+        den = store.nearest(query_vector, CANDIDATES)
+    return hybrid_from(store, question, den, top_k, min_relevance, min_similarity)
+
+
+def hybrid_from(
+    store: RagStore,
+    question: str,
+    dense_ranked: Sequence[tuple[int, float]],
+    top_k: int,
+    min_relevance: float = 0.0,
+    min_similarity: float = -1.0,
+) -> list[Hit]:
+    """:func:`hybrid` with the dense ``(chunk id, cosine)`` list given (the benchmark fuses
+    exact-search lists with it, to measure the index's effect on hybrid answers)."""
+    lex, relevance = _lexical_candidates(store, question, CANDIDATES)
+    den = [(i, s) for i, s in dense_ranked if s >= -1.0]
+    lex_ids = {i for i, _ in lex}
+    similarity = dict(den)
+    fused = rrf([[i for i, _ in lex], [i for i, _ in den]], weights=(1.0, DENSE_WEIGHT))
+    relevance.order = [i for i, _ in fused if i in lex_ids]
+    kept: list[tuple[int, float, float | None, float | None]] = []
     for chunk_id, score in fused:
-        hit = by_id[chunk_id]
-        lexical_ok = hit.relevance is not None and hit.relevance >= min_relevance
-        dense_ok = hit.similarity is not None and hit.similarity >= min_similarity
+        rel = relevance(chunk_id) if chunk_id in lex_ids else None
+        sim = similarity.get(chunk_id)
+        lexical_ok = rel is not None and rel >= min_relevance
+        dense_ok = sim is not None and sim >= min_similarity
         if lexical_ok or dense_ok:
-            out.append(Hit(hit.chunk, score, hit.relevance, hit.similarity))
-        if len(out) >= top_k:
+            kept.append((chunk_id, score, rel, sim))
+        if len(kept) >= top_k:
             break
-    return out
+    return _hits(store, kept)
 
 
 def retrieve(
