@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -62,7 +62,10 @@ from edgelm.engines.batching import (
     evaluate,
     piece_reader,
 )
+from edgelm.engines.sizing import auto_parallel, memory_budget_bytes, memory_share
+from edgelm.engines.threads import CpuLoadProbe, ThreadController, logical_cores
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
+from edgelm.settings import PoolSettings
 from edgelm.tools import call_schema, grammar_schema, template_supports_tools, wrap_call_grammar
 from edgelm.types import Chunk, FinishReason, GenerationRequest
 
@@ -153,18 +156,21 @@ class LlamaCppEngine(Engine):
         model_path: Path,
         model_id: str,
         n_ctx: int = 4096,
-        threads: int = 0,
+        threads: int | Literal["auto"] = 0,
         n_batch: int = 512,
-        parallel: int = 1,
+        parallel: int | Literal["auto"] = 1,
         flash_attn: bool = FLASH_ATTN,
         batch_invariant: bool = False,
         repeat_penalty: float = 1.0,
+        memory_share: int = 0,
     ):
         self._lib = _import_llama_cpp()
         self.model_id = model_id
         self.model_path = Path(model_path)
-        self.threads = threads or default_threads()
-        self.concurrent_streams = max(1, parallel)
+        # "auto": start with all cores, then adapt between steps (edgelm.engines.threads).
+        self.threads = default_threads() if threads == "auto" else threads or default_threads()
+        self.concurrent_streams = 1 if parallel == "auto" else max(1, parallel)
+        self.parallel_reason = f"compute.parallel = {parallel}"
         self.batch_invariant = batch_invariant
         self.repeat_penalty = repeat_penalty
         """Used when a request does not set its own (``compute.repeat_penalty``)."""
@@ -175,6 +181,8 @@ class LlamaCppEngine(Engine):
         # Past its trained context a model degrades silently.
         self.n_ctx = min(n_ctx, trained) if trained > 0 else n_ctx
         self.n_batch = _aligned_batch(n_batch, self.n_ctx)
+        if parallel == "auto":
+            self._size_streams(memory_share, flash_attn)
         self._vocab = self._model.vocab
         self._n_vocab = self._model.n_vocab()
         self._ctx = self._new_context(flash_attn)
@@ -204,6 +212,11 @@ class LlamaCppEngine(Engine):
                 cached, clean, prompt, exact, self.n_batch
             ),
             logprob=lambda row, token, top: token_logprob(row, token, top, self._piece),
+            threads=ThreadController(
+                max_threads=self.threads, cores=logical_cores(), load=CpuLoadProbe()
+            )
+            if threads == "auto"
+            else None,
         )
 
     @classmethod
@@ -221,7 +234,25 @@ class LlamaCppEngine(Engine):
             parallel=settings.compute.parallel,
             batch_invariant=settings.compute.batch_invariant,
             repeat_penalty=settings.compute.repeat_penalty,
+            memory_share=memory_share(settings.pool),
         )
+
+    def _size_streams(self, share: int, flash_attn: bool) -> None:
+        """``compute.parallel = "auto"``: the stream count from the model's KV bytes per token,
+        its context, its weights and its share of the memory budget (see
+        :func:`edgelm.engines.sizing.auto_parallel`)."""
+        meta = self._model.metadata()
+        scratch = 0 if flash_attn else min(self.n_batch, 512) * _int(meta, "attention.head_count")
+        choice = auto_parallel(
+            kv_bytes_per_token=_kv_bytes_per_token(meta),
+            n_ctx=self.n_ctx,
+            weights_bytes=self.model_path.stat().st_size,
+            memory_bytes=share or memory_budget_bytes(PoolSettings()),
+            cores=default_threads(),
+            scratch_bytes_per_token=scratch * 4,
+        )
+        self.concurrent_streams = choice.streams
+        self.parallel_reason = f"compute.parallel = auto: {choice.reason}"
 
     def _memory_estimate(self, loaded: int) -> int:
         """Bytes this model will hold at its busiest, for the pool's memory budget.
@@ -494,8 +525,15 @@ class LlamaCppEngine(Engine):
         return self._scheduler.stats()
 
     def live_info(self) -> dict[str, object]:
-        """The threads it computes with and the batch scheduler's counters."""
-        return {"threads": self.threads, **self.batch_stats()}
+        """The threads it computes with (now, and why when they adapt), the stream count and
+        why, and the batch scheduler's counters."""
+        controller = self._scheduler.threads
+        threads: dict[str, object] = (
+            controller.info()
+            if controller is not None
+            else {"threads": self.threads, "threads_mode": "fixed"}
+        )
+        return {**threads, "parallel_reason": self.parallel_reason, **self.batch_stats()}
 
     def raw_speed(self, n_prompt: int, n_gen: int, seed: int = 0) -> tuple[float, float]:
         """llama-bench style: seconds to evaluate ``n_prompt`` random tokens as prompt
