@@ -159,6 +159,7 @@ class ThreadController:
     _quiet_since: float | None = None
     _slow_periods: int = 0
     _probe: _Probe | None = None
+    _proven: float | None = None  # others' load under which a probe proved the count faster
     _backoff: float = 0.0
     _last_change: float = 0.0
 
@@ -195,40 +196,54 @@ class ThreadController:
         if self._probe is not None:
             self._end_probe(now, medians)
             return
-        if quiet and self.threads == self.max_threads:
+        ratio = self._slowdown(medians)
+        if quiet and self.threads == self.max_threads and ratio < self.slow_ratio:
             self._learn(medians)
-        # 1. Others took cores: give ours up at once.
+        # 1. Others took cores: give ours up at once (unless a probe showed this count is
+        # faster under about this load).
         fit = max(1, min(self.max_threads, int(self.cores - f + self.busy)))
-        if fit < self.threads:
+        if fit < self.threads and (self._proven is None or f >= self._proven + self.busy):
             self._set(fit, f"other processes use {f:.1f} of {self.cores} cores")
             self._backoff = self.backoff_start
+            self._proven = None
             return
-        # 2. Quiet long enough: the full count again.
-        if self.threads < self.max_threads and quiet and now - self._quiet_since >= self.hold:
+        # 2. Quiet long enough: the full count again (unless the count was lowered for slow
+        # steps under a load the reading does not show: rule 4 probes back up then).
+        hidden = self._proven is not None and self._proven < self.quiet
+        if (
+            self.threads < self.max_threads
+            and quiet
+            and not hidden
+            and now - self._quiet_since >= self.hold
+        ):
             self._set(self.max_threads, "machine quiet again: all cores")
             self._backoff = self.backoff_start
+            self._proven = None
             return
         # 3. Steps far slower than expected though no load shows: try one thread fewer.
-        ratio = self._slowdown(medians)
         self._slow_periods = self._slow_periods + 1 if ratio >= self.slow_ratio else 0
         waited = now - self._last_change >= self._backoff
         if self._slow_periods >= 2 and self.threads > 1 and waited:
             self._start_probe(self.threads - 1, medians, f"steps {ratio:.1f}x slower than idle")
             return
-        # 4. Moderate load and room for one more thread: try it now and then.
+        # 4. Moderate (or hidden) load and room for one more thread: try it now and then.
         if (
-            not quiet
-            and self.threads < self.max_threads
-            and self.cores - f >= self.threads + 0.5
+            self.threads < self.max_threads
+            and (hidden or (not quiet and self.cores - f >= self.threads + 0.5))
             and waited
             and medians
         ):
             self._start_probe(self.threads + 1, medians, f"others use {f:.1f} cores")
 
     def _learn(self, medians: dict[int, float]) -> None:
+        """Expected step times: quick to follow a faster step, slow to accept a slower one
+        (longer contexts make steps slower; a load burst must not become the norm)."""
         for shape, t in medians.items():
             old = self._expected.get(shape)
-            self._expected[shape] = t if old is None else 0.8 * old + 0.2 * t
+            if old is None:
+                self._expected[shape] = t
+            else:
+                self._expected[shape] = 0.5 * (old + t) if t < old else 0.95 * old + 0.05 * t
 
     def _slowdown(self, medians: dict[int, float]) -> float:
         ratios = [t / self._expected[s] for s, t in medians.items() if self._expected.get(s)]
@@ -245,6 +260,7 @@ class ThreadController:
         tried = self.threads
         if common and statistics.median(common) <= 1 - self.gain:
             self._set(tried, f"{tried} threads measured faster than {probe.previous}")
+            self._proven = self.foreign_cores
             self._backoff = self.backoff_start
             self._slow_periods = 0
         else:
