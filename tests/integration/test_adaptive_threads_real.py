@@ -147,3 +147,29 @@ def test_status_metrics_and_auto_parallel_through_the_service(
         assert float(line.rsplit(" ", 1)[1]) == runtime["threads"] or float(
             line.rsplit(" ", 1)[1]
         ) in range(1, default_threads() + 1)
+
+
+def test_config_list_plans_the_streams_the_engine_then_opens(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    from edgelm.catalog import Catalog
+    from edgelm.engines import create_engine
+    from edgelm.engines.llamacpp import planned_streams
+    from edgelm.engines.sizing import explain_auto
+
+    settings = settings_for(
+        tmp_path / "home",
+        **{"compute.n_ctx": 2048, "pool.memory_budget_mb": 600, "pool.max_loaded": 1},
+    )
+    settings.service.default_model = TINY
+    plan = planned_streams(tiny_model_path, settings)
+    # 600 MiB - 94 MiB weights - 64 MiB overhead over (22.5 + 18) KiB x 2048 tokens
+    assert plan.streams == min(plan.by_memory, plan.by_compute) and plan.by_memory == 5
+    explained = explain_auto(settings)["compute.parallel"]
+    assert explained.startswith(f"{plan.streams} for {TINY} (")
+    engine = create_engine(Catalog.load(settings.home).resolve(TINY), settings, tiny_model_path)
+    try:
+        assert engine.concurrent_streams == plan.streams
+        assert plan.reason in str(engine.live_info()["parallel_reason"])
+    finally:
+        engine.close()

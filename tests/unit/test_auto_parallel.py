@@ -130,3 +130,53 @@ def test_settings_take_auto_or_a_count() -> None:
             load_settings(bad, env={})
     with pytest.raises(ConfigError, match="auto"):
         load_settings({"compute.parallel": "many"}, env={})
+
+
+def test_config_list_says_what_auto_comes_to(isolated_home) -> None:  # type: ignore[no-untyped-def]
+    from tests.unit.test_cli_scripting import as_json, run
+
+    rows = {row["key"]: row for row in as_json("config", "list")}
+    threads, parallel = rows["compute.threads"], rows["compute.parallel"]
+    assert threads["value"] == "auto" and threads["type"] == "int | 'auto'"
+    assert threads["effective"].startswith("up to ")
+    assert parallel["value"] == "auto"
+    assert "decided when a model loads" in parallel["effective"]
+    assert "not downloaded" in parallel["effective"]
+    assert "effective" not in rows["service.port"]
+    assert run("config", "set", "compute.parallel", "6").exit_code == 0
+    rows = {row["key"]: row for row in as_json("config", "list")}
+    assert rows["compute.parallel"]["value"] == "6" and "effective" not in rows["compute.parallel"]
+    table = run("config", "list", env={"COLUMNS": "250"}).stdout
+    assert "auto (up to " in table
+
+
+def test_service_status_shows_threads_streams_and_why(capsys) -> None:  # type: ignore[no-untyped-def]
+    from edgelm.cli.service_cmd import _print_status
+
+    runtime = {
+        "threads": 1,
+        "threads_max": 2,
+        "threads_mode": "auto",
+        "threads_reason": "other processes use 1.0 of 2 cores",
+        "parallel_reason": "compute.parallel = auto: 8 streams, bounded by 4 per core",
+        "slots": 8,
+    }
+    model = {"id": "m", "engine": "llamacpp", "memory_bytes": 10**9, "requests": 3}
+    data = {
+        "version": "x",
+        "uptime_s": 1,
+        "model_dir": "/m",
+        "loaded": [
+            {**model, "idle_seconds": 0.5, "runtime": runtime},
+            {**model, "id": "fixed", "idle_seconds": 1, "runtime": {"threads": 2, "slots": 4}},
+            {**model, "id": "remote", "idle_seconds": 1, "runtime": {}},
+        ],
+    }
+    _print_status("http://x", data)
+    out = capsys.readouterr().out
+    assert "1 of 2 (auto)" in out
+    assert "m: other processes use 1.0 of 2 cores" in out
+    assert "m: compute.parallel = auto: 8 streams" in out
+    lines = out.splitlines()
+    assert any("fixed" in line and " 2 " in line and " 4 " in line for line in lines)
+    assert any("remote" in line and " - " in line for line in lines)

@@ -62,7 +62,12 @@ from edgelm.engines.batching import (
     evaluate,
     piece_reader,
 )
-from edgelm.engines.sizing import auto_parallel, memory_budget_bytes, memory_share
+from edgelm.engines.sizing import (
+    ParallelChoice,
+    auto_parallel,
+    memory_budget_bytes,
+    memory_share,
+)
 from edgelm.engines.threads import CpuLoadProbe, ThreadController, logical_cores
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
 from edgelm.settings import PoolSettings
@@ -238,18 +243,15 @@ class LlamaCppEngine(Engine):
         )
 
     def _size_streams(self, share: int, flash_attn: bool) -> None:
-        """``compute.parallel = "auto"``: the stream count from the model's KV bytes per token,
-        its context, its weights and its share of the memory budget (see
-        :func:`edgelm.engines.sizing.auto_parallel`)."""
-        meta = self._model.metadata()
-        scratch = 0 if flash_attn else min(self.n_batch, 512) * _int(meta, "attention.head_count")
-        choice = auto_parallel(
-            kv_bytes_per_token=_kv_bytes_per_token(meta),
-            n_ctx=self.n_ctx,
-            weights_bytes=self.model_path.stat().st_size,
-            memory_bytes=share or memory_budget_bytes(PoolSettings()),
-            cores=default_threads(),
-            scratch_bytes_per_token=scratch * 4,
+        """``compute.parallel = "auto"``: the stream count from the model's sizes and its share
+        of the memory budget (see :func:`plan_streams`)."""
+        choice = plan_streams(
+            self._model.metadata(),
+            self.n_ctx,
+            self.n_batch,
+            self.model_path.stat().st_size,
+            share or memory_budget_bytes(PoolSettings()),
+            flash_attn,
         )
         self.concurrent_streams = choice.streams
         self.parallel_reason = f"compute.parallel = auto: {choice.reason}"
@@ -778,6 +780,57 @@ def _strict_strings(gbnf: str) -> str:
     which JSON forbids: answers then fail to parse, and a tiny model writing a forced tool call
     ran a string on past ``</tool_call>``. Exclude them, as llama.cpp's own converter does."""
     return gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
+
+
+def plan_streams(
+    meta: dict[str, str],
+    n_ctx: int,
+    n_batch: int,
+    weights_bytes: int,
+    memory_bytes: int,
+    flash_attn: bool = FLASH_ATTN,
+) -> ParallelChoice:
+    """The automatic stream count of a GGUF model (its metadata) at ``n_ctx`` tokens a
+    stream: KV bytes per token, plus without flash attention a prompt micro-batch's f32
+    attention scores per KV cell (the shared pool's scratch grows with every stream's
+    cells), against ``memory_bytes`` and the cores (:func:`edgelm.engines.sizing.auto_parallel`)."""
+    scratch = 0 if flash_attn else min(n_batch, 512) * _int(meta, "attention.head_count") * 4
+    return auto_parallel(
+        kv_bytes_per_token=_kv_bytes_per_token(meta),
+        n_ctx=n_ctx,
+        weights_bytes=weights_bytes,
+        memory_bytes=memory_bytes,
+        cores=default_threads(),
+        scratch_bytes_per_token=scratch,
+    )
+
+
+def planned_streams(path: Path, settings: Settings) -> ParallelChoice:
+    """What ``compute.parallel = "auto"`` would choose for the model file at ``path`` with
+    these settings, without loading its weights (for ``edgelm config list``)."""
+    from llama_cpp import _internals
+    from llama_cpp._logger import set_verbose
+
+    lib = _import_llama_cpp()
+    _check_gguf(path)
+    set_verbose(False)
+    lib.llama_backend_init()
+    params = lib.llama_model_default_params()
+    params.vocab_only = True
+    model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+    try:
+        meta, trained = model.metadata(), model.n_ctx_train()
+    finally:
+        model.close()
+    n_ctx = settings.compute.n_ctx
+    n_ctx = min(n_ctx, trained) if trained > 0 else n_ctx
+    return plan_streams(
+        meta,
+        n_ctx,
+        _aligned_batch(settings.compute.n_batch, n_ctx),
+        path.stat().st_size,
+        memory_share(settings.pool),
+    )
 
 
 def _check_gguf(path: Path) -> None:
