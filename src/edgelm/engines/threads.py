@@ -155,6 +155,7 @@ class ThreadController:
     changes: int = 0
     _window: list[tuple[int, float]] = field(default_factory=list)
     _window_start: float | None = None
+    _last_step: float = 0.0
     _expected: dict[int, float] = field(default_factory=dict)
     _quiet_since: float | None = None
     _slow_periods: int = 0
@@ -172,8 +173,12 @@ class ThreadController:
         """Record one step (``rows`` batch rows took ``seconds``); once a period has passed,
         decide. Return whether :attr:`threads` changed."""
         now = self.clock()
-        if self._window_start is None:
-            self._window_start = now
+        if self._window_start is None or now - self._last_step > 2 * self.period:
+            # The first step after a pause: what the machine did while we were idle says
+            # little about now, so the next reading covers this burst only.
+            self.load()
+            self._window, self._window_start = [], now
+        self._last_step = now
         self._window.append((rows, seconds))
         if now - self._window_start < self.period:
             return False
@@ -204,7 +209,8 @@ class ThreadController:
         fit = max(1, min(self.max_threads, int(self.cores - f + self.busy)))
         if fit < self.threads and (self._proven is None or f >= self._proven + self.busy):
             self._set(fit, f"other processes use {f:.1f} of {self.cores} cores")
-            self._backoff = self.backoff_start
+            if self._proven is not None:  # what a probe proved did not hold: probe less often
+                self._backoff = min(self.backoff_max, self._backoff * 2)
             self._proven = None
             return
         # 2. Quiet long enough: the full count again (unless the count was lowered for slow
@@ -261,7 +267,6 @@ class ThreadController:
         if common and statistics.median(common) <= 1 - self.gain:
             self._set(tried, f"{tried} threads measured faster than {probe.previous}")
             self._proven = self.foreign_cores
-            self._backoff = self.backoff_start
             self._slow_periods = 0
         else:
             self._set(probe.previous, f"kept {probe.previous}: {tried} threads were not faster")
