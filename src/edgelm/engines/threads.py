@@ -226,10 +226,12 @@ class ThreadController:
             self._backoff = self.backoff_start
             self._proven = None
             return
-        # 3. Steps far slower than expected though no load shows: try one thread fewer.
+        # 3. Steps far slower than expected (learned at the full count) though no load
+        # shows: try one thread fewer.
         self._slow_periods = self._slow_periods + 1 if ratio >= self.slow_ratio else 0
         waited = now - self._last_change >= self._backoff
-        if self._slow_periods >= 2 and self.threads > 1 and waited:
+        full = self.threads == self.max_threads > 1
+        if self._slow_periods >= 2 and full and waited:
             self._start_probe(self.threads - 1, medians, f"steps {ratio:.1f}x slower than idle")
             return
         # 4. Moderate (or hidden) load and room for one more thread: try it now and then.
