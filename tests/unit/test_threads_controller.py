@@ -220,3 +220,31 @@ def test_a_pause_between_bursts_does_not_count_the_idle_time_load() -> None:
     machine.foreign = 0.0
     seen = run(controller, machine, 3.0)
     assert set(seen) == {2}
+
+
+def test_the_service_parent_of_a_model_runner_counts_as_ours() -> None:
+    """Under process isolation the model runs in a child of the service: the service's HTTP
+    work is not foreign load. Any other parent (a shell, an IDE) is somebody else."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    child = (
+        "import psutil; from edgelm.engines.threads import CpuLoadProbe, _edgelm_parent; "
+        "print(_edgelm_parent(psutil) is not None, len(CpuLoadProbe()._own))"
+    )
+    parent = "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1]])"
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+
+    def ask(*words: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", parent, child, *words],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        return out.stdout.strip() or out.stderr
+
+    assert ask("edgelm.cli.main", "service", "start", "--foreground") == "True 2"
+    assert ask("some", "ide") == "False 1"
