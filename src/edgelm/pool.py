@@ -19,11 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from edgelm.catalog import Catalog, CatalogEntry
 from edgelm.engines import load_engine
 from edgelm.engines.base import Engine, check_capabilities
+from edgelm.engines.sizing import memory_budget_bytes
 from edgelm.errors import Busy, EdgelmError, GenerationTimeout, ModelLoadError, Overloaded
 from edgelm.settings import Settings
 from edgelm.types import Chunk, GenerationRequest
@@ -109,10 +108,7 @@ class ModelPool:
     # -- budget ---------------------------------------------------------------------------
     @property
     def memory_budget(self) -> int:
-        configured = self.settings.pool.memory_budget_mb
-        if configured:
-            return configured * 1024 * 1024
-        return int(psutil.virtual_memory().total * 0.75)
+        return memory_budget_bytes(self.settings.pool)
 
     def _estimate(self, entry: CatalogEntry) -> int:
         """Memory a model will take before it is loaded: weights plus ~25% for KV and buffers."""

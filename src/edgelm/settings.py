@@ -98,16 +98,21 @@ class OnnxSettings(_Section):
 
 class ComputeSettings(_Section):
     engine: EngineName = Field("llamacpp", description="Engine for catalog models.")
-    threads: int = Field(0, ge=0, description="CPU threads; 0 means the physical core count.")
+    threads: int | Literal["auto"] = Field(
+        "auto",
+        description="CPU threads. 'auto': up to the physical cores, adjusted between steps to "
+        "the cores other programs leave free (llama.cpp's threads wait for each other, so one "
+        "descheduled thread slows decoding 10x); a number fixes it (0: the physical cores).",
+    )
     n_ctx: int = Field(4096, ge=256, description="Context window for loaded models.")
     n_batch: int = Field(512, ge=16, description="Prompt-processing batch size.")
-    parallel: int = Field(
-        4,
-        ge=1,
-        le=64,
+    parallel: int | Literal["auto"] = Field(
+        "auto",
         description="Streams one loaded llama.cpp model decodes together (continuous "
         "batching); more requests wait in the queue. The KV cache holds n_ctx tokens for "
-        "each stream, so memory grows with this.",
+        "each stream, so memory grows with this. 'auto': as many as the model's KV cache and "
+        "a share of the memory budget allow, at most 4 per core and 16 (see "
+        "edgelm.engines.sizing); the model's status shows the choice and why.",
     )
     batch_invariant: bool = Field(
         False,
@@ -137,6 +142,26 @@ class ComputeSettings(_Section):
         "an error naming the model) and the next request restarts it; 'off' runs them inside "
         "the service process, as the bench's in-process target does.",
     )
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_ok(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("threads is 'auto' or a count >= 0 (0: the physical cores)")
+        return value
+
+    @field_validator("parallel")
+    @classmethod
+    def _parallel_ok(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("parallel is 'auto' or a count from 1 to 64")
+        return value
+
+    @property
+    def fixed_threads(self) -> int:
+        """The configured count for engines that do not adapt (ONNX, embeddings): a number as
+        set, 0 (the engine's default, the physical cores) for 'auto'."""
+        return 0 if self.threads == "auto" else self.threads
 
 
 class PoolSettings(_Section):

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from rich.table import Table
 from rich.text import Text
 
+from edgelm.bench.background import describe
 from edgelm.bench.results import BenchRun, RequestResult, Scenario
 from edgelm.bench.stats import percentile, stats_for
 from edgelm.errors import InvalidRequest
@@ -244,6 +245,9 @@ def results_table(run: BenchRun) -> Table:
     instead of being read as rich markup.
     """
     title = f"edgelm bench {run.name or run.id}".strip()
+    load = describe(run.config.get("background_load") or 0)
+    if load:
+        title += f" — with {load}"
     table = Table(title=Text(title), title_justify="left")
     for column in OVERVIEW_COLUMNS:
         table.add_column(column, justify="left" if column == "target" else "right")
@@ -252,7 +256,7 @@ def results_table(run: BenchRun) -> Table:
     return table
 
 
-def _block_entry(s: Scenario) -> dict[str, Any]:
+def _block_entry(s: Scenario, background: int = 0) -> dict[str, Any]:
     stats = stats_for(s)
     ok = [r for r in s.requests if r.ok]
     tps = [(r.prompt_tokens + r.completion_tokens) / r.e2e_s for r in ok if r.e2e_s > 0]
@@ -277,6 +281,7 @@ def _block_entry(s: Scenario) -> dict[str, Any]:
         "requests_per_s": stats["requests_per_s"],
         "goodput_requests_per_s": stats.get("goodput_requests_per_s"),
         "peak_rss_bytes": s.resources.peak_rss_bytes,
+        "background_load": background,
         # The workshop scripts' own keys, with their definitions, for tools that parse them.
         "alias": s.target,
         "latency_avg": stats["e2e"]["mean"],
@@ -296,7 +301,8 @@ def print_json_block(run: BenchRun, label: str = "BENCHMARK RESULTS") -> str:
     ``tokens_per_sec_avg`` = (prompt + completion tokens) / end-to-end time, ``rounds``,
     ``first_token_latency_avg``) next to edgelm's (decode tok/s over decode time, percentiles).
     """
-    entries = [_block_entry(s) for s in run.scenarios]
+    background = run.config.get("background_load") or 0
+    entries = [_block_entry(s, background) for s in run.scenarios]
     return f"[{label}]\n{json.dumps(entries, indent=2)}"
 
 
@@ -443,6 +449,9 @@ def _html_header(run: BenchRun) -> str:
     title = run.name or run.id or "unsaved run"
     meta = f"run {run.id or '(unsaved)'} · {_fmt_time(run.created_at)}"
     meta += f" · {len(run.scenarios)} scenario(s)"
+    load = describe(run.config.get("background_load") or 0)
+    if load:
+        meta += f" · with {load}"
     return f"<h1>edgelm bench: {escape(title)}</h1><p class='meta'>{escape(meta)}</p>"
 
 

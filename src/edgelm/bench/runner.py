@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from edgelm.bench.background import background_load
 from edgelm.bench.micro import RawEngine, tg_row
 from edgelm.bench.resources import ResourceSampler
 from edgelm.bench.results import BenchRun, ColdStart, RequestResult, Scenario
@@ -52,6 +53,8 @@ class BenchConfig:
     ignore_eos: bool = False
     interleave: bool = False
     """Single stream, the targets taking turns request by request (see run_interleaved)."""
+    background_load: int = 0
+    """Busy processes kept running during the measurement (see edgelm.bench.background)."""
 
     def params(self, prompt: Prompt | None = None) -> dict[str, Any]:
         """Request parameters; a prompt's own ``max_tokens`` wins over the run's."""
@@ -162,6 +165,20 @@ def run_bench(
         },
         system=system or {},
     )
+    with background_load(config.background_load):
+        _measure(run, targets, prompts, config, progress, raw)
+    return run
+
+
+def _measure(
+    run: BenchRun,
+    targets: list[Target],
+    prompts: list[Prompt],
+    config: BenchConfig,
+    progress: ProgressFn,
+    raw: dict[str, RawEngine] | None,
+) -> None:
+    """The measurements of :func:`run_bench`, into ``run``."""
     if config.interleave:
         raw = raw or {}
         try:
@@ -176,7 +193,7 @@ def run_bench(
         finally:
             for target in targets:
                 target.close()
-        return run
+        return
     for target in targets:
         try:
             cold = _open_and_warm(target, prompts, config, progress)
@@ -195,7 +212,6 @@ def run_bench(
                 run.scenarios.append(scenario)
         finally:
             target.close()
-    return run
 
 
 def _rotated(items: list[T], offset: int) -> list[T]:

@@ -18,6 +18,7 @@ import typer
 from rich.table import Table
 
 from edgelm.bench import history, report
+from edgelm.bench.background import background_load
 from edgelm.bench.micro import RawEngine, micro_bench
 from edgelm.bench.runner import BenchConfig, run_bench
 from edgelm.bench.stats import SLO, ttft_over
@@ -130,6 +131,14 @@ def run(
         "engine's tg measured every round): a drifting machine then slows all alike. For "
         "comparing a service with its engine; in-process RSS then includes the raw engine.",
     ),
+    background_load_n: int = typer.Option(
+        0,
+        "--background-load",
+        min=0,
+        max=256,
+        help="Keep N busy processes (one core each) running during the measurement, as a "
+        "browser or a build would on a real machine; the report says so. Works for any target.",
+    ),
     out: Path | None = typer.Option(None, help="Directory for results.json/.csv/report.html."),
     html: bool = typer.Option(True, "--html/--no-html"),
     name: str = typer.Option("", help="A label for this run in the history."),
@@ -154,6 +163,7 @@ def run(
         slo=SLO(ttft_s=slo_ttft, itl_s=slo_itl) if (slo_ttft or slo_itl) else None,
         ignore_eos=ignore_eos,
         interleave=interleave,
+        background_load=background_load_n,
     )
     workload = load_prompts(prompts, prompt, seed)
     targets = [make_target(spec, settings, stream=stream, api_key=api_key) for spec in specs]
@@ -168,8 +178,9 @@ def run(
                 stack.callback(raw[model].close)
         result = run_bench(targets, workload, config, update, system_info(), name, raw)
         if micro and not interleave:
-            for model in local:
-                result.micro.extend(micro_bench(model, settings, reps=3))
+            with background_load(background_load_n):  # the reference under the same load
+                for model in local:
+                    result.micro.extend(micro_bench(model, settings, reps=3))
     run_id = history.save_run(_db(settings), result)
     directory = _write_outputs(result, out, settings, html)
     print_table(report.results_table(result))

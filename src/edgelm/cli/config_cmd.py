@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import types
+import typing
 
 import typer
 from rich.table import Table
 
 from edgelm.cli.common import JSON_OPTION, console, hide_secret, print_table, settings_of, show
+from edgelm.engines.auto_explain import explain_auto
 from edgelm.settings import get_value, iter_keys, set_in_file, unset_in_file
 
 app = typer.Typer(help="Read and change settings (stored in $EDGELM_HOME/config.toml).")
@@ -47,20 +50,35 @@ def unset(ctx: typer.Context, key: str) -> None:
 
 @app.command("list")
 def list_(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
-    """Every key with its type, current value and description."""
+    """Every key with its type, current value and description; for an "auto" value, what it
+    comes to on this machine and why (``effective`` in the JSON)."""
     settings = settings_of(ctx)
+    effective = explain_auto(settings)
     rows = []
     for key, field in iter_keys():
-        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
-        rows.append(
-            {
-                "key": key,
-                "type": annotation.replace("typing.", ""),
-                "value": _show(get_value(settings, key), key),
-                "description": field.description or "",
-            }
-        )
+        row = {
+            "key": key,
+            "type": _type_name(field.annotation),
+            "value": _show(get_value(settings, key), key),
+            "description": field.description or "",
+        }
+        if key in effective:
+            row["effective"] = effective[key]
+        rows.append(row)
     show(rows, as_json, lambda: print_table(_settings_table(settings.config_path, rows)))
+
+
+def _type_name(annotation: object) -> str:
+    """``int``, ``str``... and unions as ``int | 'auto'``."""
+    args = typing.get_args(annotation)
+    if args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if args and typing.get_origin(annotation) is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    name = getattr(annotation, "__name__", None) or str(annotation)
+    return name.replace("typing.", "")
 
 
 def _settings_table(path: object, rows: list[dict[str, str]]) -> Table:
@@ -68,7 +86,8 @@ def _settings_table(path: object, rows: list[dict[str, str]]) -> Table:
     for column in ("key", "type", "value", "description"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(row["key"], row["type"], row["value"], row["description"])
+        value = f"{row['value']} ({row['effective']})" if "effective" in row else row["value"]
+        table.add_row(row["key"], row["type"], value, row["description"])
     return table
 
 

@@ -96,14 +96,33 @@ def _print_status(endpoint: str, data: dict[str, Any]) -> None:
         console().print("no models loaded")
         return
     table = Table(title="loaded models")
-    for column in ("model", "engine", "memory", "requests", "idle s"):
+    for column in ("model", "engine", "memory", "requests", "idle s", "threads", "streams"):
         table.add_column(column)
+    notes = []
     for item in loaded:
+        runtime = item.get("runtime") or {}
         table.add_row(
             str(item["id"]),
             str(item["engine"]),
             f"{int(item['memory_bytes']) / 1e6:.0f} MB",
             str(item["requests"]),
             str(item["idle_seconds"]),
+            _threads_cell(runtime),
+            str(runtime.get("slots", "-")),
         )
+        for key in ("threads_reason", "parallel_reason"):
+            if runtime.get(key):
+                notes.append(f"{item['id']}: {runtime[key]}")
     print_table(table)
+    for note in notes:
+        console().print(note, markup=False, highlight=False)
+
+
+def _threads_cell(runtime: dict[str, Any]) -> str:
+    """"1 of 2 (auto)" for adaptive threads, "2" for a fixed count, "-" for none."""
+    threads = runtime.get("threads")
+    if threads is None:
+        return "-"
+    if runtime.get("threads_mode") == "auto":
+        return f"{threads} of {runtime.get('threads_max')} (auto)"
+    return str(threads)

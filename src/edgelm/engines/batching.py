@@ -53,6 +53,8 @@ from typing import Any
 
 import numpy as np
 
+from edgelm.engines.threads import ThreadController
+
 log = logging.getLogger("edgelm.engines.batching")
 
 # What the scheduler sends to a stream: a sampled token (with its logprob entry, if asked),
@@ -233,6 +235,7 @@ class BatchScheduler:
         plan: PlanFn,
         logprob: Callable[[np.ndarray, int, int], Any],
         mixed: bool = False,
+        threads: ThreadController | None = None,
     ):
         self._lib = lib
         self._ctx = ctx
@@ -244,6 +247,8 @@ class BatchScheduler:
         self._plan = plan
         self._logprob = logprob
         self.mixed = mixed
+        # Adapts the context's thread counts between steps (compute.threads "auto").
+        self.threads = threads
         # Every ctypes call gives up the GIL, and getting it back can wait for a stream thread's
         # whole turn: under load the scheduler's per-token calls (logits row, "is this token an
         # end?") cost more in waiting than in work. So: the end tokens as a set, read once, and
@@ -616,8 +621,14 @@ class BatchScheduler:
         fit, or else the newest one) and hold admissions until a sequence finishes. Return
         whether the batch was evaluated; if not, the step is retried on the next loop."""
         self._outputs = None
+        started = time.perf_counter()
         status = evaluate(self._lib.llama_decode, self._ctx, self._batch)
         if status == 0:
+            if self.threads is not None and self.threads.observe(
+                self._batch.n_tokens, time.perf_counter() - started
+            ):
+                n = self.threads.threads
+                self._lib.llama_set_n_threads(self._ctx, n, n)
             return True
         if status != 1:
             raise RuntimeError(f"llama_decode failed with status {status}")

@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -63,7 +63,15 @@ from edgelm.engines.batching import (
     piece_reader,
 )
 from edgelm.engines.gguf_file import check_gguf_size
+from edgelm.engines.sizing import (
+    ParallelChoice,
+    auto_parallel,
+    memory_budget_bytes,
+    memory_share,
+)
+from edgelm.engines.threads import CpuLoadProbe, ThreadController, logical_cores
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
+from edgelm.settings import PoolSettings
 from edgelm.tools import call_schema, grammar_schema, template_supports_tools, wrap_call_grammar
 from edgelm.types import Chunk, FinishReason, GenerationRequest
 
@@ -155,18 +163,21 @@ class LlamaCppEngine(Engine):
         model_path: Path,
         model_id: str,
         n_ctx: int = 4096,
-        threads: int = 0,
+        threads: int | Literal["auto"] = 0,
         n_batch: int = 512,
-        parallel: int = 1,
+        parallel: int | Literal["auto"] = 1,
         flash_attn: bool = FLASH_ATTN,
         batch_invariant: bool = False,
         repeat_penalty: float = 1.0,
+        memory_share: int = 0,
     ):
         self._lib = _import_llama_cpp()
         self.model_id = model_id
         self.model_path = Path(model_path)
-        self.threads = threads or default_threads()
-        self.concurrent_streams = max(1, parallel)
+        # "auto": start with all cores, then adapt between steps (edgelm.engines.threads).
+        self.threads = default_threads() if threads == "auto" else threads or default_threads()
+        self.concurrent_streams = 1 if parallel == "auto" else max(1, parallel)
+        self.parallel_reason = f"compute.parallel = {parallel}"
         self.batch_invariant = batch_invariant
         self.repeat_penalty = repeat_penalty
         """Used when a request does not set its own (``compute.repeat_penalty``)."""
@@ -177,6 +188,8 @@ class LlamaCppEngine(Engine):
         # Past its trained context a model degrades silently.
         self.n_ctx = min(n_ctx, trained) if trained > 0 else n_ctx
         self.n_batch = _aligned_batch(n_batch, self.n_ctx)
+        if parallel == "auto":
+            self._size_streams(memory_share, flash_attn)
         self._vocab = self._model.vocab
         self._n_vocab = self._model.n_vocab()
         self._ctx = self._new_context(flash_attn)
@@ -206,6 +219,11 @@ class LlamaCppEngine(Engine):
                 cached, clean, prompt, exact, self.n_batch
             ),
             logprob=lambda row, token, top: token_logprob(row, token, top, self._piece),
+            threads=ThreadController(
+                max_threads=self.threads, cores=logical_cores(), load=CpuLoadProbe()
+            )
+            if threads == "auto"
+            else None,
         )
 
     @classmethod
@@ -223,7 +241,22 @@ class LlamaCppEngine(Engine):
             parallel=settings.compute.parallel,
             batch_invariant=settings.compute.batch_invariant,
             repeat_penalty=settings.compute.repeat_penalty,
+            memory_share=memory_share(settings.pool),
         )
+
+    def _size_streams(self, share: int, flash_attn: bool) -> None:
+        """``compute.parallel = "auto"``: the stream count from the model's sizes and its share
+        of the memory budget (see :func:`plan_streams`)."""
+        choice = plan_streams(
+            self._model.metadata(),
+            self.n_ctx,
+            self.n_batch,
+            self.model_path.stat().st_size,
+            share or memory_budget_bytes(PoolSettings()),
+            flash_attn,
+        )
+        self.concurrent_streams = choice.streams
+        self.parallel_reason = f"compute.parallel = auto: {choice.reason}"
 
     def _memory_estimate(self, loaded: int) -> int:
         """Bytes this model will hold at its busiest, for the pool's memory budget.
@@ -497,8 +530,15 @@ class LlamaCppEngine(Engine):
         return self._scheduler.stats()
 
     def live_info(self) -> dict[str, object]:
-        """The threads it computes with and the batch scheduler's counters."""
-        return {"threads": self.threads, **self.batch_stats()}
+        """The threads it computes with (now, and why when they adapt), the stream count and
+        why, and the batch scheduler's counters."""
+        controller = self._scheduler.threads
+        threads: dict[str, object] = (
+            controller.info()
+            if controller is not None
+            else {"threads": self.threads, "threads_mode": "fixed"}
+        )
+        return {**threads, "parallel_reason": self.parallel_reason, **self.batch_stats()}
 
     def raw_speed(self, n_prompt: int, n_gen: int, seed: int = 0) -> tuple[float, float]:
         """llama-bench style: seconds to evaluate ``n_prompt`` random tokens as prompt
@@ -743,6 +783,57 @@ def _strict_strings(gbnf: str) -> str:
     which JSON forbids: answers then fail to parse, and a tiny model writing a forced tool call
     ran a string on past ``</tool_call>``. Exclude them, as llama.cpp's own converter does."""
     return gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
+
+
+def plan_streams(
+    meta: dict[str, str],
+    n_ctx: int,
+    n_batch: int,
+    weights_bytes: int,
+    memory_bytes: int,
+    flash_attn: bool = FLASH_ATTN,
+) -> ParallelChoice:
+    """The automatic stream count of a GGUF model (its metadata) at ``n_ctx`` tokens a
+    stream: KV bytes per token, plus without flash attention a prompt micro-batch's f32
+    attention scores per KV cell (the shared pool's scratch grows with every stream's
+    cells), against ``memory_bytes`` and the cores (:func:`edgelm.engines.sizing.auto_parallel`)."""
+    scratch = 0 if flash_attn else min(n_batch, 512) * _int(meta, "attention.head_count") * 4
+    return auto_parallel(
+        kv_bytes_per_token=_kv_bytes_per_token(meta),
+        n_ctx=n_ctx,
+        weights_bytes=weights_bytes,
+        memory_bytes=memory_bytes,
+        cores=default_threads(),
+        scratch_bytes_per_token=scratch,
+    )
+
+
+def planned_streams(path: Path, settings: Settings) -> ParallelChoice:
+    """What ``compute.parallel = "auto"`` would choose for the model file at ``path`` with
+    these settings, without loading its weights (for ``edgelm config list``)."""
+    from llama_cpp import _internals
+    from llama_cpp._logger import set_verbose
+
+    lib = _import_llama_cpp()
+    _check_gguf(path)
+    set_verbose(False)
+    lib.llama_backend_init()
+    params = lib.llama_model_default_params()
+    params.vocab_only = True
+    model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+    try:
+        meta, trained = model.metadata(), model.n_ctx_train()
+    finally:
+        model.close()
+    n_ctx = settings.compute.n_ctx
+    n_ctx = min(n_ctx, trained) if trained > 0 else n_ctx
+    return plan_streams(
+        meta,
+        n_ctx,
+        _aligned_batch(settings.compute.n_batch, n_ctx),
+        path.stat().st_size,
+        memory_share(settings.pool),
+    )
 
 
 def _check_gguf(path: Path) -> None:

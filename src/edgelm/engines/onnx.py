@@ -230,7 +230,7 @@ class OnnxEngine(Engine):
             path,
             entry.alias,
             n_ctx=settings.compute.n_ctx,
-            threads=settings.compute.threads,
+            threads=settings.compute.fixed_threads,
             enable_gpu=settings.compute.onnx.enable_gpu,
             parallel=settings.compute.parallel,
             n_batch=settings.compute.n_batch,

@@ -119,7 +119,7 @@ class SentenceEngine(Engine):
         if path is None:
             raise ModelLoadError(f"model '{entry.alias}' has no file to load")
         max_tokens = int(entry.options.get("max_tokens", 256))
-        return cls(path, entry.alias, threads=settings.compute.threads, max_tokens=max_tokens)
+        return cls(path, entry.alias, threads=settings.compute.fixed_threads, max_tokens=max_tokens)
 
     def stream(
         self, request: GenerationRequest, cancel: threading.Event | None = None

@@ -58,14 +58,25 @@ class _PoolCollector(Collector):
         memory = GaugeMetricFamily(
             "edgelm_model_memory_bytes", "Estimated memory per loaded model", labels=["model"]
         )
+        threads = GaugeMetricFamily(
+            "edgelm_model_threads",
+            "CPU threads a local model computes with now (adapted to other processes' load "
+            "when compute.threads is auto)",
+            labels=["model", "mode"],
+        )
         for info in loaded:
             queue.add_metric([str(info["id"])], float(info["waiting"]))
             active.add_metric([str(info["id"])], float(info["active"]))
             memory.add_metric([str(info["id"])], float(info["memory_bytes"]))
+            runtime = info.get("runtime") or {}
+            if isinstance(runtime, dict) and isinstance(runtime.get("threads"), int):
+                mode = str(runtime.get("threads_mode", "fixed"))
+                threads.add_metric([str(info["id"]), mode], float(runtime["threads"]))
         yield queue
         yield active
         yield memory
         yield from _replica_metrics(loaded)
+        yield threads
         yield GaugeMetricFamily("edgelm_loaded_models", "Models loaded", value=len(loaded))
         yield GaugeMetricFamily(
             "edgelm_process_resident_memory_bytes",
