@@ -149,6 +149,12 @@ def _read_chat_template(directory: Path) -> str | None:
     return template or None
 
 
+# Streams for compute.parallel "auto". They take turns (see edgelm.engines.onnx_scheduler), so
+# more slots add no throughput, only a full-context fp32 KV cache each; four keep a burst of
+# requests from queueing behind one answer.
+AUTO_STREAMS = 4
+
+
 class OnnxEngine(Engine):
     """An ONNX Runtime GenAI model in this process, serving up to ``parallel`` streams at
     once, a token each in turn, with prompt prefixes reused between requests (see
@@ -226,13 +232,14 @@ class OnnxEngine(Engine):
                 f"edgelm model convert {entry.alias} --to onnx (then use the variant it names, "
                 f"e.g. {entry.alias}:onnx-cpu-int4)"
             )
+        parallel = settings.compute.parallel
         return cls(
             path,
             entry.alias,
             n_ctx=settings.compute.n_ctx,
             threads=settings.compute.fixed_threads,
             enable_gpu=settings.compute.onnx.enable_gpu,
-            parallel=settings.compute.parallel,
+            parallel=AUTO_STREAMS if parallel == "auto" else parallel,
             n_batch=settings.compute.n_batch,
             repeat_penalty=settings.compute.repeat_penalty,
         )
