@@ -147,11 +147,18 @@ def run_bench(
     system: dict[str, Any] | None = None,
     name: str = "",
     raw: dict[str, RawEngine] | None = None,
+    checkpoint: Callable[[BenchRun], None] | None = None,
 ) -> BenchRun:
     """Every target through cold start, warm-up and each concurrency level (or the rate); or,
     with ``config.interleave``, all of them in turns (:func:`run_interleaved`), the ``raw``
-    engines' tg measured in every round."""
+    engines' tg measured in every round.
+
+    ``checkpoint`` is handed the run (status "running") before the first request and after
+    each finished scenario, so a caller can store it as it grows: a run killed half-way then
+    keeps what it measured."""
+    save = checkpoint or (lambda _run: None)
     run = BenchRun(
+        status="running",
         created_at=time.time(),
         name=name,
         config={
@@ -162,6 +169,7 @@ def run_bench(
         },
         system=system or {},
     )
+    save(run)
     if config.interleave:
         raw = raw or {}
         try:
@@ -176,6 +184,7 @@ def run_bench(
         finally:
             for target in targets:
                 target.close()
+        run.status = "done"
         return run
     for target in targets:
         try:
@@ -193,8 +202,10 @@ def run_bench(
                 if levels.index((level, rate)) == 0:
                     scenario.cold = cold
                 run.scenarios.append(scenario)
+                save(run)
         finally:
             target.close()
+    run.status = "done"
     return run
 
 

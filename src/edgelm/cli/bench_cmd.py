@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import typer
@@ -19,6 +21,7 @@ from rich.table import Table
 
 from edgelm.bench import history, report
 from edgelm.bench.micro import RawEngine, micro_bench
+from edgelm.bench.results import BenchRun
 from edgelm.bench.runner import BenchConfig, run_bench
 from edgelm.bench.stats import SLO, ttft_over
 from edgelm.bench.targets import Target, make_target
@@ -166,10 +169,27 @@ def run(
             for model in local:
                 raw[model] = RawEngine(model, settings)
                 stack.callback(raw[model].close)
-        result = run_bench(targets, workload, config, update, system_info(), name, raw)
-        if micro and not interleave:
-            for model in local:
-                result.micro.extend(micro_bench(model, settings, reps=3))
+        rerun = "edgelm " + shlex.join(sys.argv[1:])
+        partial: list[str] = []
+
+        def checkpoint(so_far: BenchRun) -> None:
+            partial[:] = [history.save_run(_db(settings), so_far, rerun)]
+
+        try:
+            result = run_bench(
+                targets, workload, config, update, system_info(), name, raw, checkpoint
+            )
+            if micro and not interleave:
+                for model in local:
+                    result.micro.extend(micro_bench(model, settings, reps=3))
+        except KeyboardInterrupt:
+            if partial:
+                history.mark_interrupted(_db(settings), partial[0])
+                console().print(
+                    f"run {partial[0]} interrupted; its finished scenarios are stored. "
+                    f"Measure it again with: {rerun}"
+                )
+            raise typer.Exit(130) from None
     run_id = history.save_run(_db(settings), result)
     directory = _write_outputs(result, out, settings, html)
     print_table(report.results_table(result))
