@@ -325,7 +325,7 @@ def fuzz_workflows(base: str, report: FuzzReport, examples: int, steps: int = 8)
 # ------------------------------------------------------------------ phase 3: our own sequences
 
 texts = st.text(max_size=40)
-junk = st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False) | texts
+junk = st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | texts
 small_json = st.recursive(
     junk,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
