@@ -354,3 +354,27 @@ def test_full_disk_during_ingest(isolated_home: Path, tmp_path: Path) -> None:
     with RagStore.open(isolated_home, "notes") as store:  # space again: the same command ends it
         report = ingest_paths(store, [docs])
         assert report.unchanged == ["a.md"] and report.added == ["b.md"]
+
+
+def test_a_results_file_from_before_run_status_is_migrated(isolated_home: Path) -> None:
+    """Version 1 of results.db had no status column: its runs read as done, and new runs
+    can be stored as running."""
+    from edgelm.bench import history
+    from edgelm.bench.results import BenchRun
+
+    db = isolated_home / "results.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    old_schema = history.SCHEMA.replace(",\n    status TEXT NOT NULL DEFAULT 'done'", "")
+    assert "status" not in old_schema
+    with sqlite3.connect(db) as conn:
+        conn.executescript(old_schema)
+        conn.execute(
+            "INSERT INTO runs (id, created_at, name, config, system, micro)"
+            " VALUES ('20250101-0000-abcd', 1.0, 'old', '{}', '{}', '[]')"
+        )
+        conn.execute("PRAGMA user_version = 1")
+    assert history.load_run(db, "20250101").status == "done"
+    history.save_run(db, BenchRun(name="new", status="running"), rerun="edgelm bench run -n 1")
+    statuses = {r["name"]: r["status"] for r in history.list_runs(db)}
+    assert statuses == {"old": "done", "new": "running"}  # this process is alive: not reaped
+    assert integrity(db) == "ok"

@@ -42,6 +42,8 @@ TTFT_DRIFT_FLOOR_S = 0.02
 """A p99 that grows by less than this is no drift whatever the ratio (sub-millisecond TTFTs
 of a fake engine double with scheduling noise alone)."""
 ERROR_EXAMPLES = 3
+END_GRACE_S = 60.0
+"""How long the requests in flight at the end may take to finish (at least one interval)."""
 
 
 class SoakSample(BaseModel):
@@ -167,12 +169,21 @@ def run_soak(
             boundary = min(start + (index + 1) * interval_s, deadline)
             time.sleep(max(0.0, boundary - time.monotonic()))
             last = boundary >= deadline
+            stuck = 0
             if last:  # the requests in flight at the deadline finish into the last interval
+                grace = time.monotonic() + max(END_GRACE_S, interval_s)
                 for thread in threads:
-                    thread.join()
+                    thread.join(timeout=max(0.0, grace - time.monotonic()))
+                stuck = sum(thread.is_alive() for thread in threads)
             with lock:
                 done, bucket[:] = list(bucket), []
             sample = _summarise(index, time.monotonic() - start, done, interval_s)
+            if stuck:  # a request that never ends is an error too (and would hang the soak)
+                sample.errors += stuck
+                sample.error_examples.append(
+                    f"{stuck} request(s) still unanswered {max(END_GRACE_S, interval_s):g} s "
+                    "after the end"
+                )
             if pid is not None:
                 try:
                     figures = process_tree(pid)
