@@ -212,6 +212,11 @@ def write_fuzz_home(home: Path, real_model: Path | None = None) -> dict[str, str
         "rag": {"model": rag_model, "fallback_model": "fake-slow", "embed_model": "fake-embed"},
         "service": {"request_timeout_s": 60},
     }
+    if real_model is not None:
+        # Fuzzed requests rarely set max_tokens: a small context bounds every answer (and
+        # a slow one ends in the documented 504 instead of holding the run for minutes).
+        config["compute"] = {"n_ctx": 512}
+        config["service"] = {"request_timeout_s": 30}
     (home / "config.toml").write_text(tomli_w.dumps(config))
     docs = home / "docs"
     docs.mkdir(exist_ok=True)

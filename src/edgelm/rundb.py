@@ -71,10 +71,13 @@ def connect(
                 )
             if 0 < found < version:
                 with transaction(conn):
+                    # Read again under the write lock: another process may have migrated it.
+                    found = conn.execute("PRAGMA user_version").fetchone()[0]
                     for step in range(found + 1, version + 1):
                         for statement in (migrations or {}).get(step, "").split(";"):
                             if statement.strip():
                                 conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {version}")
             conn.executescript(schema + OWNERS_SCHEMA)
             if found < version:
                 conn.execute(f"PRAGMA user_version = {version}")

@@ -74,8 +74,13 @@ def wait_until(check: Callable[[], bool], proc: subprocess.Popen[Any], what: str
     pytest.fail(f"timed out waiting for {what}")
 
 
-def count(db: Path, sql: str) -> int:
-    with sqlite3.connect(db, timeout=5) as conn:
+def count(db: Path, sql: str, live: bool = False) -> int:
+    """``live``: a read beside the writer, only once it has switched the file to WAL (a
+    reader of a new file in rollback mode would hold the lock that switch needs, and would
+    create the file itself if it opened it first)."""
+    if live and not Path(f"{db}-wal").exists():
+        raise sqlite3.OperationalError(f"{db} is not in WAL mode yet")
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
         return int(conn.execute(sql).fetchone()[0])
 
 
@@ -101,7 +106,7 @@ def test_kill_during_ingest_then_resume(isolated_home: Path, tmp_path: Path) -> 
         [sys.executable, "-c", INGEST_CHILD, str(isolated_home), str(docs)],
         env=child_env(isolated_home),
     )
-    wait_until(lambda: count(db, "SELECT count(*) FROM sources") >= 5, proc, "5 documents")
+    wait_until(lambda: count(db, "SELECT count(*) FROM sources", True) >= 5, proc, "5 documents")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
@@ -179,7 +184,7 @@ def test_kill_during_eval_then_resume(slow_service: tuple[Path, str], tmp_path: 
     proc = edgelm_child(
         home, base, "eval", "run", "-m", "slowpoke", "-d", "general", "-n", "6", "--no-html"
     )
-    wait_until(lambda: count(db, "SELECT count(*) FROM results") >= 2, proc, "2 answers")
+    wait_until(lambda: count(db, "SELECT count(*) FROM results", True) >= 2, proc, "2 answers")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
@@ -207,7 +212,7 @@ def test_kill_during_bench_run(slow_service: tuple[Path, str], tmp_path: Path) -
     db = home / "results.db"
     command = ["bench", "run", "-m", "service:slowpoke", "-c", "1,2", "-n", "3", "--no-html"]
     proc = edgelm_child(home, base, *command)
-    wait_until(lambda: count(db, "SELECT count(*) FROM scenarios") >= 1, proc, "a scenario")
+    wait_until(lambda: count(db, "SELECT count(*) FROM scenarios", True) >= 1, proc, "a scenario")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
