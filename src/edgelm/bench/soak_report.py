@@ -85,12 +85,16 @@ def write_json(run: SoakRun, path: Path) -> Path:
 
 
 def plot(run: SoakRun) -> str | None:
-    """RSS, TTFT p50/p99, tokens/s, and descriptors/threads (with KV figures when the
-    service reports them) over time; the warm-up shaded."""
+    """RSS, TTFT p50/p99, tokens/s, descriptors/threads and the engine's live figures (KV
+    cache use, or streams running and waiting) over time; the warm-up shaded."""
     if not run.samples:
         return None
     minutes = [s.t_s / 60 for s in run.samples]
-    kv = sorted({k for s in run.samples for k in s.runtime if "kv" in k.lower()})
+    # The KV cache's figures when the engine reports them, else its streams running/waiting.
+    live = {k for s in run.samples for k in s.runtime}
+    kv = sorted(k for k in live if "kv" in k.lower()) or [
+        k for k in ("running", "waiting") if k in live
+    ]
     panels = 4 + bool(kv)
     figure = new_figure(9, 2.3 * panels)
     axes = figure.subplots(panels, 1, sharex=True)
@@ -118,7 +122,7 @@ def plot(run: SoakRun) -> str | None:
     if kv:
         for key in kv:
             axes[4].plot(minutes, series([s.runtime.get(key) for s in run.samples]), label=key)
-        axes[4].set_ylabel("KV cache")
+        axes[4].set_ylabel("KV cache" if any("kv" in k.lower() for k in kv) else "streams")
         axes[4].legend(loc="upper left")
     if run.warmup_intervals and len(run.samples) > run.warmup_intervals:
         end = run.samples[run.warmup_intervals - 1].t_s / 60
