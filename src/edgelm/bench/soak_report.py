@@ -128,6 +128,9 @@ def plot(run: SoakRun) -> str | None:
         end = run.samples[run.warmup_intervals - 1].t_s / 60
         for ax in axes:
             ax.axvspan(0, end, color="#eee", zorder=0)
+    for ax in axes:  # plain figures on the axes, not "+1.582e4" offsets
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    axes[0].set_ylim(bottom=0)  # growth in proportion: a 1 MB wobble is not a cliff
     axes[-1].set_xlabel("minutes (shaded: warm-up, left out of the verdict)")
     axes[0].set_title(mpl_text(f"{run.target}, {run.concurrency} streams"))
     return figure_data_uri(figure)
