@@ -71,6 +71,10 @@ class MissingExtra(EdgelmError):
 
 
 class DownloadError(EdgelmError):
+    """No source delivered the file: a failure upstream of the service (502), not in it."""
+
+    status = 502
+    type = "upstream_error"
     code = "download_failed"
 
 
@@ -88,6 +92,36 @@ class UpstreamError(EdgelmError):
     status = 502
     type = "upstream_error"
     code = "upstream_failed"
+
+
+class DiskFull(EdgelmError):
+    """The disk (or the SQLite file's size limit) ran out mid-write: the write was undone
+    whole, and the message says what was kept and how to finish."""
+
+    status = 507
+    type = "server_error"
+    code = "disk_full"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is the OS or SQLite saying there is no space left (ENOSPC, EDQUOT,
+    SQLITE_FULL), from the standard ``sqlite3`` module or sqlean's identical one."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if type(exc).__name__ == "OperationalError":
+        return getattr(exc, "sqlite_errorcode", None) == 13 or "disk is full" in str(exc)
+    return False
+
+
+class EngineFailed(EdgelmError):
+    """An engine raised while generating (a backend bug, a broken model file found mid-run):
+    the request ends with the model named and the cause, the service and the model stay up."""
+
+    status = 500
+    type = "server_error"
+    code = "engine_failed"
 
 
 class Overloaded(EdgelmError):

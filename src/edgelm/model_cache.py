@@ -40,9 +40,11 @@ import httpx
 from edgelm.catalog import CatalogEntry, PackagedPart, Source
 from edgelm.errors import (
     ChecksumMismatch,
+    DiskFull,
     DownloadError,
     InvalidRequest,
     ModelNotFound,
+    is_disk_full,
 )
 from edgelm.settings import Settings
 
@@ -166,6 +168,7 @@ class ModelStore:
             part = final.with_name(final.name + PART_SUFFIX)
             if force:
                 part.unlink(missing_ok=True)
+            _check_space(entry, part)
             failures: list[tuple[str, Exception]] = []
             for source in sources:
                 label = _label(source)
@@ -177,6 +180,16 @@ class ModelStore:
                     self._place(entry, part, final, digest, size, label)
                     return final
                 except (DownloadError, httpx.HTTPError, OSError, zipfile.BadZipFile) as exc:
+                    if is_disk_full(exc):  # every other source would fill the same disk
+                        written = part.stat().st_size if part.exists() else 0
+                        part.unlink(missing_ok=True)
+                        raise DiskFull(
+                            f"no space left on the disk holding {final.parent} while "
+                            f"downloading '{entry.alias}' from {label} ({written} bytes were "
+                            "written and are deleted; no model file was placed). Free "
+                            f"{_human(entry.size_bytes) if entry.size_bytes else 'space'} and "
+                            "run the download again"
+                        ) from exc
                     failures.append((label, exc))
         raise _combined_error(entry.alias, failures)
 
@@ -504,6 +517,25 @@ def _open_member(
                 yield member
     finally:
         nested.unlink(missing_ok=True)
+
+
+def _human(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+def _check_space(entry: CatalogEntry, part: Path) -> None:
+    """Refuse at once a download the disk cannot hold, rather than fill it and fail late."""
+    if not entry.size_bytes:
+        return
+    have = part.stat().st_size if part.is_file() else 0
+    free = shutil.disk_usage(part.parent).free
+    needed = entry.size_bytes - have
+    if needed > free:
+        raise DiskFull(
+            f"'{entry.alias}' needs {_human(needed)} more on the disk holding {part.parent}, "
+            f"which has {_human(free)} free; free some space (or set models.dir to another "
+            "disk) and run the download again"
+        )
 
 
 def _label(source: Source) -> str:

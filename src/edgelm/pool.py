@@ -23,7 +23,14 @@ from edgelm.catalog import Catalog, CatalogEntry
 from edgelm.engines import load_engine
 from edgelm.engines.base import Engine, check_capabilities
 from edgelm.engines.sizing import memory_budget_bytes
-from edgelm.errors import Busy, EdgelmError, GenerationTimeout, ModelLoadError, Overloaded
+from edgelm.errors import (
+    Busy,
+    EdgelmError,
+    EngineFailed,
+    GenerationTimeout,
+    ModelLoadError,
+    Overloaded,
+)
 from edgelm.settings import Settings
 from edgelm.types import Chunk, GenerationRequest
 
@@ -34,6 +41,16 @@ CATALOG_SWEEP_S = 2.0
 EngineFactory = Callable[[CatalogEntry, Settings, Path | None], Engine]
 _DONE = object()
 _TIMED_OUT = object()
+
+
+def _engine_failure(alias: str, exc: BaseException) -> BaseException:
+    """What the client is told when an engine raises: our own errors as they are, anything
+    else as :class:`EngineFailed` naming the model and the cause (and logged with its
+    traceback), never a bare 500 "internal error"."""
+    if isinstance(exc, EdgelmError) or not isinstance(exc, Exception):
+        return exc
+    log.error("engine of %s failed", alias, exc_info=exc)
+    return EngineFailed(f"model '{alias}' failed while generating: {type(exc).__name__}: {exc}")
 
 
 @dataclass
@@ -376,7 +393,7 @@ class ModelPool:
                     finished = True
                     break
                 if isinstance(item, BaseException):
-                    raise item
+                    raise _engine_failure(loaded.entry.alias, item)
                 assert isinstance(item, Chunk)
                 yield item
         finally:
@@ -394,7 +411,10 @@ class ModelPool:
         loaded = await self.get(name)
         loaded.engine.require("embeddings")  # refused before it queues for a slot
         async with self.slot(loaded) as engine:
-            return await asyncio.to_thread(engine.embed, texts)
+            try:
+                return await asyncio.to_thread(engine.embed, texts)
+            except Exception as exc:
+                raise _engine_failure(loaded.entry.alias, exc) from exc
 
     def loaded_info(self) -> list[dict[str, object]]:
         self._forget_crashed()

@@ -40,8 +40,11 @@ def test_spinners_burn_a_core_each_and_are_gone_after() -> None:
         assert len(processes) == 2 and all(p.poll() is None for p in processes)
         assert len(spinners()) == 2
         busy = [psutil.Process(p.pid) for p in processes]
-        time.sleep(1.5)
-        # each spins (on a shared, oversubscribed machine it may get far less than a core)
+        # each spins (on a shared, oversubscribed machine it may get far less than a core,
+        # so wait for CPU time to show rather than for a share of a fixed interval)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(p.cpu_times().user > 0.03 for p in busy):
+            time.sleep(0.2)
         assert all(p.cpu_times().user > 0.03 for p in busy)
     assert all(p.poll() is not None for p in processes)
     assert spinners() == []

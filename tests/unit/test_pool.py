@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgelm.catalog import Catalog, CatalogEntry
-from edgelm.errors import Busy, GenerationTimeout, ModelLoadError, Overloaded
+from edgelm.errors import Busy, EngineFailed, GenerationTimeout, ModelLoadError, Overloaded
 from edgelm.pool import ModelPool
 from edgelm.settings import load_settings
 from edgelm.types import GenerationRequest, Message
@@ -195,7 +195,8 @@ def test_an_on_loop_engine_failure_reaches_the_consumer(isolated_home: Path) -> 
             isolated_home, [entry("loop", reply="a b c d", fail_after_tokens=2, on_loop=True)]
         )
         seen = []
-        with pytest.raises(RuntimeError, match="scripted failure"):
+        # Named for the client: the model, the cause, a code (not a bare internal error).
+        with pytest.raises(EngineFailed, match=r"model 'loop' failed .*RuntimeError: scripted"):
             async for chunk in pool.stream("loop", REQ):
                 seen.append(chunk.text)
         assert "".join(seen) == "a b "

@@ -2,7 +2,9 @@
 
 The caller passes the path (``settings.home / "results.db"``); nothing here reads settings.
 A run is written in a single transaction: a crash or an exception half-way leaves the file as
-it was before, never a run without its scenarios. Requests are stored raw, one row each, so
+it was before, never a scenario without its requests. A run being measured is stored as
+``running`` after each scenario it finishes (see :func:`save_run`), so a run killed half-way
+keeps its finished scenarios and is listed as ``interrupted`` with the command to run again. Requests are stored raw, one row each, so
 statistics can be recomputed from the database alone, and the columns are plain SQL values
 (JSON text only for lists and free-form dicts) so the file can be queried with ``sqlite3``.
 """
@@ -23,7 +25,9 @@ from edgelm.bench.results import BenchRun, ColdStart, RequestResult, ResourceSam
 from edgelm.bench.stats import percentile, scenario_stats
 from edgelm.errors import InvalidRequest
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+MIGRATIONS = {2: "ALTER TABLE runs ADD COLUMN status TEXT NOT NULL DEFAULT 'done'"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -32,7 +36,8 @@ CREATE TABLE IF NOT EXISTS runs (
     name TEXT NOT NULL,
     config TEXT NOT NULL,
     system TEXT NOT NULL,
-    micro TEXT NOT NULL
+    micro TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'done'
 );
 CREATE INDEX IF NOT EXISTS runs_by_time ON runs (created_at);
 CREATE TABLE IF NOT EXISTS scenarios (
@@ -96,17 +101,20 @@ DIFF_METRICS: tuple[tuple[str, bool], ...] = (
 
 def _connect(db_path: Path) -> AbstractContextManager[sqlite3.Connection]:
     """The results database, schema in place (see :func:`edgelm.rundb.connect`)."""
-    return rundb.connect(db_path, SCHEMA, SCHEMA_VERSION, "results")
+    return rundb.connect(db_path, SCHEMA, SCHEMA_VERSION, "results", MIGRATIONS)
 
 
 # ---------------------------------------------------------------------- saving
 
 
-def save_run(db_path: Path, run: BenchRun) -> str:
+def save_run(db_path: Path, run: BenchRun, rerun: str | None = None) -> str:
     """Store ``run`` and return its id, assigning ``run.id`` (and ``created_at``) when unset.
 
     Saving a run whose id is already stored replaces it, so a run can be re-saved after its
-    statistics were recomputed. The id is only set on ``run`` once the write has committed.
+    statistics were recomputed, or after each scenario while it is measured: with
+    ``run.status`` "running" this process is recorded as its owner and ``rerun`` as the
+    command that measures it again should the process die; "done" releases it. The id is
+    only set on ``run`` once the write has committed.
     """
     if not run.created_at:
         run.created_at = time.time()
@@ -116,13 +124,28 @@ def save_run(db_path: Path, run: BenchRun) -> str:
         _insert_run(conn, run_id, run)
         for idx, scenario in enumerate(run.scenarios):
             _insert_scenario(conn, run_id, idx, scenario)
+        if run.status == "running":
+            rundb.claim(conn, run_id, rerun or "edgelm bench run")
+        elif run.status == "done":
+            rundb.release(conn, run_id)
     run.id = run_id
     return run_id
 
 
+def mark_interrupted(db_path: Path, run_id: str) -> None:
+    """The owner stopped measuring (Ctrl-C): the stored scenarios stay, the run is listed
+    as interrupted with its command."""
+    with _connect(db_path) as conn, rundb.transaction(conn):
+        conn.execute(
+            "UPDATE runs SET status = 'interrupted' WHERE id = ? AND status = 'running'",
+            (run_id,),
+        )
+
+
 def _insert_run(conn: sqlite3.Connection, run_id: str, run: BenchRun) -> None:
     conn.execute(
-        "INSERT INTO runs (id, created_at, name, config, system, micro) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO runs (id, created_at, name, config, system, micro, status)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
         (
             run_id,
             run.created_at,
@@ -130,6 +153,7 @@ def _insert_run(conn: sqlite3.Connection, run_id: str, run: BenchRun) -> None:
             json.dumps(run.config),
             json.dumps(run.system),
             json.dumps(run.micro),
+            run.status,
         ),
     )
 
@@ -196,6 +220,7 @@ def load_run(db_path: Path, run_id: str) -> BenchRun:
     if not db_path.exists():
         raise InvalidRequest(f"no benchmark runs are stored yet ({db_path} does not exist)")
     with _connect(db_path) as conn:
+        rundb.reap(conn)
         resolved = rundb.resolve_run_id(conn, run_id, db_path, "benchmark")
         row = conn.execute("SELECT * FROM runs WHERE id = ?", (resolved,)).fetchone()
         requests = _load_requests(conn, resolved)
@@ -213,6 +238,7 @@ def load_run(db_path: Path, run_id: str) -> BenchRun:
         system=json.loads(row["system"]),
         micro=json.loads(row["micro"]),
         scenarios=scenarios,
+        status=row["status"],
     )
 
 
@@ -262,11 +288,17 @@ def list_runs(db_path: Path, limit: int = 20) -> list[dict[str, Any]]:
     if not db_path.exists():
         return []
     with _connect(db_path) as conn:
+        rerun = rundb.reap(conn)
         runs = conn.execute(
-            "SELECT id, created_at, name FROM runs ORDER BY created_at DESC, id DESC LIMIT ?",
+            "SELECT id, created_at, name, status FROM runs ORDER BY created_at DESC, id DESC"
+            " LIMIT ?",
             (limit,),
         ).fetchall()
-        return [_run_summary(conn, dict(run)) for run in runs]
+        rows = [_run_summary(conn, dict(run)) for run in runs]
+    for row in rows:
+        if row["id"] in rerun:
+            row["rerun"] = rerun[row["id"]]
+    return rows
 
 
 def _run_summary(conn: sqlite3.Connection, run: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """Sampling what the serving process uses while a scenario runs: RSS, CPU, GPU, energy.
 
+RSS is the serving process's and its children's (model runners), summed; CPU is the serving
+process's own.
+
 A background thread samples every ``interval_s``; peaks and means go into the scenario. GPU
 figures come from NVML and energy from RAPL only where the machine exposes them, and are left
 empty (not zero) elsewhere, so a report never shows a made-up figure.
@@ -18,6 +21,28 @@ from edgelm.bench.results import ResourceSample
 
 RAPL_FILE = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
 RAPL_RANGE = Path("/sys/class/powercap/intel-rapl:0/max_energy_range_uj")
+
+
+def process_tree(pid: int) -> dict[str, int]:
+    """RSS, open file descriptors and threads of a process and all its children, summed.
+
+    A service that runs each model's engine in a child process holds the model's memory
+    there; the process alone would read as a few hundred MB whatever the model. A child that
+    exits while it is read is skipped. ``fds`` is 0 where the platform does not count them.
+    """
+    root = psutil.Process(pid)
+    figures = {"rss_bytes": 0, "fds": 0, "threads": 0, "processes": 0}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            with proc.oneshot():
+                figures["rss_bytes"] += proc.memory_info().rss
+                figures["threads"] += proc.num_threads()
+                figures["fds"] += proc.num_fds() if hasattr(proc, "num_fds") else 0
+            figures["processes"] += 1
+        except psutil.Error:
+            if proc is root:
+                raise
+    return figures
 
 
 def _read_int(path: Path) -> int | None:
@@ -157,12 +182,7 @@ class ProcessTree:
 
 def tree_rss(pid: int | None = None) -> int:
     """Resident bytes of a process (default: this one) and all its descendants."""
-    proc = psutil.Process(pid)
-    total = proc.memory_info().rss
-    for child in proc.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            total += child.memory_info().rss
-    return total
+    return process_tree(psutil.Process(pid).pid)["rss_bytes"]
 
 
 class _Nvml:

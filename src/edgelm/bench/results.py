@@ -82,3 +82,5 @@ class BenchRun(BaseModel):
     scenarios: list[Scenario] = Field(default_factory=list)
     micro: list[dict[str, Any]] = Field(default_factory=list)
     """llama-bench style rows: model, pp/tg sizes, tokens/s (see edgelm.bench.micro)."""
+    status: str = "done"
+    """running (being measured, scenarios stored as they finish), interrupted or done."""

@@ -150,11 +150,18 @@ def run_bench(
     system: dict[str, Any] | None = None,
     name: str = "",
     raw: dict[str, RawEngine] | None = None,
+    checkpoint: Callable[[BenchRun], None] | None = None,
 ) -> BenchRun:
     """Every target through cold start, warm-up and each concurrency level (or the rate); or,
     with ``config.interleave``, all of them in turns (:func:`run_interleaved`), the ``raw``
-    engines' tg measured in every round."""
+    engines' tg measured in every round.
+
+    ``checkpoint`` is handed the run (status "running") before the first request and after
+    each finished scenario, so a caller can store it as it grows: a run killed half-way then
+    keeps what it measured."""
+    save = checkpoint or (lambda _run: None)
     run = BenchRun(
+        status="running",
         created_at=time.time(),
         name=name,
         config={
@@ -165,8 +172,10 @@ def run_bench(
         },
         system=system or {},
     )
+    save(run)
     with background_load(config.background_load):
-        _measure(run, targets, prompts, config, progress, raw)
+        _measure(run, targets, prompts, config, progress, raw, save)
+    run.status = "done"
     return run
 
 
@@ -177,8 +186,9 @@ def _measure(
     config: BenchConfig,
     progress: ProgressFn,
     raw: dict[str, RawEngine] | None,
+    save: Callable[[BenchRun], None],
 ) -> None:
-    """The measurements of :func:`run_bench`, into ``run``."""
+    """The measurements of :func:`run_bench`, into ``run``; ``save`` after each scenario."""
     if config.interleave:
         raw = raw or {}
         try:
@@ -210,6 +220,7 @@ def _measure(
                 if levels.index((level, rate)) == 0:
                     scenario.cold = cold
                 run.scenarios.append(scenario)
+                save(run)
         finally:
             target.close()
 

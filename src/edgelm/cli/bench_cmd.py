@@ -12,6 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -20,6 +25,7 @@ from rich.table import Table
 from edgelm.bench import history, report
 from edgelm.bench.background import background_load
 from edgelm.bench.micro import RawEngine, micro_bench
+from edgelm.bench.results import BenchRun
 from edgelm.bench.runner import BenchConfig, run_bench
 from edgelm.bench.stats import SLO, ttft_over
 from edgelm.bench.targets import Target, make_target
@@ -176,11 +182,28 @@ def run(
             for model in local:
                 raw[model] = RawEngine(model, settings)
                 stack.callback(raw[model].close)
-        result = run_bench(targets, workload, config, update, system_info(), name, raw)
-        if micro and not interleave:
-            with background_load(background_load_n):  # the reference under the same load
-                for model in local:
-                    result.micro.extend(micro_bench(model, settings, reps=3))
+        rerun = "edgelm " + shlex.join(sys.argv[1:])
+        partial: list[str] = []
+
+        def checkpoint(so_far: BenchRun) -> None:
+            partial[:] = [history.save_run(_db(settings), so_far, rerun)]
+
+        try:
+            result = run_bench(
+                targets, workload, config, update, system_info(), name, raw, checkpoint
+            )
+            if micro and not interleave:
+                with background_load(background_load_n):  # the reference under the same load
+                    for model in local:
+                        result.micro.extend(micro_bench(model, settings, reps=3))
+        except KeyboardInterrupt:
+            if partial:
+                history.mark_interrupted(_db(settings), partial[0])
+                console().print(
+                    f"run {partial[0]} interrupted; its finished scenarios are stored. "
+                    f"Measure it again with: {rerun}"
+                )
+            raise typer.Exit(130) from None
     run_id = history.save_run(_db(settings), result)
     directory = _write_outputs(result, out, settings, html)
     print_table(report.results_table(result))
@@ -188,6 +211,105 @@ def run(
         _print_engine_ratio(result)
     console().print(report.print_json_block(result), markup=False, highlight=False)
     console().print(f"run [bold]{run_id}[/] saved; files in {directory}")
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``1.5h`` → seconds."""
+    value = text.strip().lower()
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(value[-1:])
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' is not a duration (e.g. 90s, 30m, 1h)") from None
+    if seconds <= 0:
+        raise typer.BadParameter("the duration must be positive")
+    return seconds
+
+
+@app.command("soak")
+def soak(
+    ctx: typer.Context,
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Target: alias, service:alias, local:alias or URL#model."
+    ),
+    duration: str = typer.Option("30m", help="How long to hold the load: 90s, 30m, 1h."),
+    concurrency: int = typer.Option(8, "--concurrency", "-c", min=1, max=64),
+    interval: float = typer.Option(60.0, help="Seconds between samples.", min=0.2),
+    warmup_intervals: int = typer.Option(
+        1, help="First intervals left out of the verdict (allocators, caches filling up).", min=0
+    ),
+    prompts: str = typer.Option("short", help="Prompt set or .jsonl file (see bench run)."),
+    max_tokens: int = typer.Option(128, min=1),
+    out: Path | None = typer.Option(None, help="Directory for soak.json and report.html."),
+    api_key: str | None = typer.Option(None, help="Key for an external endpoint."),
+) -> None:
+    """Hold N streams on a model for a long time; sample memory (with child processes), open
+    files, threads, KV cache, TTFT p50/p99, tokens/s and errors every interval; judge RSS
+    growth, TTFT drift and errors after the warm-up. Exits 1 when the verdict fails."""
+    from edgelm.bench import soak_report
+    from edgelm.bench.soak import SoakSample, run_soak
+
+    settings = _bench_settings(ctx)
+    seconds = parse_duration(duration)
+    if interval > seconds:
+        fail(f"--interval ({interval:g} s) is longer than --duration ({seconds:g} s)")
+    target = make_target(model or settings.service.default_model, settings, api_key=api_key)
+    config = BenchConfig(max_tokens=max_tokens, seed=0)
+    workload = load_prompts(prompts, None, 0)
+    progress, update = progress_bars()
+    label = f"soak {target.name} ×{concurrency}"
+    total = int(seconds)
+
+    def on_sample(sample: SoakSample, elapsed: float) -> None:
+        update(min(total, int(elapsed)), total, label)
+        progress.console.print(
+            f"[dim]{soak_report.sample_row(sample)[0]}[/] {sample.requests} requests, "
+            f"{sample.errors} errors, TTFT p50 {soak_report._ms(sample.ttft_p50_s)} "
+            f"p99 {soak_report._ms(sample.ttft_p99_s)}, RSS {soak_report._mb(sample.rss_bytes)}, "
+            f"fds {sample.fds if sample.fds is not None else '-'}"
+        )
+
+    with progress:
+        update(0, total, label)
+        ticker = _Ticker(lambda elapsed: update(min(total, int(elapsed)), total, label))
+        with ticker:
+            result = run_soak(
+                target, workload, config, seconds, concurrency, interval, warmup_intervals,
+                on_sample,
+            )
+    result.system = system_info()
+    result.id = time.strftime("soak-%Y%m%d-%H%M%S", time.gmtime(result.created_at))
+    directory = out or settings.home / "bench" / result.id
+    soak_report.write_json(result, directory / "soak.json")
+    soak_report.write_html(result, directory / "report.html")
+    print_table(soak_report.samples_table(result))
+    print_table(soak_report.verdict_table(result))
+    console().print(f"files in {directory}")
+    if not result.verdict.get("pass"):
+        raise typer.Exit(1)
+
+
+class _Ticker:
+    """Moves the progress bar every second between samples (a sample may be minutes apart)."""
+
+    def __init__(self, tick: Callable[[float], None]):
+        self.tick = tick
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="edgelm-soak-tick")
+        self.start = time.monotonic()
+
+    def _run(self) -> None:
+        while not self.stop.wait(1.0):
+            self.tick(time.monotonic() - self.start)
+
+    def __enter__(self) -> _Ticker:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=2)
 
 
 def _print_engine_ratio(result) -> None:  # type: ignore[no-untyped-def]

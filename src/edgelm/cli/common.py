@@ -135,9 +135,20 @@ def show_runs(rows: Sequence[Mapping[str, Any]], as_json: bool, what: str) -> No
         if not rows:
             console().print(f"no {what} runs stored yet")
             return
-        print_table(records_table(f"{what} runs", rows))
+        print_table(records_table(f"{what} runs", [_without(r, "rerun") for r in rows]))
+        for row in rows:  # a run whose process died or was stopped: how to finish it
+            if row.get("rerun"):
+                console().print(
+                    f"run {row['id']} was interrupted; finish it with: {row['rerun']}",
+                    markup=False,
+                    highlight=False,
+                )
 
     show(rows, as_json, human)
+
+
+def _without(row: Mapping[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != key}
 
 
 # Wide enough for any table's natural width; only used to measure.

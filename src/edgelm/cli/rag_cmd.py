@@ -73,15 +73,22 @@ def ingest(
         def progress(source: str, done: int, total: int) -> None:
             bar.update(task, description=source or "done", completed=done, total=total)
 
-        report = ingest_paths(
-            store,
-            paths,
-            chunk_size=chunk_size or rag.chunk_size,
-            overlap=rag.overlap if overlap is None else overlap,
-            embedder=embedder,
-            prune=not keep_removed,
-            progress=progress,
-        )
+        try:
+            report = ingest_paths(
+                store,
+                paths,
+                chunk_size=chunk_size or rag.chunk_size,
+                overlap=rag.overlap if overlap is None else overlap,
+                embedder=embedder,
+                prune=not keep_removed,
+                progress=progress,
+            )
+        except KeyboardInterrupt:
+            console().print(
+                f"interrupted; {len(store.sources())} documents are stored in '{name}'. Run "
+                "the same command again to finish: stored documents are skipped"
+            )
+            raise typer.Exit(130) from None
         total = store.count_chunks()
     for source, error in report.failed.items():
         console().print(f"[red]failed[/] {source}: {error}")

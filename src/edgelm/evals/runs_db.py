@@ -133,6 +133,7 @@ def create_run(
             " VALUES (?, ?, ?, ?, ?, ?, 'running')",
             (run_id, created, dataset, json.dumps(models), json.dumps(params), judge_model),
         )
+        rundb.claim(conn, run_id, resume_command(run_id))
         conn.executemany(
             "INSERT INTO items (run_id, idx, item_id, question, answers, category, difficulty,"
             " extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -169,12 +170,21 @@ def save_result(db_path: Path, run_id: str, row: ResultRow) -> None:
         )
 
 
+def resume_command(run_id: str) -> str:
+    return f"edgelm eval run --resume {run_id}"
+
+
 def set_status(db_path: Path, run_id: str, status: str) -> None:
+    """running (this process owns the run now), interrupted or done (nothing to resume)."""
     finished = time.time() if status == "done" else None
     with connect(db_path) as conn, rundb.transaction(conn):
         conn.execute(
             "UPDATE runs SET status = ?, finished_at = ? WHERE id = ?", (status, finished, run_id)
         )
+        if status == "running":
+            rundb.claim(conn, run_id, resume_command(run_id))
+        elif status == "done":
+            rundb.release(conn, run_id)
 
 
 def load_run(db_path: Path, run_id: str) -> tuple[EvalRun, list[ResultRow]]:
@@ -183,6 +193,7 @@ def load_run(db_path: Path, run_id: str) -> tuple[EvalRun, list[ResultRow]]:
     if not db_path.exists():
         raise InvalidRequest(f"no evaluation runs are stored yet ({db_path} does not exist)")
     with connect(db_path) as conn:
+        rundb.reap(conn)
         resolved = rundb.resolve_run_id(conn, run_id, db_path, "evaluation")
         r = conn.execute("SELECT * FROM runs WHERE id = ?", (resolved,)).fetchone()
         items = [
@@ -230,6 +241,7 @@ def list_runs(db_path: Path, limit: int = 20) -> list[dict[str, Any]]:
     if not db_path.exists():
         return []
     with connect(db_path) as conn:
+        rerun = rundb.reap(conn)
         out = []
         for r in conn.execute(
             "SELECT * FROM runs ORDER BY created_at DESC, id DESC LIMIT ?", (limit,)
@@ -254,6 +266,8 @@ def list_runs(db_path: Path, limit: int = 20) -> list[dict[str, Any]]:
                     "errors": errors,
                 }
             )
+            if r["id"] in rerun:
+                out[-1]["rerun"] = rerun[r["id"]]
         return out
 
 

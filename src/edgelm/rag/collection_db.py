@@ -39,7 +39,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-from edgelm.errors import InvalidRequest, MissingExtra, ModelNotFound
+from edgelm.errors import DiskFull, InvalidRequest, MissingExtra, ModelNotFound, is_disk_full
 from edgelm.rag.terms import terms
 from edgelm.rag.types import ChunkSpec, StoredChunk
 from edgelm.rag.vector_index import VectorIndex, quantize, rank_exact, unit
@@ -220,10 +220,27 @@ class RagStore:
                 "INSERT INTO meta(key, value) VALUES('generation', '1') ON CONFLICT(key) "
                 "DO UPDATE SET value = CAST(value AS INTEGER) + 1"
             )
-        except BaseException:
-            self.db.execute("ROLLBACK")
+        except BaseException as exc:
+            # SQLite undoes a transaction itself on some errors (a full disk among them).
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            if is_disk_full(exc):
+                raise DiskFull(
+                    f"no space left to write collection '{self.name}' ({self.path}): "
+                    "the write was undone"
+                ) from exc
             raise
-        self.db.execute("COMMIT")
+        try:
+            self.db.execute("COMMIT")
+        except Exception as exc:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            if is_disk_full(exc):
+                raise DiskFull(
+                    f"no space left to write collection '{self.name}' ({self.path}): "
+                    "the write was undone"
+                ) from exc
+            raise
 
     # -- meta -----------------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:

@@ -18,7 +18,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgelm.errors import InvalidRequest
+from edgelm.errors import DiskFull, InvalidRequest
 from edgelm.rag.types import ChunkSpec
 
 if TYPE_CHECKING:
@@ -415,7 +415,8 @@ def ingest_paths(
     unchanged ones (same content hash) skipped, and — with ``prune`` — sources that were
     ingested from inside a given directory but are no longer there removed (sources from
     elsewhere are kept, so ingesting a second folder adds to the collection). Each file is
-    written in its own transaction."""
+    written in its own transaction, so an ingest that is killed or runs out of disk keeps
+    every file before the one in flight, and running it again skips them and finishes."""
     paths = [Path(p) for p in paths]
     files = discover(paths)
     report = IngestReport()
@@ -443,9 +444,17 @@ def ingest_paths(
         except Exception as exc:  # one bad file must not stop the others
             report.failed[source] = f"{type(exc).__name__}: {exc}"
             continue
-        store.replace_source(
-            source, str(path.resolve()), doc.kind, digest, doc.title, chunks, vectors
-        )
+        try:
+            store.replace_source(
+                source, str(path.resolve()), doc.kind, digest, doc.title, chunks, vectors
+            )
+        except DiskFull as exc:
+            kept = len(report.added) + len(report.updated) + len(report.unchanged)
+            raise DiskFull(
+                f"{exc.message} while ingesting {source} ({n} of {len(files)}). The {kept} "
+                "documents before it are stored; free some space and run the same command "
+                "again: stored documents are skipped"
+            ) from exc
         (report.updated if source in known else report.added).append(source)
         report.chunks += len(chunks)
     if prune:
