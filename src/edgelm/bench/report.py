@@ -22,6 +22,12 @@ from pydantic import ValidationError
 from rich.table import Table
 from rich.text import Text
 
+from edgelm.bench.context import (
+    CONTEXT_COLUMNS,
+    context_rows,
+    context_table_cells,
+    plot_context_scaling,
+)
 from edgelm.bench.results import BenchRun, RequestResult, Scenario
 from edgelm.bench.stats import percentile, stats_for
 from edgelm.errors import InvalidRequest
@@ -419,6 +425,7 @@ PLOTS: tuple[tuple[str, Callable[[BenchRun], str | None]], ...] = (
     ("Decode speed", plot_decode),
     ("Throughput vs concurrency", plot_throughput),
     ("TTFT vs prompt length", plot_ttft_vs_prompt),
+    ("Context scaling", plot_context_scaling),
 )
 
 
@@ -577,6 +584,14 @@ def _html_micro(run: BenchRun) -> str:
     )
 
 
+def _html_context(run: BenchRun) -> str:
+    rows = context_rows(run)
+    if not rows:
+        return ""
+    cells = [context_table_cells(row) for row in rows]
+    return "<h2>Context scaling</h2>" + html_table(CONTEXT_COLUMNS, cells)
+
+
 def render_html(run: BenchRun) -> str:
     """The report as one HTML string; every text from the run is escaped."""
     body = "".join(
@@ -585,6 +600,7 @@ def render_html(run: BenchRun) -> str:
             _html_dict_section("System", run.system),
             _html_dict_section("Configuration", run.config),
             _html_overview(run),
+            _html_context(run),
             _html_plots(run),
             _html_scenarios(run),
             _html_cold(run),
