@@ -135,8 +135,9 @@ class PrefillPacer:
         # Not seen with this many rows yet: the nearest count measured, scaled by rows (an
         # overestimate for more rows, since decode rows share the weight reads; a step then
         # may take a few more prompt tokens than allowed until the real figure comes in).
-        nearest = min(self.decode_s, key=lambda n: abs(n - decoding))
-        return self.decode_s[nearest] * min(decoding, nearest) / max(decoding, nearest)
+        # (A copy: stats() asks for the budget from other threads while this one learns.)
+        nearest, seconds = min(self.decode_s.copy().items(), key=lambda kv: abs(kv[0] - decoding))
+        return seconds * min(decoding, nearest) / max(decoding, nearest)
 
     def _mix(self, old: float, new: float) -> float:
         return (1 - self.smooth) * old + self.smooth * new
