@@ -78,7 +78,9 @@ echo "== guidellm: $PROMPT_TOKENS in / $OUTPUT_TOKENS out, $REQUESTS requests, $
 }
 
 echo "== edgelm bench context: same scenario"
-COLUMNS=${COLUMNS:-160} "$EDGELM" bench context -m "$URL/v1#$MODEL" --lengths "$PROMPT_TOKENS" \
+# EDGELM may be a command with arguments (e.g. "python -m edgelm.cli.main"): split on purpose.
+# shellcheck disable=SC2086
+COLUMNS=${COLUMNS:-160} $EDGELM bench context -m "$URL/v1#$MODEL" --lengths "$PROMPT_TOKENS" \
   --max-tokens "$OUTPUT_TOKENS" -n "$REQUESTS" -c "$STREAMS" --out "$OUT/edgelm" \
   --name "guidellm-check" >"$OUT/edgelm.log" 2>&1 || {
   tail -30 "$OUT/edgelm.log" >&2
