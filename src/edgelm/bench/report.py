@@ -425,7 +425,6 @@ PLOTS: tuple[tuple[str, Callable[[BenchRun], str | None]], ...] = (
     ("Decode speed", plot_decode),
     ("Throughput vs concurrency", plot_throughput),
     ("TTFT vs prompt length", plot_ttft_vs_prompt),
-    ("Context scaling", plot_context_scaling),
 )
 
 
@@ -585,11 +584,14 @@ def _html_micro(run: BenchRun) -> str:
 
 
 def _html_context(run: BenchRun) -> str:
+    """The context-scaling scenario's table and plot, for runs of ``bench context`` only."""
     rows = context_rows(run)
     if not rows:
         return ""
     cells = [context_table_cells(row) for row in rows]
-    return "<h2>Context scaling</h2>" + html_table(CONTEXT_COLUMNS, cells)
+    uri = plot_context_scaling(run)
+    figure = f'<figure><img src="{uri}" alt="Context scaling"></figure>' if uri else ""
+    return "<h2>Context scaling</h2>" + html_table(CONTEXT_COLUMNS, cells) + figure
 
 
 def render_html(run: BenchRun) -> str:
