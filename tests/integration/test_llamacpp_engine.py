@@ -283,18 +283,19 @@ def test_kv_type_and_batch_settings_reach_the_llama_cpp_context(tiny_model_path:
     try:
         for kv_type in ("f16", "q8_0"):
             compute = ComputeSettings(
-                n_ctx=512, threads=2, parallel=2, kv_type=kv_type, n_batch=1024, n_ubatch=256
+                n_ctx=2048, threads=2, parallel=4, kv_type=kv_type, n_batch=4096, n_ubatch=256
             )
             engines[kv_type] = create_engine(entry, Settings(compute=compute), tiny_model_path)
         f16, q8 = engines["f16"], engines["q8_0"]
         params = q8._ctx.params
         assert params.type_k == params.type_v == llama_cpp.GGML_TYPE_Q8_0
         assert params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        assert (params.n_ubatch, q8.n_batch) == (256, 512)  # n_batch capped at the context
+        assert (params.n_ubatch, q8.n_batch) == (256, 2048)  # n_batch capped at the context
         assert f16._ctx.params.type_k == llama_cpp.GGML_TYPE_F16
-        # A q8_0 cache takes 34/32 bytes a value where f16 takes 2: the estimate follows.
+        # A q8_0 cache takes 34/32 bytes a value where f16 takes 2: the estimate follows
+        # (8192 cells: ~88 MB less, far above the noise of the RSS measured over a load).
         assert q8._kv_per_token * 64 == f16._kv_per_token * 34
-        assert q8.memory_bytes < f16.memory_bytes
+        assert f16.memory_bytes - q8.memory_bytes > 0.8 * (f16._kv_per_token - q8._kv_per_token) * 8192
         assert q8.live_info()["kv_type"] == "q8_0"
         for eng in (f16, q8):
             result = collect(eng.stream(chat("What is the capital of France?", temperature=0,
