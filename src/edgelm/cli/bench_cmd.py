@@ -248,8 +248,8 @@ def context(
     prompts every time (no prefix cache helps), for every target, with a plot.
 
     In-process targets get a context that fits the longest prompt; a running edgelm service
-    needs one itself (e.g. EDGELM_COMPUTE__N_CTX=9216 for 8k prompts), as does llama.cpp's
-    server (-c, per slot: -c 9216 with -np 1).
+    needs one itself (e.g. EDGELM_COMPUTE__N_CTX=9216 for 8k prompts); llama.cpp's server
+    by default shares the model's trained context among its slots (-c to set it).
     """
     sizes = [int(n) for n in split_list(lengths)]
     if not sizes or any(n < 16 for n in sizes):
