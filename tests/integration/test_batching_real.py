@@ -246,3 +246,49 @@ def test_schedulers_take_turns_on_the_one_compute_thread(
         second.close()
     loop = batching.compute_loop()
     assert not [s for s in schedulers if s in loop._schedulers]
+
+
+def test_a_long_prompt_joining_a_running_stream_is_read_in_paced_chunks(fast_engine) -> None:
+    """Chunked prefill: while a stream decodes, a newcomer's long prompt rides along in
+    chunks within the pacer's budget, so the running stream keeps getting tokens meanwhile
+    (decode steps go on) instead of waiting for the whole prompt."""
+    scheduler = fast_engine._scheduler
+    runner = GenerationRequest(
+        messages=[Message(role="user", content="Count from one to a hundred.")],
+        temperature=0,
+        max_tokens=400,
+        ignore_eos=True,
+    )
+    started = threading.Event()
+    produced: list[int] = []
+
+    def run() -> None:
+        for chunk in fast_engine.stream(runner):
+            produced.append(chunk.completion_tokens)
+            if len(produced) >= 10:
+                started.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert started.wait(120)
+        newcomer = GenerationRequest(
+            messages=[Message(role="user", content=" ".join(f"item{i}" for i in range(150)))],
+            temperature=0,
+            max_tokens=2,
+        )
+        n_prompt = fast_engine.count_tokens(fast_engine.render(newcomer))
+        before = scheduler.steps
+        budget = scheduler.pacer.budget(1)
+        stream = fast_engine.stream(newcomer)
+        next(stream)  # its first token: the whole prompt is in
+        during = scheduler.steps - before
+        list(stream)
+    finally:
+        thread.join()
+    assert budget < n_prompt  # not one n_batch step: a stream was decoding
+    # The prompt took several steps, each of which also advanced the running stream (unless
+    # it had finished meanwhile, after which the rest is read at once).
+    assert during >= 2
+    assert scheduler.pacer.row_s is not None and 1 in scheduler.pacer.decode_s
+    assert produced[-1] == 400

@@ -23,6 +23,12 @@ from rich.table import Table
 from rich.text import Text
 
 from edgelm.bench.background import describe
+from edgelm.bench.context import (
+    CONTEXT_COLUMNS,
+    context_rows,
+    context_table_cells,
+    plot_context_scaling,
+)
 from edgelm.bench.results import BenchRun, RequestResult, Scenario
 from edgelm.bench.stats import percentile, stats_for
 from edgelm.errors import InvalidRequest
@@ -586,6 +592,17 @@ def _html_micro(run: BenchRun) -> str:
     )
 
 
+def _html_context(run: BenchRun) -> str:
+    """The context-scaling scenario's table and plot, for runs of ``bench context`` only."""
+    rows = context_rows(run)
+    if not rows:
+        return ""
+    cells = [context_table_cells(row) for row in rows]
+    uri = plot_context_scaling(run)
+    figure = f'<figure><img src="{uri}" alt="Context scaling"></figure>' if uri else ""
+    return "<h2>Context scaling</h2>" + html_table(CONTEXT_COLUMNS, cells) + figure
+
+
 def render_html(run: BenchRun) -> str:
     """The report as one HTML string; every text from the run is escaped."""
     body = "".join(
@@ -594,6 +611,7 @@ def render_html(run: BenchRun) -> str:
             _html_dict_section("System", run.system),
             _html_dict_section("Configuration", run.config),
             _html_overview(run),
+            _html_context(run),
             _html_plots(run),
             _html_scenarios(run),
             _html_cold(run),

@@ -24,6 +24,13 @@ from rich.table import Table
 
 from edgelm.bench import history, report
 from edgelm.bench.background import background_load
+from edgelm.bench.context import (
+    CONTEXT_COLUMNS,
+    ContextConfig,
+    context_rows,
+    context_table_cells,
+    run_context_scaling,
+)
 from edgelm.bench.micro import RawEngine, micro_bench
 from edgelm.bench.results import BenchRun
 from edgelm.bench.runner import BenchConfig, run_bench
@@ -344,6 +351,77 @@ def _print_engine_ratio(result) -> None:  # type: ignore[no-untyped-def]
         shown += over is not None or raw is not None
     if shown:
         print_table(table)
+
+
+@app.command("context")
+def context(
+    ctx: typer.Context,
+    models: str | None = typer.Option(
+        None,
+        "--models",
+        "-m",
+        help="Comma-separated targets: alias, local:alias, service:alias or URL#model "
+        "(e.g. llama.cpp's server: http://127.0.0.1:8080/v1#qwen).",
+    ),
+    lengths: str = typer.Option(
+        "512,2048,4096,8192", help="Prompt lengths in tokens (each target's own tokenizer)."
+    ),
+    rounds: int = typer.Option(3, "--rounds", "-n", min=1, help="Unique prompts per length."),
+    max_tokens: int = typer.Option(64, min=2, help="Tokens each answer runs to (ignore_eos)."),
+    concurrency: int = typer.Option(
+        1, "--concurrency", "-c", min=1, max=64, help="Streams at once (answer lengths then vary)."
+    ),
+    seed: int = typer.Option(0),
+    max_seconds: float = typer.Option(600.0, help="Time bound per length."),
+    out: Path | None = typer.Option(None, help="Directory for results.json/.csv/report.html."),
+    name: str = typer.Option("", help="A label for this run in the history."),
+    api_key: str | None = typer.Option(None, help="Key for an external endpoint."),
+) -> None:
+    """Context scaling: TTFT, prefill tok/s and decode tok/s at each prompt length, unique
+    prompts every time (no prefix cache helps), for every target, with a plot.
+
+    In-process targets get a context that fits the longest prompt; a running edgelm service
+    needs one itself (e.g. EDGELM_COMPUTE__N_CTX=9216 for 8k prompts); llama.cpp's server
+    by default shares the model's trained context among its slots (-c to set it).
+    """
+    sizes = [int(n) for n in split_list(lengths)]
+    if not sizes or any(n < 16 for n in sizes):
+        fail("--lengths takes prompt lengths of at least 16 tokens, e.g. 512,2048")
+    needed = max(sizes) + int(max_tokens * 1.5) + 256
+    settings = _bench_settings(ctx)
+    if settings.compute.n_ctx < needed:
+        settings = settings_of(ctx, **{"compute.n_ctx": -(-needed // 256) * 256})
+    specs = split_list(models) if models else [settings.service.default_model]
+    targets = [make_target(spec, settings, api_key=api_key) for spec in specs]
+    config = ContextConfig(
+        lengths=sizes,
+        rounds=rounds,
+        max_tokens=max_tokens,
+        concurrency=concurrency,
+        seed=seed,
+        max_seconds=max_seconds,
+    )
+    progress, update = progress_bars()
+    with progress:
+        result = run_context_scaling(targets, config, update, system_info(), name)
+    run_id = history.save_run(_db(settings), result)
+    directory = _write_outputs(result, out, settings, html=True)
+    rows = context_rows(result)
+    table = Table(title="context scaling (medians; gap ratio: longest token gap / median)")
+    for column in CONTEXT_COLUMNS:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*context_table_cells(row))
+    print_table(table)
+    for row in rows:
+        for error in row["errors"]:
+            console().print(f"[red]{row['target']} at {row['length']} tokens:[/] {error}")
+    console().print(
+        "[CONTEXT SCALING]\n" + json.dumps(rows, indent=2, default=str),
+        markup=False,
+        highlight=False,
+    )
+    console().print(f"run [bold]{run_id}[/] saved; files in {directory}")
 
 
 @app.command("micro")

@@ -13,7 +13,10 @@ Two modes, chosen by ``compute.batch_invariant``:
   (``kv_unified``), and each step is a single llama_decode with every running sequence's next
   token plus up to n_batch tokens of newcomers' prompts (:meth:`BatchScheduler._mixed_step`).
   A newcomer's prompt costs no weight pass of its own and the running streams never stop for
-  it. The price: attention sums a sequence's values in an order that depends on what else is
+  it: while others decode, a step takes only as many prompt tokens as keep it within
+  ``compute.prefill_stall`` (2x) of a plain decode step, measured as it runs
+  (:class:`PrefillPacer`, chunked prefill as in vLLM); a prompt alone goes in n_batch steps,
+  at full speed. The price: attention sums a sequence's values in an order that depends on what else is
   in the pool, so a greedy answer can differ slightly with the load.
 * Batch-invariant: every sequence has its own KV stream, and prompts are evaluated in batches
   of their own, cut where they would be cut for the request alone, so every reproducible
@@ -62,6 +65,100 @@ log = logging.getLogger("edgelm.engines.batching")
 TOKEN, DONE, ERROR = "token", "done", "error"
 
 PlanFn = Callable[[list[int], int, list[int], bool], tuple[int, int]]
+
+
+class PrefillPacer:
+    """How many prompt tokens a mixed step may take (chunked prefill), learned as it runs.
+
+    A step that carries prompt rows besides the running streams' next tokens delays those
+    tokens by the prompt rows' cost. Unbounded (n_batch, as llama.cpp's server does), a
+    1024-token prompt joining four streams stalls their tokens for its whole prefill (~5 s
+    for Qwen2.5-0.5B on 2 cores). So with streams decoding, a step may cost at most ``stall``
+    times a plain decode step: the prompt budget is (stall - 1) x the decode step's time over
+    the marginal cost of one prompt row, both measured from the steps themselves (moving
+    averages; the decode step per number of decoding rows), so it follows the model, the
+    thread count and the load. With no stream decoding nobody waits: the budget is n_batch,
+    and a prompt alone is read in big batches at full speed. Until a mixed step has been
+    measured, a prompt row is taken to cost twice what it cost per token in prompt-only steps
+    (small chunks run the matrix kernels less efficiently than big batches); with nothing
+    measured at all the budget is ``first`` tokens.
+    """
+
+    def __init__(self, n_batch: int, stall: float = 2.0, first: int = 32, smooth: float = 0.3):
+        self.n_batch = n_batch
+        self.stall = stall
+        self.first = min(first, n_batch)
+        self.smooth = smooth
+        self.decode_s: dict[int, float] = {}  # plain decode step seconds, by decoding rows
+        self.row_s: float | None = None  # marginal seconds of one prompt row in a mixed step
+        self.batch_row_s: float | None = None  # seconds per token in prompt-only steps
+
+    def budget(self, decoding: int) -> int:
+        """Prompt tokens the next step may take while ``decoding`` streams decode."""
+        if decoding == 0:
+            return self.n_batch
+        base = self._decode_time(decoding)
+        row = self.row_s
+        if row is None and self.batch_row_s is not None:
+            row = 2 * self.batch_row_s
+        if base is None or row is None:
+            return self.first
+        allowed = int((self.stall - 1.0) * base / row)
+        return max(1, min(self.n_batch, allowed))
+
+    def observe(self, decoding: int, prompt_rows: int, seconds: float) -> None:
+        """One evaluated step: ``decoding`` streams' tokens and ``prompt_rows`` prompt tokens
+        took ``seconds``."""
+        if seconds <= 0:
+            return
+        if decoding == 0:
+            if prompt_rows >= 16:  # a token or two would mostly measure the step's overhead
+                row = seconds / prompt_rows
+                old = self.batch_row_s
+                self.batch_row_s = row if old is None else self._mix(old, row)
+            return
+        if prompt_rows == 0:
+            old = self.decode_s.get(decoding)
+            self.decode_s[decoding] = seconds if old is None else self._mix(old, seconds)
+            return
+        base = self._decode_time(decoding)
+        if base is None:
+            return
+        # A step can come out faster than the decode average (noise): count it as nearly free
+        # rather than letting a negative cost through.
+        row = max(seconds - base, 0.05 * base) / prompt_rows
+        self.row_s = row if self.row_s is None else self._mix(self.row_s, row)
+
+    def _decode_time(self, decoding: int) -> float | None:
+        if decoding in self.decode_s:
+            return self.decode_s[decoding]
+        if not self.decode_s:
+            return None
+        # Not seen with this many rows yet: the nearest count measured, scaled by rows (an
+        # overestimate for more rows, since decode rows share the weight reads; a step then
+        # may take a few more prompt tokens than allowed until the real figure comes in).
+        # (A copy: stats() asks for the budget from other threads while this one learns.)
+        nearest, seconds = min(self.decode_s.copy().items(), key=lambda kv: abs(kv[0] - decoding))
+        return seconds * min(decoding, nearest) / max(decoding, nearest)
+
+    def _mix(self, old: float, new: float) -> float:
+        return (1 - self.smooth) * old + self.smooth * new
+
+    def info(self) -> dict[str, float | None]:
+        return {"prefill_row_ms": None if self.row_s is None else self.row_s * 1000}
+
+
+def take_prompts(todo: list[int], budget: int) -> list[int]:
+    """Prompt tokens each waiting prompt gets in a step (``todo``: tokens each still has to
+    read, oldest first): in order, until ``budget`` is spent; the rest wait."""
+    taken = []
+    for left in todo:
+        take = max(0, min(left, budget))
+        if take == 0:
+            break
+        taken.append(take)
+        budget -= take
+    return taken
 
 
 class ComputeLoop:
@@ -236,6 +333,7 @@ class BatchScheduler:
         logprob: Callable[[np.ndarray, int, int], Any],
         mixed: bool = False,
         threads: ThreadController | None = None,
+        stall: float = 2.0,
     ):
         self._lib = lib
         self._ctx = ctx
@@ -249,6 +347,7 @@ class BatchScheduler:
         self.mixed = mixed
         # Adapts the context's thread counts between steps (compute.threads "auto").
         self.threads = threads
+        self.pacer = PrefillPacer(n_batch, stall)
         # Every ctypes call gives up the GIL, and getting it back can wait for a stream thread's
         # whole turn: under load the scheduler's per-token calls (logits row, "is this token an
         # end?") cost more in waiting than in work. So: the end tokens as a set, read once, and
@@ -309,6 +408,9 @@ class BatchScheduler:
             "prefix_copies": self.prefix_copies,
             "moves": self.moves,
             "preemptions": self.preemptions,
+            "prompt_budget": self.pacer.budget(
+                sum(1 for j in self._running if not j.todo and j.last >= 0)
+            ),
         }
 
     @property
@@ -525,29 +627,29 @@ class BatchScheduler:
 
     def _mixed_step(self) -> None:
         """One llama_decode for everything (unified KV pool): each decoding sequence's next
-        token, then newcomers' prompt tokens up to n_batch. A newcomer's prompt costs no weight
-        pass of its own and the running streams do not stop for it, which is how llama.cpp's
-        server keeps TTFT low under load."""
+        token, then newcomers' prompt tokens within the pacer's budget (n_batch when nothing
+        decodes). A newcomer's prompt costs no weight pass of its own and the running streams
+        do not stop for it, which is how llama.cpp's server keeps TTFT low under load; the
+        budget keeps a long prompt from stalling their tokens for its whole prefill."""
         decoding = [j for j in self._running if not j.todo and j.last >= 0]
         rows = [(job.last, job.n_past, job.slot, True) for job in decoding]
-        budget = self.n_batch
+        waiting = [j for j in self._running if j.todo]
+        taken = take_prompts([len(j.todo) for j in waiting], self.pacer.budget(len(decoding)))
         prompts: list[tuple[Job, int, int]] = []  # job, tokens taken, row of its last token
-        for job in [j for j in self._running if j.todo]:
-            if budget <= 0:
-                break
-            take = min(len(job.todo), budget)
+        for job, take in zip(waiting, taken, strict=False):
             done = take == len(job.todo)
             rows.extend(
                 (token, job.n_past + i, job.slot, done and i == take - 1)
                 for i, token in enumerate(job.todo[:take])
             )
             prompts.append((job, take, len(rows) - 1))
-            budget -= take
         if not rows:
             return
         self._fill(rows)
+        started = time.perf_counter()
         if not self._decode_or_make_room(exclude=None):
             return
+        self.pacer.observe(len(decoding), sum(taken), time.perf_counter() - started)
         if decoding:
             self.steps += 1
         for i, job in enumerate(decoding):

@@ -88,8 +88,9 @@ REUSE_ALIGN = 32
 EMBED_MAX_TOKENS = 512
 # Tokens per embedding step: llama.cpp keeps vocabulary logits for each (see embed()).
 EMBED_STEP = 64
-# Flash attention on the CPU: see the note in LlamaCppEngine._new_context.
-FLASH_ATTN = False
+# KV cache element types: (bytes, elements) per ggml block. q8_0 and q4_0 keep one f16 scale
+# per block of 32 values.
+KV_TYPES: dict[str, tuple[int, int]] = {"f16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
 # llama.cpp's "pick a random seed" value; a user seed equal to it would silently be random.
 _RANDOM_SEED = 0xFFFFFFFF
 
@@ -102,8 +103,30 @@ def _import_llama_cpp() -> Any:
     return llama_cpp
 
 
+def flash_attention(setting: str, kv_type: str, batch_invariant: bool) -> bool:
+    """Whether to run flash attention: ``compute.flash_attn`` ("auto", "on", "off").
+
+    Auto turns it on: llama-bench read 1024-token prompts 10% faster with it on this CPU
+    (Qwen2.5-0.5B, 2 threads: pp1024 232 tok/s against 210). In the shared KV pool of fast
+    mode it makes a greedy answer vary slightly with what else runs, which fast mode allows
+    anyway (it reuses prefixes and mixes prompts into decode steps for the same reason), so
+    batch-invariant mode keeps it off, unless a quantised cache needs it (llama.cpp reads a
+    quantised V cache only in flash attention).
+    """
+    if setting == "on" or kv_type != "f16":
+        return True
+    if setting == "off":
+        return False
+    return not batch_invariant
+
+
 def plan_reuse(
-    cached: Sequence[int], clean: int, prompt: Sequence[int], exact: bool, n_batch: int
+    cached: Sequence[int],
+    clean: int,
+    prompt: Sequence[int],
+    exact: bool,
+    n_batch: int,
+    n_ubatch: int = 512,
 ) -> tuple[int, int]:
     """Decide how much of the KV cache to keep for ``prompt``; return (keep, clean_after).
 
@@ -122,7 +145,7 @@ def plan_reuse(
         common += 1
     n = len(prompt)
 
-    n_ubatch = min(n_batch, 512)  # llama.cpp splits each batch into micro-batches of this
+    n_ubatch = min(n_batch, n_ubatch)  # llama.cpp splits each batch into micro-batches of this
 
     def lone_last_row(rows: int) -> bool:
         return (rows % n_batch or n_batch) % n_ubatch == 1
@@ -164,11 +187,14 @@ class LlamaCppEngine(Engine):
         model_id: str,
         n_ctx: int = 4096,
         threads: int | Literal["auto"] = 0,
-        n_batch: int = 512,
+        n_batch: int = 2048,
         parallel: int | Literal["auto"] = 1,
-        flash_attn: bool = FLASH_ATTN,
+        flash_attn: bool | None = None,
         batch_invariant: bool = False,
         repeat_penalty: float = 1.0,
+        n_ubatch: int = 512,
+        kv_type: str = "f16",
+        prefill_stall: float = 2.0,
         memory_share: int = 0,
     ):
         self._lib = _import_llama_cpp()
@@ -181,18 +207,32 @@ class LlamaCppEngine(Engine):
         self.batch_invariant = batch_invariant
         self.repeat_penalty = repeat_penalty
         """Used when a request does not set its own (``compute.repeat_penalty``)."""
+        if kv_type not in KV_TYPES:
+            raise ModelLoadError(f"unknown KV cache type '{kv_type}'; use one of {list(KV_TYPES)}")
+        self.kv_type = kv_type
+        self.flash_attn = (
+            flash_attention("auto", kv_type, batch_invariant) if flash_attn is None else flash_attn
+        )
+        if kv_type != "f16" and not self.flash_attn:
+            raise ModelLoadError(f"a {kv_type} KV cache needs flash attention")
         _check_gguf(self.model_path)
         rss_before = process_rss()
         self._model = self._load_model()
         trained = self._model.n_ctx_train()
         # Past its trained context a model degrades silently.
         self.n_ctx = min(n_ctx, trained) if trained > 0 else n_ctx
-        self.n_batch = _aligned_batch(n_batch, self.n_ctx)
+        # Batch-invariant mode reads prompts in chunks of one micro-batch: cut where a request
+        # alone would be cut, a long prompt then stalls the other streams for one micro-batch.
+        self.n_ubatch = max(16, min(n_ubatch, n_batch))
+        self.n_batch = _aligned_batch(
+            min(n_batch, self.n_ubatch) if batch_invariant else n_batch, self.n_ctx
+        )
+        self.n_ubatch = min(self.n_ubatch, self.n_batch)
         if parallel == "auto":
-            self._size_streams(memory_share, flash_attn)
+            self._size_streams(memory_share)
         self._vocab = self._model.vocab
         self._n_vocab = self._model.n_vocab()
-        self._ctx = self._new_context(flash_attn)
+        self._ctx = self._new_context()
         self._piece = piece_reader(self._lib, self._vocab)
         self._embedder: Any = None
         self._embed_lock = threading.Lock()
@@ -203,7 +243,7 @@ class LlamaCppEngine(Engine):
         template = meta.get("tokenizer.chat_template")
         self._chat = self._chat_template(template)
         self._template_tools = self._chat is not None and template_supports_tools(template)
-        self._kv_per_token = _kv_bytes_per_token(meta)
+        self._kv_per_token = kv_bytes_per_token(meta, kv_type)
         self._n_head = _int(meta, "attention.head_count")
         self.memory_bytes = self._memory_estimate(max(0, process_rss() - rss_before))
         self._scheduler = BatchScheduler(
@@ -216,8 +256,9 @@ class LlamaCppEngine(Engine):
             n_batch=self.n_batch,
             mixed=not batch_invariant,
             plan=lambda cached, clean, prompt, exact: plan_reuse(
-                cached, clean, prompt, exact, self.n_batch
+                cached, clean, prompt, exact, self.n_batch, self.n_ubatch
             ),
+            stall=prefill_stall,
             logprob=lambda row, token, top: token_logprob(row, token, top, self._piece),
             threads=ThreadController(
                 max_threads=self.threads, cores=logical_cores(), load=CpuLoadProbe()
@@ -242,18 +283,27 @@ class LlamaCppEngine(Engine):
             batch_invariant=settings.compute.batch_invariant,
             repeat_penalty=settings.compute.repeat_penalty,
             memory_share=memory_share(settings.pool),
+            n_ubatch=settings.compute.n_ubatch,
+            kv_type=settings.compute.kv_type,
+            flash_attn=flash_attention(
+                settings.compute.flash_attn,
+                settings.compute.kv_type,
+                settings.compute.batch_invariant,
+            ),
+            prefill_stall=settings.compute.prefill_stall,
         )
 
-    def _size_streams(self, share: int, flash_attn: bool) -> None:
-        """``compute.parallel = "auto"``: the stream count from the model's sizes and its share
-        of the memory budget (see :func:`plan_streams`)."""
+    def _size_streams(self, share: int) -> None:
+        """``compute.parallel = "auto"``: the stream count from the model's sizes, its KV cache
+        type and its share of the memory budget (see :func:`plan_streams`)."""
         choice = plan_streams(
             self._model.metadata(),
             self.n_ctx,
-            self.n_batch,
+            self.n_ubatch,
             self.model_path.stat().st_size,
             share or memory_budget_bytes(PoolSettings()),
-            flash_attn,
+            self.flash_attn,
+            self.kv_type,
         )
         self.concurrent_streams = choice.streams
         self.parallel_reason = f"compute.parallel = auto: {choice.reason}"
@@ -271,7 +321,7 @@ class LlamaCppEngine(Engine):
         """
         size = self.model_path.stat().st_size
         allocated = max(loaded - size, self._kv_per_token * self.n_ctx * self.concurrent_streams)
-        scratch = min(self.n_batch, 512) * self.n_ctx * self._n_head * 4
+        scratch = self.n_ubatch * self.n_ctx * self._n_head * 4
         return size + allocated + scratch + 32 * 2**20
 
     def _load_model(self) -> Any:
@@ -294,12 +344,12 @@ class LlamaCppEngine(Engine):
                 f"re-download it with 'edgelm model download {self.model_id} --force'."
             ) from None
 
-    def _new_context(self, flash_attn: bool) -> Any:
+    def _new_context(self) -> Any:
         """One context for all streams: ``parallel`` × n_ctx KV cells, in one pool (fast
         mode) or as one stream of n_ctx cells per sequence (batch-invariant mode, where each
         answer must be the one the request gets alone); see :mod:`edgelm.engines.batching`.
-        Flash attention stays off, as in llama-cpp-python's default (with a unified cache it
-        made greedy answers under concurrency vary from run to run).
+        Flash attention and the KV cache type as chosen in ``__init__`` (see
+        :func:`flash_attention`).
         """
         from llama_cpp import _internals
 
@@ -308,15 +358,18 @@ class LlamaCppEngine(Engine):
         params.n_ctx = self.n_ctx * self.concurrent_streams
         # A mixed step carries every running sequence's next token besides n_batch prompt ones.
         params.n_batch = self.n_batch + self.concurrent_streams
-        params.n_ubatch = min(self.n_batch, 512)
+        params.n_ubatch = self.n_ubatch
         params.n_seq_max = self.concurrent_streams
         # Fast mode shares one KV pool so prompts can ride along in decode steps; the
         # batch-invariant mode needs a stream per sequence (see edgelm.engines.batching).
         params.kv_unified = not self.batch_invariant
         params.n_threads = params.n_threads_batch = self.threads
         params.flash_attn_type = (
-            lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if self.flash_attn
+            else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
+        params.type_k = params.type_v = _ggml_type(lib, self.kv_type)
         params.no_perf = True
         try:
             return _internals.LlamaContext(model=self._model, params=params, verbose=False)
@@ -531,14 +584,22 @@ class LlamaCppEngine(Engine):
 
     def live_info(self) -> dict[str, object]:
         """The threads it computes with (now, and why when they adapt), the stream count and
-        why, and the batch scheduler's counters."""
+        why, its prompt batching and KV cache, and the batch scheduler's counters."""
         controller = self._scheduler.threads
         threads: dict[str, object] = (
             controller.info()
             if controller is not None
             else {"threads": self.threads, "threads_mode": "fixed"}
         )
-        return {**threads, "parallel_reason": self.parallel_reason, **self.batch_stats()}
+        return {
+            **threads,
+            "parallel_reason": self.parallel_reason,
+            "flash_attn": self.flash_attn,
+            "kv_type": self.kv_type,
+            "n_batch": self.n_batch,
+            "n_ubatch": self.n_ubatch,
+            **self.batch_stats(),
+        }
 
     def raw_speed(self, n_prompt: int, n_gen: int, seed: int = 0) -> tuple[float, float]:
         """llama-bench style: seconds to evaluate ``n_prompt`` random tokens as prompt
@@ -788,18 +849,20 @@ def _strict_strings(gbnf: str) -> str:
 def plan_streams(
     meta: dict[str, str],
     n_ctx: int,
-    n_batch: int,
+    n_ubatch: int,
     weights_bytes: int,
     memory_bytes: int,
-    flash_attn: bool = FLASH_ATTN,
+    flash_attn: bool,
+    kv_type: str = "f16",
 ) -> ParallelChoice:
     """The automatic stream count of a GGUF model (its metadata) at ``n_ctx`` tokens a
-    stream: KV bytes per token, plus without flash attention a prompt micro-batch's f32
-    attention scores per KV cell (the shared pool's scratch grows with every stream's
-    cells), against ``memory_bytes`` and the cores (:func:`edgelm.engines.sizing.auto_parallel`)."""
-    scratch = 0 if flash_attn else min(n_batch, 512) * _int(meta, "attention.head_count") * 4
+    stream: KV bytes per token in a ``kv_type`` cache, plus without flash attention a prompt
+    micro-batch's f32 attention scores per KV cell (the shared pool's scratch grows with every
+    stream's cells), against ``memory_bytes`` and the cores
+    (:func:`edgelm.engines.sizing.auto_parallel`)."""
+    scratch = 0 if flash_attn else n_ubatch * _int(meta, "attention.head_count") * 4
     return auto_parallel(
-        kv_bytes_per_token=_kv_bytes_per_token(meta),
+        kv_bytes_per_token=kv_bytes_per_token(meta, kv_type),
         n_ctx=n_ctx,
         weights_bytes=weights_bytes,
         memory_bytes=memory_bytes,
@@ -825,14 +888,16 @@ def planned_streams(path: Path, settings: Settings) -> ParallelChoice:
         meta, trained = model.metadata(), model.n_ctx_train()
     finally:
         model.close()
-    n_ctx = settings.compute.n_ctx
-    n_ctx = min(n_ctx, trained) if trained > 0 else n_ctx
+    compute = settings.compute
+    n_ctx = min(compute.n_ctx, trained) if trained > 0 else compute.n_ctx
     return plan_streams(
         meta,
         n_ctx,
-        _aligned_batch(settings.compute.n_batch, n_ctx),
+        min(compute.n_ubatch, compute.n_batch),
         path.stat().st_size,
         memory_share(settings.pool),
+        flash_attention(compute.flash_attn, compute.kv_type, compute.batch_invariant),
+        compute.kv_type,
     )
 
 
@@ -846,14 +911,26 @@ def _check_gguf(path: Path) -> None:
         raise ModelLoadError(f"{path} is not a GGUF model file (it starts with {head[:4]!r})")
 
 
-def _kv_bytes_per_token(meta: dict[str, str]) -> int:
-    """KV cache bytes per context token in f16: K and V × layers × KV heads × head size × 2."""
+def kv_bytes_per_token(meta: dict[str, str], kv_type: str = "f16") -> int:
+    """KV cache bytes per context token of a model (its GGUF metadata) with a cache of
+    ``kv_type``: K and V × layers × KV heads × head size × bytes per element (2 in f16,
+    34/32 in q8_0, 18/32 in q4_0). What the memory estimate and the automatic
+    ``compute.parallel`` count streams by."""
+    if kv_type not in KV_TYPES:
+        raise ValueError(f"unknown KV cache type '{kv_type}'; use one of {list(KV_TYPES)}")
     heads = _int(meta, "attention.head_count")
     if not heads:
         return 0
     kv_heads = _int(meta, "attention.head_count_kv") or heads
     head_size = _int(meta, "attention.key_length") or _int(meta, "embedding_length") // heads
-    return 2 * _int(meta, "block_count") * kv_heads * head_size * 2
+    block_bytes, block = KV_TYPES[kv_type]
+    elements = 2 * _int(meta, "block_count") * kv_heads * head_size
+    return -(-elements // block) * block_bytes
+
+
+def _ggml_type(lib: Any, kv_type: str) -> int:
+    """llama.cpp's ggml type id for a KV cache type name."""
+    return int({"f16": lib.GGML_TYPE_F16, "q8_0": lib.GGML_TYPE_Q8_0, "q4_0": lib.GGML_TYPE_Q4_0}[kv_type])
 
 
 def _aligned_batch(n_batch: int, n_ctx: int) -> int:
