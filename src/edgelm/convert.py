@@ -460,6 +460,7 @@ def _build(
     env = tool_env_vars()
     hf_dir, out = work / "hf", work / "out"
     worker = Path(__file__).with_name("convert_worker.py")
+    builder = Path(__file__).with_name("convert_build.py")
     steps = [
         (
             "dequantise",
@@ -473,8 +474,7 @@ def _build(
             [
                 str(python),
                 "-I",
-                "-m",
-                "onnxruntime_genai.models.builder",
+                str(builder),
                 "-i",
                 str(hf_dir),
                 "-o",

@@ -27,6 +27,7 @@ from edgelm.engines.base import Engine, check_capabilities
 from edgelm.errors import Busy, EdgelmError, GenerationTimeout, ModelLoadError, Overloaded
 from edgelm.settings import Settings
 from edgelm.types import Chunk, GenerationRequest
+from edgelm.variants import VariantChooser
 
 log = logging.getLogger("edgelm.pool")
 
@@ -89,6 +90,8 @@ class ModelPool:
         self.catalog = catalog
         self.resolve_path = resolve_path or (lambda entry: entry.path)
         self.engine_factory = engine_factory
+        # A bare alias loads its fastest variant measured here (edgelm model optimize).
+        self.variants = VariantChooser(settings, _store_availability(settings))
         self.models: dict[str, LoadedModel] = {}
         self.stats = PoolStats()
         self._load_locks: dict[str, asyncio.Lock] = {}
@@ -102,6 +105,10 @@ class ModelPool:
         self._stream_threads = ThreadPoolExecutor(
             max_workers=max(32, settings.pool.max_loaded * 64), thread_name_prefix="edgelm-stream"
         )
+
+    def entry_for(self, name: str) -> CatalogEntry:
+        """The catalog entry that serves ``name`` (its chosen variant for a bare alias)."""
+        return self.variants.choose(self.catalog, name).entry
 
     # -- budget ---------------------------------------------------------------------------
     @property
@@ -142,8 +149,12 @@ class ModelPool:
 
     # -- load / unload -----------------------------------------------------------------------
     async def get(self, name: str) -> LoadedModel:
-        """The loaded model for ``name`` (alias, extra alias or full name), loading it if needed."""
-        entry = self.catalog.resolve(name)
+        """The loaded model for ``name`` (alias, extra alias or full name), loading it if needed.
+
+        A bare alias may be served by one of its converted variants, the fastest measured on
+        this machine, unless the user named or pinned one (see :mod:`edgelm.variants`).
+        """
+        entry = self.entry_for(name)
         loaded = self.models.get(entry.alias)
         if loaded is not None:
             return loaded
@@ -187,6 +198,8 @@ class ModelPool:
     async def unload(self, name: str, force: bool = False) -> bool:
         """Unload a model; refuse (409) while it serves requests, so no stream is cut off."""
         entry = self.catalog.resolve(name)
+        if entry.alias not in self.models:
+            entry = self.entry_for(name)
         loaded = self.models.get(entry.alias)
         if loaded is None:
             return False
@@ -358,3 +371,10 @@ class ModelPool:
 
     def loaded_info(self) -> list[dict[str, object]]:
         return [m.info() for m in self.models.values()]
+
+
+def _store_availability(settings: Settings) -> Callable[[CatalogEntry], bool]:
+    """Whether a variant's files are present (the model cache's own notion of "ready")."""
+    from edgelm.model_cache import ModelStore
+
+    return ModelStore(settings).is_ready

@@ -1,0 +1,142 @@
+"""onnxruntime-genai's model builder, quantising each weight as it is emitted (tool environment).
+
+Run by ``edgelm model convert`` as ``python -I convert_build.py <builder arguments>`` in the
+conversion tool environment; like :mod:`edgelm.convert_worker` it imports nothing from edgelm.
+
+Why: for int4/int8 the builder first emits every ``MatMul`` with an fp32 weight, keeps the
+loaded torch model alive, then serialises the whole fp32 graph to a protobuf and quantises
+that copy (``to_nbits``). At its peak it holds the model three to four times over: ~17 GB
+for Qwen2.5-1.5B. Here each float ``MatMul`` weight is quantised the moment the builder
+emits it, with the same MLAS routine and settings the builder's default quantiser uses
+(``DefaultWeightOnlyQuantizer``: blockwise, same block size, symmetry and accuracy level), and
+its torch copy is dropped at once. The graph never holds fp32 matmul weights, so the final
+whole-graph pass is skipped when nothing is left for it to quantise. Everything else is the
+builder's own code: if its internals change so that the hooks do not fit, this falls back
+to the unmodified builder (same result, more memory) and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import runpy
+import sys
+
+
+def say(message: str) -> None:
+    print(f"[edgelm-convert] {message}", flush=True)
+
+
+def install_hooks() -> bool:
+    """Patch the builder's base class; return False (and leave it alone) if it does not fit."""
+    try:
+        import numpy as np
+
+        # The package puts its own folder on sys.path and the builder script imports its
+        # classes from there as the top-level ``builders``: that copy is the one to patch.
+        import onnxruntime_genai.models  # noqa: F401
+        import torch
+        from builders.base import Model  # type: ignore[import-not-found]
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            DefaultWeightOnlyQuantizer,
+        )
+        from onnxruntime.quantization.quant_utils import QuantFormat
+    except ImportError as exc:
+        say(f"eager quantisation unavailable ({exc}); using the builder as is")
+        return False
+    if not all(hasattr(Model, name) for name in ("make_matmul_nbits", "to_nbits")):
+        say("this model builder has no make_matmul_nbits/to_nbits; using it as is")
+        return False
+
+    original_nbits = Model.make_matmul_nbits
+    original_to_nbits = Model.to_nbits
+    counts = {"quantised": 0}
+
+    def make_matmul_nbits(self, matmul, basename, root_input, **kwargs):  # type: ignore[no-untyped-def]
+        attrs = self.quant_attrs
+        if (
+            hasattr(matmul, "qweight")
+            or attrs.get("use_qdq")
+            or basename in attrs.get("nodes_to_exclude", ())
+            or "MatMul" not in attrs.get("op_types_to_quantize", ("MatMul",))
+            or not attrs.get("is_symmetric")
+            or getattr(self, "int4_customized_weight_config", None)
+            or getattr(self, "quantization_algo", "default") != "default"
+            or getattr(matmul, "weight", None) is None
+            or matmul.weight.dim() != 2
+        ):
+            return original_nbits(self, matmul, basename, root_input, **kwargs)
+        bits = int(attrs.get("bits", 4))
+        block = int(attrs["matmul_block_size"])
+        quantizer = DefaultWeightOnlyQuantizer(
+            DefaultWeightOnlyQuantConfig(
+                block_size=block,
+                is_symmetric=True,
+                accuracy_level=attrs.get("accuracy_level"),
+                quant_format=QuantFormat.QOperator,
+                bits=bits,
+            )
+        )
+        weight = matmul.weight.detach()
+        n, k = weight.shape
+        fp32 = np.ascontiguousarray(weight.to(torch.float32).T.numpy())
+        packed, scales, _zeros = quantizer.qbits_block_quant(fp32)
+        del fp32
+        # Free the torch copy now; keep a weightless stand-in so shapes stay readable.
+        with contextlib.suppress(AttributeError, TypeError, RuntimeError):
+            matmul.weight = torch.nn.Parameter(torch.empty((n, k), device="meta"), False)
+        counts["quantised"] += 1
+        # The names ORT's quantiser gives (``<weight>_Q4``, ``<weight>_scales``, node
+        # ``<MatMul>_Q4``): the builder's tied embedding (GatherBlockQuantized) refers to the
+        # lm_head's quantised weight by them.
+        weight_name = basename[1:].replace("/", ".") + ".weight"
+        q_name, scales_name = f"{weight_name}_Q{bits}", f"{weight_name}_scales"
+        self.make_initializer(torch.from_numpy(packed), q_name)
+        self.make_initializer(torch.from_numpy(scales), scales_name, to=self.io_dtype)
+        name = f"{basename}_Q{bits}"
+        output = "logits" if kwargs.get("logits", False) else f"{name}/output_0"
+        node_attrs = {"bits": bits, "block_size": block, "K": k, "N": n}
+        if attrs.get("accuracy_level"):
+            node_attrs["accuracy_level"] = attrs["accuracy_level"]
+        self.make_node(
+            "MatMulNBits",
+            inputs=[root_input, q_name, scales_name],
+            outputs=[output],
+            name=name,
+            domain="com.microsoft",
+            **node_attrs,
+        )
+        seq_dim = kwargs.get("seq_dim", "sequence_length")
+        self.make_value(
+            output, self.io_dtype, shape=self.make_hidden_state_shape(seq_dim=seq_dim, last_dim=n)
+        )
+        return name
+
+    def to_nbits(self):  # type: ignore[no-untyped-def]
+        left = [
+            node
+            for node in self.model.graph
+            if node.op_type in self.quant_attrs.get("op_types_to_quantize", ("MatMul",))
+            and len(node.inputs) > 1
+            and node.inputs[1] is not None
+            and node.inputs[1].const_value is not None
+        ]
+        if left or getattr(self, "exact_quant_override_names", None):
+            say(f"{len(left)} weights left for the builder's own quantiser")
+            return original_to_nbits(self)
+        say(f"{counts['quantised']} weights quantised while building; no whole-graph pass")
+        return self.model
+
+    Model.make_matmul_nbits = make_matmul_nbits
+    Model.to_nbits = to_nbits
+    return True
+
+
+def main() -> None:
+    install_hooks()
+    sys.argv = ["onnxruntime_genai.models.builder", *sys.argv[1:]]
+    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
