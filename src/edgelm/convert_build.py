@@ -18,12 +18,33 @@ to the unmodified builder (same result, more memory) and says so.
 from __future__ import annotations
 
 import contextlib
+import os
 import runpy
 import sys
 
 
 def say(message: str) -> None:
-    print(f"[edgelm-convert] {message}", flush=True)
+    """One progress line for the parent, with this process's memory (the log shows where the
+    peak comes from)."""
+    print(f"[edgelm-convert] {message} [rss {_rss_gb()}, peak {_peak_gb()}]", flush=True)
+
+
+def _peak_gb() -> str:
+    try:
+        import resource
+
+        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9:.2f} GB"
+    except (ImportError, OSError):
+        return "?"
+
+
+def _rss_gb() -> str:
+    try:
+        with open("/proc/self/statm") as handle:
+            pages = int(handle.read().split()[1])
+        return f"{pages * os.sysconf('SC_PAGE_SIZE') / 1e9:.2f} GB"
+    except (OSError, ValueError, IndexError, AttributeError):
+        return "?"
 
 
 def install_hooks() -> bool:
@@ -66,6 +87,8 @@ def install_hooks() -> bool:
             or matmul.weight.dim() != 2
         ):
             return original_nbits(self, matmul, basename, root_input, **kwargs)
+        if counts["quantised"] == 0:
+            say("model loaded; quantising each weight as it is emitted")
         bits = int(attrs.get("bits", 4))
         block = int(attrs["matmul_block_size"])
         quantizer = DefaultWeightOnlyQuantizer(
@@ -127,8 +150,16 @@ def install_hooks() -> bool:
         say(f"{counts['quantised']} weights quantised while building; no whole-graph pass")
         return self.model
 
+    original_save = Model.save_model
+
+    def save_model(self, out_dir):  # type: ignore[no-untyped-def]
+        say("saving")
+        original_save(self, out_dir)
+        say("saved")
+
     Model.make_matmul_nbits = make_matmul_nbits
     Model.to_nbits = to_nbits
+    Model.save_model = save_model
     return True
 
 

@@ -14,18 +14,39 @@ sits in ``tokenizer_config.json`` where every ONNX tool looks for it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 
 def say(message: str) -> None:
-    """One progress line for the parent (it shows the last line of each stage)."""
-    print(f"[edgelm-convert] {message}", flush=True)
+    """One progress line for the parent, with this process's memory (the log shows where the
+    peak comes from)."""
+    print(f"[edgelm-convert] {message} [rss {_rss_gb()}, peak {_peak_gb()}]", flush=True)
 
 
-SHARD_BYTES = 512 * 2**20
+def _peak_gb() -> str:
+    try:
+        import resource
+
+        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9:.2f} GB"
+    except (ImportError, OSError):
+        return "?"
+
+
+def _rss_gb() -> str:
+    try:
+        with open("/proc/self/statm") as handle:
+            pages = int(handle.read().split()[1])
+        return f"{pages * os.sysconf('SC_PAGE_SIZE') / 1e9:.2f} GB"
+    except (OSError, ValueError, IndexError, AttributeError):
+        return "?"
+
+
+SHARD_BYTES = 256 * 2**20
 """Tensors are written in safetensors shards of about this size: the most held at once."""
 TIED_DISTANCE = 0.1
 
@@ -55,21 +76,63 @@ def tensor_name_map(source: Path, config):  # type: ignore[no-untyped-def]
     return mapping, processor, parsed
 
 
+ROWS_PER_CHUNK = 8192
+"""Rows dequantised at a time: bounds the dequantiser's temporaries (a few fp32 copies of
+what it is given) to a few tens of MB instead of several copies of the embedding."""
+
+
+def dequantise(tensor):  # type: ignore[no-untyped-def]
+    """One GGUF tensor as fp32, dequantised a slice of rows at a time into one array."""
+    import numpy as np
+    from gguf import dequantize
+
+    data = tensor.data
+    if data.ndim != 2 or data.shape[0] <= ROWS_PER_CHUNK:
+        return np.asarray(dequantize(data, tensor.tensor_type), dtype=np.float32)
+    first = dequantize(data[:1], tensor.tensor_type)
+    out = np.empty((data.shape[0], first.shape[-1]), dtype=np.float32)
+    for start in range(0, data.shape[0], ROWS_PER_CHUNK):
+        stop = start + ROWS_PER_CHUNK
+        out[start:stop] = dequantize(data[start:stop], tensor.tensor_type)
+    return out
+
+
 def same_matrix(first, second) -> bool:  # type: ignore[no-untyped-def]
-    """Two copies of one matrix quantised differently, not two different matrices.
+    """Two GGUF tensors are copies of one matrix quantised differently, not two matrices.
 
     Qwen2.5 ties its input and output embeddings, but its GGUF keeps them as two tensors
     quantised differently (Q5_0 and Q8_0), so the model would load untied and the model
-    builder would keep a second, fp32 embedding: 874 MB instead of ~400 MB for the int4
-    0.5B model. Two copies differ only by quantisation noise (a few percent); two different
-    matrices differ by about their own size.
+    builder would keep a second embedding: 874 MB instead of ~400 MB for the int4 0.5B
+    model. Two copies differ only by quantisation noise (a few percent); two different
+    matrices differ by about their own size. Compared a slice of rows at a time, so the two
+    fp32 embeddings (1.9 GB for Qwen2.5-1.5B) are never in memory together.
     """
     import numpy as np
+    from gguf import dequantize
 
-    if first.shape != second.shape:
+    a, b = first.data, second.data
+    if list(first.shape) != list(second.shape) or a.ndim != 2 or b.ndim != 2:
         return False
-    distance = float(np.linalg.norm(first - second) / max(np.linalg.norm(second), 1e-12))
-    return distance <= TIED_DISTANCE
+    if a.shape[0] != b.shape[0]:
+        return False
+    diff = norm = 0.0
+    for start in range(0, a.shape[0], ROWS_PER_CHUNK):
+        x = dequantize(a[start : start + ROWS_PER_CHUNK], first.tensor_type)
+        y = dequantize(b[start : start + ROWS_PER_CHUNK], second.tensor_type)
+        diff += float(np.square(x - y, dtype=np.float64).sum())
+        norm += float(np.square(y, dtype=np.float64).sum())
+    return (diff / max(norm, 1e-24)) ** 0.5 <= TIED_DISTANCE
+
+
+def release_pages(reader) -> None:  # type: ignore[no-untyped-def]
+    """Drop the GGUF's pages read so far from this process (they are clean file pages, read
+    again if needed): otherwise the whole file ends up counted in the resident set."""
+    import mmap
+
+    handle = getattr(getattr(reader, "data", None), "_mmap", None)
+    if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            handle.madvise(mmap.MADV_DONTNEED)
 
 
 class ShardWriter:
@@ -116,15 +179,14 @@ def stream_weights(source: Path, out: Path, config) -> int:  # type: ignore[no-u
     follows (GGUF's own block scales are fp16) and halves what the model builder loads.
     """
     import numpy as np
-    from gguf import GGUFReader, dequantize
+    from gguf import GGUFReader
 
     mapping, processor, parsed = tensor_name_map(source, config)
     reader = GGUFReader(str(source))
     by_name = {tensor.name: tensor for tensor in reader.tensors}
 
     def load(name: str):  # type: ignore[no-untyped-def]
-        tensor = by_name[name]
-        weights = dequantize(tensor.data, tensor.tensor_type)
+        weights = dequantise(by_name[name])
         result = processor.process(
             weights=weights, name=name, tensor_key_mapping=mapping, parsed_parameters=parsed
         )
@@ -132,17 +194,16 @@ def stream_weights(source: Path, out: Path, config) -> int:  # type: ignore[no-u
 
     skip: set[str] = set()
     if "output.weight" in by_name and "token_embd.weight" in by_name:
-        _, head = load("output.weight")
-        _, embed = load("token_embd.weight")
+        head, embed = by_name["output.weight"], by_name["token_embd.weight"]
         if not getattr(config, "tie_word_embeddings", False) and same_matrix(embed, head):
             # The output copy is kept: it is the one llama.cpp quantises more finely.
             say("input and output embeddings are copies of one matrix: tied again")
             config.tie_word_embeddings = True
             by_name["token_embd.weight"] = by_name["output.weight"]
             skip.add("output.weight")
-        del head, embed
     if getattr(config, "tie_word_embeddings", False):
         skip.add("output.weight")
+    say("tensor names mapped; writing shards")
     writer = ShardWriter(out)
     params = 0
     for name in list(by_name):
@@ -158,6 +219,7 @@ def stream_weights(source: Path, out: Path, config) -> int:  # type: ignore[no-u
         params += half.size
         writer.add(target, np.ascontiguousarray(half))
         del weights
+        release_pages(reader)
     writer.close()
     return params
 
@@ -181,6 +243,7 @@ def gguf_to_hf(source: Path, out: Path) -> None:
     say(f"reading the tokenizer and configuration from {source.name}")
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     config = AutoConfig.from_pretrained(str(source.parent), gguf_file=source.name)
+    say("tokenizer and configuration read")
     say(f"dequantising {source.name} to fp16, one tensor at a time")
     params = stream_weights(source, out, config)
     config.dtype = torch.float16
