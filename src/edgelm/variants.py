@@ -11,7 +11,8 @@ date. From then on the bare alias resolves to the fastest variant wherever a mod
 (``model run``, the service, the router: all load through the pool, which asks
 :func:`choose`).
 
-The choice never overrides the user: an explicit ``alias:variant`` is used as named, a pin
+The choice never overrides the user: an explicit ``alias:variant`` (or ``alias:gguf`` for the
+base model itself) is used as named, a pin
 in the settings (``models.pin``) beats the record, and ``models.fastest_variant = false``
 turns the choice off. A record made on another CPU or with other engine versions is ignored
 (the figures do not carry over), and a chosen variant whose files are gone falls back to the
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgelm.catalog import Catalog, CatalogEntry
+from edgelm.catalog import BASE_VARIANT, Catalog, CatalogEntry
 from edgelm.errors import InvalidRequest, ModelNotFound
 from edgelm.reporting import write_atomically
 from edgelm.settings import Settings
@@ -37,8 +38,8 @@ log = logging.getLogger("edgelm.variants")
 
 FORMAT = 1
 FILE_NAME = "variants.json"
-BASE_PIN = "gguf"
-"""The pin value that names the base (GGUF, llama.cpp) model itself."""
+BASE_PIN = BASE_VARIANT
+"""The pin value (and the name tag, ``alias:gguf``) for the base GGUF model itself."""
 WORKLOAD = (256, 128)
 """The request the variants are compared on: a 256-token prompt and a 128-token answer.
 Decode speed dominates it, but a variant with a much slower prompt phase cannot win on
@@ -359,8 +360,10 @@ def optimize(
             say(f"{entry.alias}: skipped (not present)")
             continue
         say(f"measuring {entry.alias}")
+        # The base by its explicit name: its bare alias may already load a faster variant.
+        name = entry.alias if entry is not base else f"{entry.alias}:{BASE_PIN}"
         try:
-            rows = measure(entry.alias, settings)
+            rows = measure(name, settings)
         except Exception as exc:  # one variant failing must not stop the others
             skipped[entry.alias] = f"{type(exc).__name__}: {exc}"
             say(f"{entry.alias}: failed ({exc})")

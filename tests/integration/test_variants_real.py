@@ -140,7 +140,7 @@ def test_model_optimize_measures_the_real_variants_and_model_info_shows_the_choi
     expected = {TINY, f"{TINY}:onnx-cpu-int4"} if with_onnx else {TINY}
     assert set(measured) == expected
     for figure in measured.values():
-        assert figure["tg_tokens_per_s"] > 1 and figure["pp_tokens_per_s"] > 1
+        assert figure["tg_tokens_per_s"] > 0 and figure["pp_tokens_per_s"] > 0
     engines = {f["engine"] for f in measured.values()}
     assert engines == ({"llamacpp", "onnx"} if with_onnx else {"llamacpp"})
     assert record["machine"]["cpu"] and record["measured_at"]

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgelm.catalog import Catalog, CatalogEntry
-from edgelm.errors import InvalidRequest
+from edgelm.errors import InvalidRequest, ModelNotFound
 from edgelm.pool import ModelPool
 from edgelm.settings import Settings, load_settings
 from edgelm.variants import (
@@ -108,6 +108,15 @@ def test_an_explicit_variant_name_is_used_as_named(isolated_home: Path) -> None:
     VariantRecords(isolated_home).put(record((BASE, 28.0, None), (ONNX, 45.0, None)))
     choice = choose(isolated_home, INT8)
     assert (choice.entry.alias, choice.how) == (INT8, "explicit")
+
+
+def test_alias_gguf_names_the_base_model_itself(isolated_home: Path) -> None:
+    VariantRecords(isolated_home).put(record((BASE, 28.0, None), (ONNX, 45.0, None)))
+    assert make_catalog(isolated_home).resolve(f"{BASE}:gguf").alias == BASE
+    choice = choose(isolated_home, f"{BASE}:gguf")
+    assert (choice.entry.alias, choice.how) == (BASE, "explicit")
+    with pytest.raises(ModelNotFound):
+        make_catalog(isolated_home).resolve("nothing:gguf")
 
 
 def test_a_pin_beats_the_measurements(isolated_home: Path) -> None:
@@ -220,7 +229,7 @@ def test_optimize_measures_each_present_variant_and_records_the_fastest(
 ) -> None:
     catalog = make_catalog(isolated_home)
     monkeypatch.setattr(Catalog, "load", classmethod(lambda cls, home: catalog))
-    measure = FakeMeasure({BASE: 28.0, ONNX: 45.0, INT8: 30.0}, fail=INT8)
+    measure = FakeMeasure({f"{BASE}:gguf": 28.0, ONNX: 45.0, INT8: 30.0}, fail=INT8)
     lines: list[str] = []
     result = optimize(
         BASE,
@@ -229,11 +238,13 @@ def test_optimize_measures_each_present_variant_and_records_the_fastest(
         available=lambda e: e.alias != "fake-a:absent",
         progress=lines.append,
     )
-    assert measure.calls == [BASE, ONNX, INT8]
+    # The base by its explicit name: its bare alias may already serve with a variant.
+    assert measure.calls == [f"{BASE}:gguf", ONNX, INT8]
     assert result.fastest is not None and result.fastest.variant == ONNX
     assert "no such engine here" in result.skipped[INT8]
     stored = VariantRecords(isolated_home).get(BASE)
     assert stored is not None and [f.variant for f in stored.ranking] == [ONNX, BASE]
+    assert stored.ranking[1].tg == 28.0
     assert stored.ranking[0].pp == 300.0 and stored.ranking[0].threads == 2
     assert any("tg 45.0" in line for line in lines)
     assert choose(isolated_home).entry.alias == ONNX
@@ -259,10 +270,15 @@ def test_the_pool_loads_the_chosen_variant_for_the_bare_alias(isolated_home: Pat
         loaded = await pool.get(BASE)
         assert loaded.entry.alias == ONNX
         assert (await pool.get(ONNX)) is loaded  # the same model, not a second copy
-        base = await pool.get(INT8)
-        assert base.entry.alias == INT8
+        int8 = await pool.get(INT8)
+        assert int8.entry.alias == INT8
         assert await pool.unload(BASE)  # unloads what the alias serves with
-        assert ONNX not in pool.models
+        assert set(pool.models) == {INT8}
+        base = await pool.get(f"{BASE}:gguf")
+        assert base.entry.alias == BASE
+        assert set(pool.models) == {INT8, BASE}
+        assert await pool.unload(BASE)  # the base itself, now that it is what is loaded
+        assert set(pool.models) == {INT8}
         await pool.close()
 
     asyncio.run(main())
