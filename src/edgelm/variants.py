@@ -66,9 +66,9 @@ def machine_identity() -> dict[str, Any]:
 
 def engine_versions() -> dict[str, str | None]:
     """The engine libraries the figures were measured with; a new version measures again."""
-    from edgelm.sysinfo import ENGINE_PACKAGES, _version
+    from edgelm.sysinfo import engines
 
-    return {name: _version(dist) for name, dist in ENGINE_PACKAGES.items() if name != "remote"}
+    return {name: v for name, v in engines().items() if name in ("llamacpp", "onnx")}
 
 
 # -- the record ---------------------------------------------------------------------------------

@@ -212,7 +212,8 @@ class FakeMeasure:
     """The micro bench's rows with fixed figures per alias; one alias can fail."""
 
     def __init__(self, tg: dict[str, float], fail: str | None = None):
-        self.tg, self.fail, self.calls = tg, fail, []  # type: list[str]
+        self.tg, self.fail = tg, fail
+        self.calls: list[str] = []
 
     def __call__(self, alias: str, settings: Settings) -> Sequence[dict[str, Any]]:
         self.calls.append(alias)
