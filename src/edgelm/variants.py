@@ -235,6 +235,11 @@ class Choice:
     reason: str
     how: str  # "explicit", "pinned", "measured", "default"
     record: Record | None = None
+    name: str = ""
+    """A name that loads this same entry again (``alias:gguf`` when the base was named so)."""
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.entry.alias
 
 
 class VariantChooser:
@@ -264,7 +269,8 @@ class VariantChooser:
         settings = self.settings
         entry = catalog.resolve(name)
         if entry.options.get("variant_of") or ":" in name:
-            return Choice(entry, "named explicitly", "explicit")
+            again = name if name == f"{entry.alias}:{BASE_PIN}" else entry.alias
+            return Choice(entry, "named explicitly", "explicit", name=again)
         pin = settings.models.pin.get(entry.alias)
         if pin:
             target = entry if pin in (BASE_PIN, entry.alias) else _pinned(catalog, entry, pin)

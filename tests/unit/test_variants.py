@@ -114,7 +114,8 @@ def test_alias_gguf_names_the_base_model_itself(isolated_home: Path) -> None:
     VariantRecords(isolated_home).put(record((BASE, 28.0, None), (ONNX, 45.0, None)))
     assert make_catalog(isolated_home).resolve(f"{BASE}:gguf").alias == BASE
     choice = choose(isolated_home, f"{BASE}:gguf")
-    assert (choice.entry.alias, choice.how) == (BASE, "explicit")
+    assert (choice.entry.alias, choice.how, choice.name) == (BASE, "explicit", f"{BASE}:gguf")
+    assert choose(isolated_home).name == ONNX
     with pytest.raises(ModelNotFound):
         make_catalog(isolated_home).resolve("nothing:gguf")
 
@@ -261,6 +262,19 @@ def test_optimize_refuses_a_variant_and_says_when_nothing_ran(
         optimize(ONNX, settings, FakeMeasure({}), everything_present)
     with pytest.raises(InvalidRequest, match="no variant of 'fake-a' could be measured"):
         optimize(BASE, settings, FakeMeasure({}), lambda e: False)
+
+
+def test_bench_targets_run_what_the_name_serves_with(isolated_home: Path) -> None:
+    from edgelm.bench.targets import InProcessTarget
+
+    VariantRecords(isolated_home).put(record((BASE, 28.0, None), (ONNX, 45.0, None)))
+    settings = settings_for(isolated_home)
+    catalog = make_catalog(isolated_home)
+    chosen = InProcessTarget(BASE, settings, catalog)
+    assert (chosen.entry.alias, chosen.model) == (ONNX, ONNX)
+    base = InProcessTarget(f"{BASE}:gguf", settings, catalog)
+    # The row's model name brings the micro bench (RawEngine) to the same base model.
+    assert (base.entry.alias, base.model) == (BASE, f"{BASE}:gguf")
 
 
 def test_the_pool_loads_the_chosen_variant_for_the_bare_alias(isolated_home: Path) -> None:
