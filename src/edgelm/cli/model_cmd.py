@@ -1,4 +1,4 @@
-"""``edgelm model list | info | download | convert | run | load | unload | add | remove``."""
+"""``edgelm model list | info | download | convert | optimize | run | load | unload | add | remove``."""
 
 from __future__ import annotations
 
@@ -94,14 +94,29 @@ def info(ctx: typer.Context, alias: str, as_json: bool = JSON_OPTION) -> None:
         data["cached"] = store.is_cached(entry)
     else:
         data["cached"] = True
+    data["serves_with"] = variant_choice(settings, _catalog(settings), alias)
     show(data, as_json, lambda: print_table(_info_table(entry, data)))
+
+
+def variant_choice(settings: Settings, catalog: Catalog, alias: str) -> dict[str, Any]:
+    """Which variant a bare alias loads here and why, with the measured figures."""
+    from edgelm.variants import VariantChooser
+
+    choice = VariantChooser(settings, ModelStore(settings).is_ready).choose(catalog, alias)
+    return {
+        "variant": choice.entry.alias,
+        "engine": choice.entry.engine_name(settings.compute.engine),
+        "how": choice.how,
+        "why": choice.reason,
+        "measured": choice.record.as_dict() if choice.record else None,
+    }
 
 
 def _info_table(entry: CatalogEntry, data: dict[str, Any]) -> Table:
     table = Table(show_header=False, title=entry.alias)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
-    shown_below = ("source", "options", "cached_path", "cached")
+    shown_below = ("source", "options", "cached_path", "cached", "serves_with")
     for key, value in data.items():
         if key not in shown_below and value not in (None, "", [], {}):
             table.add_row(key, str(value))
@@ -114,7 +129,19 @@ def _info_table(entry: CatalogEntry, data: dict[str, Any]) -> Table:
     if entry.needs_file:
         table.add_row("path", data["cached_path"])
         table.add_row("cached", "yes" if data["cached"] else "no")
+    chosen = data["serves_with"]
+    table.add_row("serves with", f"{chosen['variant']} ({chosen['engine']}): {chosen['why']}")
+    if chosen["measured"]:
+        table.add_row("measured", _figures_text(chosen["measured"]))
     return table
+
+
+def _figures_text(record: dict[str, Any]) -> str:
+    rows = [
+        f"{f['variant']}: pp {f['pp_tokens_per_s'] or '-'}, tg {f['tg_tokens_per_s']} tok/s"
+        for f in record["figures"]
+    ]
+    return "; ".join(rows) + f" (on {record['machine'].get('cpu')}, {record['measured_at']})"
 
 
 def download_with_progress(settings: Settings, entry: CatalogEntry, force: bool = False) -> Path:
@@ -204,6 +231,58 @@ def convert(
         f"(peak memory {peak})"
     )
     out.print(f"  run it: edgelm model run {result.alias}")
+
+
+@app.command("optimize")
+def optimize(
+    ctx: typer.Context,
+    alias: str,
+    n_prompt: int = typer.Option(256, "--n-prompt", help="Prompt tokens for the pp figure."),
+    n_gen: int = typer.Option(64, "--n-gen", help="Generated tokens for the tg figure."),
+    reps: int = typer.Option(3, help="Repetitions of each figure (mean)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Measure every variant of a model this machine can run; serve the alias with the fastest.
+
+    Uses the bench's micro mode (raw pp/tg, as 'bench run --micro'), records the result in
+    $EDGELM_HOME/variants.json with this CPU's identity and the date, and from then on
+    'model run', the service and the router load the fastest variant for the bare alias
+    (unless a variant is named, or pinned with the setting models.pin). Close other
+    programs first: figures from a busy machine choose badly.
+    """
+    from edgelm.variants import micro_measure
+    from edgelm.variants import optimize as measure_variants
+
+    settings = settings_of(ctx)
+    out = console()
+    with out.status(f"measuring the variants of {alias}…") as status:
+
+        def report(line: str) -> None:
+            if line.startswith("measuring"):
+                status.update(line)
+            else:
+                out.print(line)
+
+        record = measure_variants(
+            alias,
+            settings,
+            micro_measure(n_prompt, n_gen, reps),
+            ModelStore(settings).is_ready,
+            progress=report,
+        )
+    data = record.as_dict()
+    if as_json:
+        show(data, True, lambda: None)
+        return
+    fastest = record.fastest
+    assert fastest is not None
+    others = [f for f in record.ranking if f is not fastest]
+    gain = f", {fastest.tg / others[0].tg:.2f}x the next one's decode" if others else ""
+    out.print(
+        f"[green]✓[/] {record.alias} now serves with {fastest.variant} "
+        f"({fastest.engine}, tg {fastest.tg:.1f} tok/s{gain}); recorded in "
+        f"{settings.home / 'variants.json'}"
+    )
 
 
 @app.command("add")
@@ -339,7 +418,9 @@ def run(
         with console().status("starting the edgelm service…"):
             daemon.start_detached(settings)
     with console().status(f"loading {entry.alias}…"):
-        client.load(entry.alias)
+        loaded = client.load(entry.alias)
+    if loaded.get("id") not in (None, entry.alias):
+        console().print(f"[dim]{entry.alias} serves with {loaded['id']} (edgelm model info)[/]")
     params = {"temperature": temperature, "max_tokens": max_tokens}
     session = ChatSession(client, entry.alias, system=system, params=params)
     if prompt is not None:
