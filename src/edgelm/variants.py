@@ -328,15 +328,6 @@ Measure = Callable[[str, Settings], Sequence[dict[str, Any]]]
 """Runs the micro bench on one catalog alias; returns its rows (pp and tg)."""
 
 
-def micro_measure(n_prompt: int, n_gen: int, reps: int) -> Measure:
-    from edgelm.bench.micro import micro_bench
-
-    def measure(alias: str, settings: Settings) -> Sequence[dict[str, Any]]:
-        return micro_bench(alias, settings, n_prompt=n_prompt, n_gen=n_gen, reps=reps)
-
-    return measure
-
-
 def optimize(
     alias: str,
     settings: Settings,

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from edgelm.catalog import Catalog
 from edgelm.engines import create_engine
 from edgelm.model_cache import ModelStore
 from edgelm.settings import Settings
+
+if TYPE_CHECKING:
+    from edgelm.variants import Measure
 
 
 def memory_bandwidth(threads: int, size_mb: int = 512, reps: int = 3) -> float:
@@ -121,3 +125,12 @@ def micro_bench(
         return rows
     finally:
         raw.close()
+
+
+def micro_measure(n_prompt: int, n_gen: int, reps: int) -> Measure:
+    """The micro bench as ``edgelm model optimize`` measures each variant with it."""
+
+    def measure(alias: str, settings: Settings) -> Sequence[dict[str, Any]]:
+        return micro_bench(alias, settings, n_prompt=n_prompt, n_gen=n_gen, reps=reps)
+
+    return measure

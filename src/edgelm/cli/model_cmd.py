@@ -250,7 +250,7 @@ def optimize(
     (unless a variant is named, or pinned with the setting models.pin). Close other
     programs first: figures from a busy machine choose badly.
     """
-    from edgelm.variants import micro_measure
+    from edgelm.bench.micro import micro_measure
     from edgelm.variants import optimize as measure_variants
 
     settings = settings_of(ctx)
