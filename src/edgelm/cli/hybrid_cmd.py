@@ -164,8 +164,46 @@ def eval_(
     system: str = typer.Option(
         ev.DEFAULT_SYSTEM, help="System prompt for every model ('' for none)."
     ),
-    pieces: Path | None = typer.Option(
-        None, "--pieces", help="Re-score the pieces of an earlier results.json (no models)."
+    pieces: list[Path] = typer.Option(
+        [],
+        "--pieces",
+        help="Re-score the pieces of earlier results.json files (no models); repeat to pool "
+        "several sets.",
+    ),
+    holdout: float | None = typer.Option(
+        None,
+        "--holdout",
+        min=0.05,
+        max=0.95,
+        help="Report on a held-out share of each category (e.g. 0.5); the learned router is "
+        "trained on the rest only, and k-fold figures over the whole set are added.",
+    ),
+    split_seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and folds."),
+    folds: int = typer.Option(5, "--folds", min=2, help="Cross-validation folds (--holdout)."),
+    learned_extra: list[str] = typer.Option(
+        [],
+        "--learned-with",
+        help="With --holdout --learned: also score 'learned=<t>,<SPEC>' for this spec.",
+    ),
+    with_refine: bool = typer.Option(
+        True,
+        "--refine/--no-refine",
+        help="Record the LLM's refinement of each draft (--no-refine: the draft alone, "
+        "routes draft/direct only, one LLM call fewer per question).",
+    ),
+    with_direct: bool = typer.Option(
+        True,
+        "--direct/--no-direct",
+        help="Record the LLM's own answer (--no-direct: take it from --timings-from).",
+    ),
+    workers: int = typer.Option(
+        1, "--workers", min=1, max=16, help="Questions asked at once (latency then invalid)."
+    ),
+    timings_from: Path | None = typer.Option(
+        None,
+        "--timings-from",
+        help="Take engine timings from this earlier results.json wherever its answers are the "
+        "same text (quality recorded under load, latency from a quiet run).",
     ),
     out: Path | None = typer.Option(None, help="Directory for results.json and report.html."),
     learned: bool = typer.Option(
@@ -207,8 +245,8 @@ def eval_(
             ev.Config(s, "hybrid", ev.parse_policy(s))
             for s in ("insufficient>direct", "length=100>direct", "length=200>direct")
         ]
-    elif pieces is not None:
-        recorded = ev.read_pieces(pieces)
+    elif pieces:
+        recorded = [p for path in pieces for p in ev.read_pieces(path)]
     else:
         from edgelm.evals.datasets import load_dataset
 
@@ -233,14 +271,50 @@ def eval_(
                 max_tokens=max_tokens,
                 system=system or None,
                 progress=progress,
+                refine=with_refine,
+                direct=with_direct,
+                workers=workers,
             )
-    if learned:
-        if not (slm_alias and llm_alias):  # re-scored pieces: the configured (or tier) pair
-            slm_alias, llm_alias = _pair(settings, slm, llm)
-        configs += _learned_configs(settings, recorded, slm_alias, llm_alias, learned_thresholds)
-    report = ev.evaluate(recorded, configs, Prices.load(settings.home), metric)
+    grafted = None
+    if timings_from is not None:
+        recorded, grafted = ev.graft_timings(recorded, ev.read_pieces(timings_from))
+    if any(not p.refine.text and not p.refine.total_s for p in recorded):
+        # Some questions have no recorded refinement: score only what routes draft/direct.
+        configs = [c for c in configs if c.policy is None or not ev.refines(c.policy)]
+    held = None
+    if holdout is not None:
+        embed_fn, embedder = _embed_fn(settings, "all-minilm-l6-v2") if learned else (None, None)
+        from edgelm.evals import hybrid_split as hs
+
+        try:
+            held = hs.evaluate_held_out(
+                recorded,
+                configs,
+                Prices.load(settings.home),
+                metric,
+                holdout=holdout,
+                seed=split_seed,
+                folds=folds,
+                embed=embed_fn,
+                learned_thresholds=[v for v in learned_thresholds.split(";") if v.strip()],
+                learned_extra=learned_extra,
+            )
+        finally:
+            if embedder is not None:
+                embedder.close()
+        report = held.test
+    else:
+        if learned:
+            if not (slm_alias and llm_alias):  # re-scored pieces: the configured (or tier) pair
+                slm_alias, llm_alias = _pair(settings, slm, llm)
+            configs += _learned_configs(
+                settings, recorded, slm_alias, llm_alias, learned_thresholds
+            )
+        report = ev.evaluate(recorded, configs, Prices.load(settings.home), metric)
     report.meta = {
-        "dataset": f"eval run {from_run}" if from_run else str(pieces or dataset),
+        "dataset": f"eval run {from_run}"
+        if from_run
+        else (" + ".join(map(str, pieces)) if pieces else dataset),
         "questions": len(recorded),
         "slm": slm_alias,
         "llm": llm_alias,
@@ -252,10 +326,19 @@ def eval_(
         "method": "models run once per question (draft with logprobs, LLM refine of the draft, "
         "LLM direct); every policy computed offline from those pieces",
     }
+    if grafted is not None:
+        report.meta["timings_from"] = f"{timings_from} ({grafted} of {len(recorded)} questions)"
+    if held is not None:
+        report.meta["held_out"] = (
+            f"{len(held.test_ids)} of {len(recorded)} questions (share {holdout:g} of each "
+            f"category, seed {split_seed}); the table is the held-out part only"
+        )
     directory = out or settings.home / "hybrid" / time.strftime("%Y%m%d-%H%M%S")
-    ev.write_json(report, directory / "results.json")
+    ev.write_json(report, directory / "results.json", held.to_dict() if held else None)
     ev.write_html(report, directory / "report.html")
     print_table(ev.rich_table(report))
+    if held is not None:
+        _print_held_out(held)
     best = report.best()
     if best is not None:
         console().print(
@@ -264,6 +347,41 @@ def eval_(
             f"({'meets' if best.meets_target else 'misses'} the 95% / 60% target)"
         )
     console().print(f"files in {directory}")
+
+
+def _print_held_out(held: Any) -> None:
+    """The choice made on the train part, its held-out figures, and the k-fold summary."""
+    out = console()
+    picked, tested = held.chosen()
+    if picked is None or tested is None:
+        out.print(
+            "no configuration keeps 95% of LLM quality with <= 50% escalated on the train part"
+        )
+    else:
+        out.print(
+            f"chosen on the train part: [bold]{picked.name}[/]; on the held-out part it keeps "
+            f"{ev._pct(tested.quality_share)} of LLM-only quality with {ev._pct(tested.escalated)} "
+            f"escalated, at {ev._pct(tested.latency_share)} of the LLM's mean latency "
+            f"({'meets' if tested.meets_routing else 'misses'} 95% / <=50% / below the LLM)"
+        )
+    table = Table(title=f"{held.folds}-fold cross-validation over all questions (seed {held.seed})")
+    for column in ("config", "quality", "of LLM", "min-max of LLM", "escalated", "latency of LLM",
+                   "folds meeting"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "config" else "right")
+    keep = [s for s in held.cv if s.meets_routing or s.folds_meeting or s.name.endswith("-only")]
+    for s in keep:
+        table.add_row(
+            s.name,
+            f"{s.quality:.3f}",
+            ev._pct(s.quality_share),
+            f"{ev._pct(s.quality_share_min)}-{ev._pct(s.quality_share_max)}",
+            ev._pct(s.escalated),
+            ev._pct(s.latency_share),
+            f"{s.folds_meeting}/{held.folds}",
+        )
+    table.caption = "rows: baselines and configurations meeting the target on at least one fold"
+    print_table(table)
+    out.print(f"held out: {', '.join(held.test_ids)}")
 
 
 def _embed_fn(settings: Settings, model: str):
