@@ -136,3 +136,33 @@ def test_general2_loads_and_scores() -> None:
     first = items[0]
     assert contains_answer(f"The answer is {first.answers[0]}.", first.answers) == 1.0
     assert contains_answer("I do not know.", first.answers) == 0.0
+
+
+def test_graft_timings_takes_the_quiet_run_where_the_answers_match() -> None:
+    ref = make_pieces()[:3]
+    quiet = {p.id: p for p in ref}
+    loaded = []
+    for i, p in enumerate(ref):
+        draft = ev.Piece(p.draft.text, 9.0, 5.0, 10, p.draft.completion_tokens)
+        if i == 1:  # recorded with a smaller max_tokens: the start of the quiet draft
+            draft = ev.Piece(p.draft.text[:2], 3.0, 1.0, 10, 1)
+        if i == 2:  # another draft this time
+            draft = ev.Piece("something else", 9.0, 5.0, 10, 3)
+        loaded.append(
+            ev.Pieces(
+                **{
+                    **p.__dict__,
+                    "draft": draft,
+                    "direct": ev.Piece("", 0, None, 0, 0),
+                    "draft_logprobs": [-0.7],
+                    "draft_token_s": [5.0],
+                }
+            )
+        )
+    out, matched = ev.graft_timings(loaded, ref)
+    assert matched == 2
+    same, head, other = out
+    assert same.draft.total_s == quiet[same.id].draft.total_s and same.draft_token_s is None
+    assert same.draft_logprobs == [-0.7] and same.direct == quiet[same.id].direct
+    assert head.draft == quiet[head.id].draft and head.draft_logprobs == [-0.7]
+    assert other is quiet[other.id]

@@ -303,6 +303,7 @@ def eval_(
             if embedder is not None:
                 embedder.close()
         report = held.test
+        report.pieces = list(recorded)  # the file keeps every question; "held_out" says which
     else:
         if learned:
             if not (slm_alias and llm_alias):  # re-scored pieces: the configured (or tier) pair
@@ -345,6 +346,13 @@ def eval_(
             f"best: [bold]{best.name}[/] keeps {ev._pct(best.quality_share)} of LLM-only quality "
             f"at {ev._pct(best.latency_share)} of its mean latency "
             f"({'meets' if best.meets_target else 'misses'} the 95% / 60% target)"
+        )
+    routed = report.best_routed()
+    if routed is not None:
+        console().print(
+            f"fastest keeping 95% of LLM quality with <= 50% escalated: [bold]{routed.name}[/] "
+            f"({ev._pct(routed.quality_share)}, {ev._pct(routed.escalated)} escalated, "
+            f"{ev._pct(routed.latency_share)} of the LLM's latency)"
         )
     console().print(f"files in {directory}")
 
@@ -438,6 +446,14 @@ def train(
     out: Path | None = typer.Option(
         None, "--out", help="Router file (default: $EDGELM_HOME/router/learned.json)."
     ),
+    from_pieces: list[Path] = typer.Option(
+        [],
+        "--pieces",
+        help="Train on the recorded pieces of 'hybrid eval' runs (results.json; repeatable) "
+        "instead of stored eval runs: label 1 where the LLM's answer scored higher than the "
+        "SLM's draft.",
+    ),
+    metric: str = typer.Option("contains", help="Quality metric of the labels (--pieces)."),
 ) -> None:
     """Fit the learned router on stored eval runs in which both tiers answered; the policy
     term 'learned=<p>' then sends a question to the LLM before any draft when P >= p."""
@@ -449,9 +465,15 @@ def train(
     settings = settings_of(ctx)
     try:
         slm_alias, llm_alias = _pair(settings, slm, llm)
-        examples, used = lr.examples_from_runs(
-            settings.home / "evals.db", slm_alias, llm_alias, split_list(runs)
-        )
+        if from_pieces:
+            from edgelm.evals.hybrid_split import examples_from_pieces
+
+            recorded = [p for path in from_pieces for p in ev.read_pieces(path)]
+            examples, used = examples_from_pieces(recorded, metric), []
+        else:
+            examples, used = lr.examples_from_runs(
+                settings.home / "evals.db", slm_alias, llm_alias, split_list(runs)
+            )
     except EdgelmError as exc:
         fail(exc.message)
     if not examples:
@@ -470,7 +492,12 @@ def train(
     vectors = [table[e.question] for e in examples]
     target = out or lr.home_path(settings.home)
     # The command that reproduces this file from the same eval database, every choice spelled out.
-    command = ["edgelm", "hybrid", "train", "--runs", ",".join(used), "--slm", slm_alias]
+    command = ["edgelm", "hybrid", "train", "--slm", slm_alias]
+    if from_pieces:
+        command += [x for path in from_pieces for x in ("--pieces", str(path))]
+        command += ["--metric", metric]
+    else:
+        command += ["--runs", ",".join(used)]
     command += ["--llm", llm_alias, "--embedder", embedder, "--l2", f"{l2:g}"]
     command += ["--folds", str(folds), "--out", str(target)]
     cv = lr.cross_validated(examples, vectors, folds=folds, l2=l2)
@@ -481,6 +508,7 @@ def train(
         "slm": slm_alias,
         "llm": llm_alias,
         "runs": used,
+        "pieces": [str(path) for path in from_pieces],
         "datasets": sorted({e.dataset for e in examples}),
         "command": shlex.join(command),
         "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -502,9 +530,10 @@ def train(
         )
     console().print(result)
     positives = sum(e.label for e in examples)
+    source = f"{len(from_pieces)} pieces files" if from_pieces else f"{len(used)} runs"
     console().print(
         f"trained on {len(examples)} questions ({positives} where {llm_alias} did better) from "
-        f"{len(used)} runs; saved to {path}"
+        f"{source}; saved to {path}"
     )
 
 

@@ -730,7 +730,8 @@ def table_header(report: EvalReport) -> list[str]:
 def rich_table(report: EvalReport) -> Table:
     from rich.table import Table
 
-    table = Table(title=f"hybrid eval: {len(report.pieces)} questions, quality = {report.metric}")
+    n = report.configs[0].n if report.configs else len(report.pieces)
+    table = Table(title=f"hybrid eval: {n} questions, quality = {report.metric}")
     for column in table_header(report):
         table.add_column(column, justify="left" if column == "config" else "right")
     best = report.best()
@@ -757,8 +758,9 @@ def graft_timings(
     the reference's refinement; the LLM's direct answer is taken when it is the same text or
     was not recorded this time. A draft recorded with a smaller ``max_tokens`` that begins the
     reference's draft takes the reference's whole draft and keeps its own first token
-    logprobs (enough for ``confidence@<k>`` up to that many tokens). Returns the pieces and
-    how many drafts matched."""
+    logprobs (enough for ``confidence@<k>`` up to that many tokens). A draft that differs is
+    replaced by the reference's whole question. Returns the pieces and how many drafts
+    matched."""
     ref = {p.id: p for p in reference}
     out: list[Pieces] = []
     grafted = 0
@@ -783,6 +785,12 @@ def graft_timings(
         )
         same_draft = same_draft or head
         grafted += same_draft
+        if not same_draft and r.draft.text:
+            # Another draft this time (batching, threads): its timings were taken under load
+            # and its refinement is missing, so the reference's question is used whole (its
+            # token logprobs are unknown: early confidence terms do not fire on it).
+            out.append(r)
+            continue
         out.append(
             replace(
                 p,
