@@ -166,3 +166,27 @@ def test_graft_timings_takes_the_quiet_run_where_the_answers_match() -> None:
     assert same.draft_logprobs == [-0.7] and same.direct == quiet[same.id].direct
     assert head.draft == quiet[head.id].draft and head.draft_logprobs == [-0.7]
     assert other is quiet[other.id]
+
+
+def test_extra_training_questions_train_but_are_never_scored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pieces = make_pieces()
+    extra = [ev.Pieces(**{**p.__dict__, "id": f"x-{p.id}", "question": f"extra {p.question}"})
+             for p in pieces]  # fmt: skip
+    trained_on: list[set[str]] = []
+    real_train = hs.train
+
+    def spy(examples, vectors, **kw):  # type: ignore[no-untyped-def]
+        trained_on.append({e.question for e in examples})
+        return real_train(examples, vectors, **kw)
+
+    monkeypatch.setattr(hs, "train", spy)
+    held = hs.evaluate_held_out(
+        pieces, [ev.Config("llm-only", "llm-only")], Prices.load(Path("/nonexistent")),
+        folds=3, embed=embed, learned_thresholds=["0.3"], extra_train=extra,
+    )  # fmt: skip
+    test_q = {p.question for p in pieces if p.id in set(held.test_ids)}
+    assert {p.question for p in extra} <= trained_on[0] and not trained_on[0] & test_q
+    assert held.test.configs[0].n == len(held.test_ids)  # the extra ones are not scored
+    assert held.auc_test is not None and held.auc_test > 0.9

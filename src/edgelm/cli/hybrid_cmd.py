@@ -199,6 +199,12 @@ def eval_(
     workers: int = typer.Option(
         1, "--workers", min=1, max=16, help="Questions asked at once (latency then invalid)."
     ),
+    train_extra: list[Path] = typer.Option(
+        [],
+        "--train-extra",
+        help="With --holdout --learned: pieces (results.json) that only train the learned "
+        "router, never scored (e.g. general2 beside a held-out part of general).",
+    ),
     timings_from: Path | None = typer.Option(
         None,
         "--timings-from",
@@ -298,6 +304,7 @@ def eval_(
                 embed=embed_fn,
                 learned_thresholds=[v for v in learned_thresholds.split(";") if v.strip()],
                 learned_extra=learned_extra,
+                extra_train=[p for path in train_extra for p in ev.read_pieces(path)],
             )
         finally:
             if embedder is not None:
@@ -334,6 +341,8 @@ def eval_(
             f"{len(held.test_ids)} of {len(recorded)} questions (share {holdout:g} of each "
             f"category, seed {split_seed}); the table is the held-out part only"
         )
+        if train_extra:
+            report.meta["learned_also_trained_on"] = ", ".join(map(str, train_extra))
     directory = out or settings.home / "hybrid" / time.strftime("%Y%m%d-%H%M%S")
     ev.write_json(report, directory / "results.json", held.to_dict() if held else None)
     ev.write_html(report, directory / "report.html")
@@ -389,6 +398,15 @@ def _print_held_out(held: Any) -> None:
         )
     table.caption = "rows: baselines and configurations meeting the target on at least one fold"
     print_table(table)
+    if held.auc_cv is not None or held.auc_test is not None:
+
+        def fmt(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f}"
+
+        out.print(
+            f"learned router AUC (P(LLM better) against the labels): held-out part "
+            f"{fmt(held.auc_test)}, {held.folds}-fold over all {fmt(held.auc_cv)} (0.5 = a coin)"
+        )
     out.print(f"held out: {', '.join(held.test_ids)}")
 
 

@@ -134,6 +134,17 @@ def learned_configs(
     return out
 
 
+def auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    """Area under the ROC curve (the chance that a random positive outscores a random
+    negative, ties counting half); ``None`` without both classes. 0.5 is a coin."""
+    pos = [s for y, s in zip(labels, scores, strict=True) if y]
+    neg = [s for y, s in zip(labels, scores, strict=True) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
 @dataclass
 class FoldSummary:
     """One configuration across the folds of a cross-validation."""
@@ -163,6 +174,10 @@ class HeldOut:
     holdout: float
     cv: list[FoldSummary] = field(default_factory=list)
     folds: int = 0
+    auc_test: float | None = None
+    """The learned router's AUC on the held-out part (trained on the train part)."""
+    auc_cv: float | None = None
+    """Its AUC over the whole set, each question scored by a router trained without its fold."""
 
     def chosen(self) -> tuple[ConfigResult | None, ConfigResult | None]:
         """The configuration chosen on the train part (fastest keeping 95% with <= 50%
@@ -183,6 +198,7 @@ class HeldOut:
             "chosen_on_test": asdict(tested) if tested else None,
             "test_best_routed": (b.name if (b := self.test.best_routed()) else None),
             "folds": self.folds,
+            "learned_auc": {"test": self.auc_test, "cv": self.auc_cv},
             "cv": [asdict(s) for s in self.cv],
         }
 
@@ -200,25 +216,30 @@ def evaluate_held_out(
     learned_thresholds: Sequence[str] = LEARNED_THRESHOLDS,
     learned_extra: Sequence[str] = (),
     l2: float = DEFAULT_L2,
+    extra_train: Sequence[Pieces] = (),
 ) -> HeldOut:
     """Every configuration on the held-out part, and k-fold figures over the whole set.
 
     With ``embed`` the learned router is added: trained on the train part for the held-out
     report, on the other folds for each fold. Heuristic policies need no training; their
-    cross-validated figures show how much they move from fold to fold."""
+    cross-validated figures show how much they move from fold to fold. ``extra_train`` are
+    questions of other sets that only ever train the router (never scored), e.g. the
+    ``general2`` set beside a held-out part of ``general``."""
     by_id = {p.id: p for p in pieces}
     train_ids, test_ids = split_ids(pieces, holdout, seed)
     train_p = [by_id[i] for i in train_ids]
     test_p = [by_id[i] for i in test_ids]
     vectors: dict[str, list[float]] = {}
+    scored = {p.question for p in pieces}
+    extra = [p for p in extra_train if p.question not in scored]
     if embed is not None:
-        texts = list(dict.fromkeys(p.question for p in pieces))
+        texts = list(dict.fromkeys([p.question for p in pieces] + [p.question for p in extra]))
         vectors = dict(zip(texts, embed(texts), strict=True))
 
     def with_learned(train_part: Sequence[Pieces], score_part: Sequence[Pieces]) -> list[Config]:
         if embed is None:
             return list(configs)
-        probs = learned_probabilities(train_part, score_part, vectors, metric, l2)
+        probs = learned_probabilities([*train_part, *extra], score_part, vectors, metric, l2)
         return [*configs, *learned_configs(probs, learned_thresholds, learned_extra)]
 
     test_report = evaluate(test_p, with_learned(train_p, test_p), prices, metric)
@@ -228,6 +249,16 @@ def evaluate_held_out(
     result = HeldOut(test_report, train_report, train_ids, test_ids, seed, holdout)
     result.folds = folds
     result.cv = _cv(pieces, configs, prices, metric, folds, seed, with_learned)
+    if embed is not None:
+        labels = {e.item_id: e.label for e in examples_from_pieces(pieces, metric)}
+        probs = learned_probabilities([*train_p, *extra], test_p, vectors, metric, l2)
+        result.auc_test = auc([labels[i] for i in test_ids], [probs[i] for i in test_ids])
+        oof: dict[str, float] = {}
+        for ids in fold_ids(pieces, folds, seed):
+            part = [by_id[i] for i in ids]
+            rest = [p for p in pieces if p.id not in set(ids)]
+            oof.update(learned_probabilities([*rest, *extra], part, vectors, metric, l2))
+        result.auc_cv = auc([labels[i] for i in oof], list(oof.values()))
     return result
 
 
