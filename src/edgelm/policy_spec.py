@@ -30,6 +30,7 @@ DEFAULT_CONFIDENCE = -1.0
 DEFAULT_CONFIDENCE_MIN = -6.0
 DEFAULT_INSUFFICIENT_CHARS = 3
 DEFAULT_LEARNED = 0.5
+DEFAULT_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,10 @@ class Term:
     """One policy term with its value parsed and its default applied.
 
     ``name`` is one of ``never``, ``always``, ``length``, ``confidence``, ``confidence-min``,
-    ``insufficient``, ``keywords``, ``topic``, ``degenerate``, ``unsupported`` or ``learned``. ``value`` is the number of the numeric terms
-    (an int for ``length`` and ``insufficient``); ``words`` the words of ``keywords``;
+    ``insufficient``, ``keywords``, ``topic``, ``degenerate``, ``unsupported``, ``learned`` or
+    ``tokens``. ``value`` is the number of the numeric terms (an int for ``length``,
+    ``insufficient`` and ``tokens``); ``at`` the token count after which a ``confidence@<k>``
+    term decides while the draft streams; ``words`` the words of ``keywords``;
     ``patterns`` the regexes of a ``topic`` given as data (None: the settings' patterns);
     ``action`` the route asked for with ``>refine`` / ``>direct`` (None: the term's own).
     """
@@ -48,6 +51,7 @@ class Term:
     words: tuple[str, ...] = ()
     patterns: tuple[str, ...] | None = None
     action: Action | None = None
+    at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,8 @@ def _term(text: str) -> Term:
     name, _, raw = text.strip().partition("=")
     name = name.strip().lower()
     raw = raw.strip()
+    if "@" in name:
+        return _at_term(name, raw)
     if name in ("never", "always"):
         return Term(name)
     if name == "length":
@@ -149,6 +155,11 @@ def _term(text: str) -> Term:
         if count < 1:
             raise InvalidRequest("policy 'unsupported' needs a count of 1 or more", param="policy")
         return Term(name, count)
+    if name == "tokens":
+        budget = int(_number(name, raw, DEFAULT_TOKENS))
+        if budget < 1:
+            raise InvalidRequest("policy 'tokens' needs a budget of 1 or more", param="policy")
+        return Term(name, budget)
     if name == "learned":
         value = _number(name, raw, DEFAULT_LEARNED)
         if not 0.0 <= value <= 1.0:
@@ -156,13 +167,34 @@ def _term(text: str) -> Term:
         return Term(name, value)
     raise InvalidRequest(
         f"unknown policy '{name}'; use never, always, length, confidence, confidence-min, "
-        "insufficient, keywords, topic, degenerate, unsupported or learned",
+        "insufficient, keywords, topic, degenerate, unsupported, learned or tokens",
         param="policy",
     )
 
 
+def _at_term(name: str, raw: str) -> Term:
+    """``confidence@<k>=<t>`` (also ``confidence-min@<k>``): judged on the first ``k`` tokens
+    while the draft streams, so an unsure start is cut there instead of paid to the end."""
+    base, _, count = name.partition("@")
+    if base == "confidence-mean":
+        base = "confidence"
+    if base not in ("confidence", "confidence-min"):
+        raise InvalidRequest(
+            f"'{name}': only confidence@<k> and confidence-min@<k> take a token count",
+            param="policy",
+        )
+    try:
+        at = int(count)
+    except ValueError:
+        raise InvalidRequest(f"'{name}': @ needs a whole token count", param="policy") from None
+    if at < 1:
+        raise InvalidRequest(f"'{name}': the token count must be 1 or more", param="policy")
+    default = DEFAULT_CONFIDENCE if base == "confidence" else DEFAULT_CONFIDENCE_MIN
+    return Term(base, _number(base, raw, default), at=at)
+
+
 def _with_action(term: Term, action: Action) -> Term:
-    return Term(term.name, term.value, term.words, term.patterns, action)
+    return Term(term.name, term.value, term.words, term.patterns, action, term.at)
 
 
 def _from_mapping(data: Mapping[str, Any]) -> Spec:

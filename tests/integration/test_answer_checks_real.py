@@ -53,7 +53,7 @@ def test_the_tiny_model_loops_without_the_check(client: OpenAI) -> None:
 
 def test_hybrid_cuts_the_loop_and_escalates(client: OpenAI) -> None:
     body = client.chat.completions.create(
-        model=f"hybrid:{TINY}+fallback",  # the default policy
+        model=f"hybrid:{TINY}+fallback@degenerate,insufficient",  # the loop check alone
         messages=[{"role": "user", "content": PATTERN}],
         temperature=0,
         max_tokens=MAX_TOKENS,
@@ -102,3 +102,18 @@ def test_the_engine_default_repeat_penalty_applies_only_when_unset(tiny_model_pa
         assert explicit.job.sampling.repeat_penalty == 1.0
     finally:
         engine.close()
+
+
+def test_hybrid_token_budget_cuts_the_real_draft(client: OpenAI) -> None:
+    """'tokens=8' on the real model: the draft is stopped at its 8th token and the LLM answers."""
+    body = client.chat.completions.create(
+        model=f"hybrid:{TINY}+fallback@tokens=8",
+        messages=[{"role": "user", "content": PATTERN}],
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+    )
+    assert body.choices[0].message.content == FALLBACK
+    ext = body.model_extra["edgelm"]  # type: ignore[index]
+    assert ext["route"] == "direct" and ext["fired"] == "tokens"
+    assert ext["tokens"]["slm"]["completion"] == 8
+    assert len(ext["draft_logprob"]["tokens"]) == 8

@@ -41,7 +41,7 @@ def test_code_set_references_pass_their_own_tests() -> None:
 
 def test_list_datasets_states_licences() -> None:
     rows = {row["name"]: row for row in list_datasets()}
-    assert set(rows) == {"general", "code", "rag"}
+    assert set(rows) == {"general", "general2", "code", "rag"}
     assert rows["general"]["size"] >= 50 and "CC0" in rows["general"]["licence"]
     assert rows["code"]["size"] >= 20 and "CC0" in rows["code"]["licence"]
     assert all(row["description"] for row in rows.values())
@@ -109,5 +109,5 @@ def test_bad_files_say_where(tmp_path: Path, content: str, message: str) -> None
 
 
 def test_unknown_name() -> None:
-    with pytest.raises(InvalidRequest, match="general, code, rag"):
+    with pytest.raises(InvalidRequest, match="general, general2, code, rag"):
         load_dataset("nope")

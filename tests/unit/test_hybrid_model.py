@@ -233,10 +233,15 @@ def test_client_cancel_stops_the_llm(app, base: str) -> None:  # type: ignore[no
 
 
 def test_a_looping_draft_is_cut_early_and_goes_to_the_llm(app, base: str) -> None:  # type: ignore[no-untyped-def]
-    """The SLM would repeat one sentence 50 times (450 tokens); the default policy stops it
-    once the loop is certain and the LLM answers the question afresh."""
-    raw = oai(base).chat.completions.with_raw_response.create(
+    """The SLM would repeat one sentence 50 times (450 tokens); a 'degenerate' policy stops it
+    once the loop is certain and the LLM answers the question afresh. (The default policy
+    cuts it sooner still, at its 24-token budget.)"""
+    default = oai(base).chat.completions.create(
         model="hybrid:small-loop+big", messages=MSG, max_tokens=600
+    ).model_extra["edgelm"]
+    assert default["route"] == "direct" and default["tokens"]["slm"]["completion"] == 24
+    raw = oai(base).chat.completions.with_raw_response.create(
+        model="hybrid:small-loop+big@degenerate,insufficient", messages=MSG, max_tokens=600
     )
     assert raw.headers["x-edgelm-route"] == "direct"
     assert raw.headers["x-edgelm-reason"].startswith("degenerate: loop")
@@ -249,7 +254,7 @@ def test_a_looping_draft_is_cut_early_and_goes_to_the_llm(app, base: str) -> Non
     assert ext["tokens"]["slm"]["completion"] <= 3 * per_copy + 2  # not 450 tokens
     degenerate = next(s for s in ext["signals"] if s["policy"] == "degenerate")
     assert degenerate["fired"] and degenerate["value"] == "loop"
-    assert app.state.edgelm.pool.models["small-loop"].cancelled == 1
+    assert app.state.edgelm.pool.models["small-loop"].cancelled == 2
 
 
 def test_never_keeps_a_looping_draft_uncut(base: str) -> None:

@@ -164,8 +164,52 @@ def eval_(
     system: str = typer.Option(
         ev.DEFAULT_SYSTEM, help="System prompt for every model ('' for none)."
     ),
-    pieces: Path | None = typer.Option(
-        None, "--pieces", help="Re-score the pieces of an earlier results.json (no models)."
+    pieces: list[Path] = typer.Option(
+        [],
+        "--pieces",
+        help="Re-score the pieces of earlier results.json files (no models); repeat to pool "
+        "several sets.",
+    ),
+    holdout: float | None = typer.Option(
+        None,
+        "--holdout",
+        min=0.05,
+        max=0.95,
+        help="Report on a held-out share of each category (e.g. 0.5); the learned router is "
+        "trained on the rest only, and k-fold figures over the whole set are added.",
+    ),
+    split_seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and folds."),
+    folds: int = typer.Option(5, "--folds", min=2, help="Cross-validation folds (--holdout)."),
+    learned_extra: list[str] = typer.Option(
+        [],
+        "--learned-with",
+        help="With --holdout --learned: also score 'learned=<t>,<SPEC>' for this spec.",
+    ),
+    with_refine: bool = typer.Option(
+        True,
+        "--refine/--no-refine",
+        help="Record the LLM's refinement of each draft (--no-refine: the draft alone, "
+        "routes draft/direct only, one LLM call fewer per question).",
+    ),
+    with_direct: bool = typer.Option(
+        True,
+        "--direct/--no-direct",
+        help="Record the LLM's own answer (--no-direct: take it from --timings-from).",
+    ),
+    workers: int = typer.Option(
+        1, "--workers", min=1, max=16, help="Questions asked at once (latency then invalid)."
+    ),
+    train_extra: list[Path] = typer.Option(
+        [],
+        "--train-extra",
+        help="With --holdout --learned: pieces (results.json) that only train the learned "
+        "router, never scored (e.g. general2 beside a held-out part of general).",
+    ),
+    timings_from: Path | None = typer.Option(
+        None,
+        "--timings-from",
+        help="Take engine timings from this earlier results.json wherever its answers are the "
+        "same text (quality recorded under load, latency from a quiet run).",
     ),
     out: Path | None = typer.Option(None, help="Directory for results.json and report.html."),
     learned: bool = typer.Option(
@@ -207,8 +251,8 @@ def eval_(
             ev.Config(s, "hybrid", ev.parse_policy(s))
             for s in ("insufficient>direct", "length=100>direct", "length=200>direct")
         ]
-    elif pieces is not None:
-        recorded = ev.read_pieces(pieces)
+    elif pieces:
+        recorded = [p for path in pieces for p in ev.read_pieces(path)]
     else:
         from edgelm.evals.datasets import load_dataset
 
@@ -233,14 +277,52 @@ def eval_(
                 max_tokens=max_tokens,
                 system=system or None,
                 progress=progress,
+                refine=with_refine,
+                direct=with_direct,
+                workers=workers,
             )
-    if learned:
-        if not (slm_alias and llm_alias):  # re-scored pieces: the configured (or tier) pair
-            slm_alias, llm_alias = _pair(settings, slm, llm)
-        configs += _learned_configs(settings, recorded, slm_alias, llm_alias, learned_thresholds)
-    report = ev.evaluate(recorded, configs, Prices.load(settings.home), metric)
+    grafted = None
+    if timings_from is not None:
+        recorded, grafted = ev.graft_timings(recorded, ev.read_pieces(timings_from))
+    if any(not p.refine.text and not p.refine.total_s for p in recorded):
+        # Some questions have no recorded refinement: score only what routes draft/direct.
+        configs = [c for c in configs if c.policy is None or not ev.refines(c.policy)]
+    held = None
+    if holdout is not None:
+        embed_fn, embedder = _embed_fn(settings, "all-minilm-l6-v2") if learned else (None, None)
+        from edgelm.evals import hybrid_split as hs
+
+        try:
+            held = hs.evaluate_held_out(
+                recorded,
+                configs,
+                Prices.load(settings.home),
+                metric,
+                holdout=holdout,
+                seed=split_seed,
+                folds=folds,
+                embed=embed_fn,
+                learned_thresholds=[v for v in learned_thresholds.split(";") if v.strip()],
+                learned_extra=learned_extra,
+                extra_train=[p for path in train_extra for p in ev.read_pieces(path)],
+            )
+        finally:
+            if embedder is not None:
+                embedder.close()
+        report = held.test
+        report.pieces = list(recorded)  # the file keeps every question; "held_out" says which
+    else:
+        if learned:
+            if not (slm_alias and llm_alias):  # re-scored pieces: the configured (or tier) pair
+                slm_alias, llm_alias = _pair(settings, slm, llm)
+            configs += _learned_configs(
+                settings, recorded, slm_alias, llm_alias, learned_thresholds
+            )
+        report = ev.evaluate(recorded, configs, Prices.load(settings.home), metric)
     report.meta = {
-        "dataset": f"eval run {from_run}" if from_run else str(pieces or dataset),
+        "dataset": f"eval run {from_run}"
+        if from_run
+        else (" + ".join(map(str, pieces)) if pieces else dataset),
         "questions": len(recorded),
         "slm": slm_alias,
         "llm": llm_alias,
@@ -252,10 +334,21 @@ def eval_(
         "method": "models run once per question (draft with logprobs, LLM refine of the draft, "
         "LLM direct); every policy computed offline from those pieces",
     }
+    if grafted is not None:
+        report.meta["timings_from"] = f"{timings_from} ({grafted} of {len(recorded)} questions)"
+    if held is not None:
+        report.meta["held_out"] = (
+            f"{len(held.test_ids)} of {len(recorded)} questions (share {holdout:g} of each "
+            f"category, seed {split_seed}); the table is the held-out part only"
+        )
+        if train_extra:
+            report.meta["learned_also_trained_on"] = ", ".join(map(str, train_extra))
     directory = out or settings.home / "hybrid" / time.strftime("%Y%m%d-%H%M%S")
-    ev.write_json(report, directory / "results.json")
+    ev.write_json(report, directory / "results.json", held.to_dict() if held else None)
     ev.write_html(report, directory / "report.html")
     print_table(ev.rich_table(report))
+    if held is not None:
+        _print_held_out(held)
     best = report.best()
     if best is not None:
         console().print(
@@ -263,7 +356,58 @@ def eval_(
             f"at {ev._pct(best.latency_share)} of its mean latency "
             f"({'meets' if best.meets_target else 'misses'} the 95% / 60% target)"
         )
+    routed = report.best_routed()
+    if routed is not None:
+        console().print(
+            f"fastest keeping 95% of LLM quality with <= 50% escalated: [bold]{routed.name}[/] "
+            f"({ev._pct(routed.quality_share)}, {ev._pct(routed.escalated)} escalated, "
+            f"{ev._pct(routed.latency_share)} of the LLM's latency)"
+        )
     console().print(f"files in {directory}")
+
+
+def _print_held_out(held: Any) -> None:
+    """The choice made on the train part, its held-out figures, and the k-fold summary."""
+    out = console()
+    picked, tested = held.chosen()
+    if picked is None or tested is None:
+        out.print(
+            "no configuration keeps 95% of LLM quality with <= 50% escalated on the train part"
+        )
+    else:
+        out.print(
+            f"chosen on the train part: [bold]{picked.name}[/]; on the held-out part it keeps "
+            f"{ev._pct(tested.quality_share)} of LLM-only quality with {ev._pct(tested.escalated)} "
+            f"escalated, at {ev._pct(tested.latency_share)} of the LLM's mean latency "
+            f"({'meets' if tested.meets_routing else 'misses'} 95% / <=50% / below the LLM)"
+        )
+    table = Table(title=f"{held.folds}-fold cross-validation over all questions (seed {held.seed})")
+    for column in ("config", "quality", "of LLM", "min-max of LLM", "escalated", "latency of LLM",
+                   "folds meeting"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "config" else "right")
+    keep = [s for s in held.cv if s.meets_routing or s.folds_meeting or s.name.endswith("-only")]
+    for s in keep:
+        table.add_row(
+            s.name,
+            f"{s.quality:.3f}",
+            ev._pct(s.quality_share),
+            f"{ev._pct(s.quality_share_min)}-{ev._pct(s.quality_share_max)}",
+            ev._pct(s.escalated),
+            ev._pct(s.latency_share),
+            f"{s.folds_meeting}/{held.folds}",
+        )
+    table.caption = "rows: baselines and configurations meeting the target on at least one fold"
+    print_table(table)
+    if held.auc_cv is not None or held.auc_test is not None:
+
+        def fmt(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f}"
+
+        out.print(
+            f"learned router AUC (P(LLM better) against the labels): held-out part "
+            f"{fmt(held.auc_test)}, {held.folds}-fold over all {fmt(held.auc_cv)} (0.5 = a coin)"
+        )
+    out.print(f"held out: {', '.join(held.test_ids)}")
 
 
 def _embed_fn(settings: Settings, model: str):
@@ -320,6 +464,14 @@ def train(
     out: Path | None = typer.Option(
         None, "--out", help="Router file (default: $EDGELM_HOME/router/learned.json)."
     ),
+    from_pieces: list[Path] = typer.Option(
+        [],
+        "--pieces",
+        help="Train on the recorded pieces of 'hybrid eval' runs (results.json; repeatable) "
+        "instead of stored eval runs: label 1 where the LLM's answer scored higher than the "
+        "SLM's draft.",
+    ),
+    metric: str = typer.Option("contains", help="Quality metric of the labels (--pieces)."),
 ) -> None:
     """Fit the learned router on stored eval runs in which both tiers answered; the policy
     term 'learned=<p>' then sends a question to the LLM before any draft when P >= p."""
@@ -331,9 +483,15 @@ def train(
     settings = settings_of(ctx)
     try:
         slm_alias, llm_alias = _pair(settings, slm, llm)
-        examples, used = lr.examples_from_runs(
-            settings.home / "evals.db", slm_alias, llm_alias, split_list(runs)
-        )
+        if from_pieces:
+            from edgelm.evals.hybrid_split import examples_from_pieces
+
+            recorded = [p for path in from_pieces for p in ev.read_pieces(path)]
+            examples, used = examples_from_pieces(recorded, metric), []
+        else:
+            examples, used = lr.examples_from_runs(
+                settings.home / "evals.db", slm_alias, llm_alias, split_list(runs)
+            )
     except EdgelmError as exc:
         fail(exc.message)
     if not examples:
@@ -352,7 +510,12 @@ def train(
     vectors = [table[e.question] for e in examples]
     target = out or lr.home_path(settings.home)
     # The command that reproduces this file from the same eval database, every choice spelled out.
-    command = ["edgelm", "hybrid", "train", "--runs", ",".join(used), "--slm", slm_alias]
+    command = ["edgelm", "hybrid", "train", "--slm", slm_alias]
+    if from_pieces:
+        command += [x for path in from_pieces for x in ("--pieces", str(path))]
+        command += ["--metric", metric]
+    else:
+        command += ["--runs", ",".join(used)]
     command += ["--llm", llm_alias, "--embedder", embedder, "--l2", f"{l2:g}"]
     command += ["--folds", str(folds), "--out", str(target)]
     cv = lr.cross_validated(examples, vectors, folds=folds, l2=l2)
@@ -363,6 +526,7 @@ def train(
         "slm": slm_alias,
         "llm": llm_alias,
         "runs": used,
+        "pieces": [str(path) for path in from_pieces],
         "datasets": sorted({e.dataset for e in examples}),
         "command": shlex.join(command),
         "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -384,9 +548,10 @@ def train(
         )
     console().print(result)
     positives = sum(e.label for e in examples)
+    source = f"{len(from_pieces)} pieces files" if from_pieces else f"{len(used)} runs"
     console().print(
         f"trained on {len(examples)} questions ({positives} where {llm_alias} did better) from "
-        f"{len(used)} runs; saved to {path}"
+        f"{source}; saved to {path}"
     )
 
 

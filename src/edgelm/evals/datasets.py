@@ -6,7 +6,7 @@ comparison command read one shape whatever the source. A JSONL line is one objec
 canonical one) or ``answer`` (one string); ``category`` and ``difficulty`` are optional and every
 other key lands in ``extra`` (the code set keeps its unit tests there, the RAG set its evidence).
 
-The shipped general and code sets were written for this project and are released under CC0-1.0
+The shipped general, general2 and code sets were written for this project and are released under CC0-1.0
 (see ``data/LICENSE.md``); the RAG set is read from the RAG package's data
 (``edgelm/rag/data/qa.jsonl``), written for the project by the RAG work alongside its demo corpus.
 Its rows label evidence as quotes (which survive re-chunking); :func:`with_supporting_chunks`
@@ -66,6 +66,14 @@ def _shipped() -> tuple[_Shipped, ...]:
             SHIPPED_LICENCE,
             "Short factual questions with alias lists: geography, science, math, history, "
             "language, computing, common sense; easy to hard.",
+        ),
+        _Shipped(
+            "general2",
+            ("evals", "data", "general2.jsonl"),
+            SHIPPED_LICENCE,
+            "150 more short factual questions in the categories of 'general', easy to hard "
+            "(a third hard enough that a 0.5B model often fails them): training and held-out "
+            "data for the hybrid router's learned policy.",
         ),
         _Shipped(
             "code",

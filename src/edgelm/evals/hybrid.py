@@ -19,19 +19,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgelm.answer_checks import LoopMonitor
 from edgelm.client import EdgelmClient
 from edgelm.cost import Prices, local_cost_per_request
 from edgelm.hybrid.policies import (
+    Decision,
     Draft,
     Policy,
+    Verdict,
     bind_learned,
+    decide,
     decide_before_draft,
+    first_cut,
     parse_policy,
-    route_for,
+    watches_loops,
 )
 from edgelm.reporting import (
     escape,
@@ -53,6 +58,9 @@ Scorer = Callable[[str, Sequence[str]], float]
 DEFAULT_SYSTEM = "Answer the question correctly and concisely."
 QUALITY_TARGET = 0.95
 LATENCY_TARGET = 0.60
+ESCALATION_TARGET = 0.50
+"""Issue 17's routing target: >= 95% of LLM-only quality with at most half of the questions
+reaching the LLM, at a mean latency below the LLM's alone (``ConfigResult.meets_routing``)."""
 
 # Thresholds swept when a policy is named without any.
 DEFAULT_GRID: dict[str, tuple[str, ...]] = {
@@ -61,7 +69,28 @@ DEFAULT_GRID: dict[str, tuple[str, ...]] = {
     "confidence-min": ("-1", "-2", "-3", "-4", "-6", "-8"),
     "insufficient": ("3",),
 }
-DEFAULT_POLICIES = ("length", "confidence", "confidence-min", "insufficient")
+DEFAULT_POLICIES = ("length", "confidence", "confidence-min", "insufficient", "early")
+EARLY_AT = (4, 8, 16)
+EARLY_CONFIDENCE = ("-0.2", "-0.3", "-0.5", "-0.75")
+EARLY_TOKENS = ("24", "32", "48", "64")
+
+
+def early_specs() -> list[str]:
+    """The ``early`` family swept by default: a running-confidence check after ``k`` tokens,
+    a draft token budget, each alone, together, and beside ``confidence=<t>>direct`` on the
+    finished draft (an unsure start is cut; an unsure end still escalates)."""
+    out = [f"insufficient,tokens={n}" for n in EARLY_TOKENS]
+    for k in EARLY_AT:
+        for t in EARLY_CONFIDENCE:
+            out.append(f"insufficient,confidence@{k}={t}")
+            for n in EARLY_TOKENS:
+                out.append(f"insufficient,tokens={n},confidence@{k}={t}")
+    for n in EARLY_TOKENS:
+        for final in ("-0.2", "-0.3"):
+            out.append(f"insufficient,tokens={n},confidence={final}>direct")
+            for k in EARLY_AT:
+                out.append(f"insufficient,tokens={n},confidence@{k}=-0.5,confidence={final}>direct")
+    return out
 
 
 # -- recorded pieces ------------------------------------------------------------------------
@@ -91,14 +120,34 @@ class Pieces:
     min_logprob: float | None
     refine: Piece
     direct: Piece
+    draft_logprobs: list[float] | None = None
+    """Each draft token's logprob (recorded since the early checks; older files lack it)."""
+    draft_token_s: list[float] | None = None
+    """When the SLM produced each draft token, seconds since the draft started."""
 
     def draft_view(self) -> Draft:
         return Draft(
             self.draft.text,
-            (),
+            tuple(self.draft_logprobs or ()),
             mean_logprob_value=self.mean_logprob,
             min_logprob_value=self.min_logprob,
+            tokens=self.draft.completion_tokens,
         )
+
+    def draft_time_at(self, tokens: int) -> float:
+        """Seconds the draft had run when its ``tokens``-th token came out: the recorded
+        token time when there is one, else interpolated between the first token (TTFT) and
+        the end at the draft's own decode rate (pieces recorded before per-token times)."""
+        d = self.draft
+        n = d.completion_tokens
+        if tokens >= n:
+            return d.total_s
+        if self.draft_token_s and len(self.draft_token_s) >= tokens > 0:
+            return min(d.total_s, self.draft_token_s[tokens - 1])
+        first = d.ttft_s if d.ttft_s is not None else 0.0
+        if n <= 1:
+            return d.total_s
+        return first + (d.total_s - first) * (max(tokens, 1) - 1) / (n - 1)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Pieces:
@@ -135,51 +184,92 @@ def collect(
     seed: int = 0,
     warmup: bool = True,
     progress: ProgressFn | None = None,
+    refine: bool = True,
+    direct: bool = True,
+    workers: int = 1,
 ) -> list[Pieces]:
     """Ask every question once as draft+refine and once to the LLM alone (see module doc).
 
     ``items`` are :class:`edgelm.evals.datasets.QAItem`-like (``id``, ``question``,
-    ``answers``, ``category``). Runs sequentially: latency is what is being measured.
+    ``answers``, ``category``). Runs sequentially by default: latency is what is being
+    measured. ``refine=False`` records the draft alone (``hybrid@never``: no refinement; only
+    routes ``draft`` and ``direct`` can then be scored), ``direct=False`` skips the LLM's own
+    answer (to be filled in by :func:`graft_timings` from an earlier run), and ``workers``
+    asks several questions at once: quality at temperature 0 stays valid, latency does not.
     """
     params = {"temperature": 0.0, "seed": seed, "max_tokens": max_tokens}
-    hybrid = name_for(slm, llm, "always")
-    out: list[Pieces] = []
+    hybrid = name_for(slm, llm, "always" if refine else "never")
+    empty = Piece("", 0.0, None, 0, 0)
 
     def messages(question: str) -> list[dict[str, Any]]:
         head = [{"role": "system", "content": system}] if system else []
         return [*head, {"role": "user", "content": question}]
 
-    if warmup and items:  # load both models and warm their caches outside the measurement
-        client.chat_once(hybrid, messages(items[0].question), **{**params, "max_tokens": 8})
-    for n, item in enumerate(items, 1):
+    def ask(item: Any) -> Pieces:
         reply = client.chat_once(hybrid, messages(item.question), **params)
         ext = reply.extension or {}
         draft_leg = ext.get("draft") or {}
-        direct = client.chat_once(llm, messages(item.question), **params)
-        timings = direct.server_timings or {}
+        draft_text = str(draft_leg.get("text", "")) if refine else reply.text
         lp = ext.get("draft_logprob") or {}
-        out.append(
-            Pieces(
-                id=str(item.id),
-                question=item.question,
-                answers=list(item.answers),
-                category=getattr(item, "category", ""),
-                draft=_piece_from_leg(str(draft_leg.get("text", "")), draft_leg),
-                mean_logprob=lp.get("mean"),
-                min_logprob=lp.get("min"),
-                refine=_piece_from_leg(reply.text, ext.get("refine")),
-                direct=Piece(
-                    text=direct.text,
-                    total_s=(timings.get("total_ms") or direct.total_s * 1000) / 1000,
-                    ttft_s=(timings["ttft_ms"] / 1000) if timings.get("ttft_ms") else None,
-                    prompt_tokens=direct.prompt_tokens,
-                    completion_tokens=direct.completion_tokens,
-                ),
+        token_ms = lp.get("token_ms") or []
+        answer = empty
+        if direct:
+            reply_x = client.chat_once(llm, messages(item.question), **params)
+            timings = reply_x.server_timings or {}
+            answer = Piece(
+                text=reply_x.text,
+                total_s=(timings.get("total_ms") or reply_x.total_s * 1000) / 1000,
+                ttft_s=(timings["ttft_ms"] / 1000) if timings.get("ttft_ms") else None,
+                prompt_tokens=reply_x.prompt_tokens,
+                completion_tokens=reply_x.completion_tokens,
             )
+        return Pieces(
+            id=str(item.id),
+            question=item.question,
+            answers=list(item.answers),
+            category=getattr(item, "category", ""),
+            draft=_piece_from_leg(draft_text, draft_leg),
+            mean_logprob=lp.get("mean"),
+            min_logprob=lp.get("min"),
+            refine=_piece_from_leg(reply.text, ext.get("refine")) if refine else empty,
+            direct=answer,
+            draft_logprobs=[float(v) for v in lp.get("tokens") or []] or None,
+            draft_token_s=[float(t) / 1000 for t in token_ms] or None,
         )
-        if progress:
-            progress(n, len(items), "questions")
-    return out
+
+    if warmup and items:  # load both models and warm their caches outside the measurement
+        client.chat_once(hybrid, messages(items[0].question), **{**params, "max_tokens": 8})
+    if workers <= 1:
+        out: list[Pieces] = []
+        for n, item in enumerate(items, 1):
+            out.append(ask(item))
+            if progress:
+                progress(n, len(items), "questions")
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(ask, item) for item in items]
+        results = []
+        for n, future in enumerate(futures, 1):
+            results.append(future.result())
+            if progress:
+                progress(n, len(items), "questions")
+    return results
+
+
+def refines(policy: Policy) -> bool:
+    """Whether ``policy`` can route a question to ``refine`` (pieces recorded without
+    refinements cannot score such a policy)."""
+    from edgelm.hybrid import policies as pol
+
+    if isinstance(policy, pol.Escalate):
+        return policy.action == "refine"
+    if isinstance(policy, pol.AnyOf | pol.AllOf):
+        return any(refines(c) for c in policy.children)
+    if isinstance(policy, pol.Confidence):
+        return policy.at is None
+    return isinstance(policy, pol.Always | pol.Length)
 
 
 def pieces_from_run(db_path: Path, run_id: str, slm: str, llm: str) -> list[Pieces]:
@@ -244,8 +334,51 @@ class Outcome:
     reason: str = ""
 
 
+def loop_cut_tokens(p: Pieces) -> int | None:
+    """Where the live pipeline's loop monitor would have stopped this recorded draft, in
+    tokens, or ``None`` when it does not loop. The monitor counts words; the word count is
+    turned into tokens in proportion to the draft's characters (pieces keep no token texts),
+    so the charged draft time is an estimate within a token or two."""
+    monitor = LoopMonitor()
+    text = p.draft.text
+    monitor.push(text)
+    if monitor.found is None or monitor.found.kind != "loop":
+        return None
+    words = text.split()
+    upto = " ".join(words[: monitor.found.words])
+    share = len(upto) / max(1, len(text))
+    n = p.draft.completion_tokens
+    return min(n, max(1, -(-int(share * n * 1000) // 1000)))
+
+
+def draft_cut(policy: Policy, p: Pieces) -> tuple[int, Decision] | None:
+    """The token count at which the live pipeline would stop this recorded draft, and the
+    ``direct`` decision it takes there: an early term firing (:func:`first_cut`, replayed on
+    the recorded token logprobs) or, with a ``degenerate`` term, a certain loop; whichever
+    comes first. ``None``: the draft runs to its end."""
+    cut = first_cut(policy, p.draft.completion_tokens, p.draft_logprobs or ())
+    if watches_loops(policy):
+        at = loop_cut_tokens(p)
+        if at is not None and (cut is None or at < cut[0]):
+            verdict = Verdict(
+                "degenerate",
+                True,
+                "direct",
+                "loop",
+                "loop|markers|empty",
+                "degenerate: loop (draft cut)",
+            )
+            cut = (at, Decision("direct", verdict))
+    return cut
+
+
 def outcome(config: Config, p: Pieces) -> Outcome:
-    """What the service would have answered for this question under this configuration."""
+    """What the service would have answered for this question under this configuration.
+
+    The steps are the live pipeline's: question-only rules first (no draft), then the draft
+    as it would stream (cut early by ``confidence@<k>``, ``tokens=<n>`` or a certain loop,
+    charging only the draft time up to the cut, see :meth:`Pieces.draft_time_at`), then the
+    policy's verdict on the whole draft."""
     d, r, x = p.draft, p.refine, p.direct
     if config.kind == "llm-only":
         return _out("direct", x, [x], x.total_s, x.ttft_s)
@@ -255,7 +388,18 @@ def outcome(config: Config, p: Pieces) -> Outcome:
     policy = config.policy
     if config.learned is not None:
         policy = bind_learned(policy, config.learned.get(p.id), "question not scored")
-    decision = route_for(policy, p.question, p.draft_view())
+    early = decide_before_draft(policy, p.question)
+    if early is not None and early.route == "direct":
+        # A question rule sent it straight to the LLM: no draft was made.
+        return _out("direct", x, [x], x.total_s, x.ttft_s, early.reason)
+    cut = draft_cut(policy, p) if early is None else None
+    if cut is not None:
+        spent = p.draft_time_at(cut[0])
+        used = Piece(d.text, spent, d.ttft_s, d.prompt_tokens, cut[0])
+        return _out(
+            "direct", x, [used, x], spent + x.total_s, spent + (x.ttft_s or 0.0), cut[1].reason
+        )
+    decision = early if early is not None else decide(policy, p.question, p.draft_view())
     if decision.route == "draft":
         # The draft is buffered while the policy decides: its first token shows at its end.
         return _out("draft", d, [d], d.total_s, d.total_s, decision.reason)
@@ -268,9 +412,6 @@ def outcome(config: Config, p: Pieces) -> Outcome:
             d.total_s + (r.ttft_s or 0.0),
             decision.reason,
         )
-    if decide_before_draft(policy, p.question) is not None:
-        # A question rule sent it straight to the LLM: no draft was made.
-        return _out("direct", x, [x], x.total_s, x.ttft_s, decision.reason)
     # Escalated after drafting (the draft declined): the draft's time is spent too.
     return _out(
         "direct", x, [d, x], d.total_s + x.total_s, d.total_s + (x.ttft_s or 0.0), decision.reason
@@ -315,6 +456,8 @@ class ConfigResult:
     quality_share: float | None = None
     latency_share: float | None = None
     meets_target: bool = False
+    meets_routing: bool = False
+    """>= 95% of LLM-only quality, <= 50% escalated, mean latency below LLM-only's."""
     routes: list[str] = field(default_factory=list)
 
 
@@ -337,14 +480,30 @@ class EvalReport:
             return min(keeping, key=lambda c: (c.mean_latency_s, -c.quality))
         return max(hybrids, key=lambda c: (c.quality, -c.mean_latency_s), default=None)
 
+    def best_routed(self) -> ConfigResult | None:
+        """The fastest hybrid configuration with >= 95% of LLM-only quality and at most half
+        of the questions escalated (issue 17's choice of the default policy); ``None`` when
+        none keeps both."""
+        keeping = [
+            c
+            for c in self.configs
+            if c.kind == "hybrid"
+            and (c.quality_share or 0) >= QUALITY_TARGET
+            and c.escalated <= ESCALATION_TARGET
+        ]
+        return min(keeping, key=lambda c: (c.mean_latency_s, -c.quality), default=None)
+
     def to_dict(self) -> dict[str, Any]:
         best = self.best()
+        routed = self.best_routed()
         return {
             "metric": self.metric,
             "meta": self.meta,
             "targets": {"quality_share": QUALITY_TARGET, "latency_share": LATENCY_TARGET},
             "best": best.name if best else None,
             "best_meets_target": bool(best and best.meets_target),
+            "best_routed": routed.name if routed else None,
+            "best_routed_meets": bool(routed and routed.meets_routing),
             "configs": [asdict(c) for c in self.configs],
             "pieces": [asdict(p) for p in self.pieces],
         }
@@ -390,6 +549,10 @@ def configurations(
     for name in policies:
         name = name.strip()
         if not name:
+            continue
+        if name == "early":
+            for spec in early_specs():
+                add(spec)
             continue
         values = grid.get(name, ())
         if not values:
@@ -507,6 +670,14 @@ def evaluate(
             and r.quality_share >= QUALITY_TARGET
             and r.latency_share <= LATENCY_TARGET
         )
+        r.meets_routing = (
+            r.kind == "hybrid"
+            and r.quality_share is not None
+            and r.latency_share is not None
+            and r.quality_share >= QUALITY_TARGET
+            and r.escalated <= ESCALATION_TARGET
+            and r.latency_share < 1.0
+        )
     return EvalReport(metric=metric, configs=results, pieces=list(pieces))
 
 
@@ -559,7 +730,8 @@ def table_header(report: EvalReport) -> list[str]:
 def rich_table(report: EvalReport) -> Table:
     from rich.table import Table
 
-    table = Table(title=f"hybrid eval: {len(report.pieces)} questions, quality = {report.metric}")
+    n = report.configs[0].n if report.configs else len(report.pieces)
+    table = Table(title=f"hybrid eval: {n} questions, quality = {report.metric}")
     for column in table_header(report):
         table.add_column(column, justify="left" if column == "config" else "right")
     best = report.best()
@@ -569,8 +741,75 @@ def rich_table(report: EvalReport) -> Table:
     return table
 
 
-def write_json(report: EvalReport, path: Path) -> Path:
-    return write_atomically(path, json.dumps(report.to_dict(), indent=2))
+def write_json(report: EvalReport, path: Path, held_out: dict[str, Any] | None = None) -> Path:
+    data = report.to_dict()
+    if held_out is not None:
+        data["held_out"] = held_out
+    return write_atomically(path, json.dumps(data, indent=2))
+
+
+def graft_timings(
+    pieces: Sequence[Pieces], reference: Sequence[Pieces]
+) -> tuple[list[Pieces], int]:
+    """``pieces`` with the engine timings of ``reference`` (an earlier run of the same
+    questions, e.g. on a quiet machine): quality recorded under load, latency measured
+    without it. A draft with the same text takes the reference's timings (keeping its own
+    token logprobs, dropping its per-token times, so cuts are charged by interpolation) and
+    the reference's refinement; the LLM's direct answer is taken when it is the same text or
+    was not recorded this time. A draft recorded with a smaller ``max_tokens`` that begins the
+    reference's draft takes the reference's whole draft and keeps its own first token
+    logprobs (enough for ``confidence@<k>`` up to that many tokens). A draft that differs is
+    replaced by the reference's whole question. Returns the pieces and how many drafts
+    matched."""
+    ref = {p.id: p for p in reference}
+    out: list[Pieces] = []
+    grafted = 0
+    for p in pieces:
+        r = ref.get(p.id)
+        if r is None:
+            out.append(p)
+            continue
+
+        def fill(mine: Piece, theirs: Piece) -> Piece:
+            # Missing (not recorded this time) or the same text: the reference's piece.
+            return theirs if not mine.text or mine.text == theirs.text else mine
+
+        same_draft = p.draft.text == r.draft.text
+        # A draft recorded with a smaller max_tokens (only its first token logprobs were
+        # wanted) is the start of the reference's: the reference's whole draft is used.
+        head = (
+            not same_draft
+            and p.draft.completion_tokens < r.draft.completion_tokens
+            and bool(p.draft.text.strip())
+            and r.draft.text.startswith(p.draft.text.rstrip())
+        )
+        same_draft = same_draft or head
+        grafted += same_draft
+        if not same_draft and r.draft.text:
+            # Another draft this time (batching, threads): its timings were taken under load
+            # and its refinement is missing, so the reference's question is used whole (its
+            # token logprobs are unknown: early confidence terms do not fire on it).
+            out.append(r)
+            continue
+        out.append(
+            replace(
+                p,
+                draft=(
+                    r.draft
+                    if head
+                    else replace(p.draft, total_s=r.draft.total_s, ttft_s=r.draft.ttft_s)
+                )
+                if same_draft
+                else p.draft,
+                mean_logprob=r.mean_logprob if head else p.mean_logprob,
+                min_logprob=r.min_logprob if head else p.min_logprob,
+                # A refinement depends on the draft: reused only for the same draft.
+                refine=fill(p.refine, r.refine) if same_draft else p.refine,
+                direct=fill(p.direct, r.direct),
+                draft_token_s=None if same_draft else p.draft_token_s,
+            )
+        )
+    return out, grafted
 
 
 def read_pieces(path: Path) -> list[Pieces]:

@@ -39,6 +39,8 @@ from edgelm.hybrid.policies import (
     bind_learned,
     decide,
     decide_before_draft,
+    early_cut,
+    has_early_terms,
     uses_learned,
     watches_loops,
 )
@@ -144,7 +146,11 @@ class RouteRecord:
     draft_mean_logprob: float | None = None
     draft_min_logprob: float | None = None
     draft_cut: str | None = None
-    """Why the draft was stopped before its end (a certain loop), if it was."""
+    """Why the draft was stopped before its end (a certain loop, an early check), if it was."""
+    draft_token_logprobs: tuple[float, ...] = ()
+    draft_token_s: tuple[float, ...] = ()
+    """Each draft token's log-probability and when the SLM produced it (seconds since the
+    draft started): what ``edgelm hybrid eval`` needs to replay early checks offline."""
     second: Leg | None = None
     ttft_s: float | None = None
     total_s: float | None = None
@@ -169,6 +175,8 @@ class RouteRecord:
             "draft_logprob": {
                 "mean": _r(self.draft_mean_logprob),
                 "min": _r(self.draft_min_logprob),
+                "tokens": [round(v, 4) for v in self.draft_token_logprobs],
+                "token_ms": [round(t * 1000, 2) for t in self.draft_token_s],
             },
             "refine" if self.route == "refine" else "direct": (
                 self.second.to_dict() if self.second else None
@@ -272,26 +280,45 @@ class HybridRouter:
         buffered: list[Chunk] = []
         started = self.clock() - t0
         monitor = LoopMonitor() if watches_loops(self.policy) else None
+        watch_early = early is None and has_early_terms(policy)
+        values: list[float] = []
+        times: list[float] = []
+        tokens = 0
+        cut: Decision | None = None
         async with aclosing(self.pool.stream(self.slm, draft_request)) as stream:
             async for chunk in stream:
                 fold.add(chunk)
                 buffered.append(chunk)
+                values.extend(lp.logprob for lp in chunk.logprobs)
+                tokens += max(len(chunk.token_ids), len(chunk.logprobs))
+                times.extend([chunk.t] * (tokens - len(times)))
                 if monitor is not None and monitor.push(chunk.text) is not None:
                     break  # leaving the block closes the stream: the pool cancels the SLM
+                if watch_early and (cut := early_cut(policy, tokens, values)) is not None:
+                    break  # an unsure start or a spent budget: the LLM answers instead
         record.draft = Leg.of(self.slm, "draft", fold, started)
         last = fold.last
         if monitor is not None and monitor.found and last is not None and not last.finish_reason:
             record.draft_cut = monitor.found.describe()
+        elif cut is not None:
+            record.draft_cut = cut.verdict.detail
+        if record.draft_cut is not None and last is not None and not last.finish_reason:
             record.draft.finish_reason = "cancelled"
             buffered.append(replace(last, text="", token_ids=[], logprobs=[], finish_reason="stop"))
-        values = tuple(float(lp["logprob"]) for lp in fold.logprobs)  # type: ignore[arg-type]
-        draft = Draft(fold.text, values, fold.finish)
+        draft = Draft(fold.text, tuple(values), fold.finish, tokens=tokens)
         record.draft_text = draft.text
         record.draft_mean_logprob = draft.mean_logprob
         record.draft_min_logprob = draft.min_logprob
+        record.draft_token_logprobs = draft.logprobs
+        record.draft_token_s = tuple(times)
 
         before = self.clock()
-        decision = early if early is not None else decide(policy, question, draft)
+        if early is not None:
+            decision = early
+        elif cut is not None:
+            decision = cut
+        else:
+            decision = decide(policy, question, draft)
         if record.draft_cut is not None and decision.route != "direct":
             decision = _escalate_cut(decision, record.draft_cut)
         self._decided(record, decision, self.clock() - before)
@@ -394,4 +421,3 @@ def _escalate_cut(decision: Decision, cut: str) -> Decision:
         signals=(decision.verdict,),
     )
     return Decision("direct", verdict)
-

@@ -19,6 +19,11 @@ string used alike in settings, model names (``hybrid@length=600,confidence=-0.8`
   it predicts the LLM answers better goes to the LLM before any draft);
   ``degenerate`` (the draft loops, is only markers or is empty; see :mod:`edgelm.answer_checks`),
   ``unsupported[=<count>]`` (a grounded draft states figures or names its context lacks);
+  ``confidence@<k>=<mean logprob>`` (and ``confidence-min@<k>``: judged on the first ``k``
+  tokens while the draft streams) and ``tokens=<n>`` (a draft reaching ``n`` tokens): these
+  *early* terms cut the draft the moment they fire and the LLM answers the question alone,
+  so an escalated question pays ``k`` (or ``n``) draft tokens, not the whole draft (see
+  :func:`early_cut`; inside ``&`` they are judged on the finished draft only);
 * a term may end in ``>direct`` or ``>refine`` to choose how it escalates
   (``confidence=-0.5>direct``: an unsure draft is dropped and the LLM answers the question).
 
@@ -80,6 +85,13 @@ class Draft:
     sources: tuple[str, ...] = ()
     """What a grounded draft had to answer from (context blocks and question); empty for an
     ungrounded one, which the ``unsupported`` policy then leaves alone."""
+    tokens: int | None = None
+    """Completion tokens (when ``logprobs`` do not say: an engine without logprobs, or a
+    recorded draft that kept only their mean)."""
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tokens if self.tokens is not None else len(self.logprobs)
 
     @property
     def mean_logprob(self) -> float | None:
@@ -147,6 +159,13 @@ class Policy(ABC):
     @abstractmethod
     def check(self, question: str, draft: Draft | None) -> Verdict | None: ...
 
+    def check_partial(self, tokens: int, logprobs: Sequence[float]) -> Verdict | None:
+        """Judge a draft still streaming, from its first ``tokens`` tokens (and their
+        logprobs, when the engine gives them). A fired verdict cuts the draft there. Only
+        the early terms (``confidence@<k>``, ``tokens=<n>``) answer; ``None``: cannot tell
+        (yet)."""
+        return None
+
     def spec(self) -> str:
         """The spec string that parses back to this policy."""
         return self.name
@@ -202,15 +221,50 @@ class Confidence(Policy):
 
     threshold: float = DEFAULT_CONFIDENCE
     stat: Literal["mean", "min"] = "mean"
+    at: int | None = None
+    """Early form (``confidence@<k>``): judge the first ``at`` tokens while the draft streams
+    and cut it as soon as they are unsure; a draft that ends sooner is judged whole."""
     needs_logprobs = True
 
     @property
     def name(self) -> str:  # type: ignore[override]
-        return "confidence" if self.stat == "mean" else "confidence-min"
+        base = "confidence" if self.stat == "mean" else "confidence-min"
+        return base if self.at is None else f"{base}@{self.at}"
+
+    def _judge(self, values: Sequence[float]) -> Verdict:
+        if not values:
+            return Verdict(
+                self.name, False, self._action(), None, self.threshold, f"{self.name}: no logprobs"
+            )
+        value = sum(values) / len(values) if self.stat == "mean" else min(values)
+        fired = value < self.threshold
+        op = "<" if fired else ">="
+        where = "" if self.at is None else f" over the first {len(values)} tokens"
+        return Verdict(
+            self.name,
+            fired,
+            self._action(),
+            value,
+            self.threshold,
+            f"{self.name}: {self.stat} logprob {value:.3f}{where} {op} {self.threshold:g}",
+        )
+
+    def _action(self) -> Action:
+        # An early cut leaves an unfinished draft: nothing to refine, the LLM answers afresh.
+        return "refine" if self.at is None else "direct"
+
+    def check_partial(self, tokens: int, logprobs: Sequence[float]) -> Verdict | None:
+        if self.at is None or tokens < self.at:
+            return None
+        return self._judge(logprobs[: self.at])
 
     def check(self, question: str, draft: Draft | None) -> Verdict | None:
         if draft is None:
             return None
+        if self.at is not None:
+            if not draft.logprobs:
+                return self._judge(())
+            return self._judge(draft.logprobs[: self.at])
         value = draft.mean_logprob if self.stat == "mean" else draft.min_logprob
         if value is None:
             return Verdict(
@@ -229,6 +283,40 @@ class Confidence(Policy):
 
     def spec(self) -> str:
         return f"{self.name}={self.threshold:g}"
+
+
+@dataclass
+class Tokens(Policy):
+    """A draft token budget: a draft that reaches ``budget`` tokens is cut there and the LLM
+    answers the question alone. Short factual answers fit in a few dozen tokens; a 0.5B model
+    that is still writing at 64 tokens is usually wandering (a derivation, a list, a loop), and
+    finishing it would cost more than the LLM's whole answer."""
+
+    budget: int = 64
+    name = "tokens"
+
+    def _judge(self, tokens: int) -> Verdict:
+        fired = tokens >= self.budget
+        op = ">=" if fired else "<"
+        return Verdict(
+            "tokens",
+            fired,
+            "direct",
+            tokens,
+            self.budget,
+            f"tokens: draft {'reached' if fired else 'has'} {tokens} {op} {self.budget}",
+        )
+
+    def check_partial(self, tokens: int, logprobs: Sequence[float]) -> Verdict | None:
+        return self._judge(tokens) if tokens >= self.budget else None
+
+    def check(self, question: str, draft: Draft | None) -> Verdict | None:
+        if draft is None:
+            return None
+        return self._judge(draft.n_tokens)
+
+    def spec(self) -> str:
+        return f"tokens={self.budget}"
 
 
 @dataclass
@@ -459,6 +547,10 @@ class Escalate(Policy):
             return verdict
         return replace(verdict, action=self.action, detail=f"{verdict.detail} -> {self.action}")
 
+    def check_partial(self, tokens: int, logprobs: Sequence[float]) -> Verdict | None:
+        # A cut draft is unfinished: it goes direct whatever the arrow says.
+        return self.child.check_partial(tokens, logprobs)
+
     def spec(self) -> str:
         return f"{self.child.spec()}>{self.action}"
 
@@ -476,6 +568,13 @@ class AnyOf(_Composite):
     """Fires when any child fires; the first child that fires (in order) picks the route."""
 
     name = "any"
+
+    def check_partial(self, tokens: int, logprobs: Sequence[float]) -> Verdict | None:
+        for child in self.children:
+            verdict = child.check_partial(tokens, logprobs)
+            if verdict is not None and verdict.fired:
+                return verdict
+        return None
 
     def check(self, question: str, draft: Draft | None) -> Verdict | None:
         verdicts: list[Verdict] = []
@@ -578,6 +677,42 @@ def decide(policy: Policy, question: str, draft: Draft) -> Decision:
     return Decision(verdict.action, verdict)
 
 
+def has_early_terms(policy: Policy) -> bool:
+    """Whether ``policy`` can cut a streaming draft (an any-of ``confidence@<k>`` or
+    ``tokens=<n>`` term); the pipeline then checks each chunk."""
+    if isinstance(policy, Tokens) or (isinstance(policy, Confidence) and policy.at is not None):
+        return True
+    if isinstance(policy, Escalate):
+        return has_early_terms(policy.child)
+    if isinstance(policy, AnyOf):
+        return any(has_early_terms(c) for c in policy.children)
+    return False
+
+
+def early_cut(policy: Policy, tokens: int, logprobs: Sequence[float]) -> Decision | None:
+    """The ``direct`` decision when an early term fires on the draft's first ``tokens`` tokens,
+    else ``None`` (keep drafting). Called by the pipeline after every streamed chunk."""
+    verdict = policy.check_partial(tokens, logprobs)
+    if verdict is None or not verdict.fired:
+        return None
+    return Decision("direct", replace(verdict, action="direct"))
+
+
+def first_cut(
+    policy: Policy, tokens: int, logprobs: Sequence[float]
+) -> tuple[int, Decision] | None:
+    """Offline replay of :func:`early_cut` over a recorded draft of ``tokens`` tokens, one
+    token at a time (the llama.cpp engine streams one token per chunk): the token count at
+    which the live pipeline would have cut it, and the decision; ``None`` when it would not."""
+    if not has_early_terms(policy):
+        return None
+    for n in range(1, tokens + 1):
+        decision = early_cut(policy, n, logprobs[:n])
+        if decision is not None:
+            return n, decision
+    return None
+
+
 def route_for(policy: Policy, question: str, draft: Draft) -> Decision:
     """The whole decision for a recorded draft, as the service would take it (pre-draft rules
     first). Pure, so the eval applies it to recorded pieces."""
@@ -615,9 +750,11 @@ def _leaf(term: Term, topic_patterns: Sequence[str]) -> Policy:
     if term.name == "length":
         return Length(int(_value(term)))
     if term.name == "confidence":
-        return Confidence(float(_value(term)), "mean")
+        return Confidence(float(_value(term)), "mean", term.at)
     if term.name == "confidence-min":
-        return Confidence(float(_value(term)), "min")
+        return Confidence(float(_value(term)), "min", term.at)
+    if term.name == "tokens":
+        return Tokens(int(_value(term)))
     if term.name == "insufficient":
         return Insufficient(int(_value(term)))
     if term.name == "keywords":
