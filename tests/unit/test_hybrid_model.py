@@ -234,12 +234,18 @@ def test_client_cancel_stops_the_llm(app, base: str) -> None:  # type: ignore[no
 
 def test_a_looping_draft_is_cut_early_and_goes_to_the_llm(app, base: str) -> None:  # type: ignore[no-untyped-def]
     """The SLM would repeat one sentence 50 times (450 tokens); a 'degenerate' policy stops it
-    once the loop is certain and the LLM answers the question afresh. (The default policy
-    cuts it sooner still, at its 24-token budget.)"""
+    once the loop is certain and the LLM answers the question afresh, by default too; a
+    'tokens=24' budget cuts it sooner still."""
+    per_copy = len(LOOP.split())
     default = oai(base).chat.completions.create(
         model="hybrid:small-loop+big", messages=MSG, max_tokens=600
     ).model_extra["edgelm"]
-    assert default["route"] == "direct" and default["tokens"]["slm"]["completion"] == 24
+    assert default["route"] == "direct" and default["fired"] == "degenerate"
+    assert default["tokens"]["slm"]["completion"] <= 3 * per_copy + 2
+    budget = oai(base).chat.completions.create(
+        model="hybrid:small-loop+big@degenerate,tokens=24", messages=MSG, max_tokens=600
+    ).model_extra["edgelm"]
+    assert budget["route"] == "direct" and budget["tokens"]["slm"]["completion"] == 24
     raw = oai(base).chat.completions.with_raw_response.create(
         model="hybrid:small-loop+big@degenerate,insufficient", messages=MSG, max_tokens=600
     )
@@ -250,11 +256,10 @@ def test_a_looping_draft_is_cut_early_and_goes_to_the_llm(app, base: str) -> Non
     ext = body.model_extra["edgelm"]
     assert ext["fired"] == "degenerate" and ext["draft_cut"].startswith("loop")
     assert ext["draft"]["finish_reason"] == "cancelled"
-    per_copy = len(LOOP.split())
     assert ext["tokens"]["slm"]["completion"] <= 3 * per_copy + 2  # not 450 tokens
     degenerate = next(s for s in ext["signals"] if s["policy"] == "degenerate")
     assert degenerate["fired"] and degenerate["value"] == "loop"
-    assert app.state.edgelm.pool.models["small-loop"].cancelled == 2
+    assert app.state.edgelm.pool.models["small-loop"].cancelled == 3
 
 
 def test_never_keeps_a_looping_draft_uncut(base: str) -> None:
