@@ -336,7 +336,7 @@ def test_bad_files_raise_model_load_error(tiny_model_path: Path, tmp_path: Path)
     truncated = tmp_path / "truncated.gguf"
     with tiny_model_path.open("rb") as src:
         truncated.write_bytes(src.read(1_000_000))
-    with pytest.raises(ModelLoadError, match="could not load"):
+    with pytest.raises(ModelLoadError, match="not a readable GGUF model file: the header ends"):
         LlamaCppEngine(truncated, "truncated")
 
 
