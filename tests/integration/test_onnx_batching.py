@@ -207,3 +207,24 @@ def test_a_half_finished_group_hands_its_sampled_survivor_to_a_single_stream(eng
         r.usage.prompt_tokens for r in results
     )
     assert after["running"] == 0 and after["batch_groups_running"] == 0
+
+
+def test_a_group_out_of_room_goes_on_as_single_streams(engine, monkeypatch) -> None:
+    """A group is made for GROUP_SPAN new tokens (its KV cache is zeroed up front); longer
+    answers go on as single streams after re-reading their prompt and answer so far."""
+    from edgelm.engines import onnx_scheduler
+
+    monkeypatch.setattr(onnx_scheduler, "GROUP_SPAN", 8)
+    requests = [ask(q, max_tokens=20, ignore_eos=True) for q in QUESTIONS[:2]]
+    before = engine.batch_stats()
+    results = together(engine, requests)
+    after = engine.batch_stats()
+    assert [r.usage.completion_tokens for r in results] == [20, 20]
+    assert all(r.finish_reason == "length" and r.text for r in results)
+    assert after["batch_groups"] - before["batch_groups"] == 1
+    assert after["batched_steps"] - before["batched_steps"] == 9  # 8 fed, then the 9th sampled
+    # The group's prompts, then each survivor's prompt and 9 tokens again (evaluated, or found
+    # in a slot's cache).
+    reread = sum(after[k] - before[k] for k in ("prompt_tokens_evaluated", "reused_prompt_tokens"))
+    assert reread == 2 * sum(r.usage.prompt_tokens for r in results) + 2 * 9
+    assert after["running"] == 0 and after["batch_groups_running"] == 0
