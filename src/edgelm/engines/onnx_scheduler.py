@@ -543,30 +543,15 @@ class GeneratorScheduler:
             t not in job.eos for job in live
         ))
         fed = np.full(len(group.rows), filler, dtype=np.int64)
-        produced = 0
+        before = self.tokens
         for i, job in enumerate(group.rows):
             if job is None:
                 continue
-            row = logits[i, -1]
-            banned = job.eos if job.ignore_eos else frozenset()
-            token = sample(
-                row, job.sampling, job.rng, job.prompt + job.produced, job.produced, banned
-            )
-            if token in job.eos and not job.ignore_eos:
-                self._finish(job, DONE, "stop")
-                continue
-            entry = None
-            if job.logprobs:
-                entry = self._logprob(np.asarray(row, dtype=np.float32), token, job.top_logprobs)
-            job.produced.append(token)
-            produced += 1
-            job.send(TOKEN, (token, entry))
-            if len(job.produced) >= job.limit:
-                self._finish(job, DONE, "length")
-                continue
-            fed[i] = token
-            job.n_past += 1
-        self.tokens += produced
+            token = self._sample(job, logits[i, -1])
+            if self._emit(job, token, logits[i, -1]):
+                fed[i] = token
+                job.n_past += 1
+        produced = self.tokens - before
         if produced:
             self.steps += 1
             if len(group.rows) > 1:
@@ -662,13 +647,25 @@ class GeneratorScheduler:
             token = int(generator.get_next_tokens()[0])
         else:
             row = generator.get_logits()[0, -1]
-            banned = job.eos if job.ignore_eos else frozenset()
-            token = sample(
-                row, job.sampling, job.rng, job.prompt + job.produced, job.produced, banned
-            )
+            token = self._sample(job, row)
+        if not self._emit(job, token, row):
+            return
+        if job.generator is None:  # the library's sampler has evaluated it already
+            generator.append_tokens(np.asarray([token], dtype=np.int32))
+            self.slots[job.slot].tokens.append(token)
+        job.n_past += 1
+
+    @staticmethod
+    def _sample(job: OnnxJob, row: np.ndarray) -> int:
+        banned = job.eos if job.ignore_eos else frozenset()
+        return sample(row, job.sampling, job.rng, job.prompt + job.produced, job.produced, banned)
+
+    def _emit(self, job: OnnxJob, token: int, row: np.ndarray | None) -> bool:
+        """Send ``token`` to its stream (with its logprobs from ``row``); whether the stream
+        goes on (False: it ended at the end of sequence or its limit)."""
         if token in job.eos and not job.ignore_eos:
             self._finish(job, DONE, "stop")
-            return
+            return False
         entry = None
         if job.logprobs and row is not None:
             entry = self._logprob(np.asarray(row, dtype=np.float32), token, job.top_logprobs)
@@ -677,11 +674,8 @@ class GeneratorScheduler:
         job.send(TOKEN, (token, entry))
         if len(job.produced) >= job.limit:
             self._finish(job, DONE, "length")
-            return
-        if job.generator is None:  # the library's sampler has evaluated it already
-            generator.append_tokens(np.asarray([token], dtype=np.int32))
-            self.slots[job.slot].tokens.append(token)
-        job.n_past += 1
+            return False
+        return True
 
     def _finish(self, job: OnnxJob, kind: str, value: Any) -> None:
         with self._wake:
