@@ -106,8 +106,10 @@ def test_shared_system_prompt_is_reused_and_answers_do_not_change(engine, model_
     concurrent = together(engine, [ask(q) for q in QUESTIONS])
     after = engine.batch_stats()
     assert again == fresh and concurrent == fresh
-    # The 8 requests but the first found the system prompt (~100 tokens) in a slot.
-    assert after["reused_prompt_tokens"] - before["reused_prompt_tokens"] >= 7 * 64
+    # The sequential requests but the first found the system prompt (~100 tokens) in a slot,
+    # and so did one of the concurrent ones (the others, finding no other slot holding it,
+    # share a batched generator instead).
+    assert after["reused_prompt_tokens"] - before["reused_prompt_tokens"] >= 4 * 64
 
 
 def test_next_turn_of_a_conversation_reuses_the_previous_one(engine, model_dir) -> None:

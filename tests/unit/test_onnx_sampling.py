@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from edgelm.engines.batching import Sampling
-from edgelm.engines.onnx_scheduler import chunk_size, plan_keep, sample
+from edgelm.engines.onnx_scheduler import (
+    chunk_size,
+    forced_logits,
+    plan_keep,
+    right_padded,
+    sample,
+)
 
 
 def logits(n: int = 1000, seed: int = 0) -> np.ndarray:
@@ -89,3 +95,17 @@ def test_prompt_chunks_never_leave_a_lone_token() -> None:
     assert chunk_size(513, 512) == 511  # not 512 then 1
     assert chunk_size(300, 1) == 0  # wait for a turn with room for two
     assert chunk_size(3, 2) == 0  # 2 would leave a lone one, 1 would be one
+
+
+def test_a_group_s_prompts_are_padded_after_their_end() -> None:
+    out = right_padded([[5, 6, 7], [8], [9, 10]], pad=2)
+    assert out.dtype == np.int32
+    assert out.tolist() == [[5, 6, 7], [8, 2, 2], [9, 10, 2]]
+
+
+def test_forced_logits_make_the_argmax_each_row_s_choice() -> None:
+    tokens = np.array([3, 0, 7])
+    forced = forced_logits((3, 1, 8), tokens)
+    assert forced.shape == (3, 1, 8) and forced.dtype == np.float32
+    assert np.argmax(forced[:, -1, :], axis=-1).tolist() == [3, 0, 7]
+    assert (np.sort(forced[:, -1, :], axis=-1)[:, -2] < -1e8).all()  # one candidate a row
