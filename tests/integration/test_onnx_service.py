@@ -163,8 +163,9 @@ def test_bad_requests_are_4xx(client: OpenAI, alias: str) -> None:
 def test_concurrent_streams_are_served_together_and_reuse_prompts(
     client: OpenAI, alias: str, onnx_service: tuple[str, str]
 ) -> None:
-    """Four streaming chats at once (the engine's default parallel is 4): each answers as it
-    does alone, and the loaded model's runtime figures show slots and reused prompt tokens."""
+    """Four streaming chats at once: each answers as it does alone, and the loaded model's
+    runtime figures show slots (compute.parallel "auto": eight for this small model) and
+    reused prompt tokens."""
     from concurrent.futures import ThreadPoolExecutor
 
     questions = ["Name a colour.", "What is 2+2?", "Name a fruit.", "Tell me about cats."]
@@ -184,7 +185,8 @@ def test_concurrent_streams_are_served_together_and_reuse_prompts(
         assert list(pool.map(ask, questions)) == alone
     loaded = httpx.get(f"{onnx_service[0]}/openai/loadedmodels", timeout=10).json()
     runtime = next(m["runtime"] for m in loaded if m["id"] == alias)
-    assert runtime["slots"] == 4 and runtime["running"] == 0
+    assert runtime["slots"] == 8 and runtime["running"] == 0
+    assert "auto" in runtime["parallel_reason"]
     # SmolLM2's template starts every chat with the same system prompt: it was reused.
     assert runtime["reused_prompt_tokens"] > 0
 

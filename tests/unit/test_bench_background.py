@@ -38,6 +38,10 @@ def spinners() -> list[psutil.Process]:
 def test_spinners_burn_a_core_each_and_are_gone_after() -> None:
     with background_load(2) as processes:
         assert len(processes) == 2 and all(p.poll() is None for p in processes)
+        # a child shows its own command line only once it has started (fork, then exec)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(spinners()) < 2:
+            time.sleep(0.05)
         assert len(spinners()) == 2
         busy = [psutil.Process(p.pid) for p in processes]
         # each spins (on a shared, oversubscribed machine it may get far less than a core,

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -52,7 +52,9 @@ from edgelm.engines.base import (
 from edgelm.engines.batching import DONE, ERROR, Sampling
 from edgelm.engines.llamacpp import _long, _on_loop
 from edgelm.engines.onnx_scheduler import GeneratorScheduler, OnnxJob
+from edgelm.engines.sizing import auto_parallel, memory_budget_bytes, memory_share
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
+from edgelm.settings import PoolSettings
 from edgelm.types import Chunk, FinishReason, GenerationRequest
 
 if TYPE_CHECKING:
@@ -149,11 +151,10 @@ def _read_chat_template(directory: Path) -> str | None:
     return template or None
 
 
-# Streams for compute.parallel "auto". Those that arrive together share weight passes (see
-# edgelm.engines.onnx_scheduler: 2.3x one stream's tokens/s at four here, 2.9x at eight), but
-# each slot keeps a full-context fp32 KV cache; four is the memory-safe default, set
-# compute.parallel to 8 for more throughput where memory allows.
-AUTO_STREAMS = 4
+# Most streams compute.parallel "auto" gives the ONNX engine. Those that arrive together share
+# weight passes (see edgelm.engines.onnx_scheduler: 2.3x one stream's tokens/s at four here,
+# 2.9x at eight); each slot keeps a full-context fp32 KV cache, so fewer where memory is short.
+AUTO_STREAMS = 8
 
 
 class OnnxEngine(Engine):
@@ -180,12 +181,14 @@ class OnnxEngine(Engine):
         n_ctx: int = 4096,
         threads: int = 0,
         enable_gpu: bool = False,
-        parallel: int = 1,
+        parallel: int | Literal["auto"] = 1,
         n_batch: int = 512,
         repeat_penalty: float = 1.0,
+        memory_share: int = 0,
     ):
         self._og = import_genai()
-        self.concurrent_streams = max(1, int(parallel))
+        self.concurrent_streams = 1 if parallel == "auto" else max(1, int(parallel))
+        self.parallel_reason = f"compute.parallel = {parallel}"
         self.repeat_penalty = repeat_penalty
         """Used when a request does not set its own (``compute.repeat_penalty``)."""
         self.model_id = model_id
@@ -201,6 +204,17 @@ class OnnxEngine(Engine):
         trained = int(model_cfg.get("context_length") or 0)
         # Past its trained context a model degrades silently.
         self.n_ctx = min(n_ctx, trained) if trained > 0 else n_ctx
+        if parallel == "auto":
+            choice = auto_parallel(
+                kv_bytes_per_token=self._kv_bytes_per_token(),
+                n_ctx=self.n_ctx,
+                weights_bytes=self._weights_bytes(),
+                memory_bytes=memory_share or memory_budget_bytes(PoolSettings()),
+                cores=default_threads(),
+                cap=AUTO_STREAMS,
+            )
+            self.concurrent_streams = choice.streams
+            self.parallel_reason = f"compute.parallel = auto: {choice.reason}"
         rss_before = process_rss()
         candidates = provider_candidates(
             self._og, enable_gpu, runtime_providers() if enable_gpu else None
@@ -238,16 +252,16 @@ class OnnxEngine(Engine):
                 f"edgelm model convert {entry.alias} --to onnx (then use the variant it names, "
                 f"e.g. {entry.alias}:onnx-cpu-int4)"
             )
-        parallel = settings.compute.parallel
         return cls(
             path,
             entry.alias,
             n_ctx=settings.compute.n_ctx,
             threads=settings.compute.fixed_threads,
             enable_gpu=settings.compute.onnx.enable_gpu,
-            parallel=AUTO_STREAMS if parallel == "auto" else parallel,
+            parallel=settings.compute.parallel,
             n_batch=settings.compute.n_batch,
             repeat_penalty=settings.compute.repeat_penalty,
+            memory_share=memory_share(settings.pool),
         )
 
     def _open(self, providers: Sequence[str]) -> tuple[Any, str]:
@@ -285,14 +299,21 @@ class OnnxEngine(Engine):
             "runtime; convert it again with: edgelm model convert ALIAS --to onnx --force"
         )
 
+    def _weights_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.model_dir.glob("*.onnx*"))
+
+    def _kv_bytes_per_token(self) -> int:
+        """fp32 K and V × layers × KV heads × head size, from genai_config.json."""
+        dec = self._config.get("model", {}).get("decoder", {})
+        heads = int(dec.get("num_key_value_heads") or dec.get("num_attention_heads") or 0)
+        layers = int(dec.get("num_hidden_layers") or 0)
+        return 2 * layers * heads * int(dec.get("head_size") or 0) * 4
+
     def _memory_estimate(self, loaded: int) -> int:
         """Weights (the files on disk, or what loading allocated if more) plus a full KV cache
         in fp32 for each concurrent stream and a margin for the runtime's buffers."""
-        files = sum(p.stat().st_size for p in self.model_dir.glob("*.onnx*"))
-        dec = self._config.get("model", {}).get("decoder", {})
-        heads = int(dec.get("num_key_value_heads") or dec.get("num_attention_heads") or 0)
-        kv = 2 * int(dec.get("num_hidden_layers") or 0) * heads * int(dec.get("head_size") or 0)
-        return max(files, loaded) + kv * 4 * self.n_ctx * self.concurrent_streams + 64 * 2**20
+        kv = self._kv_bytes_per_token() * self.n_ctx * self.concurrent_streams
+        return max(self._weights_bytes(), loaded) + kv + 64 * 2**20
 
     # -- tokens ---------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -490,8 +511,14 @@ class OnnxEngine(Engine):
         return self._scheduler.stats()
 
     def live_info(self) -> dict[str, object]:
-        """The threads it computes with, where, and the scheduler's counters."""
-        return {"threads": self.threads, "provider": self.provider, **self.batch_stats()}
+        """The threads it computes with, where, the stream count and why, and the
+        scheduler's counters."""
+        return {
+            "threads": self.threads,
+            "provider": self.provider,
+            "parallel_reason": self.parallel_reason,
+            **self.batch_stats(),
+        }
 
     def _bytes(self, token: int) -> bytes:
         return self.decode([token]).encode("utf-8")
