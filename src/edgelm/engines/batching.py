@@ -14,7 +14,8 @@ Two modes, chosen by ``compute.batch_invariant``:
   token plus up to n_batch tokens of newcomers' prompts (:meth:`BatchScheduler._mixed_step`).
   A newcomer's prompt costs no weight pass of its own and the running streams never stop for
   it: while others decode, a step takes only as many prompt tokens as keep it within
-  ``compute.prefill_stall`` (2x) of a plain decode step, measured as it runs
+  ``compute.prefill_stall`` times a plain decode step (100 by default: nearly unpaced, see
+  the setting for what lower values cost), measured as it runs
   (:class:`PrefillPacer`, chunked prefill as in vLLM); a prompt alone goes in n_batch steps,
   at full speed. The price: attention sums a sequence's values in an order that depends on what else is
   in the pool, so a greedy answer can differ slightly with the load.
