@@ -32,11 +32,10 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
-import queue
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -54,8 +53,6 @@ from edgelm.engines.base import (
     token_logprob,
 )
 from edgelm.engines.batching import (
-    DONE,
-    ERROR,
     BatchScheduler,
     Job,
     Sampling,
@@ -63,6 +60,7 @@ from edgelm.engines.batching import (
     piece_reader,
 )
 from edgelm.engines.gguf_file import check_gguf_size
+from edgelm.engines.job_stream import JobAnswer, astream_answer, is_long, stream_answer
 from edgelm.engines.sizing import (
     ParallelChoice,
     auto_parallel,
@@ -73,7 +71,7 @@ from edgelm.engines.threads import CpuLoadProbe, ThreadController, logical_cores
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
 from edgelm.settings import PoolSettings
 from edgelm.tools import call_schema, grammar_schema, template_supports_tools, wrap_call_grammar
-from edgelm.types import Chunk, FinishReason, GenerationRequest
+from edgelm.types import Chunk, GenerationRequest
 
 if TYPE_CHECKING:
     from edgelm.catalog import CatalogEntry
@@ -477,62 +475,21 @@ class LlamaCppEngine(Engine):
         """Queue the request with the batch scheduler and turn its tokens into chunks, in the
         caller's thread (the bench's in-process target; the service streams through
         :meth:`astream`)."""
-        answer = self._answer(request, cancel)
-        scheduler = self._scheduler  # still there to poke after an unload
-        if not answer.done:
-            scheduler.submit(answer.job)
-            try:
-                while not answer.done:
-                    try:
-                        event = answer.job.events.get(timeout=0.05)
-                    except queue.Empty:
-                        if answer.job.cancel.is_set():  # still queued behind others: leave now
-                            answer.finish = "cancelled"
-                        continue
-                    chunk = answer.take(*event)
-                    if chunk is not None:
-                        yield chunk
-            finally:
-                answer.job.cancel.set()  # a stop string, a consumer gone away, or done: alike
-                scheduler.poke()
-        last = answer.last()
-        if last is not None:
-            yield last
+        yield from stream_answer(self._answer(request, cancel), self._scheduler)
 
     async def astream(
         self, request: GenerationRequest, cancel: threading.Event | None = None
     ) -> AsyncIterator[Chunk]:
         """The same stream for the service: the compute thread hands each token straight to
-        the event loop, so no thread sits between the model and the socket.
-
-        Through a stream thread, every token woke two threads in turn (that one, then the
-        event loop), each needing a core and the GIL while the model's threads were already
-        computing the next token; and every open stream held a thread for its whole answer.
-        """
-        if _long(request):  # rendering and tokenizing it would hold up every other stream
+        the event loop, so no thread sits between the model and the socket."""
+        if is_long(request):  # rendering and tokenizing it would hold up every other stream
             answer = await asyncio.to_thread(self._answer, request, cancel)
         else:
             answer = self._answer(request, cancel)
-        scheduler = self._scheduler
-        if not answer.done:
-            events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-            answer.job.deliver = _on_loop(
-                asyncio.get_running_loop(), events.put_nowait, answer.job.cancel
-            )
-            scheduler.submit(answer.job)
-            try:
-                while not answer.done:
-                    chunk = answer.take(*await events.get())
-                    if chunk is not None:
-                        yield chunk
-            finally:
-                answer.job.cancel.set()
-                scheduler.poke()
-        last = answer.last()
-        if last is not None:
-            yield last
+        async for chunk in astream_answer(answer, self._scheduler):
+            yield chunk
 
-    def _answer(self, request: GenerationRequest, cancel: threading.Event | None) -> _Answer:
+    def _answer(self, request: GenerationRequest, cancel: threading.Event | None) -> JobAnswer:
         """Check and tokenize the request and build its job (not yet queued)."""
         check_capabilities(self, request)
         start = time.perf_counter()
@@ -571,7 +528,16 @@ class LlamaCppEngine(Engine):
                 grammar=grammar,
             ),
         )
-        answer = _Answer(job, TokenChunker(start, len(prompt), request.stop), self._piece)
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # Byte-level tokenizers split multi-byte characters (emoji, CJK, accents) across
+        # tokens: the bytes of an unfinished character wait for the next token; one cut off
+        # at the very end (max_tokens) is dropped rather than shown as U+FFFD.
+        answer = JobAnswer(
+            job,
+            TokenChunker(start, len(prompt), request.stop),
+            text=lambda token: utf8.decode(self._piece(token)),
+            end=utf8.reset,
+        )
         if job.cancel.is_set():  # the client left while the request queued
             answer.finish = "cancelled"
         elif limit <= 0:  # max_tokens=0
@@ -741,102 +707,6 @@ class LlamaCppEngine(Engine):
         for part in (getattr(self, "_ctx", None), getattr(self, "_model", None)):
             if part is not None:
                 part.close()
-
-
-class _Answer:
-    """One request's way through the scheduler: its job, and the text work that turns the
-    job's events into chunks (UTF-8 assembly, stop sequences).
-
-    That work runs wherever the events are consumed, never on the compute thread, where the
-    next decode step would wait for it.
-    """
-
-    def __init__(self, job: Job, out: TokenChunker, piece: Callable[[int], bytes]):
-        self.job = job
-        self.out = out
-        self.finish: FinishReason | None = None
-        self._piece = piece
-        self._text = _Utf8Stream()
-
-    @property
-    def done(self) -> bool:
-        return self.finish is not None or self.out.stopped
-
-    def take(self, kind: str, value: Any) -> Chunk | None:
-        """One event from the scheduler; a chunk when there is something to send."""
-        if kind == ERROR:
-            raise value
-        if kind == DONE:
-            self.finish = value
-            return None
-        out = self.out
-        if out.prompt_seconds is None:
-            out.prompt_seconds = time.perf_counter() - out.start
-        if self.job.cancel.is_set():
-            self.finish = "cancelled"
-            return None
-        token, entry = value
-        return out.token(token, self._text.push(self._piece(token)), entry)
-
-    def last(self) -> Chunk | None:
-        """The closing chunk, unless the chunk that completed a stop sequence closed it."""
-        if self.out.stopped:
-            return None
-        self._text.finish()
-        return self.out.finish(self.finish or "length")
-
-
-def _on_loop(
-    loop: asyncio.AbstractEventLoop,
-    put: Callable[[tuple[str, Any]], None],
-    cancel: threading.Event,
-) -> Callable[[tuple[str, Any]], None]:
-    """A job's ``deliver`` for a consumer on ``loop``, callable from the compute thread."""
-
-    def deliver(event: tuple[str, Any]) -> None:
-        try:
-            loop.call_soon_threadsafe(put, event)
-        except RuntimeError:  # the loop has closed: nobody listens, so stop the sequence
-            cancel.set()
-
-    return deliver
-
-
-# Requests with more text than this are rendered and tokenized off the event loop. A short
-# chat takes ~0.2 ms there, less than a thread hop; tokenizing tens of kilobytes, or turning a
-# JSON schema into a grammar, can take milliseconds that every other stream would wait for.
-_LONG_REQUEST_CHARS = 8192
-
-
-def _long(request: GenerationRequest) -> bool:
-    if request.response_format is not None and request.response_format.type == "json_schema":
-        return True
-    if request.forced_tools:  # a grammar from the functions' schemas
-        return True
-    text = len(request.prompt or "")
-    for message in request.messages or []:
-        text += len(message.text())
-    return text > _LONG_REQUEST_CHARS
-
-
-class _Utf8Stream:
-    """Turns token bytes into text without ever cutting a character in half.
-
-    Byte-level tokenizers split multi-byte characters (emoji, CJK, accents) across tokens; the
-    bytes of an unfinished character wait for the next token. Bytes that can never form a
-    character become U+FFFD, as in every UTF-8 decoder; an unfinished character at the very
-    end (cut off by max_tokens) is dropped rather than shown as U+FFFD.
-    """
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, data: bytes) -> str:
-        return self._decoder.decode(data)
-
-    def finish(self) -> None:
-        """Forget an unfinished character (cut off by max_tokens or a cancel)."""
-        self._decoder.reset()
 
 
 def _strict_strings(gbnf: str) -> str:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import queue
 import random
 import threading
 import time
@@ -49,13 +48,13 @@ from edgelm.engines.base import (
     render_prompt,
     token_logprob,
 )
-from edgelm.engines.batching import DONE, ERROR, Sampling
-from edgelm.engines.llamacpp import _long, _on_loop
+from edgelm.engines.batching import Sampling
+from edgelm.engines.job_stream import JobAnswer, astream_answer, is_long, stream_answer
 from edgelm.engines.onnx_scheduler import GeneratorScheduler, OnnxJob
 from edgelm.engines.sizing import auto_parallel, memory_budget_bytes, memory_share
 from edgelm.errors import InvalidRequest, MissingExtra, ModelLoadError
 from edgelm.settings import PoolSettings
-from edgelm.types import Chunk, FinishReason, GenerationRequest
+from edgelm.types import Chunk, GenerationRequest
 
 if TYPE_CHECKING:
     from edgelm.catalog import CatalogEntry
@@ -403,7 +402,7 @@ class OnnxEngine(Engine):
         params.set_search_options(max_length=max_length, batch_size=rows, do_sample=False)
         return self._og.Generator(self._model, params)
 
-    def _answer(self, request: GenerationRequest, cancel: threading.Event | None) -> _Answer:
+    def _answer(self, request: GenerationRequest, cancel: threading.Event | None) -> JobAnswer:
         """Check and tokenize the request and build its job (not yet queued). A request with
         ``response_format`` gets its generator here, so a schema the library cannot compile is
         a 400 before anything is queued."""
@@ -440,7 +439,8 @@ class OnnxEngine(Engine):
             eos=frozenset(self._eos),
             rng=None if greedy else np.random.default_rng(seed),
         )
-        answer = _Answer(job, TokenChunker(start, len(prompt), request.stop), self._tokenizer)
+        text = self._tokenizer.create_stream()  # the tokenizer's incremental decoding
+        answer = JobAnswer(job, TokenChunker(start, len(prompt), request.stop), text.decode)
         if job.cancel.is_set():  # the client left while the request queued
             answer.finish = "cancelled"
         elif limit <= 0:  # max_tokens=0
@@ -455,56 +455,24 @@ class OnnxEngine(Engine):
         self, request: GenerationRequest, cancel: threading.Event | None = None
     ) -> Iterator[Chunk]:
         """Queue the request with the scheduler and turn its tokens into chunks in the
-        caller's thread (the bench's in-process target; the service uses :meth:`astream`)."""
-        answer = self._answer(request, cancel)
-        scheduler = self._scheduler  # still there to poke after an unload
-        if not answer.done:
-            scheduler.submit(answer.job)
-            try:
-                while not answer.done:
-                    try:
-                        event = answer.job.events.get(timeout=0.05)
-                    except queue.Empty:
-                        if answer.job.cancel.is_set() and answer.job.slot < 0:  # still queued
-                            answer.finish = "cancelled"
-                        continue
-                    chunk = answer.take(*event)
-                    if chunk is not None:
-                        yield chunk
-            finally:
-                answer.job.cancel.set()  # a stop string, a consumer gone away, or done: alike
-                scheduler.poke()
-        last = answer.last()
-        if last is not None:
-            yield last
+        caller's thread (the bench's in-process target; the service uses :meth:`astream`).
+        A consumer that cancels leaves at once only while its job still waits for a slot; a
+        running one waits for the scheduler to release the slot's generator."""
+        yield from stream_answer(
+            self._answer(request, cancel), self._scheduler, still_queued=lambda job: job.slot < 0
+        )
 
     async def astream(
         self, request: GenerationRequest, cancel: threading.Event | None = None
     ) -> AsyncIterator[Chunk]:
         """The same stream for the service: the scheduler thread hands each token straight to
         the event loop, so no thread per stream sits between the model and the socket."""
-        if _long(request):  # tokenizing it, or compiling a schema, would hold up the others
+        if is_long(request):  # tokenizing it, or compiling a schema, would hold up the others
             answer = await asyncio.to_thread(self._answer, request, cancel)
         else:
             answer = self._answer(request, cancel)
-        scheduler = self._scheduler
-        if not answer.done:
-            events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-            answer.job.deliver = _on_loop(
-                asyncio.get_running_loop(), events.put_nowait, answer.job.cancel
-            )
-            scheduler.submit(answer.job)
-            try:
-                while not answer.done:
-                    chunk = answer.take(*await events.get())
-                    if chunk is not None:
-                        yield chunk
-            finally:
-                answer.job.cancel.set()
-                scheduler.poke()
-        last = answer.last()
-        if last is not None:
-            yield last
+        async for chunk in astream_answer(answer, self._scheduler):
+            yield chunk
 
     def batch_stats(self) -> dict[str, int]:
         """Counters of the scheduler: turns, tokens, reused prompt tokens, batched passes."""
@@ -564,41 +532,3 @@ class OnnxEngine(Engine):
             del self._scheduler  # a closed engine has none (close() twice is fine)
         self._tokenizer = None
         self._model = None
-
-
-class _Answer:
-    """One request's way through the scheduler: its job, and the text work that turns the
-    job's events into chunks (the tokenizer's incremental decoding, stop sequences), done
-    wherever the events are consumed, never on the scheduler's thread."""
-
-    def __init__(self, job: OnnxJob, out: TokenChunker, tokenizer: Any):
-        self.job = job
-        self.out = out
-        self.finish: FinishReason | None = None
-        self._text = tokenizer.create_stream()
-
-    @property
-    def done(self) -> bool:
-        return self.finish is not None or self.out.stopped
-
-    def take(self, kind: str, value: Any) -> Chunk | None:
-        """One event from the scheduler; a chunk when there is something to send."""
-        if kind == ERROR:
-            raise value
-        if kind == DONE:
-            self.finish = value
-            return None
-        out = self.out
-        if out.prompt_seconds is None:
-            out.prompt_seconds = time.perf_counter() - out.start
-        if self.job.cancel.is_set():
-            self.finish = "cancelled"
-            return None
-        token, entry = value
-        return out.token(token, self._text.decode(token), entry)
-
-    def last(self) -> Chunk | None:
-        """The closing chunk, unless the chunk that completed a stop sequence closed it."""
-        if self.out.stopped:
-            return None
-        return self.out.finish(self.finish or "length")
