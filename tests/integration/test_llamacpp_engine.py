@@ -205,18 +205,15 @@ def test_prefix_reuse_lowers_time_to_first_token(engine) -> None:
 
 
 def test_utf8_characters_split_across_tokens_are_never_broken(engine) -> None:
-    from edgelm.engines.llamacpp import _Utf8Stream
+    from edgelm.engines.job_stream import utf8_text
 
-    stream = _Utf8Stream()
     emoji = "🙂".encode()
-    assert [stream.push(emoji[:1]), stream.push(emoji[1:3]), stream.push(emoji[3:])] == [
-        "",
-        "",
-        "🙂",
-    ]
-    assert stream.push("é".encode()[:1]) == ""
-    stream.finish()  # a half character cut off at the end is dropped, not shown as U+FFFD
-    assert stream.push(b"a") == "a"
+    pieces = {1: emoji[:1], 2: emoji[1:3], 3: emoji[3:], 4: "é".encode()[:1], 5: b"a"}
+    text, end = utf8_text(pieces.__getitem__)
+    assert [text(1), text(2), text(3)] == ["", "", "🙂"]
+    assert text(4) == ""
+    end()  # a half character cut off at the end is dropped, not shown as U+FFFD
+    assert text(5) == "a"
     prompt = "Français: café, crème brûlée, naïve. 日本語: こんにちは、元気ですか。中文: 你好"
     for request in (
         GenerationRequest(prompt=prompt, temperature=0, max_tokens=40),

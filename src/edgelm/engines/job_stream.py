@@ -12,6 +12,7 @@ scheduler handing each event straight to the loop: no thread per stream.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import queue
 import threading
 import time
@@ -76,6 +77,16 @@ class JobAnswer:
         if self._end is not None:
             self._end()
         return self.out.finish(self.finish or "length")
+
+
+def utf8_text(piece: Callable[[int], bytes]) -> tuple[Callable[[int], str], Callable[[], None]]:
+    """A :class:`JobAnswer`'s ``text`` and ``end`` for a model whose tokens are bytes
+    (``piece(token)``). Byte-level tokenizers split multi-byte characters (emoji, CJK,
+    accents) across tokens: the bytes of an unfinished character wait for the next token,
+    bytes that can never form one become U+FFFD, and one cut off at the very end (max_tokens)
+    is dropped rather than shown as U+FFFD."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return (lambda token: decoder.decode(piece(token))), decoder.reset
 
 
 def stream_answer(

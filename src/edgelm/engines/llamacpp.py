@@ -30,7 +30,6 @@ each handled below:
 from __future__ import annotations
 
 import asyncio
-import codecs
 import json
 import random
 import threading
@@ -60,7 +59,13 @@ from edgelm.engines.batching import (
     piece_reader,
 )
 from edgelm.engines.gguf_file import check_gguf_size
-from edgelm.engines.job_stream import JobAnswer, astream_answer, is_long, stream_answer
+from edgelm.engines.job_stream import (
+    JobAnswer,
+    astream_answer,
+    is_long,
+    stream_answer,
+    utf8_text,
+)
 from edgelm.engines.sizing import (
     ParallelChoice,
     auto_parallel,
@@ -528,16 +533,8 @@ class LlamaCppEngine(Engine):
                 grammar=grammar,
             ),
         )
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        # Byte-level tokenizers split multi-byte characters (emoji, CJK, accents) across
-        # tokens: the bytes of an unfinished character wait for the next token; one cut off
-        # at the very end (max_tokens) is dropped rather than shown as U+FFFD.
-        answer = JobAnswer(
-            job,
-            TokenChunker(start, len(prompt), request.stop),
-            text=lambda token: utf8.decode(self._piece(token)),
-            end=utf8.reset,
-        )
+        text, end = utf8_text(self._piece)
+        answer = JobAnswer(job, TokenChunker(start, len(prompt), request.stop), text, end)
         if job.cancel.is_set():  # the client left while the request queued
             answer.finish = "cancelled"
         elif limit <= 0:  # max_tokens=0
