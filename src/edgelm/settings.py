@@ -165,11 +165,11 @@ class ComputeSettings(_Section):
     )
     flash_attn: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Flash attention. 'auto': on, except in batch-invariant mode with an f16 "
-        "KV cache. On this CPU it read 1024-token prompts 10% faster (llama-bench pp1024: 232 "
-        "tok/s vs 210, Qwen2.5-0.5B, 2 threads). With the shared KV pool it also makes greedy "
-        "answers vary slightly with the load, which fast mode allows anyway; batch-invariant "
-        "mode keeps it off. A quantised KV cache needs it.",
+        description="Flash attention. 'auto': off with an f16 KV cache, on with a quantised one "
+        "(which needs it). On reads long prompts ~10% faster on this CPU (llama-bench pp1024: "
+        "232 tok/s vs 210, Qwen2.5-0.5B, 2 threads), but with the shared KV pool two identical "
+        "temperature-0 requests, the second reusing the first's cached prefix, then answered "
+        "differently; off they agree.",
     )
     kv_type: Literal["f16", "q8_0", "q4_0"] = Field(
         "f16",

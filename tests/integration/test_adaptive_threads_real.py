@@ -100,7 +100,7 @@ def test_status_metrics_and_auto_parallel_through_the_service(
     auto_parallel computes from the model's sizes, and status and /metrics show the choices."""
     from fastapi.testclient import TestClient
 
-    from edgelm.engines.llamacpp import kv_bytes_per_token
+    from edgelm.engines.llamacpp import _int, kv_bytes_per_token
     from edgelm.engines.sizing import auto_parallel, memory_share
     from edgelm.server.app import create_app
 
@@ -136,7 +136,8 @@ def test_status_metrics_and_auto_parallel_through_the_service(
             weights_bytes=tiny_model_path.stat().st_size,
             memory_bytes=memory_share(settings.pool),
             cores=default_threads(),
-            scratch_bytes_per_token=0,  # flash attention is on by default: no score scratch
+            # flash attention is off by default: a micro-batch's scores per KV cell
+            scratch_bytes_per_token=512 * _int(meta, "attention.head_count") * 4,
         )
         assert runtime["slots"] == expected.streams
         assert expected.reason in runtime["parallel_reason"]
@@ -159,12 +160,11 @@ def test_config_list_plans_the_streams_the_engine_then_opens(
 
     settings = settings_for(
         tmp_path / "home",
-        **{"compute.n_ctx": 2048, "pool.memory_budget_mb": 400, "pool.max_loaded": 1},
+        **{"compute.n_ctx": 2048, "pool.memory_budget_mb": 600, "pool.max_loaded": 1},
     )
     settings.service.default_model = TINY
     plan = planned_streams(tiny_model_path, settings)
-    # 400 MiB - 94 MiB weights - 64 MiB overhead over 22.5 KiB of f16 KV x 2048 tokens (flash
-    # attention is on by default, so no attention-score scratch per cell)
+    # 600 MiB - 94 MiB weights - 64 MiB overhead over (22.5 + 18) KiB x 2048 tokens
     assert plan.streams == min(plan.by_memory, plan.by_compute) and plan.by_memory == 5
     explained = explain_auto(settings)["compute.parallel"]
     assert explained.startswith(f"{plan.streams} for {TINY} (")

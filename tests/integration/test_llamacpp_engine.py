@@ -315,10 +315,10 @@ def test_a_quantised_cache_without_flash_attention_is_refused(tiny_model_path: P
         LlamaCppEngine(tiny_model_path, "tiny", n_ctx=256, kv_type="q8_0", flash_attn=False)
     with pytest.raises(ModelLoadError, match="unknown KV cache type"):
         LlamaCppEngine(tiny_model_path, "tiny", n_ctx=256, kv_type="q2")
-    assert flash_attention("auto", "f16", batch_invariant=False) is True
-    assert flash_attention("auto", "f16", batch_invariant=True) is False
-    assert flash_attention("auto", "q8_0", batch_invariant=True) is True
-    assert flash_attention("off", "f16", batch_invariant=False) is False
+    assert flash_attention("auto", "f16") is False
+    assert flash_attention("on", "f16") is True
+    assert flash_attention("auto", "q8_0") is True
+    assert flash_attention("off", "f16") is False
 
 
 def test_bad_files_raise_model_load_error(tiny_model_path: Path, tmp_path: Path) -> None:

@@ -106,21 +106,17 @@ def _import_llama_cpp() -> Any:
     return llama_cpp
 
 
-def flash_attention(setting: str, kv_type: str, batch_invariant: bool) -> bool:
+def flash_attention(setting: str, kv_type: str) -> bool:
     """Whether to run flash attention: ``compute.flash_attn`` ("auto", "on", "off").
 
-    Auto turns it on: llama-bench read 1024-token prompts 10% faster with it on this CPU
-    (Qwen2.5-0.5B, 2 threads: pp1024 232 tok/s against 210). In the shared KV pool of fast
-    mode it makes a greedy answer vary slightly with what else runs, which fast mode allows
-    anyway (it reuses prefixes and mixes prompts into decode steps for the same reason), so
-    batch-invariant mode keeps it off, unless a quantised cache needs it (llama.cpp reads a
-    quantised V cache only in flash attention).
+    Auto keeps it off with an f16 cache and turns it on for a quantised one (llama.cpp reads
+    a quantised V cache only in flash attention). It does read long prompts faster here
+    (llama-bench, Qwen2.5-0.5B, 2 threads: pp1024 232 tok/s against 210), but in the shared KV
+    pool two identical greedy requests, the second reusing the first's cached prefix, then
+    answered differently (the service test of repeated temperature-0 answers failed in CI);
+    with it off they agree, as they did before. "on" takes the faster prefill anyway.
     """
-    if setting == "on" or kv_type != "f16":
-        return True
-    if setting == "off":
-        return False
-    return not batch_invariant
+    return setting == "on" or kv_type != "f16"
 
 
 def plan_reuse(
@@ -214,7 +210,7 @@ class LlamaCppEngine(Engine):
             raise ModelLoadError(f"unknown KV cache type '{kv_type}'; use one of {list(KV_TYPES)}")
         self.kv_type = kv_type
         self.flash_attn = (
-            flash_attention("auto", kv_type, batch_invariant) if flash_attn is None else flash_attn
+            flash_attention("auto", kv_type) if flash_attn is None else flash_attn
         )
         if kv_type != "f16" and not self.flash_attn:
             raise ModelLoadError(f"a {kv_type} KV cache needs flash attention")
@@ -288,11 +284,7 @@ class LlamaCppEngine(Engine):
             memory_share=memory_share(settings.pool),
             n_ubatch=settings.compute.n_ubatch,
             kv_type=settings.compute.kv_type,
-            flash_attn=flash_attention(
-                settings.compute.flash_attn,
-                settings.compute.kv_type,
-                settings.compute.batch_invariant,
-            ),
+            flash_attn=flash_attention(settings.compute.flash_attn, settings.compute.kv_type),
             prefill_stall=settings.compute.prefill_stall,
         )
 
@@ -763,7 +755,7 @@ def planned_streams(path: Path, settings: Settings) -> ParallelChoice:
         min(compute.n_ubatch, compute.n_batch),
         path.stat().st_size,
         memory_share(settings.pool),
-        flash_attention(compute.flash_attn, compute.kv_type, compute.batch_invariant),
+        flash_attention(compute.flash_attn, compute.kv_type),
         compute.kv_type,
     )
 
