@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from edgelm.engines.threads import ThreadController
+from edgelm.types import GenerationRequest
 
 log = logging.getLogger("edgelm.engines.batching")
 
@@ -253,6 +254,32 @@ class Sampling:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     grammar: tuple[str, str] | None = None  # (GBNF text, root rule)
+
+    @classmethod
+    def for_request(
+        cls,
+        request: GenerationRequest,
+        min_p: float,
+        repeat_penalty: float,
+        seed: int,
+        grammar: tuple[str, str] | None = None,
+    ) -> Sampling:
+        """A request's sampling settings as every local engine reads them: temperature 0 is
+        greedy, and ``repeat_penalty`` (the engine's ``compute.repeat_penalty``) applies unless
+        the request sets its own."""
+        return cls(
+            temperature=0.0 if request.temperature <= 0 else request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            min_p=min_p,
+            seed=seed,
+            repeat_penalty=request.repeat_penalty
+            if "repeat_penalty" in request.model_fields_set
+            else repeat_penalty,
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty,
+            grammar=grammar,
+        )
 
     @property
     def plain_greedy(self) -> bool:

@@ -511,19 +511,7 @@ class LlamaCppEngine(Engine):
             top_logprobs=request.top_logprobs,
             ignore_eos=request.ignore_eos,
             cancel=cancel or threading.Event(),
-            sampling=Sampling(
-                temperature=0.0 if greedy else request.temperature,
-                top_k=request.top_k,
-                top_p=request.top_p,
-                min_p=self.min_p,
-                seed=seed,
-                repeat_penalty=request.repeat_penalty
-                if "repeat_penalty" in request.model_fields_set
-                else self.repeat_penalty,
-                frequency_penalty=request.frequency_penalty,
-                presence_penalty=request.presence_penalty,
-                grammar=grammar,
-            ),
+            sampling=Sampling.for_request(request, self.min_p, self.repeat_penalty, seed, grammar),
         )
         text, end = utf8_text(self._piece)
         answer = JobAnswer(job, TokenChunker(start, len(prompt), request.stop), text, end)

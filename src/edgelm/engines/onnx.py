@@ -424,18 +424,7 @@ class OnnxEngine(Engine):
             top_logprobs=request.top_logprobs,
             ignore_eos=request.ignore_eos,
             cancel=cancel or threading.Event(),
-            sampling=Sampling(
-                temperature=0.0 if greedy else request.temperature,
-                top_k=request.top_k,
-                top_p=request.top_p,
-                min_p=self.min_p,
-                seed=seed,
-                repeat_penalty=request.repeat_penalty
-                if "repeat_penalty" in request.model_fields_set
-                else self.repeat_penalty,
-                frequency_penalty=request.frequency_penalty,
-                presence_penalty=request.presence_penalty,
-            ),
+            sampling=Sampling.for_request(request, self.min_p, self.repeat_penalty, seed),
             eos=frozenset(self._eos),
             rng=None if greedy else np.random.default_rng(seed),
         )
