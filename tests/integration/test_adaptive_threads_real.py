@@ -47,10 +47,19 @@ def test_thread_count_drops_while_busy_processes_run_and_returns_after(
 
     engine = LlamaCppEngine(tiny_model_path, TINY, n_ctx=512, threads="auto", parallel=1)
     stop = threading.Event()
+    done: list[int] = [0]
+    failed: list[BaseException] = []
 
     def keep_decoding() -> None:  # the controller decides between steps, so keep stepping
-        while not stop.is_set():
-            collect(engine.stream(_ask()))
+        try:
+            while not stop.is_set():
+                collect(engine.stream(_ask()))
+                done[0] += 1
+        except BaseException as error:  # shown by the assertions, not lost in a thread
+            failed.append(error)
+
+    def state() -> str:
+        return f"{engine.live_info()!r}; requests done {done[0]}; worker errors {failed!r}"
 
     worker = threading.Thread(target=keep_decoding, daemon=True)
     worker.start()
@@ -60,11 +69,11 @@ def test_thread_count_drops_while_busy_processes_run_and_returns_after(
         # as many spinners as CPUs: whatever else the machine runs, cores are taken
         with background_load(logical_cores()):
             dropped = _wait_for(lambda: engine.live_info()["threads"] < full, timeout=60)
-            info = engine.live_info()
-        assert dropped, info
+            info, seen = engine.live_info(), state()
+        assert dropped, seen
         assert "other processes" in str(info["threads_reason"]) or "faster" in str(
             info["threads_reason"]
-        ), info
+        ), seen
         came_back = _wait_for(lambda: engine.live_info()["threads"] == full, timeout=90)
         info = engine.live_info()
         if not came_back:

@@ -222,6 +222,20 @@ def test_a_pause_between_bursts_does_not_count_the_idle_time_load() -> None:
     assert set(seen) == {2}
 
 
+def test_steps_slower_than_two_periods_still_decide() -> None:
+    """A collapsed step can last longer than the pause rule's two periods (seen in CI: the
+    tiny model's steps took over a second each with every core taken). A step's own time is
+    work, not a pause: the controller must still read the load and give a thread up."""
+    machine = Machine()
+    controller = make(machine)
+    run(controller, machine, 3.0)
+    machine.foreign = 1.0
+    loaded = run(controller, machine, 10.0, lambda n: {1: 0.3, 2: 1.4}[n])
+    assert loaded[-1] == 1, controller.info()
+    assert loaded.index(1) <= 2
+    assert "other processes use " in str(controller.info()["threads_reason"])
+
+
 def test_the_service_parent_of_a_model_runner_counts_as_ours() -> None:
     """Under process isolation the model runs in a child of the service, which marks it with
     EDGELM_RUNNER: the service's HTTP work is not foreign load. Any other parent (a shell, an

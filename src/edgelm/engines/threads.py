@@ -174,7 +174,9 @@ class ThreadController:
         """Record one step (``rows`` batch rows took ``seconds``); once a period has passed,
         decide. Return whether :attr:`threads` changed."""
         now = self.clock()
-        if self._window_start is None or now - self._last_step > 2 * self.period:
+        # The pause is the gap between the previous step's end and this step's start: a
+        # step that itself ran long (every core taken, the barrier collapsed) is work.
+        if self._window_start is None or now - seconds - self._last_step > 2 * self.period:
             # The first step after a pause: what the machine did while we were idle says
             # little about now, so the next reading covers this burst only.
             self.load()
