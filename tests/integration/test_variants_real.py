@@ -69,18 +69,24 @@ class TreeSampler:
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total, seen = 0, []
+            counted: list[tuple[psutil.Process, int]] = []
             for child in me.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
-                    if _identity(child) in self._before:
-                        continue
-                    rss = child.memory_info().rss
-                    total += rss
-                    seen.append(f"{child.pid} {' '.join(child.cmdline()[:3])}: {rss / 1e9:.2f} GB")
-            if total > self.peak:
-                self.peak, self.at_peak = total, seen
+                    if _identity(child) not in self._before:
+                        counted.append((child, child.memory_info().rss))
+            total = sum(rss for _, rss in counted)
+            if total > self.peak:  # described only at a new peak: cmdline() reads /proc
+                self.peak, self.at_peak = total, [_describe(p, rss) for p, rss in counted]
             self.samples += 1
             time.sleep(0.05)
+
+
+def _describe(process: psutil.Process, rss: int) -> str:
+    try:
+        command = " ".join(process.cmdline()[:3])
+    except psutil.Error:
+        command = "(gone)"
+    return f"{process.pid} {command}: {rss / 1e9:.2f} GB"
 
 
 def _identity(process: psutil.Process) -> tuple[int, float]:

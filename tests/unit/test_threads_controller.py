@@ -223,9 +223,9 @@ def test_a_pause_between_bursts_does_not_count_the_idle_time_load() -> None:
 
 
 def test_steps_slower_than_two_periods_still_decide() -> None:
-    """A collapsed step can last longer than the pause rule's two periods (seen in CI: the
-    tiny model's steps took over a second each with every core taken). A step's own time is
-    work, not a pause: the controller must still read the load and give a thread up."""
+    """A collapsed step can last longer than the pause rule's two periods (on a loaded
+    machine; the likely cause of a CI run where the count never dropped). A step's own time
+    is work, not a pause: the controller must still read the load and give a thread up."""
     machine = Machine()
     controller = make(machine)
     run(controller, machine, 3.0)
