@@ -166,10 +166,10 @@ class ComputeSettings(_Section):
     flash_attn: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Flash attention. 'auto': off with an f16 KV cache, on with a quantised one "
-        "(which needs it). On reads long prompts ~10% faster on this CPU (llama-bench pp1024: "
-        "232 tok/s vs 210, Qwen2.5-0.5B, 2 threads), but with the shared KV pool two identical "
-        "temperature-0 requests, the second reusing the first's cached prefix, then answered "
-        "differently; off they agree.",
+        "(which needs it). On this CPU (llama-bench, Qwen2.5-0.5B, 2 threads) it reads prompts "
+        "faster (pp2048: 198 tok/s vs 176; 88 vs 68 after 6k cached tokens) but decodes slower "
+        "once 512 tokens are cached (27.2 -> 20.5 tok/s; 20.1 -> 10.6 at 4k): 'on' suits long "
+        "prompts with short answers.",
     )
     kv_type: Literal["f16", "q8_0", "q4_0"] = Field(
         "f16",

@@ -181,6 +181,56 @@ def test_default_engine_reuses_the_longest_cached_prefix(fast_engine) -> None:
     assert reused == common and common % 32  # every shared token, not whole blocks only
 
 
+def test_the_same_prompt_again_is_answered_from_the_kept_logits(tiny_model_path: Path) -> None:
+    """An identical request evaluates nothing: its first token comes from the logits the first
+    one ended its prompt with. Re-reading even the prompt's last token alone takes another
+    kernel path, with flash attention most of all, and a greedy answer could change (CI saw it
+    with flash attention on); the default engine and one with flash attention both keep it."""
+    from edgelm.engines.llamacpp import LlamaCppEngine
+
+    greedy = ask("Tell me about dogs.", system="Answer warmly.", logprobs=True, top_logprobs=2)
+    for flash in (False, True):
+        eng = LlamaCppEngine(
+            tiny_model_path, "smollm2-135m", n_ctx=1024, threads=2, parallel=2, flash_attn=flash
+        )
+        try:
+            first = collect(eng.stream(greedy))
+            before = eng.batch_stats()
+            again = collect(eng.stream(greedy))
+            after = eng.batch_stats()
+            assert again.text == first.text and again.logprobs == first.logprobs
+            assert after["first_token_reuses"] - before["first_token_reuses"] == 1
+            assert (
+                after["reused_prompt_tokens"] - before["reused_prompt_tokens"]
+                == first.usage.prompt_tokens
+            )
+            # A prompt that differs only in its question is read again from where they differ.
+            collect(eng.stream(ask("Tell me about cows.", system="Answer warmly.")))
+            assert eng.batch_stats()["first_token_reuses"] == after["first_token_reuses"]
+        finally:
+            eng.close()
+
+
+def test_kept_logits_are_sampled_as_llama_cpp_samples_them(engine) -> None:
+    """Batch-invariant mode: a seeded request's first token drawn from the kept row (our
+    candidates array through the sampler chain) is the one llama.cpp drew from its own logits
+    the first time; a row kept from a non-reproducible request never serves an exact one."""
+    seeded = ask("Write a poem about rain.").model_copy(update={"temperature": 0.8, "seed": 11})
+    first = collect(engine.stream(seeded)).text
+    reuses = engine.batch_stats()["first_token_reuses"]
+    assert collect(engine.stream(seeded)).text == first
+    assert engine.batch_stats()["first_token_reuses"] == reuses + 1
+
+    loose = ask("Name a river.").model_copy(update={"temperature": 0.7})  # no seed: not exact
+    greedy = ask("Name a river.")
+    collect(engine.stream(loose))
+    reuses = engine.batch_stats()["first_token_reuses"]
+    warm = collect(engine.stream(greedy)).text
+    assert engine.batch_stats()["first_token_reuses"] == reuses
+    assert collect(engine.stream(greedy)).text == warm  # this one's own row is exact
+    assert engine.batch_stats()["first_token_reuses"] == reuses + 1
+
+
 def test_default_engine_batches_concurrent_streams(fast_engine) -> None:
     requests = [ask(q, system=None) for q in QUESTIONS]
     steps = fast_engine.batch_stats()["decode_steps"]

@@ -299,6 +299,30 @@ def test_the_pool_loads_the_chosen_variant_for_the_bare_alias(isolated_home: Pat
     asyncio.run(main())
 
 
+def test_a_request_naming_the_base_gguf_is_served_by_it_not_by_the_chosen_variant(
+    isolated_home: Path,
+) -> None:
+    """``alias:gguf`` in a request keeps the tag all the way to the pool: the response names
+    it and the base model answers, while the bare alias goes to the faster variant."""
+    from fastapi.testclient import TestClient
+
+    from edgelm.server.app import create_app
+
+    VariantRecords(isolated_home).put(record((BASE, 28.0, None), (ONNX, 45.0, None)))
+    app = create_app(settings_for(isolated_home), catalog=make_catalog(isolated_home))
+    question = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with TestClient(app) as http:
+        pool = app.state.edgelm.pool
+        named = http.post("/v1/chat/completions", json={"model": f"{BASE}:gguf", **question})
+        assert named.status_code == 200, named.text
+        assert named.json()["model"] == f"{BASE}:gguf"
+        assert set(pool.models) == {BASE}
+        bare = http.post("/v1/chat/completions", json={"model": BASE, **question})
+        assert bare.json()["model"] == BASE
+        assert set(pool.models) == {BASE, ONNX}
+        assert pool.models[ONNX].requests == 1 and pool.models[BASE].requests == 1
+
+
 def test_model_info_and_system_info_say_which_variant_and_why(
     isolated_home: Path, tmp_path: Path
 ) -> None:

@@ -33,7 +33,9 @@ Prefix caching: each sequence id is a *slot* that keeps the KV entries of its la
 (prompt and answer) after it finished. A newcomer gets the lowest free id and the longest
 prefix any slot holds of its prompt (the previous turn of the same conversation, or the same
 system prompt), copied over when another slot holds it. How much to keep is decided by
-:func:`edgelm.engines.llamacpp.plan_reuse`.
+:func:`edgelm.engines.llamacpp.plan_reuse`. A prompt a slot holds whole (the same request
+again) is not evaluated at all: the slot also keeps the logits its prompt ended with
+(:class:`FirstLogits`), and the first token is drawn from them.
 
 Should a step not fit the cache anyway (llama_decode reports no KV slot), idle slots' caches
 are dropped first; if that is not enough, a running sequence is *paused*: its KV entries are
@@ -67,6 +69,9 @@ log = logging.getLogger("edgelm.engines.batching")
 TOKEN, DONE, ERROR = "token", "done", "error"
 
 PlanFn = Callable[[list[int], int, list[int], bool], tuple[int, int]]
+
+# llama.cpp's llama_token_data, for candidate arrays built with numpy (see _sample_kept).
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
 class PrefillPacer:
@@ -329,6 +334,21 @@ class Job:
         (self.deliver or self.events.put)((kind, value))
 
 
+@dataclass(frozen=True, eq=False)
+class FirstLogits:
+    """The logits a slot's last prompt ended with, kept so that the same prompt again needs
+    no evaluation at all (a retry, an evaluation run twice, n choices): its first token is
+    sampled from this row, over the KV entries the slot still holds. Re-reading even the
+    prompt's last token would put that one row through other kernels than the first time
+    (a micro-batch of one row; with flash attention, fewer than 64 rows take another attention
+    path), and a greedy answer could then differ from the first. ``exact`` says the row is
+    what a fresh evaluation gives (batch-invariant mode), so exact requests may use it."""
+
+    prompt: list[int]
+    row: np.ndarray
+    exact: bool
+
+
 @dataclass
 class Slot:
     """A sequence id and the tokens whose KV entries it holds (positions 0..len-1)."""
@@ -337,6 +357,20 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     clean: int = 0
     job: Job | None = None
+    first: FirstLogits | None = None
+
+    def first_logits(self, prompt: list[int], exact: bool) -> FirstLogits | None:
+        """The kept logits if ``prompt`` is exactly the prompt they ended and the cache still
+        holds it (``exact``: only logits a fresh evaluation would give)."""
+        first = self.first
+        if (
+            first is None
+            or (exact and not first.exact)
+            or first.prompt != prompt
+            or self.tokens[: len(prompt)] != prompt
+        ):
+            return None
+        return first
 
 
 class BatchScheduler:
@@ -399,6 +433,7 @@ class BatchScheduler:
         self.preemptions = 0
         self.reused_tokens = 0  # prompt tokens whose KV came from a slot's cache
         self.prefix_copies = 0  # prefixes copied from another slot
+        self.first_token_reuses = 0  # prompts answered from a slot's kept logits (FirstLogits)
         self.moves = 0  # running sequences moved to a lower id (see _compact)
         self._compute.add(self)
 
@@ -434,6 +469,7 @@ class BatchScheduler:
             "decode_steps": self.steps,
             "reused_prompt_tokens": self.reused_tokens,
             "prefix_copies": self.prefix_copies,
+            "first_token_reuses": self.first_token_reuses,
             "moves": self.moves,
             "preemptions": self.preemptions,
             "prompt_budget": self.pacer.budget(
@@ -529,7 +565,11 @@ class BatchScheduler:
         tokens = job.inputs
         # The slot holding the longest common prefix; on a tie an idle one (no copy needed).
         source = max(self.slots, key=lambda s: (_common_prefix(s.tokens, tokens), s.job is None))
-        keep, clean_after = self._plan(source.tokens, source.clean, tokens, job.exact)
+        first = source.first_logits(tokens, job.exact)
+        if first is not None:  # the same prompt again: all of it is in the cache
+            keep, clean_after = len(tokens), source.clean
+        else:
+            keep, clean_after = self._plan(source.tokens, source.clean, tokens, job.exact)
         # Always the lowest free id, so running sequences stay 0..n-1 (see _compact); a cached
         # prefix held elsewhere is copied over.
         target = next(s for s in self.slots if s.job is None)
@@ -544,6 +584,7 @@ class BatchScheduler:
             self.prefix_copies += 1
             target.tokens = tokens[:keep]
             target.clean = min(source.clean, keep)
+            target.first = source.first
         else:
             self._lib.llama_memory_seq_rm(mem, target.seq_id, -1, -1)
             target.tokens, target.clean = [], 0
@@ -558,6 +599,9 @@ class BatchScheduler:
         if job.sampler is None:  # a resumed sequence keeps its grammar and penalty state
             job.sampler = self._make_sampler(job.sampling)
         self._running.append(job)
+        if first is not None:
+            self.first_token_reuses += 1
+            self._sample(job, -1, first.row)
 
     def _make_sampler(self, s: Sampling) -> Any:
         lib = self._lib
@@ -623,6 +667,7 @@ class BatchScheduler:
             old = self.slots[job.slot]
             self._copy_stream(old, free)
             free.tokens, free.clean, free.job = list(old.tokens), old.clean, job
+            free.first = old.first
             old.job = None
             job.slot = free.seq_id
             self.moves += 1
@@ -743,6 +788,7 @@ class BatchScheduler:
         job.todo = job.todo[taken:]
         if not job.todo:
             slot.clean = job.clean_after
+            slot.first = FirstLogits(list(slot.tokens), self._row(row).copy(), job.exact)
             self._sample(job, row)
 
     def _decode_or_make_room(self, exclude: Job | None) -> bool:
@@ -791,14 +837,18 @@ class BatchScheduler:
         with self._wake:
             self._pending.appendleft(job)
 
-    def _sample(self, job: Job, index: int) -> None:
-        lib = self._lib
+    def _sample(self, job: Job, index: int, logits: np.ndarray | None = None) -> None:
+        """Sample ``job``'s next token from batch row ``index``, or from ``logits`` kept
+        from an earlier evaluation (see :class:`FirstLogits`)."""
+        row = logits
         if job.sampler is None:
-            row = self._row(index)
+            if row is None:
+                row = self._row(index)
             token = int(row.argmax())
+        elif row is None:
+            token = self._lib.llama_sampler_sample(job.sampler, self._ctx, index)
         else:
-            token = lib.llama_sampler_sample(job.sampler, self._ctx, index)
-            row = None
+            token = self._sample_kept(job.sampler, row)
         if token in self._eog:
             if not job.ignore_eos:
                 self._finish(job, DONE, "stop")
@@ -816,6 +866,27 @@ class BatchScheduler:
         job.send(TOKEN, (token, entry))
         if len(job.produced) >= job.limit:
             self._finish(job, DONE, "length")
+
+    def _sample_kept(self, sampler: Any, row: np.ndarray) -> int:
+        """What ``llama_sampler_sample`` does with a context's logits, done with a kept row:
+        the candidates in token order, the chain applied, the choice accepted (so grammar
+        and penalty state advance as usual)."""
+        lib = self._lib
+        candidates = np.zeros(len(row), dtype=TOKEN_DATA)
+        candidates["id"] = np.arange(len(row), dtype=np.int32)
+        candidates["logit"] = row
+        array = lib.llama_token_data_array(
+            data=candidates.ctypes.data_as(ctypes.POINTER(lib.llama_token_data)),
+            size=len(row),
+            selected=-1,
+            sorted=False,
+        )
+        lib.llama_sampler_apply(sampler, ctypes.byref(array))
+        if not 0 <= array.selected < len(row):
+            raise RuntimeError("the sampler chose no token")
+        token = int(candidates["id"][array.selected])
+        lib.llama_sampler_accept(sampler, token)
+        return token
 
     def _row(self, index: int) -> np.ndarray:
         """The logits of batch row ``index``: a view into llama.cpp's output buffer, which

@@ -110,11 +110,14 @@ def flash_attention(setting: str, kv_type: str) -> bool:
     """Whether to run flash attention: ``compute.flash_attn`` ("auto", "on", "off").
 
     Auto keeps it off with an f16 cache and turns it on for a quantised one (llama.cpp reads
-    a quantised V cache only in flash attention). It does read long prompts faster here
-    (llama-bench, Qwen2.5-0.5B, 2 threads: pp1024 232 tok/s against 210), but in the shared KV
-    pool two identical greedy requests, the second reusing the first's cached prefix, then
-    answered differently (the service test of repeated temperature-0 answers failed in CI);
-    with it off they agree, as they did before. "on" takes the faster prefill anyway.
+    a quantised V cache only in flash attention). Measured with llama-bench on the llama.cpp
+    this engine runs (Qwen2.5-0.5B Q4_K_M, 2 threads): it reads prompts faster (pp2048 198
+    tok/s against 176; 88 against 68 with 6k tokens already cached), but decodes slower once
+    512 or more tokens are cached (tg32 20.5 against 27.2 at 512, 10.6 against 20.1 at 4k):
+    on CPU its attention for one new token walks the cache a row at a time. Chats spend most
+    of their time decoding, so only "on" takes the faster prefill (long prompts with short
+    answers, as RAG sends); the same prompt twice still answers alike with it, from the
+    first's kept logits (:class:`edgelm.engines.batching.FirstLogits`).
     """
     return setting == "on" or kv_type != "f16"
 

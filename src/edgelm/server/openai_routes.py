@@ -197,11 +197,6 @@ async def _first_chunk(stream: AsyncIterator[Chunk], started: float) -> tuple[Ch
     return first, max(0.0, time.perf_counter() - started - (first.t if first else 0.0))
 
 
-def model_name(state: ServiceState, name: str) -> str:
-    """The canonical name a response reports: the alias, or the virtual name as sent."""
-    return name if state.find_virtual(name) else state.catalog.resolve(name).alias
-
-
 def _sse(obj: dict[str, Any] | str) -> bytes:
     data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
@@ -213,7 +208,7 @@ async def _respond(
     gen: GenerationRequest,
     renderers: Renderers,
 ) -> JSONResponse | StreamingResponse:
-    model = model_name(state, body.model)
+    model = state.model_name(body.model)
     opened = await open_answer(state, model, gen, body.n)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _serve(state, model, opened, body.stream, include_usage, renderers)
@@ -480,7 +475,7 @@ def build_router() -> APIRouter:
         gen = body.to_generation()
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        model = model_name(state, body.model)
+        model = state.model_name(body.model)
 
         renderers = _chat_renderers(rid, created, model, gen.logprobs)
         return await _respond(state, body, gen, renderers)
@@ -491,7 +486,7 @@ def build_router() -> APIRouter:
         gen = body.to_generation()
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        model = model_name(state, body.model)
+        model = state.model_name(body.model)
         offsets = [0] * body.n  # characters each choice has streamed (logprob offsets)
 
         def base() -> dict[str, Any]:

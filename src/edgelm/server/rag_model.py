@@ -66,9 +66,7 @@ class PoolGenerator:
                 yield chunk
 
     def canonical(self, model: str) -> str:
-        if self.state.find_virtual(model):
-            return model
-        return self.state.catalog.resolve(model).alias
+        return self.state.model_name(model)
 
 
 def inline_documents(messages: Sequence[Message]) -> list[dict[str, str]]:

@@ -32,7 +32,6 @@ from edgelm.server.openai_routes import (
     OpenedAnswer,
     check_message_count,
     choice_chunks,
-    model_name,
     open_answer,
 )
 from edgelm.server.schemas import Temperature, TopP
@@ -343,7 +342,7 @@ def build_router() -> APIRouter:
         conversation = [*history, *body.messages()]
         check_message_count(state, len(conversation), "input")
         gen = body.generation(conversation)
-        model = model_name(state, body.model)
+        model = state.model_name(body.model)
         rid = f"resp_{uuid.uuid4().hex}"
         msg_id = f"msg_{uuid.uuid4().hex}"
         created = int(time.time())

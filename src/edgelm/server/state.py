@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgelm.catalog import Catalog, CatalogEntry
+from edgelm.catalog import BASE_VARIANT, Catalog, CatalogEntry
 from edgelm.model_cache import ModelStore
 from edgelm.pool import ModelPool
 from edgelm.server.metrics import Metrics
@@ -65,3 +65,13 @@ class ServiceState:
 
     def find_virtual(self, name: str) -> VirtualModel | None:
         return next((family for family in self.virtual if family.matches(name)), None)
+
+    def model_name(self, name: str) -> str:
+        """The canonical name a response reports and the pool loads: the alias, the virtual
+        name as sent, or ``alias:gguf`` when the base GGUF was named explicitly (its bare alias
+        may be served by a faster converted variant, see :mod:`edgelm.variants`)."""
+        if self.find_virtual(name):
+            return name
+        alias = self.catalog.resolve(name).alias
+        explicit_base = f"{alias}:{BASE_VARIANT}"
+        return explicit_base if name.lower() == explicit_base.lower() else alias
