@@ -250,6 +250,13 @@ class Catalog:
         self._seen = _identity(self.user_file)
 
 
+def named_as(name: str, entry: CatalogEntry) -> str:
+    """The name that reaches ``entry`` again as the user meant it: ``alias:gguf`` when the base
+    GGUF was named so (its bare alias may be served by a converted variant), else the alias."""
+    explicit = f"{entry.alias}:{BASE_VARIANT}"
+    return explicit if name == explicit else entry.alias
+
+
 def _identity(path: Path | None) -> tuple[int, int, int] | None:
     """What tells a changed file from the one read: inode (atomic writes replace the file),
     size and mtime in ns. None when there is no file."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgelm.catalog import BASE_VARIANT, Catalog, CatalogEntry
+from edgelm.catalog import BASE_VARIANT, Catalog, CatalogEntry, named_as
 from edgelm.errors import InvalidRequest, ModelNotFound
 from edgelm.reporting import write_atomically
 from edgelm.settings import Settings
@@ -269,8 +269,7 @@ class VariantChooser:
         settings = self.settings
         entry = catalog.resolve(name)
         if entry.options.get("variant_of") or ":" in name:
-            again = name if name == f"{entry.alias}:{BASE_PIN}" else entry.alias
-            return Choice(entry, "named explicitly", "explicit", name=again)
+            return Choice(entry, "named explicitly", "explicit", name=named_as(name, entry))
         pin = settings.models.pin.get(entry.alias)
         if pin:
             target = entry if pin in (BASE_PIN, entry.alias) else _pinned(catalog, entry, pin)

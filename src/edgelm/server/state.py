@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgelm.catalog import BASE_VARIANT, Catalog, CatalogEntry
+from edgelm.catalog import Catalog, CatalogEntry, named_as
 from edgelm.model_cache import ModelStore
 from edgelm.pool import ModelPool
 from edgelm.server.metrics import Metrics
@@ -72,6 +72,4 @@ class ServiceState:
         may be served by a faster converted variant, see :mod:`edgelm.variants`)."""
         if self.find_virtual(name):
             return name
-        alias = self.catalog.resolve(name).alias
-        explicit_base = f"{alias}:{BASE_VARIANT}"
-        return explicit_base if name.lower() == explicit_base.lower() else alias
+        return named_as(name, self.catalog.resolve(name))
