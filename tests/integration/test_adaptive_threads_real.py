@@ -145,8 +145,9 @@ def test_status_metrics_and_auto_parallel_through_the_service(
             weights_bytes=tiny_model_path.stat().st_size,
             memory_bytes=memory_share(settings.pool),
             cores=default_threads(),
-            # flash attention is off by default: a micro-batch's scores per KV cell
-            scratch_bytes_per_token=512 * _int(meta, "attention.head_count") * 4,
+            # flash attention is off by default: a micro-batch's scores for one stream's
+            # cells (a KV stream per sequence by default)
+            shared_bytes=512 * _int(meta, "attention.head_count") * 4 * 1024,
         )
         assert runtime["slots"] == expected.streams
         assert expected.reason in runtime["parallel_reason"]
@@ -169,12 +170,13 @@ def test_config_list_plans_the_streams_the_engine_then_opens(
 
     settings = settings_for(
         tmp_path / "home",
-        **{"compute.n_ctx": 2048, "pool.memory_budget_mb": 600, "pool.max_loaded": 1},
+        **{"compute.n_ctx": 2048, "pool.memory_budget_mb": 500, "pool.max_loaded": 1},
     )
     settings.service.default_model = TINY
     plan = planned_streams(tiny_model_path, settings)
-    # 600 MiB - 94 MiB weights - 64 MiB overhead over (22.5 + 18) KiB x 2048 tokens
-    assert plan.streams == min(plan.by_memory, plan.by_compute) and plan.by_memory == 5
+    # 500 MiB - 94 MiB weights - 64 MiB overhead - 36 MiB of a micro-batch's attention scores
+    # (a stream's 2048 cells: held once) over 22.5 KiB of KV x 2048 tokens a stream
+    assert plan.streams == min(plan.by_memory, plan.by_compute) and plan.by_memory == 6
     explained = explain_auto(settings)["compute.parallel"]
     assert explained.startswith(f"{plan.streams} for {TINY} (")
     engine = create_engine(Catalog.load(settings.home).resolve(TINY), settings, tiny_model_path)

@@ -39,11 +39,14 @@ def engine(tiny_model_path: Path):
     eng.close()
 
 
-@pytest.fixture(scope="module")
-def fast_engine(tiny_model_path: Path):
+@pytest.fixture(scope="module", params=[False, True], ids=["kv-per-sequence", "kv-unified"])
+def fast_engine(tiny_model_path: Path, request: pytest.FixtureRequest):
+    """The default engine (a KV stream per sequence), and the same with one shared pool."""
     from edgelm.engines.llamacpp import LlamaCppEngine
 
-    eng = LlamaCppEngine(tiny_model_path, "smollm2-135m", n_ctx=1024, threads=2, parallel=4)
+    eng = LlamaCppEngine(
+        tiny_model_path, "smollm2-135m", n_ctx=1024, threads=2, parallel=4, kv_unified=request.param
+    )
     yield eng
     eng.close()
 
@@ -165,6 +168,25 @@ def test_a_finished_stream_leaves_no_gap_between_running_sequence_ids(engine) ->
         assert list(short)[-1].finish_reason == "length"  # its id is free 14+ tokens early
         assert [t.result() for t in texts] == alone
     assert engine.batch_stats()["moves"] > moves
+
+
+def test_default_engine_keeps_its_streams_on_consecutive_ids(fast_engine) -> None:
+    """With a KV stream per sequence the fast mode compacts too (a gap would cost a weight
+    pass a step); in a shared pool ids do not matter and nothing moves. Either way the moved
+    or unmoved streams finish their answers."""
+    long_ones = [ask(q, system=None, ignore_eos=True) for q in QUESTIONS[1:3]]
+    short = fast_engine.stream(
+        ask(QUESTIONS[0], system=None).model_copy(update={"max_tokens": 10})
+    )
+    next(short)
+    moves = fast_engine.batch_stats()["moves"]
+    with ThreadPoolExecutor(2) as pool:
+        texts = [pool.submit(lambda r=r: collect(fast_engine.stream(r))) for r in long_ones]
+        assert list(short)[-1].finish_reason == "length"
+        results = [t.result() for t in texts]
+    assert [r.finish_reason for r in results] == ["length", "length"]
+    moved = fast_engine.batch_stats()["moves"] - moves
+    assert moved == 0 if fast_engine.kv_unified else moved > 0
 
 
 def test_default_engine_reuses_the_longest_cached_prefix(fast_engine) -> None:

@@ -280,7 +280,13 @@ def test_kv_type_and_batch_settings_reach_the_llama_cpp_context(tiny_model_path:
     try:
         for kv_type in ("f16", "q8_0"):
             compute = ComputeSettings(
-                n_ctx=2048, threads=2, parallel=4, kv_type=kv_type, n_batch=4096, n_ubatch=256
+                n_ctx=2048,
+                threads=2,
+                parallel=4,
+                kv_type=kv_type,
+                n_batch=4096,
+                n_ubatch=256,
+                kv_unified=kv_type == "f16",
             )
             engines[kv_type] = create_engine(entry, Settings(compute=compute), tiny_model_path)
         f16, q8 = engines["f16"], engines["q8_0"]
@@ -289,6 +295,10 @@ def test_kv_type_and_batch_settings_reach_the_llama_cpp_context(tiny_model_path:
         assert params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         assert (params.n_ubatch, q8.n_batch) == (256, 2048)  # n_batch capped at the context
         assert f16._ctx.params.type_k == llama_cpp.GGML_TYPE_F16
+        # One shared pool where asked, else a KV stream per sequence (the default)
+        assert f16._ctx.params.kv_unified and f16._scheduler.unified
+        assert not params.kv_unified and not q8._scheduler.unified
+        assert (f16.live_info()["kv_unified"], q8.live_info()["kv_unified"]) == (True, False)
         # A q8_0 cache takes 34/32 bytes a value where f16 takes 2: the estimate follows
         # (8192 cells: ~88 MB less, far above the noise of the RSS measured over a load).
         assert q8._kv_per_token * 64 == f16._kv_per_token * 34
@@ -315,6 +325,11 @@ def test_a_quantised_cache_without_flash_attention_is_refused(tiny_model_path: P
         LlamaCppEngine(tiny_model_path, "tiny", n_ctx=256, kv_type="q8_0", flash_attn=False)
     with pytest.raises(ModelLoadError, match="unknown KV cache type"):
         LlamaCppEngine(tiny_model_path, "tiny", n_ctx=256, kv_type="q2")
+    # Answers that must not depend on what else is cached cannot share one KV pool.
+    with pytest.raises(ValidationError, match=r"set compute\.kv_unified to false"):
+        ComputeSettings(kv_unified=True, batch_invariant=True)
+    with pytest.raises(ModelLoadError, match="KV stream per sequence"):
+        LlamaCppEngine(tiny_model_path, "tiny", n_ctx=256, kv_unified=True, batch_invariant=True)
     assert flash_attention("auto", "f16") is False
     assert flash_attention("on", "f16") is True
     assert flash_attention("auto", "q8_0") is True

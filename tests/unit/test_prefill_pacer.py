@@ -105,8 +105,9 @@ def test_without_pacing_the_same_queue_stalls_the_streams() -> None:
 def test_budget_follows_measured_costs() -> None:
     pacer = PrefillPacer(n_batch=512, stall=2.0, first=32)
     assert pacer.budget(0) == 512
-    assert pacer.budget(2) == 32  # nothing measured yet
+    assert pacer.budget(2) == 0  # no decode step measured: the next step measures one
     pacer.observe(2, 0, 0.040)
+    assert pacer.budget(2) == 32  # no prompt cost measured yet
     pacer.observe(0, 512, 0.512)  # 1 ms a token in a big batch: seeded as 2 ms in chunks
     assert pacer.budget(2) == 20
     pacer.observe(2, 10, 0.040 + 10 * 0.004)  # measured: 4 ms a row when mixed
@@ -117,3 +118,17 @@ def test_budget_follows_measured_costs() -> None:
     assert pacer.budget(2) in (9, 10)  # the moving averages have (nearly) caught up
     pacer.observe(0, 1, 5.0)  # a lone token's step says nothing about batch cost
     assert pacer.batch_row_s == pytest.approx(0.001)
+
+
+def test_a_burst_of_long_prompts_is_read_in_full_batches_once_one_decodes() -> None:
+    """Four 1k-token prompts arrive at once. When the first starts decoding, no plain decode
+    step has been measured (none runs while prompts wait); the pacer measures one instead of
+    guessing, and unpaced (the default) the other prompts go on in n_batch steps."""
+    pacer = PrefillPacer(n_batch=512, stall=100.0)
+    jobs = [FakeJob(todo=1024, tokens_left=64) for _ in range(4)]
+    plan, _ = run_steps(pacer, jobs, {}, 400)
+    while_decoding = [rows for decoding, rows, _ in plan[:12] if decoding]
+    assert while_decoding[0] == 0  # the one measuring step
+    # 99 decode steps' worth of prompt rows, a few hundred: big batches, not 32-token chunks
+    assert min(while_decoding[1:6]) >= 256
+    assert sum(rows for _, rows, _ in plan) == 4 * 1024

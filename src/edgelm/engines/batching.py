@@ -9,25 +9,29 @@ step before its prompt is read (instead of for every answer in front of it).
 
 Two modes, chosen by ``compute.batch_invariant``:
 
-* Fast (the default), as llama.cpp's server does it: one KV pool shared by all sequences
-  (``kv_unified``), and each step is a single llama_decode with every running sequence's next
-  token plus up to n_batch tokens of newcomers' prompts (:meth:`BatchScheduler._mixed_step`).
-  A newcomer's prompt costs no weight pass of its own and the running streams never stop for
-  it: while others decode, a step takes only as many prompt tokens as keep it within
+* Fast (the default), as llama.cpp's server does it: each step is a single llama_decode with
+  every running sequence's next token plus up to n_batch tokens of newcomers' prompts
+  (:meth:`BatchScheduler._mixed_step`), so running streams never stop for a newcomer: while
+  others decode, a step takes only as many prompt tokens as keep it within
   ``compute.prefill_stall`` times a plain decode step (100 by default: nearly unpaced, see
-  the setting for what lower values cost), measured as it runs
-  (:class:`PrefillPacer`, chunked prefill as in vLLM); a prompt alone goes in n_batch steps,
-  at full speed. The price: attention sums a sequence's values in an order that depends on what else is
-  in the pool, so a greedy answer can differ slightly with the load.
-* Batch-invariant: every sequence has its own KV stream, and prompts are evaluated in batches
-  of their own, cut where they would be cut for the request alone, so every reproducible
-  request (temperature 0 or a seed) gets exactly the answer it gets on an idle engine. Two
-  things follow from how llama.cpp splits a batch over separate streams (``split_equal``):
-  the sequences of one micro-batch must have consecutive ids, so running sequences are kept on
-  ids 0..n-1 (:meth:`BatchScheduler._compact`); and each contributes the same number of tokens
-  to a micro-batch, so prompts could not ride along in decode steps anyway. Each loop
-  evaluates the newcomers' prompts (up to n_batch tokens, so one long prompt cannot stall the
-  others for long), then one decode step.
+  the setting for what lower values cost), measured as it runs (:class:`PrefillPacer`,
+  chunked prefill as in vLLM); a prompt alone goes in n_batch steps, at full speed. The
+  price: a greedy answer can differ slightly with the load (its rows go through the kernels
+  with other rows, in chunks cut by the load).
+* Batch-invariant: prompts are evaluated in batches of their own, cut where they would be cut
+  for the request alone, so every reproducible request (temperature 0 or a seed) gets exactly
+  the answer it gets on an idle engine. Each loop evaluates the newcomers' prompts (up to
+  n_batch tokens, so one long prompt cannot stall the others for long), then one decode step.
+
+The KV cache: a stream per sequence by default, or one pool shared by all
+(``compute.kv_unified``, fast mode only). In a shared pool a newcomer's prompt rows join the
+running streams' micro-batch (no weight pass of their own), but every token's attention reads
+every cell in the pool, other sequences' and idle slots' kept caches included, so it slows
+down with what the pool holds (see the setting for figures). Over separate streams llama.cpp
+splits a batch with ``split_equal``: a micro-batch takes *consecutive* sequence ids, the same
+number of tokens from each, so running sequences are kept on ids 0..n-1
+(:meth:`BatchScheduler._compact`) and rows go in id order; a prompt's rows past the first then
+form micro-batches of their own.
 
 Prefix caching: each sequence id is a *slot* that keeps the KV entries of its last request
 (prompt and answer) after it finished. A newcomer gets the lowest free id and the longest
@@ -87,8 +91,10 @@ class PrefillPacer:
     thread count and the load. With no stream decoding nobody waits: the budget is n_batch,
     and a prompt alone is read in big batches at full speed. Until a mixed step has been
     measured, a prompt row is taken to cost twice what it cost per token in prompt-only steps
-    (small chunks run the matrix kernels less efficiently than big batches); with nothing
-    measured at all the budget is ``first`` tokens.
+    (small chunks run the matrix kernels less efficiently than big batches), and with no
+    prompt cost measured at all the budget is ``first`` tokens. The decode step's time is not
+    guessed: until one plain decode step has been measured the budget is 0, so the next step
+    measures it.
     """
 
     def __init__(self, n_batch: int, stall: float = 2.0, first: int = 32, smooth: float = 0.3):
@@ -105,10 +111,17 @@ class PrefillPacer:
         if decoding == 0:
             return self.n_batch
         base = self._decode_time(decoding)
+        if base is None:
+            # No plain decode step measured yet: take one (a step's delay for the prompts)
+            # rather than guess. Plain steps are only measured while no prompt waits, so in a
+            # burst of long prompts a guessed budget held every prompt after the first to
+            # ``first``-token chunks for its whole prefill (4 streams of 1k-token prompts:
+            # 6.9 output tok/s where llama.cpp's server makes 10).
+            return 0
         row = self.row_s
         if row is None and self.batch_row_s is not None:
             row = 2 * self.batch_row_s
-        if base is None or row is None:
+        if row is None:
             return self.first
         allowed = int((self.stall - 1.0) * base / row)
         return max(1, min(self.n_batch, allowed))
@@ -396,6 +409,7 @@ class BatchScheduler:
         mixed: bool = False,
         threads: ThreadController | None = None,
         stall: float = 2.0,
+        unified: bool = False,
     ):
         self._lib = lib
         self._ctx = ctx
@@ -407,6 +421,7 @@ class BatchScheduler:
         self._plan = plan
         self._logprob = logprob
         self.mixed = mixed
+        self.unified = unified  # one KV pool for all sequences, else a stream per sequence
         # Adapts the context's thread counts between steps (compute.threads "auto").
         self.threads = threads
         self.pacer = PrefillPacer(n_batch, stall)
@@ -648,7 +663,8 @@ class BatchScheduler:
         self._lib.llama_memory_seq_cp(self._mem, source.seq_id, target.seq_id, -1, -1)
 
     def _compact(self) -> None:
-        """Keep the running sequences on ids 0..n-1 by moving the highest one into a gap.
+        """Keep the running sequences on ids 0..n-1 by moving the highest one into a gap (a
+        stream per sequence; in a shared pool ids do not matter).
 
         llama.cpp splits a batch over separate KV streams into micro-batches of *consecutive*
         sequence ids (``split_equal``), and each micro-batch reads all the weights again: a
@@ -704,12 +720,19 @@ class BatchScheduler:
         decodes). A newcomer's prompt costs no weight pass of its own and the running streams
         do not stop for it, which is how llama.cpp's server keeps TTFT low under load; the
         budget keeps a long prompt from stalling their tokens for its whole prefill."""
-        decoding = [j for j in self._running if not j.todo and j.last >= 0]
+        if not self.unified:
+            self._compact()
+        # Rows in sequence-id order: over separate streams llama.cpp groups consecutive ids
+        # into one micro-batch only as they come in the batch (see _compact).
+        decoding = sorted(
+            (j for j in self._running if not j.todo and j.last >= 0), key=lambda j: j.slot
+        )
         rows = [(job.last, job.n_past, job.slot, True) for job in decoding]
-        waiting = [j for j in self._running if j.todo]
+        waiting = [j for j in self._running if j.todo]  # oldest first: they share the budget
         taken = take_prompts([len(j.todo) for j in waiting], self.pacer.budget(len(decoding)))
         prompts: list[tuple[Job, int, int]] = []  # job, tokens taken, row of its last token
-        for job, take in zip(waiting, taken, strict=False):
+        chosen = sorted(zip(waiting, taken, strict=False), key=lambda pair: pair[0].slot)
+        for job, take in chosen:
             done = take == len(job.todo)
             rows.extend(
                 (token, job.n_past + i, job.slot, done and i == take - 1)

@@ -198,6 +198,7 @@ class LlamaCppEngine(Engine):
         kv_type: str = "f16",
         prefill_stall: float = 2.0,
         memory_share: int = 0,
+        kv_unified: bool = False,
     ):
         self._lib = _import_llama_cpp()
         self.model_id = model_id
@@ -207,6 +208,9 @@ class LlamaCppEngine(Engine):
         self.concurrent_streams = 1 if parallel == "auto" else max(1, parallel)
         self.parallel_reason = f"compute.parallel = {parallel}"
         self.batch_invariant = batch_invariant
+        if kv_unified and batch_invariant:
+            raise ModelLoadError("batch-invariant answers need a KV stream per sequence")
+        self.kv_unified = kv_unified
         self.repeat_penalty = repeat_penalty
         """Used when a request does not set its own (``compute.repeat_penalty``)."""
         if kv_type not in KV_TYPES:
@@ -257,6 +261,7 @@ class LlamaCppEngine(Engine):
             kv_size=self.n_ctx,
             n_batch=self.n_batch,
             mixed=not batch_invariant,
+            unified=kv_unified,
             plan=lambda cached, clean, prompt, exact: plan_reuse(
                 cached, clean, prompt, exact, self.n_batch, self.n_ubatch
             ),
@@ -289,6 +294,7 @@ class LlamaCppEngine(Engine):
             kv_type=settings.compute.kv_type,
             flash_attn=flash_attention(settings.compute.flash_attn, settings.compute.kv_type),
             prefill_stall=settings.compute.prefill_stall,
+            kv_unified=settings.compute.kv_unified,
         )
 
     def _size_streams(self, share: int) -> None:
@@ -302,6 +308,7 @@ class LlamaCppEngine(Engine):
             share or memory_budget_bytes(PoolSettings()),
             self.flash_attn,
             self.kv_type,
+            self.kv_unified,
         )
         self.concurrent_streams = choice.streams
         self.parallel_reason = f"compute.parallel = auto: {choice.reason}"
@@ -314,12 +321,13 @@ class LlamaCppEngine(Engine):
         repacks Q4_K/Q4_0 weights for its faster kernels, a copy of those (~80 MB for
         Qwen2.5-0.5B): measured as the RSS growth over the load, and never less than the KV
         cache. Then the attention scratch a full-context prompt batch needs, which is only
-        touched later. For SmolLM2 and Qwen2.5-0.5B at 4096 tokens this came within 10% of the
+        touched later (over every stream's cells in a shared pool). For SmolLM2 and Qwen2.5-0.5B at 4096 tokens this came within 10% of the
         RSS measured after a 3,300-token prompt.
         """
         size = self.model_path.stat().st_size
         allocated = max(loaded - size, self._kv_per_token * self.n_ctx * self.concurrent_streams)
-        scratch = self.n_ubatch * self.n_ctx * self._n_head * 4
+        cells = self.n_ctx * (self.concurrent_streams if self.kv_unified else 1)
+        scratch = self.n_ubatch * cells * self._n_head * 4
         return size + allocated + scratch + 32 * 2**20
 
     def _load_model(self) -> Any:
@@ -358,9 +366,9 @@ class LlamaCppEngine(Engine):
         params.n_batch = self.n_batch + self.concurrent_streams
         params.n_ubatch = self.n_ubatch
         params.n_seq_max = self.concurrent_streams
-        # Fast mode shares one KV pool so prompts can ride along in decode steps; the
-        # batch-invariant mode needs a stream per sequence (see edgelm.engines.batching).
-        params.kv_unified = not self.batch_invariant
+        # A stream per sequence unless compute.kv_unified asks for one shared pool (see
+        # edgelm.engines.batching for what each costs).
+        params.kv_unified = self.kv_unified
         params.n_threads = params.n_threads_batch = self.threads
         params.flash_attn_type = (
             lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -542,6 +550,7 @@ class LlamaCppEngine(Engine):
             "parallel_reason": self.parallel_reason,
             "flash_attn": self.flash_attn,
             "kv_type": self.kv_type,
+            "kv_unified": self.kv_unified,
             "n_batch": self.n_batch,
             "n_ubatch": self.n_ubatch,
             **self.batch_stats(),
@@ -704,12 +713,14 @@ def plan_streams(
     memory_bytes: int,
     flash_attn: bool,
     kv_type: str = "f16",
+    kv_unified: bool = False,
 ) -> ParallelChoice:
     """The automatic stream count of a GGUF model (its metadata) at ``n_ctx`` tokens a
-    stream: KV bytes per token in a ``kv_type`` cache, plus without flash attention a prompt
-    micro-batch's f32 attention scores per KV cell (the shared pool's scratch grows with every
-    stream's cells), against ``memory_bytes`` and the cores
-    (:func:`edgelm.engines.sizing.auto_parallel`)."""
+    stream: KV bytes per token in a ``kv_type`` cache, against ``memory_bytes`` and the cores
+    (:func:`edgelm.engines.sizing.auto_parallel`). Without flash attention a prompt
+    micro-batch also needs f32 attention scores for every KV cell it reads: a stream's cells
+    with a stream per sequence (held once), every stream's in a shared pool (``kv_unified``:
+    they grow with each stream)."""
     scratch = 0 if flash_attn else n_ubatch * _int(meta, "attention.head_count") * 4
     return auto_parallel(
         kv_bytes_per_token=kv_bytes_per_token(meta, kv_type),
@@ -717,7 +728,8 @@ def plan_streams(
         weights_bytes=weights_bytes,
         memory_bytes=memory_bytes,
         cores=default_threads(),
-        scratch_bytes_per_token=scratch,
+        scratch_bytes_per_token=scratch if kv_unified else 0,
+        shared_bytes=0 if kv_unified else scratch * n_ctx,
     )
 
 
@@ -748,6 +760,7 @@ def planned_streams(path: Path, settings: Settings) -> ParallelChoice:
         memory_share(settings.pool),
         flash_attention(compute.flash_attn, compute.kv_type),
         compute.kv_type,
+        compute.kv_unified,
     )
 
 

@@ -56,15 +56,18 @@ def auto_parallel(
     memory_bytes: int,
     cores: int,
     scratch_bytes_per_token: int = 0,
+    shared_bytes: int = 0,
     cap: int = MAX_STREAMS,
 ) -> ParallelChoice:
     """The stream count for a model: as many as ``memory_bytes`` (this model's share of the
     memory budget) holds after its weights, at ``(kv_bytes_per_token +
     scratch_bytes_per_token) × n_ctx`` a stream, at most ``STREAMS_PER_CORE`` per core and
     ``cap``, at least 1. ``scratch_bytes_per_token``: attention scratch per KV cell (a prompt
-    micro-batch's scores without flash attention; 0 with it)."""
+    micro-batch's scores without flash attention, when they span every stream's cells; 0 with
+    it). ``shared_bytes``: held once whatever the count (those scores when they span one
+    stream's cells)."""
     per_stream = max(0, kv_bytes_per_token + scratch_bytes_per_token) * max(1, n_ctx)
-    room = memory_bytes - weights_bytes - OVERHEAD_BYTES
+    room = memory_bytes - weights_bytes - OVERHEAD_BYTES - shared_bytes
     by_memory = room // per_stream if per_stream else cap
     by_memory = max(0, int(by_memory))
     by_compute = STREAMS_PER_CORE * max(1, cores)
@@ -81,7 +84,9 @@ def auto_parallel(
         f"{f' + scratch {scratch_bytes_per_token / 1024:.1f} KiB' if scratch_bytes_per_token else ''}"
         f" a token x {n_ctx} tokens); {max(0, room) / 2**20:.0f} MiB of the "
         f"{memory_bytes / 2**20:.0f} MiB memory share left after the "
-        f"{weights_bytes / 2**20:.0f} MiB weights hold {by_memory}; {cores} cores x "
+        f"{weights_bytes / 2**20:.0f} MiB weights"
+        f"{f' and {shared_bytes / 2**20:.0f} MiB attention scratch' if shared_bytes else ''}"
+        f" hold {by_memory}; {cores} cores x "
         f"{STREAMS_PER_CORE} = {by_compute}; cap {cap}"
     )
     if by_memory < 1:
