@@ -185,7 +185,8 @@ class _StubRaw:
 
     def __init__(self, log: list[str]) -> None:
         self.log = log
-        self.entry = CatalogEntry(alias="timed", engine="fake")
+        self.name = "timed"  # as the targets name the model...
+        self.entry = CatalogEntry(alias="timed-variant", engine="fake")  # ...which serves it
         self.engine_name = "fake"
         self.threads = 2
         self.weights_bytes = None
@@ -227,6 +228,9 @@ def test_interleaved_run_takes_turns_on_the_same_prompt(settings, bench_catalog)
     assert first.stats["throughput_tokens_per_s"] > 0
     (row,) = run.micro
     assert row["test"] == "tg8 interleaved" and row["reps"] == 3 and row["tokens_per_s"] == 11.0
+    # named as the targets name it, so the service-vs-raw table pairs them ("alias:gguf" is
+    # not the variant its bare alias may be served by)
+    assert row["model"] == first.model == "timed"
 
 
 def test_ttft_over_in_process_pairs_the_same_prompts() -> None:

@@ -55,6 +55,9 @@ class RawEngine:
 
         catalog = Catalog.load(settings.home)
         store = ModelStore(settings)
+        # The name its rows carry: the one asked for, as the bench's targets name it
+        # ("qwen2.5-0.5b:gguf" is not the variant its bare alias may be served by).
+        self.name = alias
         # What the alias serves with (its fastest variant measured here, unless named/pinned),
         # so raw figures line up with the service's for the same name.
         self.entry = VariantChooser(settings, store.is_ready).choose(catalog, alias).entry
@@ -101,7 +104,7 @@ def tg_row(raw: RawEngine, test: str, rates: list[float]) -> dict[str, Any]:
 
 def _row(raw: RawEngine, test: str, rates: list[float]) -> dict[str, Any]:
     return {
-        "model": raw.entry.alias,
+        "model": raw.name,
         "engine": raw.engine_name,
         "threads": raw.threads,
         "test": test,
