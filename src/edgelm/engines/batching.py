@@ -115,8 +115,9 @@ class PrefillPacer:
             # No plain decode step measured yet: take one (a step's delay for the prompts)
             # rather than guess. Plain steps are only measured while no prompt waits, so in a
             # burst of long prompts a guessed budget held every prompt after the first to
-            # ``first``-token chunks for its whole prefill (4 streams of 1k-token prompts:
-            # 6.9 output tok/s where llama.cpp's server makes 10).
+            # ``first``-token chunks for its whole prefill, each chunk a weight pass of its
+            # own over separate KV streams (4 streams of 1k-token prompts: 9.3 output tok/s
+            # with the guess, 10.5 measuring first; llama.cpp's server 10.1).
             return 0
         row = self.row_s
         if row is None and self.batch_row_s is not None:
@@ -717,9 +718,10 @@ class BatchScheduler:
     def _mixed_step(self) -> None:
         """One llama_decode for everything (unified KV pool): each decoding sequence's next
         token, then newcomers' prompt tokens within the pacer's budget (n_batch when nothing
-        decodes). A newcomer's prompt costs no weight pass of its own and the running streams
-        do not stop for it, which is how llama.cpp's server keeps TTFT low under load; the
-        budget keeps a long prompt from stalling their tokens for its whole prefill."""
+        decodes). The running streams do not stop for a newcomer's prompt, which is how
+        llama.cpp's server keeps TTFT low under load (in a shared KV pool the prompt rows even
+        share the decode rows' weight pass); the budget keeps a long prompt from stalling their
+        tokens for its whole prefill."""
         if not self.unified:
             self._compact()
         # Rows in sequence-id order: over separate streams llama.cpp groups consecutive ids

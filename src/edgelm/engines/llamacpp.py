@@ -320,9 +320,10 @@ class LlamaCppEngine(Engine):
         the KV cache (n_ctx cells for each parallel stream) and, on CPUs where llama.cpp
         repacks Q4_K/Q4_0 weights for its faster kernels, a copy of those (~80 MB for
         Qwen2.5-0.5B): measured as the RSS growth over the load, and never less than the KV
-        cache. Then the attention scratch a full-context prompt batch needs, which is only
-        touched later (over every stream's cells in a shared pool). For SmolLM2 and Qwen2.5-0.5B at 4096 tokens this came within 10% of the
-        RSS measured after a 3,300-token prompt.
+        cache. Then the attention scratch a full-context prompt batch needs (over every
+        stream's cells in a shared pool), which is only touched later. For SmolLM2 and
+        Qwen2.5-0.5B at 4096 tokens this came within 10% of the RSS measured after a
+        3,300-token prompt.
         """
         size = self.model_path.stat().st_size
         allocated = max(loaded - size, self._kv_per_token * self.n_ctx * self.concurrent_streams)
