@@ -117,3 +117,18 @@ def test_bench_prints_its_figures_as_json(tmp_path: Path) -> None:
     figures = json.loads(result.output.split("[RAG BENCHMARK RESULTS]", 1)[1])
     assert figures["chunks"] == 600 and figures["dense_recall_at_10"] == 1.0
     assert {"lexical_p99_ms", "hybrid_p95_ms", "chunks_per_s", "db_mb"} <= set(figures)
+
+
+def test_bench_makes_its_folder_and_names_one_it_cannot_use(tmp_path: Path) -> None:
+    """--dir may name a folder that does not exist yet (it is made); a file there is a clear
+    error, not a traceback."""
+    new = tmp_path / "big" / "disk"
+    args = ("rag", "bench", "--chunks", "300", "--dim", "8", "--queries", "2", "--dir")
+    result = run(*args, str(new))
+    assert result.exit_code == 0, result.output
+    assert new.is_dir() and list(new.iterdir()) == []  # the collection itself is gone
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = run(*args, str(blocker / "sub"))
+    assert result.exit_code == 1
+    assert "cannot use" in result.output and "Traceback" not in result.output

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelm.errors import InvalidRequest
 from edgelm.rag.collection_db import RagStore
 from edgelm.rag.retrieve import CANDIDATES, hybrid_from, retrieve
 from edgelm.rag.types import ChunkSpec
@@ -144,6 +145,13 @@ def run_benchmark(
     words = _vocabulary(rng)
     data = _Synthetic(n_chunks, dim, words, rng, isotropic)
     starts = set(rng.choice(n_chunks, size=min(queries, n_chunks), replace=False).tolist())
+    if folder is not None:  # a place to put a big temporary collection, made if it is new
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidRequest(
+                f"cannot use {folder} for the benchmark's collection: {exc}"
+            ) from None
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         store = RagStore(Path(tmp) / "bench.db", "bench")
         if dim:
@@ -176,9 +184,7 @@ def run_benchmark(
             queries=queries,
         )
         if dim:
-            _dense_figures(
-                store, result, data, sorted(starts), questions, rng, progress, isotropic
-            )
+            _dense_figures(store, result, data, sorted(starts), questions, rng, progress, isotropic)
         store.close()
     return result
 
