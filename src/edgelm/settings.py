@@ -183,9 +183,9 @@ class ComputeSettings(_Section):
         "decode step (one weight pass), but every token's attention reads every cell in the "
         "pool, other conversations' and idle slots' kept caches included. Measured "
         "(Qwen2.5-0.5B Q4_K_M, 2 cores): one stream decoding while six idle slots keep "
-        "2.7k-token caches: 10.1 tok/s shared, 28.0 per sequence (27.9 with an empty pool); 4 "
-        "streams of 1k-token prompts: 6.6 output tok/s shared, 10.5 per sequence (llama.cpp's "
-        "server: 10.1); 8 streams of short prompts: shared is ahead (78 tok/s, TTFT p90 0.7 s; "
+        "2.7k-token caches: 10.4 tok/s shared, 27.9 per sequence (27.7 with an empty pool); 4 "
+        "streams of 1k-token prompts: 6.8 output tok/s shared, 10.7 per sequence (llama.cpp's "
+        "server: 10.3); 8 streams of short prompts: shared is ahead (78 tok/s, TTFT p90 0.6 s; "
         "per sequence 74 tok/s, 0.9 s), each newcomer costing a weight pass of its own. "
         "Batch-invariant mode needs it off.",
     )
