@@ -716,9 +716,9 @@ class BatchScheduler:
             self._decode(decoding)
 
     def _mixed_step(self) -> None:
-        """One llama_decode for everything (unified KV pool): each decoding sequence's next
-        token, then newcomers' prompt tokens within the pacer's budget (n_batch when nothing
-        decodes). The running streams do not stop for a newcomer's prompt, which is how
+        """One llama_decode for everything: each decoding sequence's next token, then
+        newcomers' prompt tokens within the pacer's budget (n_batch when nothing decodes).
+        The running streams do not stop for a newcomer's prompt, which is how
         llama.cpp's server keeps TTFT low under load (in a shared KV pool the prompt rows even
         share the decode rows' weight pass); the budget keeps a long prompt from stalling their
         tokens for its whole prefill."""
