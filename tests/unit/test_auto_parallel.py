@@ -186,22 +186,15 @@ def test_scratch_held_once_does_not_grow_with_the_streams() -> None:
     """With a KV stream per sequence a prompt micro-batch's attention scores span one
     stream's cells: held once, not per stream as in a shared pool."""
     per_cell = QWEN05_SCRATCH
-    shared_pool = auto_parallel(
-        kv_bytes_per_token=QWEN05_KV,
-        n_ctx=32768,
-        weights_bytes=QWEN05_WEIGHTS,
-        memory_bytes=4 * GiB,
-        cores=8,
-        scratch_bytes_per_token=per_cell,
-    )
-    per_sequence = auto_parallel(
-        kv_bytes_per_token=QWEN05_KV,
-        n_ctx=32768,
-        weights_bytes=QWEN05_WEIGHTS,
-        memory_bytes=4 * GiB,
-        cores=8,
-        shared_bytes=per_cell * 32768,
-    )
+    sizes = {
+        "kv_bytes_per_token": QWEN05_KV,
+        "n_ctx": 32768,
+        "weights_bytes": QWEN05_WEIGHTS,
+        "memory_bytes": 4 * GiB,
+        "cores": 8,
+    }
+    shared_pool = auto_parallel(**sizes, scratch_bytes_per_token=per_cell)
+    per_sequence = auto_parallel(**sizes, shared_bytes=per_cell * 32768)
     # (4096 - 468.6 - 64) MiB holds 2 streams of 1280 MiB (384 KV + 896 scores), or, once
     # 896 MiB of scores are set aside, 6 of 384 MiB
     assert (shared_pool.streams, per_sequence.streams) == (2, 6)

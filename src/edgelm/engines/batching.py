@@ -694,10 +694,11 @@ class BatchScheduler:
         for job in list(self._running):
             if job.cancel.is_set():
                 self._finish(job, DONE, "cancelled")
+        if not self.unified:
+            self._compact()
         if self.mixed:
             self._mixed_step()
             return
-        self._compact()
         # Newcomers' prompts first, up to n_batch tokens a step: a burst of short chats all get
         # their first token before the next decode step, while one long prompt still lets the
         # running streams advance between its chunks.
@@ -722,8 +723,6 @@ class BatchScheduler:
         llama.cpp's server keeps TTFT low under load (in a shared KV pool the prompt rows even
         share the decode rows' weight pass); the budget keeps a long prompt from stalling their
         tokens for its whole prefill."""
-        if not self.unified:
-            self._compact()
         # Rows in sequence-id order: over separate streams llama.cpp groups consecutive ids
         # into one micro-batch only as they come in the batch (see _compact).
         decoding = sorted(
