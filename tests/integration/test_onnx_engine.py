@@ -69,6 +69,45 @@ def test_completion_of_a_raw_prompt(engine) -> None:
     assert result.usage.prompt_tokens == engine.count_tokens(prompt)
 
 
+class CountingTokenizer:
+    """The library's tokenizer, counting calls of its per-call chat template renderer."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.renders = inner, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def apply_chat_template(self, *args, **kwargs):
+        self.renders += 1
+        return self.inner.apply_chat_template(*args, **kwargs)
+
+
+def test_the_chat_template_is_compiled_once_and_renders_as_the_library_does(
+    engine, monkeypatch
+) -> None:
+    # onnxruntime-genai's apply_chat_template parses the template on every call (~8 ms for
+    # Qwen2.5's); the engine renders with a template compiled at load, to the same text.
+    conversations = [
+        [{"role": "user", "content": "Hi there"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": 'c "quoted" \u00fc'},
+        ],
+    ]
+    counting = CountingTokenizer(engine._tokenizer)
+    monkeypatch.setattr(engine, "_tokenizer", counting)
+    for messages in conversations:
+        ours = engine.render(GenerationRequest(messages=[Message(**m) for m in messages]))
+        assert counting.renders == 0
+        theirs = counting.inner.apply_chat_template(
+            json.dumps(messages), template_str=engine._template, add_generation_prompt=True
+        )
+        assert ours == str(theirs)
+
+
 def test_max_tokens_gives_length_with_exactly_that_many_tokens(engine) -> None:
     result = collect(engine.stream(chat("Write a long poem.", temperature=0, max_tokens=7)))
     assert result.finish_reason == "length"

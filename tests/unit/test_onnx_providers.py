@@ -172,6 +172,7 @@ def generating_og(answer: list[int], rows: list[list[float]]) -> Any:
             pass
 
         def encode(self, text: str) -> list[int]:
+            og.encoded.append(text)
             return [1] * len(text.split())
 
         def decode(self, tokens: Any) -> str:
@@ -215,14 +216,31 @@ def generating_og(answer: list[int], rows: list[list[float]]) -> Any:
     og.Generator = Generator
     og.GeneratorParams = lambda model: SimpleNamespace(set_search_options=lambda **kw: None)
     og.applied = applied
+    og.encoded = []
     return og
+
+
+def test_a_template_jinja2_cannot_compile_is_left_to_the_library(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% if %}"}))
+    og = generating_og([1, 2], [[0.0, 2.0, 1.0, 0.0]])
+    monkeypatch.setattr(onnx, "import_genai", lambda: og)
+    engine = OnnxEngine(model_dir, "m")
+    engine.render(GenerationRequest(messages=[Message(role="user", content="hi")]))
+    assert og.applied == [([{"role": "user", "content": "hi"}], "{% if %}")]
 
 
 def test_generation_through_the_shared_renderer_and_logprob(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The engine's own parts around the library: the chat template through the renderer the
-    llama.cpp engine shares, and logprobs from the row the sampler used, not the next one."""
+    llama.cpp engine shares (compiled once with Jinja2, not the library's per-call renderer),
+    and logprobs from the row the sampler used, not the next one."""
+    template = "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }} {% endfor %}"
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": template, "bos_token": {"content": "<s>"}})
+    )
     rows = [[0.0, 2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 4.0], [0.0, 0.0, 5.0, 0.0]]
     og = generating_og([1, 3, 2], rows)
     monkeypatch.setattr(onnx, "import_genai", lambda: og)
@@ -237,9 +255,7 @@ def test_generation_through_the_shared_renderer_and_logprob(
         top_logprobs=2,
     )
     result = collect(engine.stream(request))
-    assert og.applied == [
-        ([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], "{{ x }}")
-    ]
+    assert og.encoded == ["<s>[system] be brief [user] hi "] and og.applied == []
     assert result.text == "Hi there" and result.finish_reason == "stop"
     first, second = result.logprobs
     log_z = math.log(sum(math.exp(v) for v in rows[0]))

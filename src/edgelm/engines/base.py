@@ -416,8 +416,29 @@ def chatml(messages: Iterable[object], add_generation_prompt: bool = True) -> st
 
 ChatTemplate = Callable[[list[dict[str, Any]], list[dict[str, Any]] | None], str]
 """A model's chat template, applied: messages and the tools offered (None: no tools section)
-in, prompt text out (ending with the assistant's generation prompt). Each engine applies its
-template with its own library."""
+in, prompt text out (ending with the assistant's generation prompt)."""
+
+
+def jinja_chat_template(template: str, bos_token: str, eos_token: str) -> ChatTemplate | None:
+    """A Jinja chat template compiled once (llama-cpp-python's sandboxed Jinja2 formatter, the
+    renderer HF templates are written for); None when jinja2 cannot compile it.
+
+    Compiling once matters: onnxruntime-genai's ``apply_chat_template`` parses the template on
+    every call, 7.9 ms a request for Qwen2.5's against 0.1 ms here (same text, checked on the
+    catalog's templates), and the service renders on its event loop, so a burst of requests
+    waited for each other's rendering."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    try:
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=eos_token,
+            bos_token=bos_token,
+            add_generation_prompt=True,
+        )
+    except Exception:  # a template jinja2 cannot compile
+        return None
+    return lambda messages, tools: formatter(messages=messages, tools=tools).prompt
 
 
 def render_prompt(

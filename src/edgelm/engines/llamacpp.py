@@ -47,6 +47,7 @@ from edgelm.engines.base import (
     check_capabilities,
     check_context,
     default_threads,
+    jinja_chat_template,
     process_rss,
     render_prompt,
     token_logprob,
@@ -408,21 +409,11 @@ class LlamaCppEngine(Engine):
         return len(self.tokenize_prompt(text))
 
     def _chat_template(self, template: str | None) -> ChatTemplate | None:
-        """The GGUF's chat template, applied by llama-cpp-python's Jinja2 formatter."""
+        """The GGUF's chat template (ChatML when jinja2 cannot compile it: the common
+        default)."""
         if not template:
             return None
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        try:
-            formatter = Jinja2ChatFormatter(
-                template=template,
-                eos_token=self._eos_text,
-                bos_token=self._bos_text,
-                add_generation_prompt=True,
-            )
-        except Exception:  # a template jinja2 cannot compile: ChatML is the common default
-            return None
-        return lambda messages, tools: formatter(messages=messages, tools=tools).prompt
+        return jinja_chat_template(template, self._bos_text, self._eos_text)
 
     def render(self, request: GenerationRequest) -> str:
         """The prompt text: the chat template stored in the GGUF, or ChatML without one."""

@@ -44,6 +44,7 @@ from edgelm.engines.base import (
     check_capabilities,
     check_context,
     default_threads,
+    jinja_chat_template,
     process_rss,
     render_prompt,
     token_logprob,
@@ -135,13 +136,26 @@ def model_dir_of(path: Path) -> Path:
     return directory
 
 
+def _tokenizer_config(directory: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _special_token_text(config: dict[str, Any], name: str) -> str:
+    """``bos_token``/``eos_token`` as HF's tokenizer config writes it (text, or an object
+    with ``content``), the values chat templates are rendered with; '' when absent."""
+    value = config.get(name)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else ""
+
+
 def _read_chat_template(directory: Path) -> str | None:
     """The chat template the converter or the model's authors left with the tokenizer."""
-    config = directory / "tokenizer_config.json"
-    try:
-        template = json.loads(config.read_text("utf-8")).get("chat_template")
-    except (OSError, ValueError):
-        template = None
+    template = _tokenizer_config(directory).get("chat_template")
     if isinstance(template, list):  # the list form: named templates, "default" first
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
@@ -326,9 +340,18 @@ class OnnxEngine(Engine):
         return str(self._tokenizer.decode(np.asarray(tokens, dtype=np.int32)))
 
     def _chat_template(self, template: str | None) -> ChatTemplate | None:
-        """The model's chat template, applied by onnxruntime-genai's tokenizer."""
+        """The model's chat template, compiled once with Jinja2; onnxruntime-genai's own
+        renderer (which parses it on every call) only for a template Jinja2 cannot compile."""
         if template is None:
             return None
+        config = _tokenizer_config(self.model_dir)
+        compiled = jinja_chat_template(
+            template,
+            _special_token_text(config, "bos_token"),
+            _special_token_text(config, "eos_token"),
+        )
+        if compiled is not None:
+            return compiled
 
         def apply(messages: list[dict[str, Any]], _tools: list[dict[str, Any]] | None) -> str:
             # This engine takes no tools (supports_tools is off), so no tools section.
