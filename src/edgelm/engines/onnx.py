@@ -153,9 +153,9 @@ def _special_token_text(config: dict[str, Any], name: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _read_chat_template(directory: Path) -> str | None:
+def _read_chat_template(directory: Path, tokenizer_config: dict[str, Any]) -> str | None:
     """The chat template the converter or the model's authors left with the tokenizer."""
-    template = _tokenizer_config(directory).get("chat_template")
+    template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # the list form: named templates, "default" first
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
@@ -242,8 +242,9 @@ class OnnxEngine(Engine):
         self._vocab_size = int(model_cfg.get("vocab_size") or 0)
         pad = model_cfg.get("pad_token_id")
         self._pad = int(pad) if isinstance(pad, int) else -1
-        self._template = _read_chat_template(self.model_dir)
-        self._chat = self._chat_template(self._template)
+        tokenizer_config = _tokenizer_config(self.model_dir)
+        self._template = _read_chat_template(self.model_dir, tokenizer_config)
+        self._chat = self._chat_template(self._template, tokenizer_config)
         self.memory_bytes = self._memory_estimate(max(0, process_rss() - rss_before))
         self._scheduler = GeneratorScheduler(
             model_id,
@@ -339,12 +340,12 @@ class OnnxEngine(Engine):
     def decode(self, tokens: Sequence[int]) -> str:
         return str(self._tokenizer.decode(np.asarray(tokens, dtype=np.int32)))
 
-    def _chat_template(self, template: str | None) -> ChatTemplate | None:
-        """The model's chat template, compiled once with Jinja2; onnxruntime-genai's own
-        renderer (which parses it on every call) only for a template Jinja2 cannot compile."""
+    def _chat_template(self, template: str | None, config: dict[str, Any]) -> ChatTemplate | None:
+        """The model's chat template, compiled once with Jinja2 (with the special tokens of
+        the tokenizer ``config``); onnxruntime-genai's own renderer (which parses it on every
+        call) only for a template Jinja2 cannot compile."""
         if template is None:
             return None
-        config = _tokenizer_config(self.model_dir)
         compiled = jinja_chat_template(
             template,
             _special_token_text(config, "bos_token"),
