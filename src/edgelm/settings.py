@@ -165,11 +165,13 @@ class ComputeSettings(_Section):
     )
     flash_attn: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Flash attention. 'auto': off with an f16 KV cache, on with a quantised one "
-        "(which needs it). On this CPU (llama-bench, Qwen2.5-0.5B, 2 threads) it reads prompts "
-        "faster (pp2048: 198 tok/s vs 176; 88 vs 68 after 6k cached tokens) but decodes slower "
-        "once 512 tokens are cached (27.2 -> 20.5 tok/s; 20.1 -> 10.6 at 4k): 'on' suits long "
-        "prompts with short answers.",
+        description="Flash attention. On this CPU (llama-bench, Qwen2.5-0.5B, 2 threads) it "
+        "reads prompts faster (pp2048: 198 tok/s vs 176; 88 vs 68 after 6k cached tokens) but "
+        "decodes slower once 512 tokens are cached (27.2 -> 20.5 tok/s; 20.1 -> 10.6 at 4k). "
+        "'auto' takes each where it is faster: answers decode without it, and a prompt with "
+        "256 or more tokens to read is read in a second context with it, its KV entries then "
+        "moved over (with a quantised KV cache, which needs it, it is simply on). 'on': "
+        "everywhere, as llama.cpp's server does; 'off': nowhere.",
     )
     kv_type: Literal["f16", "q8_0", "q4_0"] = Field(
         "f16",

@@ -63,6 +63,14 @@ from typing import Any
 
 import numpy as np
 
+from edgelm.engines.prefill_context import (
+    PREFILL_MIN_TOKENS,
+    PrefillContext,
+    StateFormatError,
+    convert_seq_state,
+    load_seq,
+    save_seq,
+)
 from edgelm.engines.threads import ThreadController
 from edgelm.types import GenerationRequest
 
@@ -337,6 +345,9 @@ class Job:
     sampler: Any = None
     clean_after: int = 0
     admitted_at: float = 0.0
+    # Its prompt is being read in the flash-attention prefill context (see _side_step): then
+    # ``todo`` and ``n_past`` count that context's tokens, not the slot's.
+    side: bool = False
 
     @property
     def inputs(self) -> list[int]:
@@ -411,6 +422,7 @@ class BatchScheduler:
         threads: ThreadController | None = None,
         stall: float = 2.0,
         unified: bool = False,
+        prefill: Callable[[], PrefillContext] | None = None,
     ):
         self._lib = lib
         self._ctx = ctx
@@ -451,6 +463,15 @@ class BatchScheduler:
         self.prefix_copies = 0  # prefixes copied from another slot
         self.first_token_reuses = 0  # prompts answered from a slot's kept logits (FirstLogits)
         self.moves = 0  # running sequences moved to a lower id (see _compact)
+        # Long prompts are read in a flash-attention context and moved here (fast mode with
+        # flash attention off; see edgelm.engines.prefill_context). Opened on first use.
+        self._open_prefill = prefill if mixed else None
+        self._prefill: PrefillContext | None = None
+        self._side_job: Job | None = None
+        # Sequences whose stream copy (_copy_stream) llama.cpp has queued but not yet done: it
+        # copies the buffers at the start of the next llama_decode, over whatever was put in
+        # the stream before; a saved state read before then would be the old contents.
+        self._copying: set[int] = set()
         self._compute.add(self)
 
     # -- called from request threads ---------------------------------------------------------
@@ -488,6 +509,7 @@ class BatchScheduler:
             "first_token_reuses": self.first_token_reuses,
             "moves": self.moves,
             "preemptions": self.preemptions,
+            "flash_prefill_prompts": 0 if self._prefill is None else self._prefill.prompts,
             "prompt_budget": self.pacer.budget(
                 sum(1 for j in self._running if not j.todo and j.last >= 0)
             ),
@@ -505,6 +527,9 @@ class BatchScheduler:
             self._wake.notify()
         self._closed.wait()
         self._lib.llama_batch_free(self._batch)
+        if self._prefill is not None:
+            self._prefill.close()
+            self._prefill = None
 
     # -- turns on the compute loop ----------------------------------------------------------------
     def has_work(self) -> bool:
@@ -662,6 +687,8 @@ class BatchScheduler:
         cheaper than re-reading a prompt)."""
         self._lib.llama_memory_seq_rm(self._mem, target.seq_id, -1, -1)
         self._lib.llama_memory_seq_cp(self._mem, source.seq_id, target.seq_id, -1, -1)
+        if not self.unified:
+            self._copying.add(target.seq_id)
 
     def _compact(self) -> None:
         """Keep the running sequences on ids 0..n-1 by moving the highest one into a gap (a
@@ -730,22 +757,31 @@ class BatchScheduler:
         )
         rows = [(job.last, job.n_past, job.slot, True) for job in decoding]
         waiting = [j for j in self._running if j.todo]  # oldest first: they share the budget
+        self._choose_side(waiting)
         taken = take_prompts([len(j.todo) for j in waiting], self.pacer.budget(len(decoding)))
         prompts: list[tuple[Job, int, int]] = []  # job, tokens taken, row of its last token
+        side_take = 0
         chosen = sorted(zip(waiting, taken, strict=False), key=lambda pair: pair[0].slot)
         for job, take in chosen:
+            if job.side:
+                side_take = take
+                continue
             done = take == len(job.todo)
             rows.extend(
                 (token, job.n_past + i, job.slot, done and i == take - 1)
                 for i, token in enumerate(job.todo[:take])
             )
             prompts.append((job, take, len(rows) - 1))
-        if not rows:
+        if not rows and not side_take:
             return
-        self._fill(rows)
         started = time.perf_counter()
-        if not self._decode_or_make_room(exclude=None):
-            return
+        side_job = self._side_job
+        if side_job is not None and side_take:
+            self._side_step(side_job, side_take)
+        if rows:
+            self._fill(rows)
+            if not self._decode_or_make_room(exclude=None):
+                return
         self.pacer.observe(len(decoding), sum(taken), time.perf_counter() - started)
         if decoding:
             self.steps += 1
@@ -753,6 +789,121 @@ class BatchScheduler:
             self._decoded(job, i)
         for job, take, last_row in prompts:
             self._prompted(job, take, last_row)
+
+    # -- the flash-attention prefill context -------------------------------------------------------
+    def _choose_side(self, waiting: list[Job]) -> None:
+        """Send the oldest waiting prompt with at least PREFILL_MIN_TOKENS left to read to the
+        prefill context, if it is free (one prompt at a time there)."""
+        if self._open_prefill is None or self._side_job is not None:
+            return
+        job = next((j for j in waiting if len(j.todo) >= PREFILL_MIN_TOKENS), None)
+        if job is None:
+            return
+        prefill = self._prefill
+        if prefill is None:
+            try:
+                prefill = self._prefill = self._open_prefill()
+            except Exception:  # no memory for it, say: read prompts here as before
+                log.exception("could not open the flash-attention prefill context")
+                self._open_prefill = None
+                return
+        tokens = job.inputs
+        keep = prefill.start(tokens)
+        slot = self.slots[job.slot]
+        if job.n_past > keep + PREFILL_MIN_TOKENS // 4 and slot.seq_id not in self._copying:
+            # The slot holds more of this prompt than the prefill context: move its prefix
+            # over rather than read it again.
+            try:
+                state = convert_seq_state(
+                    save_seq(self._lib, self._ctx, slot.seq_id), v_trans=False, n_stream=1
+                )
+            except StateFormatError:
+                log.exception("cannot move KV entries to the prefill context")
+                self._open_prefill = None
+                return
+            if prefill.adopt(state, slot.tokens[: job.n_past]):
+                keep = prefill.start(tokens)
+        job.side = True
+        job.n_past = keep
+        job.todo = tokens[keep:]
+        self._side_job = job
+
+    def _side_step(self, job: Job, take: int) -> None:
+        """Read the next ``take`` tokens of the side job's prompt in the prefill context;
+        after the last, move its KV entries into its slot and sample its first token."""
+        prefill = self._prefill
+        assert prefill is not None
+        threads = self.threads.threads if self.threads is not None else 0
+        status = prefill.read(job.todo[:take], threads or self._lib.llama_n_threads(self._ctx))
+        if status != 0:
+            log.warning("prefill context failed (status %d): reading the prompt here", status)
+            self._side_fallback(job)
+            return
+        job.n_past += take
+        job.todo = job.todo[take:]
+        if job.todo:
+            return
+        row = prefill.logits()
+        slot = self.slots[job.slot]
+        tokens = job.inputs
+        n_stream = 1 if self.unified else len(self.slots)
+        try:
+            state = convert_seq_state(prefill.state(), v_trans=True, n_stream=n_stream)
+        except StateFormatError:
+            log.exception("cannot move KV entries from the prefill context")
+            self._open_prefill = None
+            self._side_fallback(job)
+            return
+        if slot.seq_id in self._copying:
+            self._flush_copy(slot)
+        moved = load_seq(self._lib, self._ctx, slot.seq_id, state)
+        if not moved:  # no room in a shared pool: drop idle slots' caches and try once more
+            for idle in self.slots:
+                if idle.job is None and idle.tokens:
+                    self._lib.llama_memory_seq_rm(self._mem, idle.seq_id, -1, -1)
+                    idle.tokens, idle.clean = [], 0
+            moved = load_seq(self._lib, self._ctx, slot.seq_id, state)
+        if not moved:  # llama.cpp emptied the sequence
+            slot.tokens, slot.clean = [], 0
+            self._side_fallback(job)
+            return
+        prefill.prompts += 1
+        prefill.moved_tokens += len(tokens)
+        self._side_job = None
+        job.side = False
+        slot.tokens, slot.clean = list(tokens), 0
+        slot.first = FirstLogits(list(tokens), row, False)
+        self._sample(job, -1, row)
+
+    def _flush_copy(self, slot: Slot) -> None:
+        """Have llama.cpp do the stream copy queued into ``slot`` now, before its stream is
+        overwritten: only a llama_decode does them, so evaluate one token there (the slot's
+        contents are about to be replaced anyway)."""
+        self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        slot.tokens, slot.clean = [], 0
+        self._fill([(0, 0, slot.seq_id, False)])
+        status = evaluate(self._lib.llama_decode, self._ctx, self._batch)
+        self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        if status not in (0, 1):
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        self._copying.clear()
+
+    def _side_fallback(self, job: Job) -> None:
+        """Read the side job's prompt in this context after all, from what its slot holds."""
+        slot = self.slots[job.slot]
+        self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, len(slot.tokens), -1)
+        self._side_job = None
+        job.side = False
+        job.n_past = len(slot.tokens)
+        job.todo = job.inputs[job.n_past :]
+
+    def _leave_side(self, job: Job) -> None:
+        """``job`` stops running (finished, cancelled or paused): free the prefill context."""
+        if job is self._side_job:
+            self._side_job = None
+            job.side = False
+            if job.slot >= 0:  # back to counting what its slot holds (see _finish)
+                job.n_past = len(self.slots[job.slot].tokens)
 
     def _prompt_chunk(self, job: Job) -> int:
         """Evaluate the next chunk of one newcomer's prompt; sample its first token at the end.
@@ -823,6 +974,8 @@ class BatchScheduler:
         self._outputs = None
         started = time.perf_counter()
         status = evaluate(self._lib.llama_decode, self._ctx, self._batch)
+        if status in (0, 1):  # llama_decode did the queued stream copies before anything else
+            self._copying.clear()
         if status == 0:
             if self.threads is not None and self.threads.observe(
                 self._batch.n_tokens, time.perf_counter() - started
@@ -856,6 +1009,7 @@ class BatchScheduler:
         self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
         slot.tokens, slot.clean, slot.job = [], 0, None
         self._running.remove(job)
+        self._leave_side(job)
         job.exact = False  # it resumes from a re-read answer, not as a fresh request would
         self._hold = True
         with self._wake:
@@ -935,6 +1089,7 @@ class BatchScheduler:
         return int(next(t for t in np.argsort(row)[::-1] if int(t) not in self._eog))
 
     def _finish(self, job: Job, kind: str, value: Any) -> None:
+        self._leave_side(job)
         if job in self._running:
             self._running.remove(job)
             self._hold = False

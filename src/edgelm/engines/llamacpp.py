@@ -67,6 +67,7 @@ from edgelm.engines.job_stream import (
     stream_answer,
     utf8_text,
 )
+from edgelm.engines.prefill_context import PrefillContext
 from edgelm.engines.sizing import (
     ParallelChoice,
     auto_parallel,
@@ -108,17 +109,18 @@ def _import_llama_cpp() -> Any:
 
 
 def flash_attention(setting: str, kv_type: str) -> bool:
-    """Whether to run flash attention: ``compute.flash_attn`` ("auto", "on", "off").
+    """Whether the engine's context runs flash attention: ``compute.flash_attn`` ("auto",
+    "on", "off").
 
     Auto keeps it off with an f16 cache and turns it on for a quantised one (llama.cpp reads
     a quantised V cache only in flash attention). Measured with llama-bench on the llama.cpp
     this engine runs (Qwen2.5-0.5B Q4_K_M, 2 threads): it reads prompts faster (pp2048 198
     tok/s against 176; 88 against 68 with 6k tokens already cached), but decodes slower once
     512 or more tokens are cached (tg32 20.5 against 27.2 at 512, 10.6 against 20.1 at 4k):
-    on CPU its attention for one new token walks the cache a row at a time. Chats spend most
-    of their time decoding, so only "on" takes the faster prefill (long prompts with short
-    answers, as RAG sends); the same prompt twice still answers alike with it, from the
-    first's kept logits (:class:`edgelm.engines.batching.FirstLogits`).
+    on CPU its attention for one new token walks the cache a row at a time. So with "auto"
+    the context decodes without it and long prompts are read with it in a second context
+    (:mod:`edgelm.engines.prefill_context`). The same prompt twice still answers alike with
+    it, from the first's kept logits (:class:`edgelm.engines.batching.FirstLogits`).
     """
     return setting == "on" or kv_type != "f16"
 
@@ -200,6 +202,7 @@ class LlamaCppEngine(Engine):
         prefill_stall: float = 2.0,
         memory_share: int = 0,
         kv_unified: bool = False,
+        flash_prefill: bool | None = None,
     ):
         self._lib = _import_llama_cpp()
         self.model_id = model_id
@@ -222,6 +225,14 @@ class LlamaCppEngine(Engine):
         )
         if kv_type != "f16" and not self.flash_attn:
             raise ModelLoadError(f"a {kv_type} KV cache needs flash attention")
+        # Long prompts read in a second context with flash attention (see
+        # edgelm.engines.prefill_context); by default whenever this one runs without it.
+        # Batch-invariant answers must not depend on which context read the prompt.
+        self.flash_prefill = (
+            (flash_attn is None if flash_prefill is None else flash_prefill)
+            and not self.flash_attn
+            and not batch_invariant
+        )
         _check_gguf(self.model_path)
         rss_before = process_rss()
         self._model = self._load_model()
@@ -267,6 +278,7 @@ class LlamaCppEngine(Engine):
                 cached, clean, prompt, exact, self.n_batch, self.n_ubatch
             ),
             stall=prefill_stall,
+            prefill=self._open_prefill if self.flash_prefill else None,
             logprob=lambda row, token, top: token_logprob(row, token, top, self._piece),
             threads=ThreadController(
                 max_threads=self.threads, cores=logical_cores(), load=CpuLoadProbe()
@@ -294,6 +306,7 @@ class LlamaCppEngine(Engine):
             n_ubatch=settings.compute.n_ubatch,
             kv_type=settings.compute.kv_type,
             flash_attn=flash_attention(settings.compute.flash_attn, settings.compute.kv_type),
+            flash_prefill=settings.compute.flash_attn == "auto",
             prefill_stall=settings.compute.prefill_stall,
             kv_unified=settings.compute.kv_unified,
         )
@@ -386,6 +399,23 @@ class LlamaCppEngine(Engine):
                 f"llama.cpp could not create a context for '{self.model_id}' "
                 f"({self.n_ctx} tokens): {exc}"
             ) from None
+
+    def _open_prefill(self) -> PrefillContext:
+        """The flash-attention context long prompts are read in (opened by the scheduler on
+        the first one): one sequence of n_ctx cells on the same weights, counted in the
+        memory estimate from then on."""
+        from llama_cpp import _internals
+
+        lib = self._lib
+        params = type(self._ctx.params).from_buffer_copy(self._ctx.params)
+        params.n_ctx = self.n_ctx
+        params.n_batch = self.n_batch
+        params.n_seq_max = 1
+        params.kv_unified = True
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
+        self.memory_bytes += self._kv_per_token * self.n_ctx + 16 * 2**20
+        return PrefillContext(lib, ctx, self._n_vocab, self.n_batch)
 
     # -- tokens ---------------------------------------------------------------------------
     def _special_text(self, token: int) -> str:
@@ -541,6 +571,7 @@ class LlamaCppEngine(Engine):
             **threads,
             "parallel_reason": self.parallel_reason,
             "flash_attn": self.flash_attn,
+            "flash_prefill": self.flash_prefill,
             "kv_type": self.kv_type,
             "kv_unified": self.kv_unified,
             "n_batch": self.n_batch,

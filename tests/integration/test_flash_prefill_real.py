@@ -1,0 +1,128 @@
+"""Long prompts read in the flash-attention prefill context, on the real tiny model.
+
+The engine runs without flash attention (it decodes faster without it on CPUs) and reads
+prompts of PREFILL_MIN_TOKENS or more in a second context with it, then moves the KV entries
+into the prompt's slot, V transposed. These tests compare the slot's entries with what the
+prefill context computed, byte for byte, so a wrong layout, a wrong stream or an entry
+overwritten afterwards fails them; no timings are asserted.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from edgelm.engines.base import collect
+from edgelm.engines.batching import evaluate
+from edgelm.engines.prefill_context import PREFILL_MIN_TOKENS, convert_seq_state, save_seq
+from edgelm.types import GenerationRequest, Message
+
+pytestmark = pytest.mark.integration
+
+
+def numbers(n: int, **kw) -> GenerationRequest:
+    text = "Continue this list: " + ", ".join(str(i) for i in range(1, n + 1)) + ","
+    return GenerationRequest(
+        messages=[Message(role="user", content=text)], temperature=0, **kw
+    )
+
+
+@pytest.fixture
+def engine(tiny_model_path: Path):
+    from edgelm.engines.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine(tiny_model_path, "smollm2-135m", n_ctx=2048, threads=2, parallel=2)
+    yield eng
+    eng.close()
+
+
+def slot_matches_prefill_context(engine, seq_id: int, n_tokens: int) -> bool:
+    """Whether the first ``n_tokens`` KV entries of ``seq_id`` are those the prefill context
+    holds (it holds exactly the last prompt it read), compared in its layout."""
+    scheduler = engine._scheduler
+    lib, ctx, mem = scheduler._lib, scheduler._ctx, scheduler._mem
+
+    def read() -> bytes:
+        lib.llama_memory_seq_rm(mem, seq_id, n_tokens, -1)
+        scheduler.slots[seq_id].tokens = scheduler.slots[seq_id].tokens[:n_tokens]
+        return convert_seq_state(save_seq(lib, ctx, seq_id), v_trans=False, n_stream=1)
+
+    moved = evaluate(read)
+    prefill = scheduler._prefill
+    assert prefill is not None and len(prefill.tokens) == n_tokens
+    return moved[8:] == prefill.state()[8:]  # past the header, which names the sequence
+
+
+def test_a_long_prompt_is_read_with_flash_attention_and_its_kv_moved_intact(
+    engine, tiny_model_path: Path
+) -> None:
+    from edgelm.engines.llamacpp import LlamaCppEngine
+
+    request = numbers(150, max_tokens=1)
+    n_prompt = engine.count_tokens(engine.render(request))
+    assert n_prompt >= PREFILL_MIN_TOKENS
+    info = engine.live_info()
+    assert info["flash_prefill"] and not info["flash_attn"]
+
+    assert collect(engine.stream(request)).usage.prompt_tokens == n_prompt
+    assert engine.batch_stats()["flash_prefill_prompts"] == 1
+    slot = next(s for s in engine._scheduler.slots if s.tokens)
+    assert slot_matches_prefill_context(engine, slot.seq_id, n_prompt)
+
+    # The answer decodes from the moved entries as from a prompt read here.
+    longer = request.model_copy(update={"max_tokens": 8})
+    plain = LlamaCppEngine(
+        tiny_model_path, "smollm2-135m", n_ctx=2048, threads=2, parallel=2, flash_prefill=False
+    )
+    try:
+        expected = collect(plain.stream(longer)).text
+        assert plain.batch_stats()["flash_prefill_prompts"] == 0
+    finally:
+        plain.close()
+    assert collect(engine.stream(longer)).text == expected
+    # A short prompt is read in the engine's own context.
+    collect(engine.stream(numbers(5, max_tokens=2)))
+    assert engine.batch_stats()["flash_prefill_prompts"] == 1
+
+
+def test_a_prompt_moved_into_a_slot_with_a_queued_stream_copy_is_not_overwritten(
+    engine,
+) -> None:
+    """llama.cpp copies a KV stream (a prefix handed to another slot) only at the next
+    llama_decode. A prompt read entirely in the prefill context within the same turn lands
+    in its slot before that: unless the copy is done first, it overwrites the prompt."""
+    runner = GenerationRequest(
+        messages=[Message(role="user", content="Count from one to a hundred.")],
+        temperature=0,
+        max_tokens=1500,
+        ignore_eos=True,
+    )
+    started, stop = threading.Event(), threading.Event()
+
+    def run() -> None:
+        for _chunk in engine.stream(runner, cancel=stop):
+            started.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert started.wait(60)  # the runner holds slot 0
+        collect(engine.stream(numbers(100, max_tokens=4)))  # read in the prefill context, slot 1
+        assert engine.batch_stats()["running"] == 1
+    finally:
+        stop.set()  # the runner leaves; slot 0 is free
+        thread.join()
+    before = engine.batch_stats()
+    # Shares its start with the prompt slot 1 holds; slot 0 is the lowest free: that prefix is
+    # copied over, and the rest (over PREFILL_MIN_TOKENS) read in the prefill context.
+    request = numbers(200, max_tokens=2)
+    n_prompt = engine.count_tokens(engine.render(request))
+    collect(engine.stream(request))
+    after = engine.batch_stats()
+    assert after["prefix_copies"] == before["prefix_copies"] + 1
+    assert after["flash_prefill_prompts"] == before["flash_prefill_prompts"] + 1
+    # The second token was decoded in slot 0: llama.cpp did any queued copy by then.
+    assert engine._scheduler.slots[0].tokens[:n_prompt] == engine._scheduler._prefill.tokens
+    assert slot_matches_prefill_context(engine, 0, n_prompt)
