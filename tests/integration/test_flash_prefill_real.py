@@ -10,6 +10,7 @@ overwritten afterwards fails them; no timings are asserted.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,8 @@ from edgelm.types import GenerationRequest, Message
 pytestmark = pytest.mark.integration
 
 
-def numbers(n: int, **kw) -> GenerationRequest:
-    text = "Continue this list: " + ", ".join(str(i) for i in range(1, n + 1)) + ","
+def numbers(n: int, start: int = 1, **kw) -> GenerationRequest:
+    text = "Continue this list: " + ", ".join(str(i) for i in range(start, start + n)) + ","
     return GenerationRequest(
         messages=[Message(role="user", content=text)], temperature=0, **kw
     )
@@ -126,3 +127,46 @@ def test_a_prompt_moved_into_a_slot_with_a_queued_stream_copy_is_not_overwritten
     # The second token was decoded in slot 0: llama.cpp did any queued copy by then.
     assert engine._scheduler.slots[0].tokens[:n_prompt] == engine._scheduler._prefill.tokens
     assert slot_matches_prefill_context(engine, 0, n_prompt)
+
+
+def test_a_prompt_waiting_when_another_finishes_in_the_prefill_context_is_paced(
+    tiny_model_path: Path,
+) -> None:
+    """Two long prompts arrive together with pacing on (prefill_stall 2). The first is read in
+    the prefill context while nothing decodes, then sends its first token and decodes: the
+    second must then be read in paced chunks between its decode steps, not whole in the step
+    that sent that first token (which held the first stream's second token for the whole
+    of the other prompt)."""
+    from edgelm.engines.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine(
+        tiny_model_path, "smollm2-135m", n_ctx=2048, threads=2, parallel=2, prefill_stall=2.0
+    )
+    scheduler = eng._scheduler
+    firsts: dict[int, int] = {}
+    queued = threading.Event()
+
+    def run(i: int) -> None:
+        request = numbers(120, start=1000 * (i + 1), max_tokens=40, ignore_eos=True)
+        for chunk in eng.stream(request):
+            if chunk.completion_tokens and i not in firsts:
+                firsts[i] = scheduler.steps
+
+    # Hold the compute loop until both are queued, so that both are admitted in one turn.
+    hold = threading.Thread(target=scheduler.call, args=(lambda: queued.wait(30),))
+    hold.start()
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        while scheduler.stats()["waiting"] < 2:
+            time.sleep(0.01)
+        queued.set()
+        for t in [hold, *threads]:
+            t.join()
+        assert scheduler.stats()["flash_prefill_prompts"] == 2
+    finally:
+        queued.set()
+        eng.close()
+    early, late = sorted(firsts.values())
+    assert late - early >= 2  # the later prompt was read across the earlier one's decode steps

@@ -758,31 +758,41 @@ class BatchScheduler:
         rows = [(job.last, job.n_past, job.slot, True) for job in decoding]
         waiting = [j for j in self._running if j.todo]  # oldest first: they share the budget
         self._choose_side(waiting)
-        taken = take_prompts([len(j.todo) for j in waiting], self.pacer.budget(len(decoding)))
+        budget = self.pacer.budget(len(decoding))
+        taken = take_prompts([len(j.todo) for j in waiting], budget)
+        started = time.perf_counter()
+        side_job = self._side_job
+        side_take = next((t for j, t in zip(waiting, taken, strict=False) if j.side), 0)
+        if side_job is not None and side_take:
+            self._side_step(side_job, side_take)
+            if side_job in self._running and not side_job.todo:
+                # Its first token is out: it decodes from now on, so the prompts read here
+                # in this step are paced as for one more decoding stream.
+                rest = [j for j in waiting if j is not side_job]
+                taken_rest = take_prompts(
+                    [len(j.todo) for j in rest], self.pacer.budget(len(decoding) + 1)
+                )
+                waiting, taken = rest, taken_rest
         prompts: list[tuple[Job, int, int]] = []  # job, tokens taken, row of its last token
-        side_take = 0
         chosen = sorted(zip(waiting, taken, strict=False), key=lambda pair: pair[0].slot)
         for job, take in chosen:
-            if job.side:
-                side_take = take
-                continue
+            if job is side_job or job.side or job not in self._running:
+                continue  # read in the prefill context (or back here from the next step)
             done = take == len(job.todo)
             rows.extend(
                 (token, job.n_past + i, job.slot, done and i == take - 1)
                 for i, token in enumerate(job.todo[:take])
             )
             prompts.append((job, take, len(rows) - 1))
-        if not rows and not side_take:
-            return
-        started = time.perf_counter()
-        side_job = self._side_job
-        if side_job is not None and side_take:
-            self._side_step(side_job, side_take)
         if rows:
             self._fill(rows)
             if not self._decode_or_make_room(exclude=None):
                 return
-        self.pacer.observe(len(decoding), sum(taken), time.perf_counter() - started)
+        elif not side_take:
+            return
+        self.pacer.observe(
+            len(decoding), side_take + sum(t for _, t, _ in prompts), time.perf_counter() - started
+        )
         if decoding:
             self.steps += 1
         for i, job in enumerate(decoding):
