@@ -200,10 +200,10 @@ class ComputeSettings(_Section):
         "runs). Low values keep running streams' tokens flowing while a long prompt is read, "
         "at a large cost in time to first token and throughput; the default (100) leaves "
         "prompts nearly unpaced, as llama.cpp's server does. Measured (Qwen2.5-0.5B, 2 cores, "
-        "a KV stream per sequence), 4 streams of 1k-token prompts, 64-token answers: 2 kept "
-        "the longest token gap at 1.6x the median, at 9.3 output tok/s and TTFT 27 s; 100 "
-        "made 10.7 tok/s, TTFT 7.4 s, with gaps up to 101x (llama.cpp's server: 10.3 tok/s, "
-        "5.3 s, 89x). With 8 streams of short prompts (shared pool) 2 gave TTFT p50 3.99 s "
+        "a KV stream per sequence, long prompts read with flash attention), 4 streams of "
+        "1k-token prompts, 64-token answers: 2 kept the longest token gap at 2.1x the median, "
+        "at 6.6 output tok/s and TTFT 38 s; 100 made 12.0 tok/s, TTFT 5.2 s, with gaps up to "
+        "91x (llama.cpp's server: 10.9 tok/s, 7.7 s, 150x). With 8 streams of short prompts (shared pool) 2 gave TTFT p50 3.99 s "
         "and 50.6 tok/s, 100 gave 0.56 s and 76.7 tok/s.",
     )
     onnx: OnnxSettings = Field(default_factory=OnnxSettings)
