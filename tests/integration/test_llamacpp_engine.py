@@ -304,6 +304,17 @@ def test_kv_type_and_batch_settings_reach_the_llama_cpp_context(tiny_model_path:
         assert q8._kv_per_token * 64 == f16._kv_per_token * 34
         assert f16.memory_bytes - q8.memory_bytes > 0.8 * (f16._kv_per_token - q8._kv_per_token) * 8192
         assert q8.live_info()["kv_type"] == "q8_0"
+        # flash_attn auto: the f16 context decodes without it and reads long prompts in a
+        # second context with it; a q8_0 context runs it itself; "off" and batch-invariant
+        # answers use no second context.
+        assert (f16.flash_prefill, q8.flash_prefill) == (True, False)
+        assert f16._scheduler._open_prefill is not None and q8._scheduler._open_prefill is None
+        for flash, invariant in (("off", False), ("on", False), ("auto", True)):
+            other = ComputeSettings(n_ctx=256, flash_attn=flash, batch_invariant=invariant)
+            engines[f"{flash}{invariant}"] = create_engine(
+                entry, Settings(compute=other), tiny_model_path
+            )
+            assert engines[f"{flash}{invariant}"].live_info()["flash_prefill"] is False
         for eng in (f16, q8):
             result = collect(eng.stream(chat("What is the capital of France?", temperature=0,
                                              max_tokens=12)))
