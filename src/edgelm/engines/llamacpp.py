@@ -67,7 +67,7 @@ from edgelm.engines.job_stream import (
     stream_answer,
     utf8_text,
 )
-from edgelm.engines.prefill_context import PrefillContext
+from edgelm.engines.prefill_context import PrefillContext, fill_sequence
 from edgelm.engines.sizing import (
     ParallelChoice,
     auto_parallel,
@@ -602,13 +602,7 @@ class LlamaCppEngine(Engine):
                 lib.llama_memory_clear(lib.llama_get_memory(ctx), False)
 
                 def decode(part: list[int], at: int) -> None:
-                    batch.n_tokens = len(part)
-                    for i, token in enumerate(part):
-                        batch.token[i] = token
-                        batch.pos[i] = at + i
-                        batch.n_seq_id[i] = 1
-                        batch.seq_id[i][0] = 0
-                        batch.logits[i] = i == len(part) - 1
+                    fill_sequence(batch, part, at)
                     status = lib.llama_decode(ctx, batch)
                     if status != 0:
                         raise RuntimeError(f"llama_decode failed with status {status}")

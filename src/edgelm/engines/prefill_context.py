@@ -184,6 +184,18 @@ def _unpack(fmt: str, view: memoryview, at: int) -> tuple[int, ...]:
     return struct.unpack_from(fmt, view, at)
 
 
+def fill_sequence(batch: Any, tokens: Sequence[int], at: int) -> None:
+    """Write ``tokens`` into a llama_batch as sequence 0 from position ``at``, with logits
+    for the last one only (a prompt chunk)."""
+    for i, token in enumerate(tokens):
+        batch.token[i] = token
+        batch.pos[i] = at + i
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = i == len(tokens) - 1
+    batch.n_tokens = len(tokens)
+
+
 def save_seq(lib: Any, ctx: Any, seq_id: int) -> bytes:
     """``seq_id``'s KV state in ``ctx`` (llama_state_seq_get_data)."""
     size = lib.llama_state_seq_get_size(ctx, seq_id)
@@ -246,17 +258,10 @@ class PrefillContext:
     def read(self, chunk: Sequence[int], threads: int) -> int:
         """Evaluate the next ``chunk`` of the prompt; logits for its last row. Returns
         llama_decode's status (0: done)."""
-        batch, at = self._batch, len(self.tokens)
-        for i, token in enumerate(chunk):
-            batch.token[i] = token
-            batch.pos[i] = at + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = i == len(chunk) - 1
-        batch.n_tokens = len(chunk)
+        fill_sequence(self._batch, chunk, len(self.tokens))
         if self._lib.llama_n_threads(self.ctx.ctx) != threads:
             self._lib.llama_set_n_threads(self.ctx.ctx, threads, threads)
-        status = int(self._lib.llama_decode(self.ctx.ctx, batch))
+        status = int(self._lib.llama_decode(self.ctx.ctx, self._batch))
         if status == 0:
             self.tokens.extend(chunk)
         return status
