@@ -230,3 +230,32 @@ def test_json_mode(client: OpenAI) -> None:
         assert isinstance(json.loads(content), dict)
     else:  # cut by max_tokens: still a JSON prefix
         assert content.lstrip().startswith("{")
+
+
+def test_a_long_prompt_is_read_with_flash_attention_through_the_service(
+    client: OpenAI, live_service: str
+) -> None:
+    """A prompt of 256 or more tokens goes through the engine's flash-attention prefill
+    context (runner process included) and its answer streams as any other; the service's
+    status counts it."""
+
+    def read() -> int:  # 0 while the model is not loaded yet
+        status = httpx.get(f"{live_service}/openai/status", timeout=30).json()
+        loaded = [m for m in status["loaded"] if m["id"] == TINY]
+        return loaded[0]["runtime"]["flash_prefill_prompts"] if loaded else 0
+
+    before = read()
+    text = "Repeat the last number of this list: " + ", ".join(str(i) for i in range(300))
+    stream = client.chat.completions.create(
+        model=TINY,
+        messages=[{"role": "user", "content": text}],
+        temperature=0,
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert answer.strip()
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens >= 256
+    assert read() == before + 1
