@@ -115,6 +115,8 @@ def test_a_prompt_moved_into_a_slot_with_a_queued_stream_copy_is_not_overwritten
     finally:
         stop.set()  # the runner leaves; slot 0 is free
         thread.join()
+    while engine.batch_stats()["running"]:  # its stream ends before the scheduler frees it
+        time.sleep(0.01)
     before = engine.batch_stats()
     # Shares its start with the prompt slot 1 holds; slot 0 is the lowest free: that prefix is
     # copied over, and the rest (over PREFILL_MIN_TOKENS) read in the prefill context.
