@@ -135,6 +135,9 @@ class RunResult:
 Runner = Callable[[Sequence[str], Path, dict[str, str], ProgressFn], RunResult]
 """Runs one command, appending its output to a log file and passing lines to a callback."""
 
+# The peak a conversion step reports in its progress lines (convert_worker.say).
+_REPORTED_PEAK = re.compile(r"^\[edgelm-convert\] .*, peak ([0-9.]+) GB\]$")
+
 
 def run_logged(
     command: Sequence[str], log: Path, env: dict[str, str], on_line: ProgressFn
@@ -142,11 +145,13 @@ def run_logged(
     """Run ``command``, log its output, report its lines, and measure its peak memory.
 
     Tools draw progress bars with carriage returns; each ``\\r`` or ``\\n`` ends a line here,
-    so the callback sees the bar move. The peak resident set size comes from ``wait4`` (the
-    kernel's own high-water mark for the child), where the platform has it.
+    so the callback sees the bar move. The peak resident set size is the one edgelm's own steps
+    report on their last line (their VmHWM); for other commands it comes from ``wait4``, which
+    on Linux also counts the memory of this process when it started the command.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     tail: list[str] = []
+    own_peak: int | None = None
     with log.open("ab") as sink:
         sink.write(f"$ {' '.join(command)}\n".encode())
         sink.flush()
@@ -171,6 +176,9 @@ def run_logged(
                 if line:
                     tail = [*tail[-29:], line]
                     on_line(line)
+                    reported = _REPORTED_PEAK.search(line)
+                    if reported:
+                        own_peak = max(own_peak or 0, int(float(reported.group(1)) * 1e9))
         peak: int | None = None
         if hasattr(os, "wait4"):
             _, status, usage = os.wait4(proc.pid, 0)
@@ -180,7 +188,7 @@ def run_logged(
         else:  # pragma: no cover - Windows
             proc.wait()
         proc.stdout.close()
-    return RunResult(proc.returncode, peak, tail)
+    return RunResult(proc.returncode, own_peak or peak, tail)
 
 
 def tool_env_vars() -> dict[str, str]:

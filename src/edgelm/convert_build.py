@@ -33,12 +33,17 @@ def say(message: str) -> None:
 
 
 def _peak_gb() -> str:
+    """This process's own high-water mark (VmHWM). Not ``ru_maxrss``: the kernel starts a
+    process's maxrss from the memory of the process that started it (it survives exec), so
+    a conversion run from a large process (a test suite, the service) reported that one's."""
     try:
-        import resource
-
-        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9:.2f} GB"
-    except (ImportError, OSError):
-        return "?"
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return f"{int(line.split()[1]) * 1024 / 1e9:.2f} GB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return "?"
 
 
 def _rss_gb() -> str:
@@ -216,6 +221,7 @@ def main() -> None:
     install_hooks()
     sys.argv = ["onnxruntime_genai.models.builder", *sys.argv[1:]]
     runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
+    say("finished")  # the last line carries the step's peak (see convert.run_logged)
 
 
 if __name__ == "__main__":

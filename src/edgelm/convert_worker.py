@@ -29,12 +29,17 @@ def say(message: str) -> None:
 
 
 def _peak_gb() -> str:
+    """This process's own high-water mark (VmHWM). Not ``ru_maxrss``: the kernel starts a
+    process's maxrss from the memory of the process that started it (it survives exec), so
+    a conversion run from a large process (a test suite, the service) reported that one's."""
     try:
-        import resource
-
-        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9:.2f} GB"
-    except (ImportError, OSError):
-        return "?"
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return f"{int(line.split()[1]) * 1024 / 1e9:.2f} GB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return "?"
 
 
 def _rss_gb() -> str:
@@ -261,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     gguf_to_hf(args.gguf.resolve(), args.out)
+    say("finished")  # the last line carries the step's peak (see convert.run_logged)
     return 0
 
 

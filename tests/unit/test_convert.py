@@ -129,6 +129,28 @@ def test_run_logged_reports_lines_logs_output_and_measures_memory(tmp_path: Path
     assert result.peak_rss_bytes and result.peak_rss_bytes > 1_000_000
 
 
+def test_a_steps_own_peak_is_taken_over_the_kernels_child_figure(tmp_path: Path) -> None:
+    """On Linux a child's ru_maxrss starts from the memory of the process that started it, so a
+    conversion run from a large process (a test suite that had loaded models: 3.26 GB for a
+    step that peaked under 1 GB) reported that process's figure. edgelm's steps report their
+    own high-water mark (VmHWM) on their progress lines; the largest one counts."""
+    ballast = bytearray(400_000_000)  # this process is now far larger than the step
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    script = (
+        "from edgelm.convert_worker import say; say('started'); "
+        "print('[edgelm-convert] a tool line [rss 0.05 GB, peak 0.07 GB]'); say('finished')"
+    )
+    env = dict(**__import__("os").environ)
+    result = run_logged([sys.executable, "-c", script], tmp_path / "run.log", env, lambda _: None)
+    assert result.returncode == 0
+    assert 70_000_000 <= result.peak_rss_bytes < 300_000_000
+    plain = run_logged(
+        [sys.executable, "-c", "print('no report')"], tmp_path / "plain.log", env, lambda _: None
+    )
+    assert plain.peak_rss_bytes and plain.peak_rss_bytes > 400_000_000  # wait4's figure
+    del ballast
+
+
 class FakeTools:
     """Stands in for the venv, pip, the GGUF loader and the model builder."""
 
