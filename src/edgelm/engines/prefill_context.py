@@ -1,11 +1,12 @@
 """Long prompts read with flash attention, answers decoded without it.
 
-On this CPU llama.cpp's flash attention reads prompts 10-13% faster than its plain attention
-(``llama-bench``, Qwen2.5-0.5B Q4_K_M, 2 threads: pp512 210 against 190 tok/s, pp2048 177
-against 156) but decodes far slower once tokens are cached (tg32 20.5 against 27.2 tok/s
-after 512 tokens, 10.6 against 20.1 after 4k): for one new token its CPU kernel walks the
-cache a row at a time. llama.cpp's server runs it for both, so it reads long prompts faster
-than a context without it and then decodes slower.
+llama.cpp's flash attention reads prompts faster than its plain attention on CPUs but decodes
+slower once tokens are cached: for one new token its CPU kernel walks the cache a row at a
+time. Measured with ``llama-bench`` (Qwen2.5-0.5B Q4_K_M, 2 threads) on one machine: pp2048
+177 against 156 tok/s, tg32 20.5 against 27.2 after 512 cached tokens and 10.6 against 20.1
+after 4k. llama.cpp's server runs it for both, so it reads long prompts faster than a context
+without it and then decodes slower. (How much faster varies with the CPU; through the service
+on an AVX-512 machine, time to first token fell 7-14% at 512 to 8k tokens.)
 
 llama.cpp fixes flash attention per context, and the choice also fixes the V cache's layout
 (transposed without it; a sequence's saved state of one layout is refused by a context of the
@@ -13,7 +14,7 @@ other). So the llama.cpp engine keeps a second, single-sequence context on the s
 with flash attention on (:class:`PrefillContext`): a prompt with many tokens to read is read
 there, its first token is sampled from that context's logits, and its KV entries are then
 moved into the decoding context's slot (:func:`convert_seq_state` transposes V on the way,
-a few milliseconds for thousands of tokens). The answer is decoded at the speed of plain
+about 20 ms per thousand tokens for Qwen2.5-0.5B). The answer is decoded at the speed of plain
 attention. The scheduler's side of it is in :mod:`edgelm.engines.batching`.
 """
 
@@ -26,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
-# Fewest prompt tokens still to read for which a prompt goes to the prefill context. Below it
-# flash attention gains a few milliseconds at most, and a micro-batch of fewer than 64 rows
-# takes another path through llama.cpp's flash-attention kernel anyway.
+# Fewest prompt tokens still to read for which a prompt goes to the prefill context. Not tuned
+# finely: at 256 tokens flash attention saves on the order of 0.1 s (7-11% of a ~1.3 s read on
+# Qwen2.5-0.5B, 2 cores) against ~5 ms to move the entries; shorter prompts gain less, and a
+# micro-batch of fewer than 64 rows takes another path through its CPU kernel anyway.
 PREFILL_MIN_TOKENS = 256
 
 # ggml types a V cache can be moved between layouts in: element bytes of f32 and f16 (a
@@ -49,8 +51,8 @@ def convert_seq_state(data: bytes, v_trans: bool, n_stream: int) -> bytes:
     ``n_stream`` KV streams and V transposed (``v_trans``, flash attention off) or not reads.
 
     The state is llama.cpp's header (a magic number and the sequence id), then one section per
-    KV cache of the model (two for models with sliding-window layers): a stream count, then per stream a cell count and, for the stream holding the
-    sequence, the cells' positions and each layer's K rows and V data, V as rows of cells or
+    KV cache of the model (two for models with sliding-window layers): a stream count, then
+    per stream a cell count and, for the stream holding the sequence, the cells' positions and each layer's K rows and V data, V as rows of cells or
     transposed (a row per embedding element). A context reads a sequence's cells into that
     sequence's own stream whichever stream they came from, so the one non-empty stream goes
     first and the rest are written empty. Raises :class:`StateFormatError` on anything else.
