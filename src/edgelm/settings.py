@@ -203,7 +203,7 @@ class ComputeSettings(_Section):
         "a KV stream per sequence, long prompts read with flash attention), 4 streams of "
         "1k-token prompts, 64-token answers: 2 kept the longest token gap at 2.1x the median, "
         "at 6.6 output tok/s and TTFT 38 s; 10 gave 6.7 tok/s with gaps up to 5.3x, 30 9.5 "
-        "tok/s and 62x; 100 made 9.1-12.0 tok/s in three runs, TTFT 5.2-7.0 s, gaps up to "
+        "tok/s and 62x; 100 made 9.0-12.0 tok/s in three runs, TTFT 5.2-7.0 s, gaps up to "
         "90-158x (llama.cpp's server beside it: 9.6-10.9 tok/s, 7.7-9.0 s, 150-167x). With "
         "8 streams of short prompts (shared pool) 2 gave TTFT p50 3.99 s "
         "and 50.6 tok/s, 100 gave 0.56 s and 76.7 tok/s.",
