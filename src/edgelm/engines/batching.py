@@ -878,7 +878,6 @@ class BatchScheduler:
             self._side_fallback(job)
             return
         prefill.prompts += 1
-        prefill.moved_tokens += len(tokens)
         self._side_job = None
         job.side = False
         slot.tokens, slot.clean = list(tokens), 0

@@ -233,7 +233,6 @@ class PrefillContext:
         self._mem = lib.llama_get_memory(ctx.ctx)
         self.tokens: list[int] = []  # what sequence 0 holds, positions 0..len-1
         self.prompts = 0  # prompts read here
-        self.moved_tokens = 0  # KV entries moved into the decoding context
 
     def start(self, prompt: Sequence[int]) -> int:
         """Get ready to read ``prompt``: keep the longest prefix already held (leaving at
