@@ -342,7 +342,7 @@ class LlamaCppEngine(Engine):
         size = self.model_path.stat().st_size
         allocated = max(loaded - size, self._kv_per_token * self.n_ctx * self.concurrent_streams)
         cells = self.n_ctx * (self.concurrent_streams if self.kv_unified else 1)
-        scratch = self.n_ubatch * cells * self._n_head * 4
+        scratch = attention_scratch_per_cell(self.n_ubatch, self._n_head, self.flash_attn) * cells
         return size + allocated + scratch + 32 * 2**20
 
     def _load_model(self) -> Any:
@@ -722,6 +722,12 @@ def _strict_strings(gbnf: str) -> str:
     return gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
 
 
+def attention_scratch_per_cell(n_ubatch: int, n_head: int, flash_attn: bool) -> int:
+    """Bytes of attention scores a prompt micro-batch needs for each KV cell it reads: f32
+    scores per row and head without flash attention, none with it (it works in tiles)."""
+    return 0 if flash_attn else n_ubatch * n_head * 4
+
+
 def plan_streams(
     meta: dict[str, str],
     n_ctx: int,
@@ -738,7 +744,7 @@ def plan_streams(
     micro-batch also needs f32 attention scores for every KV cell it reads: a stream's cells
     with a stream per sequence (held once), every stream's in a shared pool (``kv_unified``:
     they grow with each stream)."""
-    scratch = 0 if flash_attn else n_ubatch * _int(meta, "attention.head_count") * 4
+    scratch = attention_scratch_per_cell(n_ubatch, _int(meta, "attention.head_count"), flash_attn)
     return auto_parallel(
         kv_bytes_per_token=kv_bytes_per_token(meta, kv_type),
         n_ctx=n_ctx,
