@@ -172,3 +172,73 @@ def test_a_prompt_waiting_when_another_finishes_in_the_prefill_context_is_paced(
         eng.close()
     early, late = sorted(firsts.values())
     assert late - early >= 2  # the later prompt was read across the earlier one's decode steps
+
+
+def plain_answer(tiny_model_path: Path, request: GenerationRequest) -> str:
+    """The answer of an engine that reads every prompt in its own context."""
+    from edgelm.engines.llamacpp import LlamaCppEngine
+
+    plain = LlamaCppEngine(
+        tiny_model_path, "smollm2-135m", n_ctx=2048, threads=2, parallel=2, flash_prefill=False
+    )
+    try:
+        return collect(plain.stream(request)).text
+    finally:
+        plain.close()
+
+
+def test_a_prefix_the_prefill_context_refuses_to_take_is_read_from_the_start(
+    engine, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slot holds more of a long prompt than the prefill context, so its prefix is moved
+    over; llama.cpp refuses the state (and empties the sequence). The prompt must then be read
+    from its first token, not from where the prefill context's old prefix ended."""
+    from edgelm.engines import prefill_context
+
+    collect(engine.stream(numbers(150, max_tokens=1)))  # the prefill context holds it whole
+    scheduler = engine._scheduler
+    prefill = scheduler._prefill
+    assert prefill is not None
+    evaluate(lambda: prefill.start(prefill.tokens[:40]))  # now only its first 39 tokens
+    assert len(prefill.tokens) == 39
+
+    def refused(lib, ctx, seq_id: int, _state: bytes) -> bool:
+        lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), seq_id, -1, -1)
+        return False
+
+    monkeypatch.setattr(prefill_context, "load_seq", refused)
+    longer = numbers(250, max_tokens=8)  # shares ~400 tokens with what slot 0 holds
+    assert collect(engine.stream(longer)).text == plain_answer(tiny_model_path, longer)
+    assert engine.batch_stats()["flash_prefill_prompts"] == 2
+
+
+def test_a_prefill_context_that_fails_is_closed_and_prompts_are_read_here(
+    engine, tiny_model_path: Path
+) -> None:
+    """A llama_decode failure in the prefill context (no memory for its compute buffer, say)
+    is not retried: the prompt is read in the decoding context, then every later one, and
+    the context's cache is freed. Retrying chose the same prompt every step and never read it."""
+    scheduler = engine._scheduler
+    opened: list[object] = []
+    open_prefill = scheduler._open_prefill
+
+    def failing_prefill():
+        context = open_prefill()
+        context.read = lambda chunk, threads: -3
+        opened.append(context)
+        return context
+
+    scheduler._open_prefill = failing_prefill
+    requests = [numbers(150, max_tokens=6), numbers(160, start=7, max_tokens=6)]
+    answers: list[str] = []
+
+    def run() -> None:
+        answers.extend(collect(engine.stream(request)).text for request in requests)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "the long prompt was never read"
+    assert len(opened) == 1 and scheduler._prefill is None
+    assert engine.batch_stats()["flash_prefill_prompts"] == 0
+    assert answers == [plain_answer(tiny_model_path, r) for r in requests]

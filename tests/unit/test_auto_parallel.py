@@ -198,4 +198,28 @@ def test_scratch_held_once_does_not_grow_with_the_streams() -> None:
     # (4096 - 468.6 - 64) MiB holds 2 streams of 1280 MiB (384 KV + 896 scores), or, once
     # 896 MiB of scores are set aside, 6 of 384 MiB
     assert (shared_pool.streams, per_sequence.streams) == (2, 6)
-    assert "896 MiB attention scratch" in per_sequence.reason
+    assert "896 MiB held once" in per_sequence.reason
+
+
+def test_the_flash_attention_prefill_context_is_reserved_once() -> None:
+    """With long prompts read in a second context (flash_attn auto), the automatic stream
+    count leaves room for that context's n_ctx cells, once: without it, streams sized to fill
+    the share were pushed over it when the first long prompt opened the context."""
+    from edgelm.engines.llamacpp import PREFILL_CONTEXT_EXTRA, plan_streams
+
+    meta = {
+        "general.architecture": "qwen2",
+        "qwen2.block_count": "24",
+        "qwen2.attention.head_count": "14",
+        "qwen2.attention.head_count_kv": "2",
+        "qwen2.embedding_length": "896",
+    }
+    n_ctx, share = 32768, 2 * GiB  # memory, not the cores, bounds it
+    args = (meta, n_ctx, 512, QWEN05_WEIGHTS, share, True)  # flash attention: no scores
+    without = plan_streams(*args)
+    with_prefill = plan_streams(*args, prefill_context=True)
+    per_stream = QWEN05_KV * n_ctx  # 384 MiB
+    room = share - QWEN05_WEIGHTS - 64 * 2**20
+    assert without.streams == room // per_stream == 3
+    assert with_prefill.streams == (room - per_stream - PREFILL_CONTEXT_EXTRA) // per_stream == 2
+    assert f"{(per_stream + PREFILL_CONTEXT_EXTRA) // 2**20} MiB held once" in with_prefill.reason

@@ -509,7 +509,7 @@ class BatchScheduler:
             "first_token_reuses": self.first_token_reuses,
             "moves": self.moves,
             "preemptions": self.preemptions,
-            "flash_prefill_prompts": 0 if self._prefill is None else self._prefill.prompts,
+            "flash_prefill_prompts": 0 if (prefill := self._prefill) is None else prefill.prompts,
             "prompt_budget": self.pacer.budget(
                 sum(1 for j in self._running if not j.todo and j.last >= 0)
             ),
@@ -767,11 +767,11 @@ class BatchScheduler:
             self._side_step(side_job, side_take)
             if side_job in self._running and not side_job.todo:
                 # Its first token is out: it decodes from now on, so the prompts read here
-                # in this step are paced as for one more decoding stream.
+                # in this step are paced as for one more decoding stream, and together with
+                # what the prefill context just read they stay within this step's budget.
                 rest = [j for j in waiting if j is not side_job]
-                taken_rest = take_prompts(
-                    [len(j.todo) for j in rest], self.pacer.budget(len(decoding) + 1)
-                )
+                left = min(budget - side_take, self.pacer.budget(len(decoding) + 1))
+                taken_rest = take_prompts([len(j.todo) for j in rest], max(0, left))
                 waiting, taken = rest, taken_rest
         prompts: list[tuple[Job, int, int]] = []  # job, tokens taken, row of its last token
         chosen = sorted(zip(waiting, taken, strict=False), key=lambda pair: pair[0].slot)
@@ -815,7 +815,7 @@ class BatchScheduler:
                 prefill = self._prefill = self._open_prefill()
             except Exception:  # no memory for it, say: read prompts here as before
                 log.exception("could not open the flash-attention prefill context")
-                self._open_prefill = None
+                self._drop_prefill()
                 return
         tokens = job.inputs
         keep = prefill.start(tokens)
@@ -829,10 +829,12 @@ class BatchScheduler:
                 )
             except StateFormatError:
                 log.exception("cannot move KV entries to the prefill context")
-                self._open_prefill = None
+                self._drop_prefill()
                 return
-            if prefill.adopt(state, slot.tokens[: job.n_past]):
-                keep = prefill.start(tokens)
+            # Adopted or not, what the prefill context now holds has changed (a refused
+            # state leaves it empty): ask again where reading starts.
+            prefill.adopt(state, slot.tokens[: job.n_past])
+            keep = prefill.start(tokens)
         job.side = True
         job.n_past = keep
         job.todo = tokens[keep:]
@@ -846,8 +848,15 @@ class BatchScheduler:
         threads = self.threads.threads if self.threads is not None else 0
         status = prefill.read(job.todo[:take], threads or self._lib.llama_n_threads(self._ctx))
         if status != 0:
-            log.warning("prefill context failed (status %d): reading the prompt here", status)
+            # Not retried: the next step would choose the same prompt, fail the same way and
+            # skip it, for ever (a compute buffer that cannot be allocated, say).
+            log.warning(
+                "prefill context failed (status %d): reading long prompts in the decoding "
+                "context from now on",
+                status,
+            )
             self._side_fallback(job)
+            self._drop_prefill()
             return
         job.n_past += take
         job.todo = job.todo[take:]
@@ -861,8 +870,8 @@ class BatchScheduler:
             state = convert_seq_state(prefill.state(), v_trans=True, n_stream=n_stream)
         except StateFormatError:
             log.exception("cannot move KV entries from the prefill context")
-            self._open_prefill = None
             self._side_fallback(job)
+            self._drop_prefill()
             return
         if slot.seq_id in self._copying:
             self._flush_copy(slot)
@@ -883,6 +892,14 @@ class BatchScheduler:
         slot.tokens, slot.clean = list(tokens), 0
         slot.first = FirstLogits(list(tokens), row, False)
         self._sample(job, -1, row)
+
+    def _drop_prefill(self) -> None:
+        """Stop using the prefill context for this model (it failed, or its states cannot be
+        moved for this model's cache) and free its KV cache; prompts are read here."""
+        self._open_prefill = None
+        prefill, self._prefill = self._prefill, None
+        if prefill is not None:
+            prefill.close()
 
     def _flush_copy(self, slot: Slot) -> None:
         """Have llama.cpp do the stream copy queued into ``slot`` now, before its stream is

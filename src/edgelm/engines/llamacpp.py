@@ -96,6 +96,9 @@ EMBED_STEP = 64
 # KV cache element types: (bytes, elements) per ggml block. q8_0 and q4_0 keep one f16 scale
 # per block of 32 values.
 KV_TYPES: dict[str, tuple[int, int]] = {"f16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
+# An allowance for the flash-attention prefill context's compute buffers beside its KV cache
+# (flash attention keeps no n_ubatch x n_ctx score matrix, so they stay small).
+PREFILL_CONTEXT_EXTRA = 16 * 2**20
 # llama.cpp's "pick a random seed" value; a user seed equal to it would silently be random.
 _RANDOM_SEED = 0xFFFFFFFF
 
@@ -220,9 +223,7 @@ class LlamaCppEngine(Engine):
         if kv_type not in KV_TYPES:
             raise ModelLoadError(f"unknown KV cache type '{kv_type}'; use one of {list(KV_TYPES)}")
         self.kv_type = kv_type
-        self.flash_attn = (
-            flash_attention("auto", kv_type) if flash_attn is None else flash_attn
-        )
+        self.flash_attn = flash_attention("auto", kv_type) if flash_attn is None else flash_attn
         if kv_type != "f16" and not self.flash_attn:
             raise ModelLoadError(f"a {kv_type} KV cache needs flash attention")
         # Long prompts read in a second context with flash attention (see
@@ -323,6 +324,7 @@ class LlamaCppEngine(Engine):
             self.flash_attn,
             self.kv_type,
             self.kv_unified,
+            prefill_context=self.flash_prefill,
         )
         self.concurrent_streams = choice.streams
         self.parallel_reason = f"compute.parallel = auto: {choice.reason}"
@@ -414,7 +416,7 @@ class LlamaCppEngine(Engine):
         params.kv_unified = True
         params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
         ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
-        self.memory_bytes += self._kv_per_token * self.n_ctx + 16 * 2**20
+        self.memory_bytes += self._kv_per_token * self.n_ctx + PREFILL_CONTEXT_EXTRA
         return PrefillContext(lib, ctx, self._n_vocab, self.n_batch)
 
     # -- tokens ---------------------------------------------------------------------------
@@ -479,7 +481,9 @@ class LlamaCppEngine(Engine):
                 )
             )
         except Exception as exc:  # the converter asserts on schemas it does not understand
-            raise InvalidRequest(f"unsupported JSON schema in {param}: {exc}", param=param) from None
+            raise InvalidRequest(
+                f"unsupported JSON schema in {param}: {exc}", param=param
+            ) from None
         text, root = _strict_strings(grammar._grammar), grammar._root
         if forced:
             text, root = wrap_call_grammar(text, request.parallel_tool_calls), "root"
@@ -737,6 +741,7 @@ def plan_streams(
     flash_attn: bool,
     kv_type: str = "f16",
     kv_unified: bool = False,
+    prefill_context: bool = False,
 ) -> ParallelChoice:
     """The automatic stream count of a GGUF model (its metadata) at ``n_ctx`` tokens a
     stream: KV bytes per token in a ``kv_type`` cache, against ``memory_bytes`` and the cores
@@ -745,6 +750,11 @@ def plan_streams(
     with a stream per sequence (held once), every stream's in a shared pool (``kv_unified``:
     they grow with each stream)."""
     scratch = attention_scratch_per_cell(n_ubatch, _int(meta, "attention.head_count"), flash_attn)
+    # The flash-attention prefill context (``prefill_context``) holds one more sequence of
+    # n_ctx f16 cells and its own compute buffers, whatever the stream count.
+    prefill = (
+        kv_bytes_per_token(meta, "f16") * n_ctx + PREFILL_CONTEXT_EXTRA if prefill_context else 0
+    )
     return auto_parallel(
         kv_bytes_per_token=kv_bytes_per_token(meta, kv_type),
         n_ctx=n_ctx,
@@ -752,7 +762,7 @@ def plan_streams(
         memory_bytes=memory_bytes,
         cores=default_threads(),
         scratch_bytes_per_token=scratch if kv_unified else 0,
-        shared_bytes=0 if kv_unified else scratch * n_ctx,
+        shared_bytes=(0 if kv_unified else scratch * n_ctx) + prefill,
     )
 
 
@@ -775,15 +785,18 @@ def planned_streams(path: Path, settings: Settings) -> ParallelChoice:
         model.close()
     compute = settings.compute
     n_ctx = min(compute.n_ctx, trained) if trained > 0 else compute.n_ctx
+    flash = flash_attention(compute.flash_attn, compute.kv_type)
     return plan_streams(
         meta,
         n_ctx,
         min(compute.n_ubatch, compute.n_batch),
         path.stat().st_size,
         memory_share(settings.pool),
-        flash_attention(compute.flash_attn, compute.kv_type),
+        flash,
         compute.kv_type,
         compute.kv_unified,
+        # as LlamaCppEngine decides it (from_entry passes flash_prefill for "auto")
+        prefill_context=compute.flash_attn == "auto" and not flash and not compute.batch_invariant,
     )
 
 
@@ -816,7 +829,9 @@ def kv_bytes_per_token(meta: dict[str, str], kv_type: str = "f16") -> int:
 
 def _ggml_type(lib: Any, kv_type: str) -> int:
     """llama.cpp's ggml type id for a KV cache type name."""
-    return int({"f16": lib.GGML_TYPE_F16, "q8_0": lib.GGML_TYPE_Q8_0, "q4_0": lib.GGML_TYPE_Q4_0}[kv_type])
+    return int(
+        {"f16": lib.GGML_TYPE_F16, "q8_0": lib.GGML_TYPE_Q8_0, "q4_0": lib.GGML_TYPE_Q4_0}[kv_type]
+    )
 
 
 def _aligned_batch(n_batch: int, n_ctx: int) -> int:

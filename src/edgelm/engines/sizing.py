@@ -65,7 +65,7 @@ def auto_parallel(
     ``cap``, at least 1. ``scratch_bytes_per_token``: attention scratch per KV cell (a prompt
     micro-batch's scores without flash attention, when they span every stream's cells; 0 with
     it). ``shared_bytes``: held once whatever the count (those scores when they span one
-    stream's cells)."""
+    stream's cells, a prefill context's cache)."""
     per_stream = max(0, kv_bytes_per_token + scratch_bytes_per_token) * max(1, n_ctx)
     room = memory_bytes - weights_bytes - OVERHEAD_BYTES - shared_bytes
     by_memory = room // per_stream if per_stream else cap
@@ -85,7 +85,7 @@ def auto_parallel(
         f" a token x {n_ctx} tokens); {max(0, room) / 2**20:.0f} MiB of the "
         f"{memory_bytes / 2**20:.0f} MiB memory share left after the "
         f"{weights_bytes / 2**20:.0f} MiB weights"
-        f"{f' and {shared_bytes / 2**20:.0f} MiB attention scratch' if shared_bytes else ''}"
+        f"{f' and {shared_bytes / 2**20:.0f} MiB held once' if shared_bytes else ''}"
         f" hold {by_memory}; {cores} cores x "
         f"{STREAMS_PER_CORE} = {by_compute}; cap {cap}"
     )
