@@ -49,8 +49,9 @@ to leave a one-token step; it gets exactly the answer it gets on a fresh engine.
 keep the longest common prefix, the previous answer included.
 
 Requests with ``response_format`` (llguidance, a generator parameter) get a generator of their
-own with the library's sampler, dropped when they finish. They, prompts longer than n_batch,
-and newcomers with a long prefix cached in a free slot (REUSE_OVER_BATCH) are single streams.
+own with the library's sampler, dropped when they finish. They, prompts that would make a
+group's one pass longer than n_batch tokens or mostly padding (:func:`pick_group`), and
+newcomers with a long prefix cached in a free slot (REUSE_OVER_BATCH) are single streams.
 
 Known limit: onnxruntime-genai's Python binding keeps the GIL for the whole forward pass
 (``append_tokens`` of 300 tokens: no other Python thread ran for its 5 s), so the event loop
@@ -105,6 +106,12 @@ FIRST_TOKEN_HANDOFF_S = 0.0005
 # cache up front (0.45 s for 4 rows of 4096 tokens of SmolLM2 here, on the way to the first
 # token), so a group is made for this many and its survivors go on as single streams after.
 GROUP_SPAN = 256
+# Padding a group's prompt pass may carry, over its real prompt tokens. Its prompts are
+# right-padded to the longest and read in one pass, and no member has a first token before
+# it ends: four prompts of 347, 455, 549 and 1821 tokens (Qwen2.5-0.5B int4, 2 threads) went
+# through as 4 x 1821 tokens, 33 s to every first token where llama.cpp's path took 12 s at
+# the median. A group is now chosen among prompts of similar length (pick_group).
+GROUP_PAD_MAX = 0.25
 
 
 @dataclass(eq=False)
@@ -153,6 +160,30 @@ def plan_keep(cached: list[int], clean: int, prompt: list[int], exact: bool) -> 
     if exact:
         return max(0, min(common, clean, len(prompt) - 2))
     return max(0, min(common, len(prompt) - 1))
+
+
+def pick_group(lengths: list[int], pass_max: int, pad_max: float = GROUP_PAD_MAX) -> list[int]:
+    """Which of the prompts (their ``lengths``) share one batched generator: the most that
+    fit one pass of ``pass_max`` tokens padding included (members x the longest), with
+    padding at most ``pad_max`` of their real tokens; among as many, the shortest prompts
+    (their first tokens come soonest). Indices in the given order; none when under two fit.
+    The others are read as single streams, in chunks, each with its first token as soon as
+    its own prompt is in."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best: list[int] = []
+    best_total = 0
+    for start in range(len(order)):
+        total = 0
+        for end in range(start, len(order)):
+            width = lengths[order[end]]
+            total += width
+            members = end - start + 1
+            if members * width > pass_max:
+                break  # the pass only grows from here
+            fits = members * width - total <= pad_max * total
+            if fits and (members > len(best) or (members == len(best) and total < best_total)):
+                best, best_total = order[start : end + 1], total
+    return sorted(best) if len(best) >= 2 else []
 
 
 def right_padded(prompts: list[list[int]], pad: int) -> np.ndarray:
@@ -423,14 +454,15 @@ class GeneratorScheduler:
 
     def _groupable(self, job: OnnxJob, free: list[GeneratorSlot]) -> bool:
         """Whether ``job`` may decode as a row of a batched group: not a structured-output
-        request (the library samples those), a prompt one pass can take, not ending in the pad
-        token (the library would read it as padding), and no long prefix of it cached in a
-        free slot (a single stream reuses that, and the slot is taken out of ``free`` for it;
-        see REUSE_OVER_BATCH)."""
+        request (the library samples those), not ending in the pad token (the library would
+        read it as padding), and no long prefix of it cached in a free slot (a single stream
+        reuses that, and the slot is taken out of ``free`` for it; see REUSE_OVER_BATCH).
+        Which of these form the group is :func:`pick_group`'s choice (one pass of at most
+        n_batch tokens, little padding)."""
         prompt = job.prompt
         if job.generator is not None or job.cancel.is_set() or not prompt:
             return False
-        if len(prompt) > self.n_batch or prompt[-1] == self._pad:
+        if prompt[-1] == self._pad:
             return False
         if free:
             best = max(free, key=lambda s: plan_keep(s.tokens, s.clean, prompt, job.exact))
@@ -448,7 +480,9 @@ class GeneratorScheduler:
         if self._new_batch is None or len(newcomers) < 2:
             return newcomers
         free = [s for s in self.slots if s.job is None]  # less those kept for reuse
-        members = [job for job in newcomers if self._groupable(job, free)]
+        candidates = [job for job in newcomers if self._groupable(job, free)]
+        chosen = pick_group([len(job.prompt) for job in candidates], self.n_batch)
+        members = [candidates[i] for i in chosen]
         if len(members) < 2:
             return newcomers
         width = max(len(job.prompt) for job in members)
