@@ -109,7 +109,7 @@ def test_status_metrics_and_auto_parallel_through_the_service(
     auto_parallel computes from the model's sizes, and status and /metrics show the choices."""
     from fastapi.testclient import TestClient
 
-    from edgelm.engines.llamacpp import _int, kv_bytes_per_token
+    from edgelm.engines.llamacpp import PREFILL_CONTEXT_EXTRA, _int, kv_bytes_per_token
     from edgelm.engines.sizing import auto_parallel, memory_share
     from edgelm.server.app import create_app
 
@@ -146,8 +146,11 @@ def test_status_metrics_and_auto_parallel_through_the_service(
             memory_bytes=memory_share(settings.pool),
             cores=default_threads(),
             # flash attention is off by default: a micro-batch's scores for one stream's
-            # cells (a KV stream per sequence by default)
-            shared_bytes=512 * _int(meta, "attention.head_count") * 4 * 1024,
+            # cells (a KV stream per sequence by default), and the flash-attention prefill
+            # context's 1024 cells beside them
+            shared_bytes=512 * _int(meta, "attention.head_count") * 4 * 1024
+            + kv_bytes_per_token(meta, "f16") * 1024
+            + PREFILL_CONTEXT_EXTRA,
         )
         assert runtime["slots"] == expected.streams
         assert expected.reason in runtime["parallel_reason"]
@@ -175,8 +178,9 @@ def test_config_list_plans_the_streams_the_engine_then_opens(
     settings.service.default_model = TINY
     plan = planned_streams(tiny_model_path, settings)
     # 500 MiB - 94 MiB weights - 64 MiB overhead - 36 MiB of a micro-batch's attention scores
-    # (a stream's 2048 cells: held once) over 22.5 KiB of KV x 2048 tokens a stream
-    assert plan.streams == min(plan.by_memory, plan.by_compute) and plan.by_memory == 6
+    # (a stream's 2048 cells: held once) - 45 + 16 MiB for the flash-attention prefill
+    # context, over 22.5 KiB of KV x 2048 tokens a stream
+    assert plan.streams == min(plan.by_memory, plan.by_compute) and plan.by_memory == 5
     explained = explain_auto(settings)["compute.parallel"]
     assert explained.startswith(f"{plan.streams} for {TINY} (")
     engine = create_engine(Catalog.load(settings.home).resolve(TINY), settings, tiny_model_path)
