@@ -242,3 +242,81 @@ def test_a_prefill_context_that_fails_is_closed_and_prompts_are_read_here(
     assert len(opened) == 1 and scheduler._prefill is None
     assert engine.batch_stats()["flash_prefill_prompts"] == 0
     assert answers == [plain_answer(tiny_model_path, r) for r in requests]
+
+
+def test_a_step_in_which_a_prompt_finishes_in_the_prefill_context_stays_within_its_budget(
+    tiny_model_path: Path,
+) -> None:
+    """With pacing on, the prompt rows of one step (those read in the prefill context and
+    those read here) stay within the budget of that step, also in the step in which the
+    prefill context's prompt sends its first token while another prompt waits and a stream
+    decodes. Before, the waiting prompt got a fresh budget on top of what the prefill context
+    had just read."""
+    from edgelm.engines.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine(tiny_model_path, "smollm2-135m", n_ctx=2048, threads=2, parallel=3)
+    scheduler = eng._scheduler
+    # Budgets fixed rather than learned from timings: 400 prompt rows a step while anything
+    # decodes, so the first long prompt (~330 tokens) is read whole in the prefill context in
+    # one step and leaves the rest of that step's 400 to the second.
+    scheduler.pacer.budget = lambda decoding: scheduler.n_batch if decoding == 0 else 400
+    steps: list[tuple[int, int, int, int]] = []  # decoding, budget, side rows, rows here
+    record: dict[str, int] = {}
+    mixed, side, fill = scheduler._mixed_step, scheduler._side_step, scheduler._fill
+
+    def mixed_step() -> None:
+        decoding = sum(1 for j in scheduler._running if not j.todo and j.last >= 0)
+        record.clear()
+        record.update(decoding=decoding, budget=scheduler.pacer.budget(decoding))
+        mixed()
+        if "side" in record or "prompt" in record:
+            steps.append(
+                (decoding, record["budget"], record.get("side", 0), record.get("prompt", 0))
+            )
+
+    def side_step(job, take: int) -> None:
+        record["side"] = take
+        side(job, take)
+
+    def counted_fill(rows) -> None:
+        record["prompt"] = record.get("prompt", 0) + len(rows) - record["decoding"]
+        fill(rows)
+
+    scheduler._mixed_step, scheduler._side_step = mixed_step, side_step
+    scheduler._fill = counted_fill
+    try:
+        runner = numbers(5, max_tokens=300, ignore_eos=True)
+        started, stop = threading.Event(), threading.Event()
+
+        def run() -> None:
+            for _chunk in eng.stream(runner, cancel=stop):
+                started.set()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert started.wait(60)
+        queued = threading.Event()
+        hold = threading.Thread(target=scheduler.call, args=(lambda: queued.wait(30),))
+        hold.start()
+        longs = [
+            threading.Thread(
+                target=lambda i=i: collect(eng.stream(numbers(110, start=100 * i, max_tokens=2)))
+            )
+            for i in (1, 2)
+        ]
+        for t in longs:
+            t.start()
+        while scheduler.stats()["waiting"] < 2:
+            time.sleep(0.01)
+        queued.set()
+        for t in [hold, *longs]:
+            t.join()
+        stop.set()
+        thread.join()
+        assert scheduler.stats()["flash_prefill_prompts"] >= 1
+    finally:
+        eng.close()
+    paced = [s for s in steps if s[0] > 0]
+    assert paced, "no prompt was read while a stream decoded"
+    over = [s for s in paced if s[2] + s[3] > s[1]]
+    assert not over, f"steps over their budget (decoding, budget, side rows, rows here): {over}"
