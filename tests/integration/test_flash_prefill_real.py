@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,26 @@ def numbers(n: int, start: int = 1, **kw) -> GenerationRequest:
     return GenerationRequest(
         messages=[Message(role="user", content=text)], temperature=0, **kw
     )
+
+
+@contextmanager
+def streaming(engine, request: GenerationRequest) -> Iterator[None]:
+    """A stream running (its first token out) for the duration of the block, then cancelled
+    and its thread joined."""
+    started, stop = threading.Event(), threading.Event()
+
+    def run() -> None:
+        for _chunk in engine.stream(request, cancel=stop):
+            started.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert started.wait(60)
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @pytest.fixture
@@ -100,21 +122,10 @@ def test_a_prompt_moved_into_a_slot_with_a_queued_stream_copy_is_not_overwritten
         max_tokens=1500,
         ignore_eos=True,
     )
-    started, stop = threading.Event(), threading.Event()
-
-    def run() -> None:
-        for _chunk in engine.stream(runner, cancel=stop):
-            started.set()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        assert started.wait(60)  # the runner holds slot 0
+    with streaming(engine, runner):  # the runner holds slot 0
         collect(engine.stream(numbers(100, max_tokens=4)))  # read in the prefill context, slot 1
         assert engine.batch_stats()["running"] == 1
-    finally:
-        stop.set()  # the runner leaves; slot 0 is free
-        thread.join()
+    # the runner has left; slot 0 is free
     while engine.batch_stats()["running"]:  # its stream ends before the scheduler frees it
         time.sleep(0.01)
     before = engine.batch_stats()
@@ -285,34 +296,8 @@ def test_a_step_in_which_a_prompt_finishes_in_the_prefill_context_stays_within_i
     scheduler._mixed_step, scheduler._side_step = mixed_step, side_step
     scheduler._fill = counted_fill
     try:
-        runner = numbers(5, max_tokens=300, ignore_eos=True)
-        started, stop = threading.Event(), threading.Event()
-
-        def run() -> None:
-            for _chunk in eng.stream(runner, cancel=stop):
-                started.set()
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        assert started.wait(60)
-        queued = threading.Event()
-        hold = threading.Thread(target=scheduler.call, args=(lambda: queued.wait(30),))
-        hold.start()
-        longs = [
-            threading.Thread(
-                target=lambda i=i: collect(eng.stream(numbers(110, start=100 * i, max_tokens=2)))
-            )
-            for i in (1, 2)
-        ]
-        for t in longs:
-            t.start()
-        while scheduler.stats()["waiting"] < 2:
-            time.sleep(0.01)
-        queued.set()
-        for t in [hold, *longs]:
-            t.join()
-        stop.set()
-        thread.join()
+        with streaming(eng, numbers(5, max_tokens=300, ignore_eos=True)):
+            read_two_long_prompts_at_once(eng)
         assert scheduler.stats()["flash_prefill_prompts"] >= 1
     finally:
         eng.close()
@@ -320,3 +305,24 @@ def test_a_step_in_which_a_prompt_finishes_in_the_prefill_context_stays_within_i
     assert paced, "no prompt was read while a stream decoded"
     over = [s for s in paced if s[2] + s[3] > s[1]]
     assert not over, f"steps over their budget (decoding, budget, side rows, rows here): {over}"
+
+
+def read_two_long_prompts_at_once(eng) -> None:
+    """Two long prompts admitted in the same turn (the compute loop held until both wait)."""
+    scheduler = eng._scheduler
+    queued = threading.Event()
+    hold = threading.Thread(target=scheduler.call, args=(lambda: queued.wait(30),))
+    hold.start()
+    longs = [
+        threading.Thread(
+            target=lambda i=i: collect(eng.stream(numbers(110, start=100 * i, max_tokens=2)))
+        )
+        for i in (1, 2)
+    ]
+    for t in longs:
+        t.start()
+    while scheduler.stats()["waiting"] < 2:
+        time.sleep(0.01)
+    queued.set()
+    for t in [hold, *longs]:
+        t.join()
