@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -157,7 +157,6 @@ def test_a_prompt_waiting_when_another_finishes_in_the_prefill_context_is_paced(
     )
     scheduler = eng._scheduler
     firsts: dict[int, int] = {}
-    queued = threading.Event()
 
     def run(i: int) -> None:
         request = numbers(120, start=1000 * (i + 1), max_tokens=40, ignore_eos=True)
@@ -165,21 +164,10 @@ def test_a_prompt_waiting_when_another_finishes_in_the_prefill_context_is_paced(
             if chunk.completion_tokens and i not in firsts:
                 firsts[i] = scheduler.steps
 
-    # Hold the compute loop until both are queued, so that both are admitted in one turn.
-    hold = threading.Thread(target=scheduler.call, args=(lambda: queued.wait(30),))
-    hold.start()
     try:
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        while scheduler.stats()["waiting"] < 2:
-            time.sleep(0.01)
-        queued.set()
-        for t in [hold, *threads]:
-            t.join()
+        admitted_together(eng, run, 2)
         assert scheduler.stats()["flash_prefill_prompts"] == 2
     finally:
-        queued.set()
         eng.close()
     early, late = sorted(firsts.values())
     assert late - early >= 2  # the later prompt was read across the earlier one's decode steps
@@ -297,7 +285,9 @@ def test_a_step_in_which_a_prompt_finishes_in_the_prefill_context_stays_within_i
     scheduler._fill = counted_fill
     try:
         with streaming(eng, numbers(5, max_tokens=300, ignore_eos=True)):
-            read_two_long_prompts_at_once(eng)
+            admitted_together(
+                eng, lambda i: collect(eng.stream(numbers(110, start=100 * i, max_tokens=2))), 2
+            )
         assert scheduler.stats()["flash_prefill_prompts"] >= 1
     finally:
         eng.close()
@@ -307,22 +297,20 @@ def test_a_step_in_which_a_prompt_finishes_in_the_prefill_context_stays_within_i
     assert not over, f"steps over their budget (decoding, budget, side rows, rows here): {over}"
 
 
-def read_two_long_prompts_at_once(eng) -> None:
-    """Two long prompts admitted in the same turn (the compute loop held until both wait)."""
+def admitted_together(eng, run: Callable[[int], object], n: int) -> None:
+    """``run(0..n-1)`` on threads, their requests admitted in one turn: the compute loop is
+    held until all n wait. Returns when all are done."""
     scheduler = eng._scheduler
     queued = threading.Event()
     hold = threading.Thread(target=scheduler.call, args=(lambda: queued.wait(30),))
     hold.start()
-    longs = [
-        threading.Thread(
-            target=lambda i=i: collect(eng.stream(numbers(110, start=100 * i, max_tokens=2)))
-        )
-        for i in (1, 2)
-    ]
-    for t in longs:
-        t.start()
-    while scheduler.stats()["waiting"] < 2:
-        time.sleep(0.01)
-    queued.set()
-    for t in [hold, *longs]:
-        t.join()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    try:
+        for t in threads:
+            t.start()
+        while scheduler.stats()["waiting"] < n:
+            time.sleep(0.01)
+    finally:
+        queued.set()
+        for t in [hold, *threads]:
+            t.join()
