@@ -299,18 +299,27 @@ def test_a_step_in_which_a_prompt_finishes_in_the_prefill_context_stays_within_i
 
 def admitted_together(eng, run: Callable[[int], object], n: int) -> None:
     """``run(0..n-1)`` on threads, their requests admitted in one turn: the compute loop is
-    held until all n wait. Returns when all are done."""
+    held (between turns, running streams or not) until all n wait. Returns when all are done."""
     scheduler = eng._scheduler
-    queued = threading.Event()
-    hold = threading.Thread(target=scheduler.call, args=(lambda: queued.wait(30),))
+    holding, queued = threading.Event(), threading.Event()
+
+    def hold_loop() -> None:
+        holding.set()
+        queued.wait(30)
+
+    hold = threading.Thread(target=evaluate, args=(hold_loop,))
     hold.start()
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     try:
+        assert holding.wait(30)
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 30
         while scheduler.stats()["waiting"] < n:
+            assert time.monotonic() < deadline, "the requests did not all queue"
             time.sleep(0.01)
     finally:
         queued.set()
         for t in [hold, *threads]:
-            t.join()
+            if t.ident is not None:  # started
+                t.join()
