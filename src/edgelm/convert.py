@@ -47,6 +47,7 @@ from pathlib import Path
 import psutil
 
 from edgelm.catalog import Catalog, CatalogEntry
+from edgelm.convert_progress import REPORTED_PEAK
 from edgelm.errors import EdgelmError, InvalidRequest
 from edgelm.settings import Settings
 
@@ -135,9 +136,6 @@ class RunResult:
 Runner = Callable[[Sequence[str], Path, dict[str, str], ProgressFn], RunResult]
 """Runs one command, appending its output to a log file and passing lines to a callback."""
 
-# The peak a conversion step reports in its progress lines (convert_worker.say).
-_REPORTED_PEAK = re.compile(r"^\[edgelm-convert\] .*, peak ([0-9.]+) GB\]$")
-
 
 def run_logged(
     command: Sequence[str], log: Path, env: dict[str, str], on_line: ProgressFn
@@ -176,7 +174,7 @@ def run_logged(
                 if line:
                     tail = [*tail[-29:], line]
                     on_line(line)
-                    reported = _REPORTED_PEAK.search(line)
+                    reported = REPORTED_PEAK.search(line)
                     if reported:
                         own_peak = max(own_peak or 0, int(float(reported.group(1)) * 1e9))
         peak: int | None = None

@@ -26,33 +26,9 @@ COLUMNS_PER_SLICE = 4096
 """Output columns of a weight quantised at a time (fp32 temporaries of ~25-150 MB)."""
 
 
-def say(message: str) -> None:
-    """One progress line for the parent, with this process's memory (the log shows where the
-    peak comes from)."""
-    print(f"[edgelm-convert] {message} [rss {_rss_gb()}, peak {_peak_gb()}]", flush=True)
-
-
-def _peak_gb() -> str:
-    """This process's own high-water mark (VmHWM). Not ``ru_maxrss``: the kernel starts a
-    process's maxrss from the memory of the process that started it (it survives exec), so
-    a conversion run from a large process (a test suite, the service) reported that one's."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return f"{int(line.split()[1]) * 1024 / 1e9:.2f} GB"
-    except (OSError, ValueError, IndexError):
-        pass
-    return "?"
-
-
-def _rss_gb() -> str:
-    try:
-        with open("/proc/self/statm") as handle:
-            pages = int(handle.read().split()[1])
-        return f"{pages * os.sysconf('SC_PAGE_SIZE') / 1e9:.2f} GB"
-    except (OSError, ValueError, IndexError, AttributeError):
-        return "?"
+# Progress lines in the format the parent reads (edgelm/convert_progress.py, loaded by
+# its path: this script runs with -I, see that file).
+say = runpy.run_path(os.path.join(os.path.dirname(__file__), "convert_progress.py"))["say"]
 
 
 def release_checkpoint_pages() -> None:

@@ -16,39 +16,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
+import runpy
 import sys
 import time
 from pathlib import Path
 
-
-def say(message: str) -> None:
-    """One progress line for the parent, with this process's memory (the log shows where the
-    peak comes from)."""
-    print(f"[edgelm-convert] {message} [rss {_rss_gb()}, peak {_peak_gb()}]", flush=True)
-
-
-def _peak_gb() -> str:
-    """This process's own high-water mark (VmHWM). Not ``ru_maxrss``: the kernel starts a
-    process's maxrss from the memory of the process that started it (it survives exec), so
-    a conversion run from a large process (a test suite, the service) reported that one's."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return f"{int(line.split()[1]) * 1024 / 1e9:.2f} GB"
-    except (OSError, ValueError, IndexError):
-        pass
-    return "?"
-
-
-def _rss_gb() -> str:
-    try:
-        with open("/proc/self/statm") as handle:
-            pages = int(handle.read().split()[1])
-        return f"{pages * os.sysconf('SC_PAGE_SIZE') / 1e9:.2f} GB"
-    except (OSError, ValueError, IndexError, AttributeError):
-        return "?"
+# Progress lines in the format the parent reads (edgelm/convert_progress.py, loaded by
+# its path: this script runs with -I, see that file).
+say = runpy.run_path(str(Path(__file__).with_name("convert_progress.py")))["say"]
 
 
 SHARD_BYTES = 256 * 2**20
