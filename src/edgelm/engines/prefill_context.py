@@ -52,8 +52,9 @@ def convert_seq_state(data: bytes, v_trans: bool, n_stream: int) -> bytes:
 
     The state is llama.cpp's header (a magic number and the sequence id), then one section per
     KV cache of the model (two for models with sliding-window layers): a stream count, then
-    per stream a cell count and, for the stream holding the sequence, the cells' positions and each layer's K rows and V data, V as rows of cells or
-    transposed (a row per embedding element). A context reads a sequence's cells into that
+    per stream a cell count and, for the stream holding the sequence, the cells' positions and
+    each layer's K rows and V data, V as rows of cells or transposed (a row per embedding
+    element). A context reads a sequence's cells into that
     sequence's own stream whichever stream they came from, so the one non-empty stream goes
     first and the rest are written empty. Raises :class:`StateFormatError` on anything else.
     """
