@@ -4,6 +4,7 @@ learned router is trained on the train part only, and k-fold figures cover the w
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from edgelm.evals import hybrid as ev
 from edgelm.evals import hybrid_split as hs
 from edgelm.evals.datasets import list_datasets, load_dataset
 from edgelm.evals.metrics import contains_answer
+from edgelm.hybrid.policies import parse_policy
 
 CATEGORIES = {"geo": 10, "math": 7, "lang": 5, "one": 1}
 
@@ -111,6 +113,9 @@ def test_learned_router_never_sees_test_questions(monkeypatch: pytest.MonkeyPatc
     assert held.cv and {s.name for s in held.cv} >= {"learned=0.3", "llm-only"}
     data = held.to_dict()
     assert data["test_ids"] == held.test_ids and data["chosen_on_train"] is not None
+    # The nested figure: each fold answered by the router trained and chosen without it.
+    assert held.nested is not None and held.nested.chosen == ["learned=0.3"] * 3
+    assert held.nested.quality_share == 1.0 and data["nested_cv"]["chosen"] == held.nested.chosen
     with pytest.raises(InvalidRequest, match="held-out"):
         hs.learned_probabilities(pieces[:5], pieces[3:8], dict(zip(
             [p.question for p in pieces], embed([p.question for p in pieces]), strict=True)))  # fmt: skip
@@ -190,3 +195,58 @@ def test_extra_training_questions_train_but_are_never_scored(
     assert {p.question for p in extra} <= trained_on[0] and not trained_on[0] & test_q
     assert held.test.configs[0].n == len(held.test_ids)  # the extra ones are not scored
     assert held.auc_test is not None and held.auc_test > 0.9
+
+
+def test_nested_cv_scores_the_choice_on_folds_that_did_not_make_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pieces = make_pieces()
+    chose_on: list[set[str]] = []
+    real = hs._out_of_fold
+
+    def spy(part, *args, **kw):  # type: ignore[no-untyped-def]
+        chose_on.append({p.id for p in part})
+        return real(part, *args, **kw)
+
+    monkeypatch.setattr(hs, "_out_of_fold", spy)
+    prices = Prices.load(Path("/nonexistent"))
+    hybrid = [ev.Config(spec, "hybrid", parse_policy(spec))
+              for spec in ("confidence=-0.3>direct", "confidence=-0.05>direct", "never")]  # fmt: skip
+    baselines = [ev.Config("llm-only", "llm-only"), ev.Config("slm-only", "slm-only")]
+    nested = hs.nested_cv(pieces, [*baselines, *hybrid], prices, folds=5, seed=2)
+    # Only 'confidence=-0.3>direct' keeps the LLM's quality with at most half escalated (it
+    # sends exactly the math questions), so every fold is answered by it.
+    assert nested.chosen == ["confidence=-0.3>direct"] * 5
+    folds = hs.fold_ids(pieces, 5, seed=2)
+    assert [ids | set(fold) for ids, fold in zip(chose_on, folds, strict=True)] == [
+        {p.id for p in pieces}
+    ] * 5 and all(not ids & set(fold) for ids, fold in zip(chose_on, folds, strict=True))
+    math = sum(p.category == "math" for p in pieces)
+    assert nested.quality_share == 1.0
+    assert nested.escalated == pytest.approx(math / len(pieces))
+    # Math pays its draft (1.0 s) and the LLM (0.8 s); the rest the draft: slower than the LLM.
+    latency = (math * 1.8 + (len(pieces) - math) * 1.0) / len(pieces)
+    assert nested.latency_share == pytest.approx(latency / 0.8)
+    assert not nested.meets_routing
+    # Where nothing keeps the target on the other folds, the LLM answers that fold alone.
+    alone = hs.nested_cv(pieces, [*baselines, hybrid[2]], prices, folds=5, seed=2)
+    assert alone.chosen == [None] * 5
+    assert (alone.quality_share, alone.escalated, alone.latency_share) == (1.0, 1.0, 1.0)
+
+
+def test_hybrid_eval_holdout_prints_and_stores_the_nested_figure(isolated_home: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edgelm.cli.main import app as cli
+
+    pieces = make_pieces()
+    recorded = isolated_home / "pieces" / "results.json"
+    ev.write_json(ev.evaluate(pieces, [], Prices.load(Path("/nonexistent"))), recorded)
+    out = isolated_home / "heval"
+    args = ["hybrid", "eval", "--pieces", str(recorded), "--holdout", "0.5", "--folds", "3",
+            "--policies", "confidence", "--thresholds", "confidence=-0.3", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(cli, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "the choice itself, 3-fold" in result.output
+    stored = json.loads((out / "results.json").read_text())["held_out"]["nested_cv"]
+    assert stored["chosen"] == ["confidence=-0.3>direct"] * 3 and stored["quality_share"] == 1.0

@@ -381,6 +381,16 @@ def _print_held_out(held: Any) -> None:
             f"escalated, at {ev._pct(tested.latency_share)} of the LLM's mean latency "
             f"({'meets' if tested.meets_routing else 'misses'} 95% / <=50% / below the LLM)"
         )
+    nested = held.nested
+    if nested is not None:
+        verdict = "meets" if nested.meets_routing else "misses"
+        out.print(
+            f"the choice itself, {held.folds}-fold (each fold answered by the configuration "
+            f"chosen on the others): {ev._pct(nested.quality_share)} of LLM-only quality with "
+            f"{ev._pct(nested.escalated)} escalated, at {ev._pct(nested.latency_share)} of the "
+            f"LLM's mean latency ({verdict} 95% / <=50% / below the LLM); chosen: "
+            + "; ".join(c or "nothing (LLM alone)" for c in nested.chosen)
+        )
     table = Table(title=f"{held.folds}-fold cross-validation over all questions (seed {held.seed})")
     for column in ("config", "quality", "of LLM", "min-max of LLM", "escalated", "latency of LLM",
                    "folds meeting"):  # fmt: skip

@@ -23,13 +23,16 @@ from typing import Any
 from edgelm.cost import Prices
 from edgelm.errors import InvalidRequest
 from edgelm.evals.hybrid import (
+    ESCALATION_TARGET,
     LEARNED_THRESHOLDS,
+    QUALITY_TARGET,
     Config,
     ConfigResult,
     EvalReport,
     Pieces,
     evaluate,
     metric_fn,
+    outcome,
 )
 from edgelm.hybrid.learned import DEFAULT_L2, Example, train
 from edgelm.hybrid.policies import parse_policy
@@ -162,6 +165,24 @@ class FoldSummary:
 
 
 @dataclass
+class NestedCV:
+    """The choice of a configuration, cross-validated: on each fold, the configuration chosen
+    on the other folds (:meth:`EvalReport.best_routed`) answers that fold's questions, and the
+    answers are pooled over the whole set. A fixed configuration's k-fold figures still flatter
+    whichever row looks best, because it is picked after seeing every fold; here nothing is
+    scored on questions that took part in choosing it, so this is the figure a user can expect
+    from choosing a policy with ``hybrid eval`` on questions like these."""
+
+    quality_share: float | None
+    escalated: float
+    latency_share: float | None
+    meets_routing: bool
+    chosen: list[str | None]
+    """Per fold, the configuration chosen without it; ``None`` where nothing kept the target
+    on the other folds, and that fold's questions then go to the LLM alone."""
+
+
+@dataclass
 class HeldOut:
     """A held-out evaluation: the test-part report, the train-part report (on which a policy
     would be chosen), the cross-validated summary and which questions were held out."""
@@ -174,6 +195,7 @@ class HeldOut:
     holdout: float
     cv: list[FoldSummary] = field(default_factory=list)
     folds: int = 0
+    nested: NestedCV | None = None
     auc_test: float | None = None
     """The learned router's AUC on the held-out part (trained on the train part)."""
     auc_cv: float | None = None
@@ -198,6 +220,7 @@ class HeldOut:
             "chosen_on_test": asdict(tested) if tested else None,
             "test_best_routed": (b.name if (b := self.test.best_routed()) else None),
             "folds": self.folds,
+            "nested_cv": asdict(self.nested) if self.nested else None,
             "learned_auc": {"test": self.auc_test, "cv": self.auc_cv},
             "cv": [asdict(s) for s in self.cv],
         }
@@ -249,6 +272,7 @@ def evaluate_held_out(
     result = HeldOut(test_report, train_report, train_ids, test_ids, seed, holdout)
     result.folds = folds
     result.cv = _cv(pieces, configs, prices, metric, folds, seed, with_learned)
+    result.nested = nested_cv(pieces, configs, prices, metric, folds, seed, with_learned)
     if embed is not None:
         labels = {e.item_id: e.label for e in examples_from_pieces(pieces, metric)}
         probs = learned_probabilities([*train_p, *extra], test_p, vectors, metric, l2)
@@ -333,3 +357,58 @@ def _cv(
             )
         )
     return out
+
+
+def nested_cv(
+    pieces: Sequence[Pieces],
+    configs: Sequence[Config],
+    prices: Prices,
+    metric: str = "contains",
+    folds: int = 5,
+    seed: int = 0,
+    with_learned: Callable[[Sequence[Pieces], Sequence[Pieces]], list[Config]] | None = None,
+) -> NestedCV:
+    """Choose on k-1 folds, answer the k-th, pool (see :class:`NestedCV`). The choice on the
+    other folds is made as ``hybrid eval --holdout`` makes it on its train part, learned
+    routers scored out of fold within them."""
+    expand = with_learned or (lambda _train, _score: list(configs))
+    by_id = {p.id: p for p in pieces}
+    score = metric_fn(metric)
+    llm = Config("llm-only", "llm-only")
+    chosen: list[str | None] = []
+    answers: list[tuple[float, float, bool]] = []  # (quality, latency, escalated) per question
+    for ids in fold_ids(pieces, folds, seed):
+        part = [by_id[i] for i in ids]
+        rest = [p for p in pieces if p.id not in set(ids)]
+        inner = min(folds, len(rest))
+        picked = (
+            _out_of_fold(rest, configs, prices, metric, inner, seed, expand).best_routed()
+            if inner >= 2
+            else None
+        )
+        config = next(c for c in expand(rest, part) if c.name == picked.name) if picked else llm
+        chosen.append(picked.name if picked else None)
+        for p in part:
+            out = outcome(config, p)
+            answers.append((score(out.text, p.answers), out.latency_s, out.route != "draft"))
+    n = max(1, len(answers))
+    alone = [outcome(llm, p) for p in pieces]
+    llm_quality = sum(score(o.text, p.answers) for o, p in zip(alone, pieces, strict=True)) / n
+    llm_latency = sum(o.latency_s for o in alone) / n
+    quality = sum(a[0] for a in answers) / n
+    quality_share = quality / llm_quality if llm_quality > 0 else None
+    latency_share = sum(a[1] for a in answers) / n / llm_latency if llm_latency > 0 else None
+    escalated = sum(a[2] for a in answers) / n
+    return NestedCV(
+        quality_share=quality_share,
+        escalated=escalated,
+        latency_share=latency_share,
+        meets_routing=(
+            quality_share is not None
+            and latency_share is not None
+            and quality_share >= QUALITY_TARGET
+            and escalated <= ESCALATION_TARGET
+            and latency_share < 1.0
+        ),
+        chosen=chosen,
+    )
