@@ -611,6 +611,20 @@ def learned_configurations(
     return out
 
 
+def keeps_routing_target(
+    quality_share: float | None, escalated: float, latency_share: float | None
+) -> bool:
+    """Issue 17's target for a router: >= 95% of LLM-only quality, at most half of the
+    questions escalated, mean latency below LLM-only's."""
+    return (
+        quality_share is not None
+        and latency_share is not None
+        and quality_share >= QUALITY_TARGET
+        and escalated <= ESCALATION_TARGET
+        and latency_share < 1.0
+    )
+
+
 def evaluate(
     pieces: Sequence[Pieces],
     configs: Sequence[Config],
@@ -670,13 +684,8 @@ def evaluate(
             and r.quality_share >= QUALITY_TARGET
             and r.latency_share <= LATENCY_TARGET
         )
-        r.meets_routing = (
-            r.kind == "hybrid"
-            and r.quality_share is not None
-            and r.latency_share is not None
-            and r.quality_share >= QUALITY_TARGET
-            and r.escalated <= ESCALATION_TARGET
-            and r.latency_share < 1.0
+        r.meets_routing = r.kind == "hybrid" and keeps_routing_target(
+            r.quality_share, r.escalated, r.latency_share
         )
     return EvalReport(metric=metric, configs=results, pieces=list(pieces))
 

@@ -23,14 +23,13 @@ from typing import Any
 from edgelm.cost import Prices
 from edgelm.errors import InvalidRequest
 from edgelm.evals.hybrid import (
-    ESCALATION_TARGET,
     LEARNED_THRESHOLDS,
-    QUALITY_TARGET,
     Config,
     ConfigResult,
     EvalReport,
     Pieces,
     evaluate,
+    keeps_routing_target,
     metric_fn,
     outcome,
 )
@@ -403,12 +402,6 @@ def nested_cv(
         quality_share=quality_share,
         escalated=escalated,
         latency_share=latency_share,
-        meets_routing=(
-            quality_share is not None
-            and latency_share is not None
-            and quality_share >= QUALITY_TARGET
-            and escalated <= ESCALATION_TARGET
-            and latency_share < 1.0
-        ),
+        meets_routing=keeps_routing_target(quality_share, escalated, latency_share),
         chosen=chosen,
     )
