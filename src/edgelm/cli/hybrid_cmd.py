@@ -384,9 +384,11 @@ def _print_held_out(held: Any) -> None:
     nested = held.nested
     if nested is not None:
         verdict = "meets" if nested.meets_routing else "misses"
+        # One decimal: 94.8% printed as "95%" beside "misses" would read as a contradiction.
+        share = "-" if nested.quality_share is None else f"{nested.quality_share:.1%}"
         out.print(
             f"the choice itself, {held.folds}-fold (each fold answered by the configuration "
-            f"chosen on the others): {ev._pct(nested.quality_share)} of LLM-only quality with "
+            f"chosen on the others): {share} of LLM-only quality with "
             f"{ev._pct(nested.escalated)} escalated, at {ev._pct(nested.latency_share)} of the "
             f"LLM's mean latency ({verdict} 95% / <=50% / below the LLM); chosen: "
             + "; ".join(c or "nothing (LLM alone)" for c in nested.chosen)
