@@ -258,11 +258,18 @@ def evaluate_held_out(
         texts = list(dict.fromkeys([p.question for p in pieces] + [p.question for p in extra]))
         vectors = dict(zip(texts, embed(texts), strict=True))
 
+    # The same fold is scored by the fixed figures (_cv, per fold and pooled) and by the
+    # nested choice: one router per (train, scored) pair, trained once.
+    trained: dict[tuple[frozenset[str], frozenset[str]], list[Config]] = {}
+
     def with_learned(train_part: Sequence[Pieces], score_part: Sequence[Pieces]) -> list[Config]:
         if embed is None:
             return list(configs)
-        probs = learned_probabilities([*train_part, *extra], score_part, vectors, metric, l2)
-        return [*configs, *learned_configs(probs, learned_thresholds, learned_extra)]
+        key = (frozenset(p.id for p in train_part), frozenset(p.id for p in score_part))
+        if key not in trained:
+            probs = learned_probabilities([*train_part, *extra], score_part, vectors, metric, l2)
+            trained[key] = [*configs, *learned_configs(probs, learned_thresholds, learned_extra)]
+        return trained[key]
 
     test_report = evaluate(test_p, with_learned(train_p, test_p), prices, metric)
     # On the train part the router is scored out-of-fold within it (never on its own
@@ -378,7 +385,8 @@ def nested_cv(
     answers: list[tuple[float, float, bool]] = []  # (quality, latency, escalated) per question
     for ids in fold_ids(pieces, folds, seed):
         part = [by_id[i] for i in ids]
-        rest = [p for p in pieces if p.id not in set(ids)]
+        held = set(ids)
+        rest = [p for p in pieces if p.id not in held]
         inner = min(folds, len(rest))
         picked = (
             _out_of_fold(rest, configs, prices, metric, inner, seed, expand).best_routed()
